@@ -1,0 +1,302 @@
+"""The experiment config: one typed tree, one dotted name per setting.
+
+A setting's dotted path (``modulation.noise_scale``, ``finetune.lr.controller``)
+is its YAML key, its ``--set`` name, its search-space key and its logged
+parameter name. Loading rejects unknown keys, wrong types and impossible
+values with the dotted path, the value received and what is allowed.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from comod.schema import ConfigError, check, from_dict, to_dict
+
+GROUPS = ("backbone", "decoder", "heads", "controller")
+"""Parameter groups, in the order fine-tuning may open them."""
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["fashion_mnist", "celeba", "cifar100", "synthetic"] = "fashion_mnist"
+    root: str | None = None
+    """Folder holding the dataset; null searches $COMOD_DATA, ./data and the system's places."""
+    tasks: str = "attributes"
+    """Task set of the dataset (e.g. fashion_mnist: attributes, coarse_fine, groups)."""
+    image_size: int | None = None
+    """Square side images are resized to once at load; null keeps the native size."""
+    train_limit: int | None = None
+    """Keep a seeded random subset of this many training images (null: all)."""
+    test_limit: int | None = None
+    val_fraction: float = 0.1
+    """Share of the training set held out for model selection when the dataset has no validation split."""
+    on_device: Literal["auto", "yes", "no"] = "auto"
+    """Keep the uint8 images on the accelerator (auto: when it is a GPU)."""
+
+    def validate(self, path: str):
+        check(self.image_size is None or self.image_size >= 8, f"{path}.image_size", self.image_size,
+              "an integer >= 8, or null for the native size")
+        for key in ("train_limit", "test_limit"):
+            value = getattr(self, key)
+            check(value is None or value >= 1, f"{path}.{key}", value, "a positive integer or null")
+        check(0.0 < self.val_fraction < 1.0, f"{path}.val_fraction", self.val_fraction,
+              "a number with 0 < val_fraction < 1")
+        from comod.data.registry import task_sets  # local: config stays importable without data deps
+
+        choices = task_sets(self.dataset)
+        check(self.tasks in choices, f"{path}.tasks", self.tasks,
+              f"a task set of {self.dataset}: {', '.join(choices)}")
+
+
+@dataclass
+class ModelConfig:
+    backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
+    residual: bool = True
+    """False builds the plain variant: the same blocks without skip connections."""
+    stem: Literal["imagenet", "small"] = "imagenet"
+    """imagenet: 7x7 stride-2 conv and max-pool; small: 3x3 stride-1 conv, no pool (for small images)."""
+    width: float = 1.0
+    """Multiplier of every stage's channel count (64, 128, 256, 512 at 1.0)."""
+    weights: str | None = None
+    """Local file of ImageNet weights (a torchvision state dict); nothing is downloaded."""
+    decoder_hidden: list[int] = field(default_factory=lambda: [256])
+    """Hidden sizes of the decoder MLP; the last one is the readout dimension D."""
+    channels_last: bool = False
+
+    def validate(self, path: str):
+        check(self.width > 0 and round(64 * self.width) >= 1, f"{path}.width", self.width,
+              "a positive multiplier with 64 * width >= 1")
+        check(len(self.decoder_hidden) >= 1 and all(h >= 1 for h in self.decoder_hidden),
+              f"{path}.decoder_hidden", self.decoder_hidden, "a non-empty list of positive sizes")
+        if self.weights is not None:
+            check(self.width == 1.0, f"{path}.width", self.width,
+                  "1.0 when model.weights loads ImageNet weights (their shapes fix the width)")
+
+
+@dataclass
+class ReadoutConfig:
+    """How the stochastic kind turns unit-modulator covariances into readout gains."""
+
+    estimator: Literal["covariance", "correlation"] = "covariance"
+    rectifier: Literal["relu", "softplus"] = "relu"
+    mix: float = 1.0
+    """lam in a = (1 - lam) + lam * a_hat: 1 uses the raw gain, 0 switches the readout off."""
+    running: Literal["ema", "mean"] = "ema"
+    """Running estimate kept per task for evaluation: exponential (momentum) or cumulative mean."""
+    momentum: float = 0.9
+    decision: Literal["batch", "running"] = "batch"
+    """Gain used in training decisions: this batch's, or the running estimate with the batch's gradient."""
+    warmup_steps: int = 0
+    """Pretraining steps during which the decoder learns with readout gain 1."""
+    draws: int = 1
+    """Modulator draws per image for the covariance (more draws, less noise, more compute)."""
+
+    def validate(self, path: str):
+        check(0.0 <= self.mix <= 1.0, f"{path}.mix", self.mix, "a number in [0, 1]")
+        check(0.0 <= self.momentum < 1.0, f"{path}.momentum", self.momentum, "a number in [0, 1)")
+        check(self.warmup_steps >= 0, f"{path}.warmup_steps", self.warmup_steps, "an integer >= 0")
+        check(self.draws >= 1, f"{path}.draws", self.draws, "an integer >= 1")
+
+
+@dataclass
+class ModulationConfig:
+    kind: Literal["none", "deterministic", "stochastic"] = "stochastic"
+    sites: list[str] = field(default_factory=lambda: ["layer3"])
+    """Backbone stages whose output channels are modulated: stem, layer1 .. layer4."""
+    noise_scale: float = 0.5
+    """sigma, the standard deviation of the shared modulator (stochastic kind)."""
+    gain_form: Literal["one_plus", "exp"] = "one_plus"
+    """Deterministic gain: 1 + c or exp(c)."""
+    coupling: Literal["softplus", "square"] = "softplus"
+    """Map from the controller's free parameters to non-negative couplings c."""
+    coupling_init: float = 0.5
+    """Initial coupling of every unit (both kinds start from the same couplings)."""
+    readout: ReadoutConfig = field(default_factory=ReadoutConfig)
+
+    def validate(self, path: str):
+        check(self.noise_scale >= 0.0, f"{path}.noise_scale", self.noise_scale, "a number >= 0")
+        check(len(self.sites) >= 1, f"{path}.sites", self.sites, "at least one site")
+        check(len(set(self.sites)) == len(self.sites), f"{path}.sites", self.sites, "distinct sites")
+        from comod.backbones import SITES
+
+        for site in self.sites:
+            check(site in SITES, f"{path}.sites", site, f"one of {', '.join(SITES)}")
+        check(self.coupling_init > 0.0, f"{path}.coupling_init", self.coupling_init,
+              "a number > 0 (at 0 the coupling map has no gradient)")
+
+
+@dataclass
+class LearningRates:
+    backbone: float = 1e-3
+    decoder: float = 1e-3
+    heads: float = 1e-3
+    controller: float = 1e-2
+
+    def validate(self, path: str):
+        for group in GROUPS:
+            value = getattr(self, group)
+            check(value > 0, f"{path}.{group}", value, "a positive learning rate")
+
+
+@dataclass
+class PhaseConfig:
+    """One training phase (pretraining or task-adaptation fine-tuning)."""
+
+    epochs: int = 1
+    steps_per_epoch: int | None = None
+    """Steps counted as one epoch (one task per step); null: one pass over the training images."""
+    batch_size: int = 128
+    lr: LearningRates = field(default_factory=LearningRates)
+    weight_decay: float = 0.0
+    trainable: list[str] = field(default_factory=lambda: list(GROUPS))
+    tasks: list[str] = field(default_factory=list)
+    """Tasks trained in this phase (names of the task set); empty: all."""
+
+    def validate(self, path: str):
+        check(self.epochs >= 0, f"{path}.epochs", self.epochs, "an integer >= 0")
+        check(self.steps_per_epoch is None or self.steps_per_epoch >= 1, f"{path}.steps_per_epoch",
+              self.steps_per_epoch, "a positive integer or null")
+        check(self.batch_size >= 2, f"{path}.batch_size", self.batch_size,
+              "an integer >= 2 (the readout covariance needs several samples)")
+        check(self.weight_decay >= 0, f"{path}.weight_decay", self.weight_decay, "a number >= 0")
+        for group in self.trainable:
+            check(group in GROUPS, f"{path}.trainable", group, f"one of {', '.join(GROUPS)}")
+
+
+@dataclass
+class FinetuneConfig(PhaseConfig):
+    """Task-adaptation fine-tuning: only the controller (couplings) by default."""
+
+    trainable: list[str] = field(default_factory=lambda: ["controller"])
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 512
+    select_metric: str = "mean_f1"
+    """Validation metric (higher is better) that picks the fine-tuning epoch kept for testing."""
+    ece_bins: int = 15
+
+    def validate(self, path: str):
+        from comod.metrics import SELECTABLE
+
+        check(self.batch_size >= 1, f"{path}.batch_size", self.batch_size, "a positive integer")
+        check(self.select_metric in SELECTABLE, f"{path}.select_metric", self.select_metric,
+              f"one of {', '.join(SELECTABLE)}")
+        check(self.ece_bins >= 1, f"{path}.ece_bins", self.ece_bins, "a positive integer")
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    seed: int = 0
+    device: str = "auto"
+    """auto (CUDA when present, else CPU), cpu, cuda or cuda:N."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16 runs forward passes under autocast; the readout statistics stay in fp32."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    modulation: ModulationConfig = field(default_factory=ModulationConfig)
+    pretrain: PhaseConfig = field(default_factory=PhaseConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self, path: str):
+        check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+              "device", self.device, "auto, cpu, cuda or cuda:N")
+
+
+def parse_config(raw: Any, source: str = "config") -> ExperimentConfig:
+    """Build and validate an :class:`ExperimentConfig` from plain data."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of settings at the top level, "
+                          f"got {type(raw).__name__}")
+    return from_dict(ExperimentConfig, raw, "")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load an experiment from YAML, apply ``path=value`` overrides, validate."""
+    raw = read_yaml(path)
+    raw = apply_overrides(raw, overrides or [])
+    return parse_config(raw, str(path))
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file; pass the path of a YAML file "
+                          f"(examples are in configs/)")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}; fix the file's syntax") from None
+
+
+def apply_overrides(raw: Any, overrides: list[str]) -> dict:
+    """Apply ``dotted.path=value`` settings (values parsed as YAML)."""
+    raw = copy.deepcopy(raw) if raw is not None else {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"expected a mapping of settings at the top level, got {type(raw).__name__}")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected path=value, e.g. modulation.noise_scale=0.3")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        set_path(raw, key.strip(), value)
+    return raw
+
+
+def set_path(raw: dict, dotted: str, value: Any) -> None:
+    """Set ``raw[a][b][c] = value`` for ``dotted == "a.b.c"``, creating mappings."""
+    parts = dotted.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[:i + 1])}: is a value ({child!r}), "
+                              f"so {dotted} cannot be set inside it")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_to_dict(cfg: ExperimentConfig) -> dict:
+    return to_dict(cfg)
+
+
+def flatten(cfg: ExperimentConfig | dict, prefix: str = "") -> dict[str, Any]:
+    """The config as ``{dotted.path: value}`` (lists kept as lists)."""
+    raw = to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+__all__ = [
+    "GROUPS", "ConfigError", "DataConfig", "ModelConfig", "ReadoutConfig", "ModulationConfig",
+    "LearningRates", "PhaseConfig", "FinetuneConfig", "EvalConfig", "ExperimentConfig", "parse_config", "load_config",
+    "read_yaml", "apply_overrides", "set_path", "config_to_dict", "flatten", "save_config",
+]

@@ -1,0 +1,46 @@
+"""The interface every gain-modulation mechanism implements.
+
+A mechanism turns the activity ``h0`` at the first modulation site into the
+representation ``z`` that task ``k``'s head reads. It is given ``suffix``,
+which runs the network from that site to the decoder's last hidden layer,
+applying ``{site: gain}`` at every modulated site (gains of shape ``[C]`` or
+``[B, C]``). The part of the network below the first site is computed once,
+by the model, and shared by every pass a mechanism makes.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+Suffix = Callable[[torch.Tensor, "dict[str, torch.Tensor] | None"], torch.Tensor]
+
+
+class Mechanism(nn.Module):
+    kind: str = ""
+    task_dependent: bool = True
+    """False when every task sees the same representation (evaluation shares one pass)."""
+
+    def __init__(self, num_tasks: int, site_channels: dict[str, int], decoder_dim: int):
+        super().__init__()
+        self.num_tasks = num_tasks
+        self.site_channels = dict(site_channels)
+        self.decoder_dim = decoder_dim
+        self.controller: nn.Module | None = None
+
+    def forward(self, suffix: Suffix, h0: torch.Tensor, task: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sample_gains(self, task: int, n: int) -> dict[str, torch.Tensor]:
+        """``n`` draws of the per-channel gains the mechanism applies in training:
+        ``{site: [n, C]}`` (draws differ only for a stochastic mechanism)."""
+        raise NotImplementedError
+
+    def expected_gain(self, task: int) -> dict[str, torch.Tensor]:
+        """The mean gain per channel: ``{site: [C]}``."""
+        raise NotImplementedError
+
+    def readout_state(self) -> dict[str, torch.Tensor]:
+        """Per-task readout gains used at evaluation (empty when the mechanism has none)."""
+        return {}

@@ -1,0 +1,20 @@
+"""No modulation: every task reads the same representation."""
+from __future__ import annotations
+
+import torch
+
+from comod.mechanisms.base import Mechanism
+
+
+class NoModulation(Mechanism):
+    kind = "none"
+    task_dependent = False
+
+    def forward(self, suffix, h0, task):
+        return suffix(h0, None)
+
+    def sample_gains(self, task, n):
+        return {s: torch.ones(n, c) for s, c in self.site_channels.items()}
+
+    def expected_gain(self, task):
+        return {s: torch.ones(c) for s, c in self.site_channels.items()}

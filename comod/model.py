@@ -1,0 +1,141 @@
+"""The multi-task model: shared backbone, decoder, task heads, one mechanism.
+
+``forward(x, task)`` computes the backbone below the first modulation site
+once (``prefix``), then lets the mechanism run the rest (``suffix``) as many
+times as it needs: once for none and deterministic, twice (modulated and
+clean) for stochastic comodulation. A frozen prefix runs without autograd.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from comod.backbones import SITES, Backbone
+from comod.data.taskdata import TaskSpec
+from comod.mechanisms import Mechanism, build_mechanism
+
+
+def _check_sites(sites: list[str]) -> list[str]:
+    unknown = [s for s in sites if s not in SITES]
+    if unknown:
+        raise ValueError(f"unknown modulation site {unknown[0]!r}; valid sites: {', '.join(SITES)}")
+    return sorted(sites, key=SITES.index)
+
+
+class Decoder(nn.Sequential):
+    """MLP from pooled backbone features to the readout layer ``z`` (ReLU after every layer)."""
+
+    def __init__(self, in_features: int, hidden: list[int]):
+        layers: list[nn.Module] = []
+        for width in hidden:
+            layers += [nn.Linear(in_features, width), nn.ReLU(inplace=True)]
+            in_features = width
+        super().__init__(*layers)
+        self.out_features = in_features
+
+
+class MultiTaskModel(nn.Module):
+    def __init__(self, backbone: Backbone, decoder_hidden: list[int], tasks: list[TaskSpec],
+                 sites: list[str], mechanism: Mechanism):
+        super().__init__()
+        self.backbone = backbone
+        self.decoder = Decoder(backbone.out_features, decoder_hidden)
+        self.heads = nn.ModuleList(nn.Linear(self.decoder.out_features, t.num_outputs) for t in tasks)
+        self.tasks = list(tasks)
+        self.sites = _check_sites(sites)
+        self.mechanism = mechanism
+        first = SITES.index(self.sites[0])
+        self.prefix_stages = list(SITES[:first + 1])
+        self.suffix_stages = list(SITES[first + 1:])
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    # -- the two halves -------------------------------------------------
+    def prefix(self, x: torch.Tensor) -> torch.Tensor:
+        """Activity at the first site, before its gain."""
+        frozen = not any(p.requires_grad for name in self.prefix_stages
+                         for p in self.backbone.stages[name].parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            for name in self.prefix_stages:
+                x = self.backbone.forward_stage(name, x)
+        return x
+
+    def suffix(self, h: torch.Tensor, gains: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """From the first site's activity to the decoder's last hidden layer ``z [B, D]``."""
+        h = self._gain(h, self.sites[0], gains)
+        for name in self.suffix_stages:
+            h = self._gain(self.backbone.forward_stage(name, h), name, gains)
+        return self.decoder(torch.flatten(self.pool(h), 1))
+
+    @staticmethod
+    def _gain(h: torch.Tensor, site: str, gains: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        if not gains or site not in gains:
+            return h
+        g = gains[site]
+        g = g[None] if g.dim() == 1 else g
+        return h * g[:, :, None, None].to(h.dtype)
+
+    # -- decisions ------------------------------------------------------
+    def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        """Logits of ``task`` for batch ``x``: ``[B]`` for a binary task, ``[B, K]`` otherwise."""
+        z = self.mechanism(self.suffix, self.prefix(x), task)
+        return self._head(z, task)
+
+    def forward_tasks(self, x: torch.Tensor, tasks: list[int]) -> dict[int, torch.Tensor]:
+        """Logits of several tasks on one batch, sharing the prefix (and, when the
+        mechanism ignores the task, the whole representation)."""
+        h0 = self.prefix(x)
+        if not self.mechanism.task_dependent:
+            z = self.mechanism(self.suffix, h0, tasks[0])
+            return {k: self._head(z, k) for k in tasks}
+        return {k: self._head(self.mechanism(self.suffix, h0, k), k) for k in tasks}
+
+    def _head(self, z: torch.Tensor, task: int) -> torch.Tensor:
+        out = self.heads[task](z)
+        return out.squeeze(-1) if self.tasks[task].binary else out
+
+    # -- parameter groups -----------------------------------------------
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        controller = self.mechanism.controller
+        return {
+            "backbone": list(self.backbone.parameters()),
+            "decoder": list(self.decoder.parameters()),
+            "heads": list(self.heads.parameters()),
+            "controller": list(controller.parameters()) if controller is not None else [],
+        }
+
+    def group_modules(self) -> dict[str, list[nn.Module]]:
+        return {"backbone": [self.backbone], "decoder": [self.decoder], "heads": [self.heads],
+                "controller": [self.mechanism]}
+
+    def set_trainable(self, groups: list[str]) -> None:
+        """Open ``groups`` to training; frozen groups also stop updating their
+        batch-norm statistics (they are put in eval mode by :meth:`train`)."""
+        self._trainable = set(groups)
+        for name, params in self.parameter_groups().items():
+            for p in params:
+                p.requires_grad_(name in self._trainable)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        trainable = getattr(self, "_trainable", None)
+        if mode and trainable is not None:
+            for name, modules in self.group_modules().items():
+                if name not in trainable and name != "controller":
+                    for m in modules:
+                        m.eval()
+        return self
+
+
+def build_model(cfg, tasks: list[TaskSpec], in_channels: int) -> MultiTaskModel:
+    """The model of an :class:`comod.config.ExperimentConfig` for ``tasks``."""
+    m = cfg.model
+    backbone = Backbone(m.backbone, residual=m.residual, stem=m.stem, width=m.width, in_channels=in_channels)
+    if m.weights:
+        backbone.load_imagenet(m.weights)
+    sites = _check_sites(cfg.modulation.sites)
+    mechanism = build_mechanism(cfg.modulation, len(tasks), {s: backbone.channels[s] for s in sites},
+                                m.decoder_hidden[-1])
+    model = MultiTaskModel(backbone, m.decoder_hidden, tasks, sites, mechanism)
+    if m.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model

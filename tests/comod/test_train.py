@@ -1,0 +1,129 @@
+import json
+
+import pytest
+import torch
+
+from comod.train import Callbacks, TrainingError, load_checkpoint, run_experiment
+from helpers import tiny_config
+
+KEYS = ("test/mean_f1", "test/mean_error", "test/mean_precision", "test/mean_recall", "test/mean_accuracy",
+        "test/mean_ece")
+
+
+def _test_metrics(metrics):
+    return {k: v for k, v in metrics.items() if k.startswith(("test/", "val/", "pretrained/"))}
+
+
+def test_run_writes_config_metrics_and_checkpoint(tmp_path):
+    cfg = tiny_config()
+    metrics = run_experiment(cfg, tmp_path)
+    for key in KEYS:
+        assert 0.0 <= metrics[key] <= 1.0
+    assert "test/pattern_0/f1" in metrics or any(k.endswith("/f1") and k.count("/") == 2 for k in metrics)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(metrics)
+    assert (tmp_path / "config.yaml").exists()
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")  # weights_only=True
+    assert ckpt["metrics"] == pytest.approx(metrics)
+    assert "mechanism.running_gain" in ckpt["model"]
+    phases = [h["phase"] for h in ckpt["history"]]
+    assert phases == ["pretrain", "pretrained", "finetune"]
+
+
+def test_same_seed_same_metrics_on_cpu(tmp_path):
+    cfg = tiny_config()
+    a = run_experiment(cfg, tmp_path / "a")
+    b = run_experiment(cfg, tmp_path / "b")
+    assert _test_metrics(a) == _test_metrics(b)
+    c = run_experiment(tiny_config(seed=1), tmp_path / "c")
+    assert _test_metrics(a) != _test_metrics(c)
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop_after", [1, 3])
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, stop_after):
+    cfg = tiny_config(pretrain={"epochs": 2}, finetune={"epochs": 2})
+    reference = run_experiment(cfg, tmp_path / "ref")
+    seen = []
+
+    def stop(phase, epoch, step, metrics):
+        seen.append((phase, epoch))
+        if len(seen) == stop_after:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_experiment(cfg, tmp_path / "run", callbacks=Callbacks(on_epoch=stop))
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["metrics"] is None
+    resumed_epochs = []
+    resumed = run_experiment(cfg, tmp_path / "run", callbacks=Callbacks(
+        on_epoch=lambda phase, epoch, step, m: resumed_epochs.append((phase, epoch))))
+    assert len(seen) + len(resumed_epochs) == 4  # no epoch done twice
+    assert _test_metrics(resumed) == _test_metrics(reference)
+    # a finished run returns its metrics without training again
+    again = run_experiment(cfg, tmp_path / "run", callbacks=Callbacks(on_epoch=lambda *a: pytest.fail("trained")))
+    assert again == resumed
+
+
+def test_resume_refuses_another_config(tmp_path):
+    run_experiment(tiny_config(), tmp_path)
+    with pytest.raises(TrainingError, match=r"another config \(modulation.noise_scale: 0.5 in the checkpoint, 0.3"):
+        run_experiment(tiny_config(modulation={"noise_scale": 0.3}), tmp_path)
+
+
+def test_controller_only_finetuning_keeps_everything_else(tmp_path):
+    states = []
+    cfg = tiny_config(modulation={"kind": "deterministic"})
+    run_experiment(cfg, tmp_path, callbacks=Callbacks(on_checkpoint=lambda path, s: states.append(s)))
+    pretrained = states[1]["model"]  # after the pretraining phase's evaluation
+    final = states[-1]["model"]
+    changed = {k for k in pretrained if not torch.equal(pretrained[k], final[k])}
+    assert changed == {"mechanism.controller.table.layer2"}
+
+
+def test_none_kind_has_nothing_to_finetune(tmp_path):
+    phases = []
+    metrics = run_experiment(tiny_config(modulation={"kind": "none"}), tmp_path,
+                             callbacks=Callbacks(on_phase=lambda p, first, n: phases.append((p, n))))
+    assert phases == [("pretrain", 1), ("finetune", 0)]
+    assert metrics["test/mean_f1"] == pytest.approx(metrics["pretrained/test/mean_f1"])
+
+
+def test_multiclass_protocol_pretrain_coarse_adapt_fine(tmp_path):
+    cfg = tiny_config(data={"tasks": "coarse_fine"}, pretrain={"tasks": ["coarse"]},
+                      finetune={"tasks": ["fine"], "trainable": ["controller", "heads"]})
+    metrics = run_experiment(cfg, tmp_path)
+    assert "test/fine/ece" in metrics and "test/coarse/f1" not in metrics
+    assert 0.0 <= metrics["test/mean_ece"] <= 1.0
+
+
+def test_groups_task_set_with_ignored_samples(tmp_path):
+    metrics = run_experiment(tiny_config(data={"tasks": "groups"}), tmp_path)
+    assert {k for k in metrics if k.endswith("/accuracy") and k.startswith("test/") and k != "test/mean_accuracy"}
+
+
+def test_unknown_task_name(tmp_path):
+    with pytest.raises(TrainingError, match=r"finetune.tasks: got unknown task 'shoes'"):
+        run_experiment(tiny_config(finetune={"tasks": ["shoes"]}), tmp_path)
+
+
+def test_diverging_loss_stops_with_reason(tmp_path):
+    cfg = tiny_config(pretrain={"lr": {"backbone": 1e30, "decoder": 1e30, "heads": 1e30, "controller": 1e30}})
+    with pytest.raises(TrainingError, match="diverged"):
+        run_experiment(cfg, tmp_path)
+
+
+def test_bf16_autocast_and_channels_last_on_cpu(tmp_path):
+    cfg = tiny_config(precision="bf16", model={"channels_last": True})
+    metrics = run_experiment(cfg, tmp_path)
+    assert 0.0 <= metrics["test/mean_f1"] <= 1.0
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_channels_last_multi_site(tmp_path):
+    cfg = tiny_config(device="cuda", precision="bf16", model={"channels_last": True},
+                      modulation={"sites": ["layer1", "layer3"]})
+    metrics = run_experiment(cfg, tmp_path)
+    assert 0.0 <= metrics["test/mean_f1"] <= 1.0
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["model"]["mechanism.running_gain"].device.type == "cpu"

@@ -1,0 +1,23 @@
+"""Shared test settings: CPU only, no downloads, a private runs folder."""
+import os
+
+import pytest
+
+os.environ.setdefault("COMOD_DOWNLOAD", "0")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _runs_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("COMOD_HOME", str(tmp_path / "comod-runs"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
