@@ -81,13 +81,10 @@ class MultiTaskModel(nn.Module):
         return self._head(z, task)
 
     def forward_tasks(self, x: torch.Tensor, tasks: list[int]) -> dict[int, torch.Tensor]:
-        """Logits of several tasks on one batch, sharing the prefix (and, when the
-        mechanism ignores the task, the whole representation)."""
-        h0 = self.prefix(x)
-        if not self.mechanism.task_dependent:
-            z = self.mechanism(self.suffix, h0, tasks[0])
-            return {k: self._head(z, k) for k in tasks}
-        return {k: self._head(self.mechanism(self.suffix, h0, k), k) for k in tasks}
+        """Logits of several tasks on one batch, sharing the prefix (and whatever
+        passes the mechanism can share between tasks)."""
+        z = self.mechanism.forward_tasks(self.suffix, self.prefix(x), tasks)
+        return {k: self._head(z[k], k) for k in tasks}
 
     def _head(self, z: torch.Tensor, task: int) -> torch.Tensor:
         out = self.heads[task](z)

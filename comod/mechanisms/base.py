@@ -19,8 +19,6 @@ Suffix = Callable[[torch.Tensor, "dict[str, torch.Tensor] | None"], torch.Tensor
 
 class Mechanism(nn.Module):
     kind: str = ""
-    task_dependent: bool = True
-    """False when every task sees the same representation (evaluation shares one pass)."""
 
     def __init__(self, num_tasks: int, site_channels: dict[str, int], decoder_dim: int):
         super().__init__()
@@ -31,6 +29,11 @@ class Mechanism(nn.Module):
 
     def forward(self, suffix: Suffix, h0: torch.Tensor, task: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def forward_tasks(self, suffix: Suffix, h0: torch.Tensor, tasks: list[int]) -> dict[int, torch.Tensor]:
+        """``z`` of several tasks on one batch; kinds whose passes do not depend on
+        the task override this to share them."""
+        return {k: self(suffix, h0, k) for k in tasks}
 
     def sample_gains(self, task: int, n: int) -> dict[str, torch.Tensor]:
         """``n`` draws of the per-channel gains the mechanism applies in training:

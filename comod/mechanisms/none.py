@@ -8,10 +8,13 @@ from comod.mechanisms.base import Mechanism
 
 class NoModulation(Mechanism):
     kind = "none"
-    task_dependent = False
 
     def forward(self, suffix, h0, task):
         return suffix(h0, None)
+
+    def forward_tasks(self, suffix, h0, tasks):
+        z = suffix(h0, None)
+        return {k: z for k in tasks}
 
     def sample_gains(self, task, n):
         return {s: torch.ones(n, c) for s, c in self.site_channels.items()}

@@ -52,12 +52,20 @@ class StochasticComodulation(Mechanism):
     def _in_warmup(self) -> bool:
         return int(self.train_steps) <= self.warmup_steps if self.warmup_steps else False
 
+    def _eval_gain(self, z: torch.Tensor, task: int) -> torch.Tensor:
+        if self._in_warmup():
+            return z
+        return z * mix_with_ones(self.running_gain[task], self.mix).to(z.dtype)
+
+    def forward_tasks(self, suffix, h0, tasks):
+        if self.training:
+            return super().forward_tasks(suffix, h0, tasks)
+        z = suffix(h0, None)  # evaluation: one clean pass serves every task's readout
+        return {k: self._eval_gain(z, k) for k in tasks}
+
     def forward(self, suffix, h0, task):
         if not self.training:
-            z = suffix(h0, None)
-            if self._in_warmup():
-                return z
-            return z * mix_with_ones(self.running_gain[task], self.mix).to(z.dtype)
+            return self._eval_gain(suffix(h0, None), task)
         self.train_steps += 1
         h_rep = h0.repeat(self.draws, *([1] * (h0.dim() - 1))) if self.draws > 1 else h0
         m = torch.randn(h_rep.shape[0], device=h0.device) * self.noise_scale

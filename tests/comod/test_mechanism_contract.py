@@ -162,3 +162,15 @@ def test_readout_warmup_uses_unit_gain():
     with torch.no_grad():
         clean = model._head(model.suffix(model.prefix(x), None), 0)
         assert torch.allclose(model(x, 0), clean, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_forward_tasks_equals_one_forward_per_task(kind):
+    torch.manual_seed(0)
+    model = tiny_model(kind)
+    model.train()
+    model(_x(), 0), model(_x(), 1)  # give the stochastic kind running gains
+    model.eval()
+    together = model.forward_tasks(_x(), [0, 1, 2])
+    for k in range(3):
+        assert torch.allclose(together[k], model(_x(), k), atol=1e-6)
