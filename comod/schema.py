@@ -35,6 +35,8 @@ def _describe(tp: Any) -> str:
         return " or ".join("null" if a is type(None) else _describe(a) for a in typing.get_args(tp))
     if origin is list:
         return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
     if dataclasses.is_dataclass(tp):
         return "a mapping of settings"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
@@ -64,6 +66,11 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         if value in typing.get_args(tp):
             return value
         raise ConfigError(f"{path}: got {value!r}; expected {_describe(tp)}")
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: got {value!r}; expected {_describe(tp)}")
+        return {_convert(key_tp, k, path): _convert(value_tp, v, f"{path}.{k}") for k, v in value.items()}
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool) and item in (str, int, float):

@@ -1,0 +1,211 @@
+"""Search files (search_spaces/NAME.yaml): a base experiment, a space, settings.
+
+``space`` maps a config's dotted paths to distributions::
+
+    modulation.kind: {type: categorical, choices: [deterministic, stochastic]}
+    modulation.noise_scale: {type: float, low: 0.05, high: 2.0, log: true,
+                             when: {modulation.kind: stochastic}}
+    modulation.sites: {type: categorical, choices: [[layer2], [layer3], [layer2, layer3]]}
+    finetune.lr.controller: {type: float, low: 1.0e-3, high: 1.0e-1, log: true}
+    seed: {type: int, low: 0, high: 2}
+
+It becomes an Optuna define-by-run space (``suggest``); a ``when`` condition
+names values of paths suggested earlier in the file or set in the base
+experiment. The whole file is checked before any trial starts: every path
+must be a setting, every bound and choice must pass the experiment loader,
+so a broken search fails with the dotted path and the problem.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from comod.config import ConfigError, ExperimentConfig, flatten, parse_config, read_yaml, set_path
+from comod.schema import check, from_dict
+
+
+@dataclass
+class Dist:
+    """One distribution: ``type: float|int`` with ``low``/``high`` (``log``, ``step``),
+    or ``type: categorical`` with ``choices``; ``when`` makes it conditional."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+    when: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, path: str):
+        if self.type == "categorical":
+            check(bool(self.choices), f"{path}.choices", self.choices, "a non-empty list for type: categorical")
+            check(self.low is None and self.high is None and not self.log and self.step is None, path,
+                  "low/high/log/step", "only choices (and when) for type: categorical")
+            return
+        check(self.choices is None, f"{path}.choices", self.choices, f"no choices for type: {self.type}")
+        check(self.low is not None and self.high is not None, path, (self.low, self.high),
+              f"both low and high for type: {self.type}")
+        if self.type == "int":
+            for key in ("low", "high"):
+                value = getattr(self, key)
+                check(float(value).is_integer(), f"{path}.{key}", value, "an integer for type: int")
+        check(self.low <= self.high, path, f"(low={self.low}, high={self.high})", "low <= high")
+        check(not self.log or self.low > 0, f"{path}.low", self.low, "low > 0 with log: true")
+        check(self.step is None or self.step > 0, f"{path}.step", self.step, "a positive step")
+        check(not (self.log and self.step is not None), path, "log and step", "either log or step, not both")
+
+    def values_to_check(self) -> list[Any]:
+        """Values that must all pass the experiment loader: the bounds, or every choice."""
+        if self.type == "categorical":
+            return list(self.choices)
+        if self.type == "int":
+            return [int(self.low), int(self.high)]
+        return [self.low, self.high]
+
+
+@dataclass
+class Scheduler:
+    type: Literal["asha", "fifo"] = "asha"
+    grace_period: int = 1
+    """Epochs (reports) a trial runs before ASHA may stop it."""
+    reduction_factor: float = 2.0
+
+    def validate(self, path: str):
+        check(self.grace_period >= 1, f"{path}.grace_period", self.grace_period, "an integer >= 1")
+        check(self.reduction_factor > 1, f"{path}.reduction_factor", self.reduction_factor, "a number > 1")
+
+
+@dataclass
+class Resources:
+    cpu: float = 1.0
+    gpu: float = 0.0
+    """GPUs per trial; a fraction (e.g. 0.25) packs several trials on one GPU."""
+
+    def validate(self, path: str):
+        check(self.cpu > 0, f"{path}.cpu", self.cpu, "a positive number of CPUs")
+        check(self.gpu >= 0, f"{path}.gpu", self.gpu, "a number >= 0")
+        check(self.gpu <= 1 or float(self.gpu).is_integer(), f"{path}.gpu", self.gpu,
+              "a fraction <= 1 or a whole number of GPUs")
+
+
+@dataclass
+class SearchSettings:
+    metric: str = "val/mean_f1"
+    mode: Literal["max", "min"] = "max"
+    num_trials: int = 8
+    sampler: Literal["tpe", "random", "cmaes", "qmc"] = "tpe"
+    scheduler: Scheduler = field(default_factory=Scheduler)
+    resources: Resources = field(default_factory=Resources)
+    max_concurrent: int = 2
+    seed: int = 0
+
+    def validate(self, path: str):
+        check(self.num_trials >= 1, f"{path}.num_trials", self.num_trials, "an integer >= 1")
+        check(self.max_concurrent >= 1, f"{path}.max_concurrent", self.max_concurrent, "an integer >= 1")
+        check(self.metric.startswith(("val/", "test/", "finetune/", "pretrain/")), f"{path}.metric", self.metric,
+              "a metric such as val/mean_f1 (model selection must not use test/ metrics unless you mean it)")
+
+
+@dataclass
+class SearchFile:
+    name: str
+    experiment: dict
+    """The base experiment as plain data (what `comod train` would run)."""
+    space: dict[str, Dist]
+    search: SearchSettings
+
+    def base_config(self) -> ExperimentConfig:
+        return parse_config(self.experiment, "experiment")
+
+    def config_for(self, flat: dict[str, Any]) -> ExperimentConfig:
+        """The experiment of one trial: the base with ``{dotted.path: value}`` set."""
+        raw = copy.deepcopy(self.experiment)
+        for path, value in flat.items():
+            set_path(raw, path, value)
+        return parse_config(raw, "trial")
+
+    def suggest(self, trial) -> dict[str, Any]:
+        """Optuna define-by-run: suggest every active path, return ``{path: value}``."""
+        base = flatten(self.base_config())
+        values: dict[str, Any] = {}
+        for path, dist in self.space.items():
+            if not all(values.get(k, base.get(k)) == v for k, v in dist.when.items()):
+                continue
+            if dist.type == "float":
+                values[path] = trial.suggest_float(path, dist.low, dist.high, log=dist.log, step=dist.step)
+            elif dist.type == "int":
+                values[path] = trial.suggest_int(path, int(dist.low), int(dist.high), log=dist.log,
+                                                 step=int(dist.step) if dist.step else 1)
+            else:
+                labels = [encode_choice(c) for c in dist.choices]
+                values[path] = decode_choice(trial.suggest_categorical(path, labels))
+        return values
+
+
+def encode_choice(value: Any) -> Any:
+    """Optuna's categorical choices must be scalars: lists (e.g. several sites) become JSON text."""
+    return json.dumps(value) if isinstance(value, (list, dict)) else value
+
+
+def decode_choice(label: Any) -> Any:
+    if isinstance(label, str) and label[:1] in "[{":
+        return json.loads(label)
+    return label
+
+
+def parse_search(raw: Any, name: str) -> SearchFile:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected a mapping with experiment, space and search")
+    unknown = set(raw) - {"experiment", "space", "search"}
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown section; a search file has experiment, space, search")
+    experiment = raw.get("experiment") or {}
+    try:
+        base = parse_config(experiment, "experiment")
+    except ConfigError as err:
+        raise ConfigError(f"experiment.{err}") from None
+    settable = flatten(base)
+    space_raw = raw.get("space") or {}
+    if not isinstance(space_raw, dict):
+        raise ConfigError(f"space: got {space_raw!r}; expected a mapping of dotted paths to distributions")
+    space: dict[str, Dist] = {}
+    for path, dist_raw in space_raw.items():
+        where = f"space.{path}"
+        if path not in settable:
+            raise ConfigError(f"{where}: not a setting of the experiment; settings look like "
+                              f"modulation.noise_scale or finetune.lr.controller")
+        if not isinstance(dist_raw, dict):
+            raise ConfigError(f"{where}: got {dist_raw!r}; expected a distribution such as "
+                              f"{{type: float, low: 0.1, high: 1.0}} or {{type: categorical, choices: [...]}}")
+        dist = from_dict(Dist, dist_raw, where)
+        for key, value in dist.when.items():
+            if key not in settable:
+                raise ConfigError(f"{where}.when: {key!r} is not a setting of the experiment")
+            if key in space_raw and list(space_raw).index(key) > list(space_raw).index(path):
+                raise ConfigError(f"{where}.when: {key} is searched after {path}; list it first in space")
+        space[path] = dist
+    search = from_dict(SearchSettings, raw.get("search") or {}, "search")
+    sf = SearchFile(name=name, experiment=experiment, space=space, search=search)
+    for path, dist in space.items():
+        for value in dist.values_to_check():
+            try:
+                sf.config_for({path: value})
+            except ConfigError as err:
+                raise ConfigError(f"space.{path}: the value {value!r} is not a valid setting ({err})") from None
+    return sf
+
+
+def load_search(path: str | Path) -> SearchFile:
+    """Load and check a search file; ``NAME`` alone looks in search_spaces/."""
+    path = Path(path)
+    if not path.exists() and not path.suffix and (Path("search_spaces") / f"{path}.yaml").exists():
+        path = Path("search_spaces") / f"{path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in Path("search_spaces").glob("*.yaml"))
+        hint = f"; searches in search_spaces/: {', '.join(known)}" if known else ""
+        raise ConfigError(f"{path}: no such search file{hint}")
+    return parse_search(read_yaml(path), path.stem)

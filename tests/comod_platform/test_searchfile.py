@@ -1,0 +1,95 @@
+import optuna
+import pytest
+import yaml
+
+from comod.config import ConfigError
+from comod_platform.searchfile import load_search, parse_search
+
+BASE = {
+    "data": {"dataset": "synthetic", "tasks": "attributes"},
+    "model": {"stem": "small", "width": 0.125, "decoder_hidden": [16]},
+    "modulation": {"kind": "stochastic", "sites": ["layer2"]},
+}
+
+SPACE = {
+    "modulation.kind": {"type": "categorical", "choices": ["none", "deterministic", "stochastic"]},
+    "modulation.noise_scale": {"type": "float", "low": 0.05, "high": 2.0, "log": True,
+                               "when": {"modulation.kind": "stochastic"}},
+    "modulation.sites": {"type": "categorical", "choices": [["layer2"], ["layer3"], ["layer2", "layer3"]]},
+    "finetune.lr.controller": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True},
+    "seed": {"type": "int", "low": 0, "high": 3},
+}
+
+
+def _search(**changes):
+    raw = {"experiment": BASE, "space": dict(SPACE), "search": {"num_trials": 4}}
+    for key, value in changes.items():
+        raw[key] = value
+    return raw
+
+
+def test_define_by_run_space_in_a_real_study(tmp_path):
+    sf = parse_search(_search(), "demo")
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="demo",
+                                sampler=optuna.samplers.RandomSampler(seed=0), direction="maximize")
+    seen_kinds = set()
+    for _ in range(30):
+        trial = study.ask()
+        flat = sf.suggest(trial)
+        cfg = sf.config_for(flat)  # every sampled config passes the experiment loader
+        seen_kinds.add(cfg.modulation.kind)
+        assert ("modulation.noise_scale" in trial.params) == (cfg.modulation.kind == "stochastic")
+        assert isinstance(cfg.modulation.sites, list) and cfg.modulation.sites
+        assert 1e-3 <= cfg.finetune.lr.controller <= 1e-1
+        study.tell(trial, 0.5)
+    assert seen_kinds == {"none", "deterministic", "stochastic"}
+    reloaded = optuna.load_study(study_name="demo", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(reloaded.trials) == 30
+
+
+@pytest.mark.parametrize("space, pieces", [
+    ({"modulation.noise_scal": {"type": "float", "low": 0.1, "high": 1}}, ["space.modulation.noise_scal",
+                                                                         "not a setting"]),
+    ({"modulation.noise_scale": {"type": "float", "low": 3, "high": 1}}, ["space.modulation.noise_scale",
+                                                                        "low <= high"]),
+    ({"modulation.noise_scale": {"type": "float", "low": -1, "high": 1}}, ["space.modulation.noise_scale",
+                                                                         "-1", ">= 0"]),
+    ({"modulation.noise_scale": {"type": "float", "low": 0, "high": 1, "log": True}}, ["low > 0 with log"]),
+    ({"modulation.sites": {"type": "categorical", "choices": [["layer9"]]}}, ["space.modulation.sites",
+                                                                             "layer9", "layer4"]),
+    ({"modulation.kind": {"type": "categorical", "choices": []}}, ["choices", "non-empty"]),
+    ({"seed": {"type": "normal", "low": 0, "high": 1}}, ["space.seed.type", "'categorical'"]),
+    ({"seed": {"type": "int", "low": 0.5, "high": 2}}, ["space.seed.low", "an integer"]),
+    ({"modulation.noise_scale": {"type": "float", "low": 0.1, "high": 1, "when": {"modulation.kind": "x"}},
+      "modulation.kind": {"type": "categorical", "choices": ["stochastic"]}}, ["list it first"]),
+    ({"modulation.noise_scale": 0.3}, ["expected a distribution"]),
+])
+def test_broken_space_fails_before_any_trial(space, pieces):
+    with pytest.raises(ConfigError) as err:
+        parse_search(_search(space=space), "bad")
+    for piece in pieces:
+        assert piece in str(err.value), (piece, str(err.value))
+
+
+@pytest.mark.parametrize("raw, pieces", [
+    (_search(search={"num_trials": 0}), ["search.num_trials", ">= 1"]),
+    (_search(search={"resources": {"gpu": 1.5}}), ["search.resources.gpu", "fraction"]),
+    (_search(search={"sampler": "bayes"}), ["search.sampler", "'tpe'"]),
+    (_search(search={"scheduler": {"reduction_factor": 1}}), ["search.scheduler.reduction_factor"]),
+    (_search(experiment={"modulation": {"noise_scale": -2}}), ["experiment.modulation.noise_scale"]),
+    ({"experiment": BASE, "spaces": {}}, ["spaces", "unknown section"]),
+])
+def test_broken_settings_and_experiment(raw, pieces):
+    with pytest.raises(ConfigError) as err:
+        parse_search(raw, "bad")
+    for piece in pieces:
+        assert piece in str(err.value), (piece, str(err.value))
+
+
+def test_load_by_name_and_unknown_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "search_spaces").mkdir()
+    (tmp_path / "search_spaces" / "demo.yaml").write_text(yaml.safe_dump(_search()))
+    assert load_search("demo").name == "demo"
+    with pytest.raises(ConfigError, match="no such search file; searches in search_spaces/: demo"):
+        load_search("nothing")
