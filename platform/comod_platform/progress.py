@@ -1,0 +1,45 @@
+"""Terminal progress for one experiment, and per-epoch metrics to MLflow."""
+from __future__ import annotations
+
+import sys
+
+from tqdm import tqdm
+
+from comod.train import Callbacks
+
+
+class ProgressCallbacks(Callbacks):
+    """A tqdm bar per phase; each epoch's metrics go to the run logger (if any)
+    and one summary line to the terminal."""
+
+    def __init__(self, logger=None, enabled: bool = True):
+        super().__init__(on_epoch=self._epoch, on_step=self._step, on_phase=self._phase)
+        self.logger, self.enabled = logger, enabled and sys.stderr.isatty()
+        self.bar: tqdm | None = None
+        self.phase, self.epochs = "", 0
+
+    def _phase(self, phase: str, first_epoch: int, epochs: int) -> None:
+        self.phase, self.epochs = phase, epochs
+        if epochs == 0:
+            print(f"{phase}: nothing to train (no trainable parameters or 0 epochs)", file=sys.stderr)
+        elif first_epoch:
+            print(f"{phase}: resuming after epoch {first_epoch}/{epochs}", file=sys.stderr)
+
+    def _step(self, phase: str, step: int, steps: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            self.bar = tqdm(total=steps, desc=phase, unit="step", leave=False, dynamic_ncols=True)
+        self.bar.update(1)
+
+    def _epoch(self, phase: str, epoch: int, step: int, metrics: dict) -> None:
+        self.close()
+        if self.logger is not None:
+            self.logger.log_metrics(metrics, step)
+        shown = ", ".join(f"{k.split('/')[-1]}={v:.4f}" for k, v in metrics.items())
+        print(f"{phase} epoch {epoch}/{self.epochs}: {shown}", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
