@@ -26,6 +26,7 @@ from comod.data import load_data
 from comod.data.taskdata import IGNORE, Split, TaskData, normalise
 from comod.metrics import selection_score, summarise, task_metrics
 from comod.model import MultiTaskModel, build_model
+from comod.pretrain_cache import entry_path, file_lock
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = 1
@@ -211,11 +212,14 @@ PHASES = ("pretrain", "finetune")
 
 
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, data: TaskData | None = None,
-                   callbacks: Callbacks | None = None, resume: bool = True) -> dict[str, float]:
+                   callbacks: Callbacks | None = None, resume: bool = True,
+                   pretrain_cache: str | Path | None = None) -> dict[str, float]:
     """Run (or resume) one experiment in ``out_dir``; returns the final metrics.
 
     Writes ``config.yaml``, ``checkpoint.pt`` (every epoch) and ``metrics.json``.
     ``data`` may be passed in by a caller that shares one loaded dataset.
+    ``pretrain_cache`` (a folder) shares pretrained models between runs whose
+    pretraining settings are equal (see :mod:`comod.pretrain_cache`).
     """
     callbacks = callbacks or Callbacks()
     out = Path(out_dir)
@@ -262,8 +266,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, data: TaskData | 
         if callbacks.on_checkpoint:
             callbacks.on_checkpoint(ckpt_path, payload)
 
-    started = time.perf_counter()
-    for phase_index in range(state.phase_index, len(PHASES)):
+    def run_phase(phase_index: int) -> None:
         phase = PHASES[phase_index]
         pcfg = getattr(cfg, phase)
         tasks = _task_indices(data, pcfg.tasks, f"{phase}.tasks")
@@ -293,13 +296,39 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, data: TaskData | 
             checkpoint(optimizer)
             if callbacks.on_epoch:
                 callbacks.on_epoch(phase, epoch + 1, state.step, metrics)
-        if phase == "pretrain":
-            state.phase_index, state.epochs_done = phase_index + 1, 0
-            pre = summarise(evaluate(model, splits["test"], eval_tasks, data, device, cfg.eval.batch_size,
-                                     autocast, cfg.eval.ece_bins, cl), "pretrained/test")
-            state.history.append({"phase": "pretrained", "step": state.step,
-                                  **{k: v for k, v in pre.items() if "/mean_" in k}})
-            checkpoint(None)
+
+    def pretrain_from_cache(entry: Path) -> None:
+        cached = torch.load(entry, map_location="cpu", weights_only=True)
+        model.load_state_dict(cached["model"])
+        state.step, state.history = cached["step"], list(cached["history"])
+        _set_rng_state(cached["rng"], gen)
+        if callbacks.on_phase:
+            callbacks.on_phase("pretrain", cfg.pretrain.epochs, cfg.pretrain.epochs)
+        for entry_metrics in state.history:  # replayed, so every run reports the same epochs
+            if callbacks.on_epoch:
+                metrics = {k: v for k, v in entry_metrics.items() if k not in ("phase", "epoch", "step")}
+                callbacks.on_epoch("pretrain", entry_metrics["epoch"], entry_metrics["step"], metrics)
+
+    started = time.perf_counter()
+    if state.phase_index == 0:
+        if pretrain_cache is None:
+            run_phase(0)
+        else:
+            entry = entry_path(pretrain_cache, cfg)
+            with file_lock(entry):
+                if entry.exists() and state.epochs_done == 0:
+                    pretrain_from_cache(entry)
+                else:
+                    run_phase(0)
+                    _save_atomic({"model": _cpu_state(model), "step": state.step, "history": state.history,
+                                  "rng": _rng_state(gen)}, entry)
+        state.phase_index, state.epochs_done = 1, 0
+        pre = summarise(evaluate(model, splits["test"], eval_tasks, data, device, cfg.eval.batch_size,
+                                 autocast, cfg.eval.ece_bins, cl), "pretrained/test")
+        state.history.append({"phase": "pretrained", "step": state.step,
+                              **{k: v for k, v in pre.items() if "/mean_" in k}})
+        checkpoint(None)
+    run_phase(1)
 
     if state.best is not None:
         model.load_state_dict(state.best["model"])

@@ -127,3 +127,23 @@ def test_cuda_bf16_channels_last_multi_site(tmp_path):
     metrics = run_experiment(cfg, tmp_path)
     assert 0.0 <= metrics["test/mean_f1"] <= 1.0
     assert load_checkpoint(tmp_path / "checkpoint.pt")["model"]["mechanism.running_gain"].device.type == "cpu"
+
+
+def test_pretrain_cache_is_shared_by_runs_that_differ_after_pretraining(tmp_path):
+    cache = tmp_path / "cache"
+    base = tiny_config(pretrain={"epochs": 2})
+    plain = run_experiment(base, tmp_path / "plain")
+    first = run_experiment(base, tmp_path / "first", pretrain_cache=cache)
+    assert _test_metrics(first) == _test_metrics(plain)  # caching changes nothing
+    assert len(list(cache.glob("pretrained-*.pt"))) == 1
+    epochs, steps = [], []
+    other = tiny_config(pretrain={"epochs": 2}, finetune={"lr": {"controller": 0.05}})
+    cached = run_experiment(other, tmp_path / "second", pretrain_cache=cache, callbacks=Callbacks(
+        on_epoch=lambda phase, epoch, step, m: epochs.append((phase, epoch)),
+        on_step=lambda phase, i, n: steps.append(phase)))
+    assert "pretrain" not in steps, "a cached pretraining must not train again"
+    assert epochs == [("pretrain", 1), ("pretrain", 2), ("finetune", 1)]  # replayed for schedulers
+    reference = run_experiment(other, tmp_path / "reference")
+    assert _test_metrics(cached) == _test_metrics(reference)
+    run_experiment(tiny_config(seed=5, pretrain={"epochs": 2}), tmp_path / "third", pretrain_cache=cache)
+    assert len(list(cache.glob("pretrained-*.pt"))) == 2
