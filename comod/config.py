@@ -35,6 +35,9 @@ class DataConfig:
     test_limit: int | None = None
     val_fraction: float = 0.1
     """Share of the training set held out for model selection when the dataset has no validation split."""
+    split_seed: int = 0
+    """Seed of the validation split and of the subsets; apart from the training seed, so runs
+    over several seeds see the same data."""
     on_device: Literal["auto", "yes", "no"] = "auto"
     """Keep the uint8 images on the accelerator (auto: when it is a GPU)."""
 

@@ -10,7 +10,7 @@ def load_data(cfg) -> TaskData:
     from comod.data.registry import load_task_data
 
     d = cfg.data
-    return load_task_data(d.dataset, d.root, d.tasks, d.image_size, d.val_fraction, cfg.seed,
+    return load_task_data(d.dataset, d.root, d.tasks, d.image_size, d.val_fraction, d.split_seed,
                           train_limit=d.train_limit, test_limit=d.test_limit)
 
 

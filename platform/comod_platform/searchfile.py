@@ -24,7 +24,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from comod.config import ConfigError, ExperimentConfig, flatten, parse_config, read_yaml, set_path
+from comod.metrics import METRICS as _METRIC_NAMES
 from comod.schema import check, from_dict
+
+METRICS = tuple(f"val/mean_{m}" for m in _METRIC_NAMES)
 
 
 @dataclass
@@ -106,8 +109,8 @@ class SearchSettings:
     def validate(self, path: str):
         check(self.num_trials >= 1, f"{path}.num_trials", self.num_trials, "an integer >= 1")
         check(self.max_concurrent >= 1, f"{path}.max_concurrent", self.max_concurrent, "an integer >= 1")
-        check(self.metric.startswith(("val/", "test/", "finetune/", "pretrain/")), f"{path}.metric", self.metric,
-              "a metric such as val/mean_f1 (model selection must not use test/ metrics unless you mean it)")
+        check(self.metric in METRICS, f"{path}.metric", self.metric,
+              f"a validation metric reported every epoch: {', '.join(METRICS)} (never a test/ metric)")
 
 
 @dataclass

@@ -1,0 +1,50 @@
+"""Names shared by the search runner, tracking, export and compare.
+
+One MLflow experiment per search (named ``search/NAME``), one parent run for
+the search, one child run per trial (tag ``mlflow.parentRunId``). Params are
+the flattened experiment config (dotted paths, values as JSON text so they
+parse back to their types); metrics are logged per epoch with the global
+optimisation step, and the final metrics once at the end of a trial.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import yaml
+
+EXPERIMENT_PREFIX = "search/"
+
+TAG_SEARCH = "comod.search"
+TAG_ROLE = "comod.role"                # "search" (parent) or "trial" (child)
+TAG_TRIAL_ID = "comod.ray_trial_id"
+TAG_KIND = "comod.modulation_kind"
+TAG_STATE = "comod.state"              # running, completed, pruned, failed
+TAG_STOPPED_EPOCH = "comod.stopped_epoch"  # epochs reported when the trial ended (its rung if pruned)
+TAG_ERROR = "comod.error"
+TAG_PARENT = "mlflow.parentRunId"
+
+STATES = ("running", "completed", "pruned", "failed")
+
+FINAL_FLAG = "comod/final"
+"""Present (1) only in a trial's last report, which carries its final metrics."""
+STEP = "comod/step"
+EPOCH = "comod/epoch"
+WALL = "wall_seconds"
+
+
+def experiment_name(search: str) -> str:
+    return f"{EXPERIMENT_PREFIX}{search}"
+
+
+def param_text(value: Any) -> str:
+    """A config value as an MLflow param: strings as they are, the rest as JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def param_value(text: str) -> Any:
+    """Inverse of :func:`param_text` (YAML reads JSON and plain strings alike)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text

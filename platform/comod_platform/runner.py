@@ -1,0 +1,217 @@
+"""Run and resume searches: Ray Tune schedules, Optuna samples, MLflow records.
+
+``run_search`` creates the search's state (see :mod:`search_state`), the
+MLflow experiment and parent run, and an Optuna study in a real database
+under the search's unique name, then fits a Ray Tune ``Tuner`` with
+:class:`PruneAwareOptunaSearch` and ASHA on per-epoch reports.
+``resume_search`` restores the same Tuner: the Optuna study, the Ray
+experiment and the MLflow runs all continue, with no duplicated runs.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from comod.config import ConfigError
+from comod.data import load_data
+from comod.schema import to_dict
+from comod_platform.conventions import (FINAL_FLAG, TAG_ROLE, TAG_SEARCH, experiment_name, param_text)
+from comod_platform.search_state import SearchMeta, SearchPaths
+from comod_platform.searchfile import SearchFile, load_search, parse_search
+
+log = logging.getLogger(__name__)
+
+
+class SearchError(RuntimeError):
+    """A search cannot start or resume; the message says why and what to do."""
+
+
+def optuna_storage_url(paths: SearchPaths) -> str:
+    """The study's database: ``COMOD_OPTUNA_STORAGE`` (a team database), else SQLite in the search folder."""
+    return os.environ.get("COMOD_OPTUNA_STORAGE") or f"sqlite:///{paths.optuna_db}"
+
+
+def _max_reports(sf: SearchFile) -> int:
+    """Reports a trial can make: every epoch of both phases plus the final one (ASHA's max_t)."""
+    base = sf.base_config()
+    total = 1
+    for phase in ("pretrain", "finetune"):
+        path = f"{phase}.epochs"
+        values = [getattr(base, phase).epochs]
+        dist = sf.space.get(path)
+        if dist is not None:
+            values += [int(v) for v in dist.values_to_check()]
+        total += max(values)
+    return total
+
+
+def _scheduler(sf: SearchFile):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    s = sf.search.scheduler
+    if s.type == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="training_iteration", max_t=_max_reports(sf), grace_period=s.grace_period,
+                         reduction_factor=s.reduction_factor)
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise SearchError(f"cannot reach the Ray cluster at {address}: {err}; check the address "
+                          f"(ray status on the head node), or leave --address out to run locally") from None
+
+
+def _trainable(sf: SearchFile, paths: SearchPaths):
+    from ray import tune
+
+    from comod_platform.trainable import data_key, pack, run_trial
+
+    base = sf.base_config()
+    data = pack(load_data(base))  # once, in the driver; trials get it from the object store
+    fn = tune.with_parameters(run_trial, search=sf, search_name=paths.name, home=str(paths.root.parent.parent),
+                              data=data, shared_key=data_key(base))
+    r = sf.search.resources
+    return tune.with_resources(fn, {"cpu": r.cpu, "gpu": r.gpu})
+
+
+def _callbacks(sf: SearchFile, paths: SearchPaths, meta: SearchMeta):
+    from comod_platform.tune_callbacks import MlflowTrialCallback, ProgressCallback
+
+    return [MlflowTrialCallback(sf, paths.name, meta.tracking_uri, meta.experiment_id, meta.parent_run_id,
+                                str(paths.trials)),
+            ProgressCallback(sf.search.metric, sf.search.mode, sf.search.num_trials)]
+
+
+def _start_tracking(sf: SearchFile, name: str) -> tuple[str, str, str]:
+    from mlflow.tracking import MlflowClient
+
+    from comod_platform.tracking import setup, tracking_uri
+
+    experiment_id = setup(experiment_name(name))
+    uri = tracking_uri()
+    client = MlflowClient(tracking_uri=uri)
+    parent = client.create_run(experiment_id, run_name=name, tags={TAG_SEARCH: name, TAG_ROLE: "search"})
+    settings = {}
+    for key, value in _flat(to_dict(sf.search), "search.").items():
+        settings[key] = param_text(value)
+    for key, dist in sf.space.items():
+        settings[f"space.{key}"] = param_text(to_dict(dist))
+    from mlflow.entities import Param
+
+    params = [Param(k, v[:6000]) for k, v in settings.items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(parent.info.run_id, params=params[i:i + 100])
+    return uri, experiment_id, parent.info.run_id
+
+
+def _flat(raw: dict, prefix: str) -> dict:
+    out = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def run_search(search_path: str | Path, name: str | None = None, address: str | None = None) -> dict:
+    """Start a new search from a search file; returns its summary."""
+    sf = load_search(search_path)
+    name = name or f"{sf.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    paths = SearchPaths(name)
+    if paths.exists():
+        raise SearchError(f"a search named {name!r} exists already ({paths.root}); continue it with "
+                          f"`comod search resume {name}`, or choose another --name")
+    paths.root.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(search_path) if Path(search_path).is_file() else Path("search_spaces") /
+                    f"{search_path}.yaml", paths.search_file)
+    uri, experiment_id, parent_run_id = _start_tracking(sf, name)
+    meta = SearchMeta(name=name, study_name=name, optuna_storage=optuna_storage_url(paths), tracking_uri=uri,
+                      experiment_id=experiment_id, parent_run_id=parent_run_id,
+                      ray_storage=str(paths.ray_storage), created=time.time())
+    paths.write_meta(meta)
+    return _fit(sf, paths, meta, address, restore=False)
+
+
+def resume_search(name: str, address: str | None = None) -> dict:
+    """Continue an interrupted search where it stopped."""
+    paths = SearchPaths(name)
+    meta = paths.read_meta()
+    sf = parse_search(yaml.safe_load(paths.search_file.read_text()), name)
+    return _fit(sf, paths, meta, address, restore=True)
+
+
+def _fit(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, address: str | None, restore: bool) -> dict:
+    import optuna
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    from comod_platform.searcher import PruneAwareOptunaSearch, create_sampler
+
+    _init_ray(address)
+    trainable = _trainable(sf, paths)
+    experiment_path = Path(meta.ray_storage) / meta.name
+    client = MlflowClient(tracking_uri=meta.tracking_uri)
+    client.update_run(meta.parent_run_id, status="RUNNING")
+    if restore and tune.Tuner.can_restore(str(experiment_path)):
+        tuner = tune.Tuner.restore(str(experiment_path), trainable, resume_unfinished=True, resume_errored=False,
+                                   restart_errored=False)
+    else:
+        s = sf.search
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        searcher = PruneAwareOptunaSearch(
+            space=sf.suggest, metric=s.metric, mode=s.mode, sampler=create_sampler(s.sampler, s.seed),
+            study_name=meta.study_name, storage=optuna.storages.RDBStorage(meta.optuna_storage))
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(sf), num_samples=s.num_trials,
+                                        max_concurrent_trials=s.max_concurrent, metric=s.metric, mode=s.mode,
+                                        reuse_actors=True),
+            run_config=tune.RunConfig(name=meta.name, storage_path=meta.ray_storage, verbose=0,
+                                      callbacks=_callbacks(sf, paths, meta),
+                                      failure_config=tune.FailureConfig(max_failures=0)))
+    status = "FAILED"
+    try:
+        grid = tuner.fit()
+        status = "FINISHED"
+    finally:
+        client.set_terminated(meta.parent_run_id, status=status if status == "FINISHED" else "KILLED")
+    return summarise_grid(grid, sf)
+
+
+def summarise_grid(grid, sf: SearchFile) -> dict:
+    completed = pruned = failed = 0
+    best = None
+    for result in grid:
+        if result.error is not None:
+            failed += 1
+            continue
+        metrics = result.metrics or {}
+        if metrics.get(FINAL_FLAG):
+            completed += 1
+            value = metrics.get(sf.search.metric)
+            better = best is None or (value > best[0] if sf.search.mode == "max" else value < best[0])
+            if value is not None and better:
+                best = (value, metrics.get("trial_id"))
+        else:
+            pruned += 1
+    return {"trials": len(grid), "completed": completed, "pruned": pruned, "failed": failed,
+            "best": {"value": best[0], "trial_id": best[1]} if best else None, "metric": sf.search.metric}
+
+
+__all__ = ["SearchError", "run_search", "resume_search", "ConfigError"]

@@ -1,0 +1,205 @@
+"""`comod search run|resume|status` end to end: a real local Ray, a real Optuna
+study in SQLite, a real `mlflow server` on 127.0.0.1 started by the test."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from comod.config import flatten, load_config
+from comod_platform.conventions import (TAG_KIND, TAG_PARENT, TAG_ROLE, TAG_SEARCH, TAG_STATE, TAG_TRIAL_ID,
+                                        param_value)
+from servers import MlflowServer, kill_processes_mentioning
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = yaml.safe_load((REPO / "search_spaces" / "tiny.yaml").read_text())
+
+
+@pytest.fixture
+def ray_tmp():
+    """A private Ray temp dir (short: Ray's socket paths are length-limited);
+    every Ray process started under it is killed afterwards."""
+    path = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    yield path
+    kill_processes_mentioning(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _env(home: Path, ray_tmp: str, tracking_uri: str | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env.update(COMOD_HOME=str(home), COMOD_DOWNLOAD="0", RAY_TMPDIR=ray_tmp, PYTHONUNBUFFERED="1")
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    return env
+
+
+def _comod(args, env, timeout=900, **kwargs):
+    return subprocess.run([sys.executable, "-m", "comod_platform.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO, **kwargs)
+
+
+def _write_search(tmp_path: Path, name: str, **changes) -> Path:
+    raw = json.loads(json.dumps(TINY))
+    for section, value in changes.items():
+        if isinstance(value, dict) and isinstance(raw.get(section), dict):
+            raw[section].update(value)
+        else:
+            raw[section] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def _children(client: MlflowClient, search: str):
+    exp = client.get_experiment_by_name(f"search/{search}")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get(TAG_ROLE) == "search"]
+    return parents, [r for r in runs if r.data.tags.get(TAG_ROLE) == "trial"]
+
+
+def _study(home: Path, search: str):
+    meta = json.loads((home / "searches" / search / "meta.json").read_text())
+    return optuna.load_study(study_name=meta["study_name"], storage=meta["optuna_storage"])
+
+
+def test_search_end_to_end_with_an_mlflow_server(tmp_path, ray_tmp):
+    server = MlflowServer(tmp_path / "mlflow").start()
+    try:
+        home = tmp_path / "runs"
+        path = _write_search(tmp_path, "e2e", search={**TINY["search"], "num_trials": 4})
+        done = _comod(["search", "run", str(path), "--name", "e2e"], _env(home, ray_tmp, server.uri))
+        assert done.returncode == 0, done.stderr[-3000:]
+        summary = json.loads(done.stdout[done.stdout.index("{"):])
+        assert summary["trials"] == 4 and summary["completed"] + summary["pruned"] == 4
+        assert "[search]" in done.stderr and "best val/mean_f1" in done.stderr
+
+        client = MlflowClient(server.uri)
+        parents, children = _children(client, "e2e")
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+        assert parents[0].data.params["search.metric"] == "val/mean_f1"
+        assert len(children) == 4
+        assert len({c.data.tags[TAG_TRIAL_ID] for c in children}) == 4
+        states = {"completed": 0, "pruned": 0}
+        for child in children:
+            tags = child.data.tags
+            assert tags[TAG_PARENT] == parents[0].info.run_id and tags[TAG_SEARCH] == "e2e"
+            states[tags[TAG_STATE]] += 1
+            trial_dir = home / "searches" / "e2e" / "trials" / tags[TAG_TRIAL_ID]
+            cfg = load_config(trial_dir / "config.yaml")
+            assert tags[TAG_KIND] == cfg.modulation.kind
+            params = {k: param_value(v) for k, v in child.data.params.items()}
+            assert params == flatten(cfg)
+            history = client.get_metric_history(child.info.run_id, "pretrain/train_loss")
+            assert [m.step for m in history] == sorted({m.step for m in history}) and len(history) == 2
+            artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+            if tags[TAG_STATE] == "completed":
+                assert child.info.status == "FINISHED"
+                assert {"config.yaml", "metrics.json"} <= artifacts
+                final = json.loads((trial_dir / "metrics.json").read_text())
+                assert child.data.metrics["test/mean_f1"] == pytest.approx(final["test/mean_f1"])
+                assert len(client.get_metric_history(child.info.run_id, "val/mean_f1")) == 1
+            else:
+                assert child.info.status == "KILLED"
+        study = _study(home, "e2e")
+        counted = {s: sum(t.state == s for t in study.trials) for s in optuna.trial.TrialState}
+        assert len(study.trials) == 4
+        assert counted[optuna.trial.TrialState.COMPLETE] == states["completed"]
+        assert counted[optuna.trial.TrialState.PRUNED] == states["pruned"]
+        for trial in study.trials:
+            assert ("modulation.noise_scale" in trial.params) == (trial.params["modulation.kind"] == "stochastic")
+
+        status = _comod(["search", "status", "e2e"], _env(home, ray_tmp, server.uri))
+        assert status.returncode == 0, status.stderr
+        assert "4 trials of 4" in status.stdout and "modulation.kind" in status.stdout
+    finally:
+        server.stop()
+
+
+def test_a_trial_that_raises_is_recorded_failed_and_the_search_goes_on(tmp_path, ray_tmp):
+    home = tmp_path / "runs"
+    space = {"finetune.tasks": {"type": "categorical", "choices": [["pattern_0"], ["no_such_task"]]}}
+    path = _write_search(tmp_path, "fails", space=space,
+                         search={**TINY["search"], "num_trials": 6, "scheduler": {"type": "fifo"}})
+    done = _comod(["search", "run", str(path), "--name", "fails"], _env(home, ray_tmp))
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout[done.stdout.index("{"):])
+    assert summary["failed"] >= 1 and summary["completed"] >= 1
+    assert summary["failed"] + summary["completed"] == 6
+    _, children = _children(MlflowClient(f"sqlite:///{home / 'mlflow.db'}"), "fails")
+    failed = [c for c in children if c.data.tags[TAG_STATE] == "failed"]
+    assert len(failed) == summary["failed"] and len(children) == 6
+    for child in failed:
+        assert child.info.status == "FAILED"
+        assert "no_such_task" in child.data.tags["comod.error"]
+    study = _study(home, "fails")
+    assert sum(t.state == optuna.trial.TrialState.FAIL for t in study.trials) == summary["failed"]
+
+
+def test_killed_driver_resumes_to_completion_without_duplicates(tmp_path, ray_tmp):
+    home = tmp_path / "runs"
+    experiment = {**TINY["experiment"], "pretrain": {"epochs": 2, "steps_per_epoch": 12, "batch_size": 16}}
+    path = _write_search(tmp_path, "killed", experiment=experiment,
+                         search={**TINY["search"], "num_trials": 4, "scheduler": {"type": "fifo"}})
+    env = _env(home, ray_tmp)
+    driver = subprocess.Popen([sys.executable, "-m", "comod_platform.cli", "search", "run", str(path), "--name",
+                               "killed"], env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    trials = home / "searches" / "killed" / "trials"
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and not list(trials.glob("*/metrics.json")):
+            assert driver.poll() is None, "the search ended before it could be interrupted"
+            time.sleep(0.5)
+        assert list(trials.glob("*/metrics.json")), "no trial finished in time"
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and everything in its session
+        driver.wait(30)
+        kill_processes_mentioning(ray_tmp)  # the local Ray instance went down with its machine
+    finished_before = len(list(trials.glob("*/metrics.json")))
+    assert finished_before < 4
+
+    done = _comod(["search", "resume", "killed"], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout[done.stdout.index("{"):])
+    assert summary["trials"] == 4 and summary["completed"] == 4
+
+    _, children = _children(MlflowClient(f"sqlite:///{home / 'mlflow.db'}"), "killed")
+    ids = [c.data.tags[TAG_TRIAL_ID] for c in children]
+    assert len(ids) == 4 == len(set(ids)), ids  # re-attached, not duplicated
+    for child in children:
+        assert child.info.status == "FINISHED"
+        client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "pretrain/train_loss")]
+        assert len(steps) == len(set(steps)) == 2, steps
+    study = _study(home, "killed")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 4
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+
+
+def test_bad_search_inputs(tmp_path, ray_tmp):
+    env = _env(tmp_path / "runs", ray_tmp)
+    broken = _write_search(tmp_path, "broken", space={"modulation.noise_scale": {"type": "float", "low": 2,
+                                                                                 "high": 1}})
+    done = _comod(["search", "run", str(broken)], env)
+    assert done.returncode == 2 and "space.modulation.noise_scale" in done.stderr and "low <= high" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "runs" / "searches").exists()  # nothing started
+
+    missing = _comod(["search", "run", "no_such_search"], env)
+    assert missing.returncode == 2 and "no such search file" in missing.stderr and "tiny" in missing.stderr
+
+    unknown = _comod(["search", "resume", "nobody"], env)
+    assert unknown.returncode == 1 and "no search named 'nobody'" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
