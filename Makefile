@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine (Debian, Python 3.11, root or sudo for apt):
-#   make quickstart   set up, then train the quickstart experiment on Fashion-MNIST
+#   make quickstart   set up, then run the quickstart search on Fashion-MNIST
 #   make test         set up, then run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -24,7 +24,7 @@ data:
 	    $$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist; }
 
 quickstart: setup
-	$(BIN)/comod train configs/quickstart.yaml
+	$(BIN)/comod search run search_spaces/quickstart.yaml --name quickstart-$$(date +%Y%m%d-%H%M%S)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -261,7 +261,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, data: TaskData | 
         payload = {"format": FORMAT, "config": cfg_dict, "phase_index": state.phase_index,
                    "epochs_done": state.epochs_done, "step": state.step, "model": _cpu_state(model),
                    "optimizer": optimizer.state_dict() if optimizer is not None else None,
-                   "rng": _rng_state(gen), "history": state.history, "best": state.best, "metrics": metrics}
+                   "rng": _rng_state(gen), "history": state.history, "best": state.best, "metrics": metrics,
+                   "task_names": data.task_names}
         _save_atomic(payload, ckpt_path)
         if callbacks.on_checkpoint:
             callbacks.on_checkpoint(ckpt_path, payload)

@@ -10,24 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-EXIT_USAGE = 2
-EXIT_FAILED = 1
+from comod_platform.errors import EXIT_FAILED, EXIT_USAGE, UserError  # noqa: F401 - re-exported
 
 
-class UserError(Exception):
-    """A problem the user can fix; printed as one line, exit status ``code``."""
-
-    def __init__(self, message: str, code: int = EXIT_USAGE):
-        super().__init__(message)
-        self.code = code
-
-
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, dict]:
     parser = argparse.ArgumentParser(prog="comod", description="Task adaptation by stochastic comodulation.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -43,13 +33,17 @@ def _parser() -> argparse.ArgumentParser:
 
     ui = sub.add_parser("ui", help="serve the MLflow UI of the runs folder on 127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
-    return parser
+    from comod_platform.cli_search import add_commands
+
+    handlers = {"train": cmd_train, "ui": cmd_ui, **add_commands(sub)}
+    return parser, handlers
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser, handlers = _parser()
+    args = parser.parse_args(argv)
     try:
-        return {"train": cmd_train, "ui": cmd_ui}[args.command](args)
+        return handlers[args.command](args)
     except UserError as err:
         print(f"comod: error: {err}", file=sys.stderr)
         return err.code
@@ -60,43 +54,74 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_train(args) -> int:
-    from comod.config import ConfigError, load_config
-    from comod.data.taskdata import DatasetNotFoundError
-    from comod.train import TrainingError, run_experiment
-    from comod_platform.paths import default_train_dir
-    from comod_platform.progress import ProgressCallbacks
-    from comod_platform.tracking import RunLogger, TrackingError
+    from comod.config import ConfigError, config_to_dict, flatten, load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         raise UserError(str(err)) from None
+    # imported once the config is good: a config error need not wait for MLflow's import
+    from comod.data import load_data
+    from comod.data.taskdata import DatasetNotFoundError
+    from comod.train import CHECKPOINT, TrainingError, _task_indices, load_checkpoint, run_experiment
+    from comod_platform.paths import default_train_dir
+    from comod_platform.progress import ProgressCallbacks
+    from comod_platform.tracking import RUN_FILE, RunLogger, TrackingError, check_reachable, tracking_uri
+
     out = args.out or default_train_dir(cfg.name)
-    if args.restart and out.exists():
-        shutil.rmtree(out)
+    saved = None
+    if args.restart:
+        # only what a run writes: --out may be a folder that holds other files
+        for name in (CHECKPOINT, CHECKPOINT + ".tmp", "config.yaml", "metrics.json", RUN_FILE):
+            (out / name).unlink(missing_ok=True)
+    elif (out / CHECKPOINT).exists():
+        # checked before the MLflow run is touched, so a mismatch changes nothing recorded
+        saved = load_checkpoint(out / CHECKPOINT)
+        before, now = flatten(saved["config"]), flatten(config_to_dict(cfg))
+        diff = next((k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)), None)
+        if diff is not None:
+            raise UserError(f"{out} holds a run of another config ({diff}: {before.get(diff)!r} there, "
+                            f"{now.get(diff)!r} now); pass --restart to discard it and start over, "
+                            f"or choose another --out")
+    finished = saved is not None and saved.get("metrics") is not None
+    data = None
     try:
+        check_reachable(tracking_uri())
+        if not finished:  # bad data or task names fail here, before an MLflow run exists
+            data = load_data(cfg)
+            for phase in ("pretrain", "finetune"):
+                _task_indices(data, getattr(cfg, phase).tasks, f"{phase}.tasks")
         logger = RunLogger(cfg, out, experiment=args.experiment)
     except TrackingError as err:
         raise UserError(str(err), EXIT_FAILED) from None
-    callbacks = ProgressCallbacks(logger, enabled=not args.no_progress)
-    status = "FAILED"
-    try:
-        metrics = run_experiment(cfg, out, callbacks=callbacks)
-        status = "FINISHED"
     except DatasetNotFoundError as err:
         raise UserError(str(err), EXIT_FAILED) from None
-    except (TrainingError, ValueError, FileNotFoundError) as err:
-        raise UserError(str(err), EXIT_FAILED) from None
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        callbacks.close()
-        if status != "FINISHED":
-            logger.finish(status)
-    logger.log_metrics(metrics, step=int(metrics.get("steps", 0)))
-    logger.log_artifacts([out / "config.yaml", out / "metrics.json", out / "checkpoint.pt"])
-    logger.finish("FINISHED")
+    except TrainingError as err:
+        raise UserError(str(err)) from None
+    if finished and logger.previous_status == "FINISHED":
+        metrics = saved["metrics"]  # nothing to run or log again
+    else:
+        if saved is not None:
+            logger.backfill(saved["history"])
+        callbacks = ProgressCallbacks(logger, enabled=not args.no_progress)
+        status = "FAILED"
+        try:
+            metrics = run_experiment(cfg, out, data=data, callbacks=callbacks)
+            status = "FINISHED"
+        except DatasetNotFoundError as err:
+            raise UserError(str(err), EXIT_FAILED) from None
+        except (TrainingError, ValueError, FileNotFoundError) as err:
+            raise UserError(str(err), EXIT_FAILED) from None
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            callbacks.close()
+            if status != "FINISHED":
+                logger.finish(status)
+        logger.log_metrics(metrics, step=int(metrics.get("steps", 0)), skip_logged=logger.resumed)
+        logger.log_artifacts([out / "config.yaml", out / "metrics.json", out / "checkpoint.pt"])
+        logger.finish("FINISHED")
     summary = {k: round(v, 4) for k, v in metrics.items() if k.startswith("test/mean_")}
     print(json.dumps(summary, indent=2))
     print(f"outputs in {out}; MLflow run {logger.run_id} (browse with: comod ui)")
@@ -111,8 +136,9 @@ def cmd_ui(args) -> int:
     if uri.startswith(("http://", "https://")):
         print(f"MLFLOW_TRACKING_URI points at a server; its UI is {uri}")
         return 0
+    # one worker: a local single-user UI (MLflow's default of 4 takes a minute to start on 2 cores)
     command = [sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(args.port),
-               "--backend-store-uri", uri]
+               "--workers", "1", "--backend-store-uri", uri]
     root = artifact_root()
     if root:
         command += ["--default-artifact-root", root]

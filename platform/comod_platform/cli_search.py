@@ -44,11 +44,12 @@ def add_commands(sub) -> dict:
 def _user_errors():
     from comod.config import ConfigError
     from comod.data.taskdata import DatasetNotFoundError
+    from comod_platform.results import ResultsError
     from comod_platform.runner import SearchError
     from comod_platform.search_state import SearchNotFound
     from comod_platform.tracking import TrackingError
 
-    return ConfigError, DatasetNotFoundError, SearchError, SearchNotFound, TrackingError
+    return ConfigError, DatasetNotFoundError, SearchError, SearchNotFound, TrackingError, ResultsError
 
 
 def cmd_search(args) -> int:
@@ -83,32 +84,21 @@ def cmd_search(args) -> int:
 
 
 def _status(name: str) -> int:
-    from comod_platform.results import load_trials
-    from comod_platform.search_state import SearchPaths
-    from comod_platform.searchfile import parse_search
-    import yaml
+    from comod_platform.results import load_results
 
-    paths = SearchPaths(name)
-    paths.read_meta()
-    sf = parse_search(yaml.safe_load(paths.search_file.read_text()), name)
-    metric = sf.search.metric
-    rows = load_trials(name)
-    searched = list(sf.space)
-    header = ["trial", "state", "epochs", metric] + searched
+    results = load_results(name)
+    metric, searched = results.metric, list(results.search.space)
+    header = ["trial", "state", "epochs", metric, f"best {metric}"] + searched
     table = [header]
-    for t in rows:
-        value = t.metrics.get(metric)
-        table.append([t.trial_id, t.state, str(t.epochs),
-                      f"{value:.4f}" if value is not None else "-"] +
-                     [_short(t.config_flat.get(p)) for p in searched])
+    for t in results.trials:
+        final, best = t.value(metric), t.best
+        table.append([t.trial_id, t.state, str(t.epochs), f"{final:.4f}" if final is not None else "-",
+                      f"{best:.4f}" if best is not None else "-"] + [_short(t.flat.get(p)) for p in searched])
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
-    counts = {}
-    for t in rows:
-        counts[t.state] = counts.get(t.state, 0) + 1
-    print(f"{len(rows)} trials of {sf.search.num_trials}: " +
-          ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    counts = ", ".join(f"{n} {state}" for state, n in results.counts().items() if n)
+    print(f"{len(results.trials)} trials of {results.search.search.num_trials}: {counts or 'none yet'}")
     return 0
 
 
@@ -126,13 +116,14 @@ def cmd_export(args) -> int:
 
     try:
         if args.export_command == "trials":
-            path = export_trials(args.name, args.out)
-        else:
-            path = export_best(args.name, args.out, top_k=args.top_k, reeval_seeds=args.seeds,
-                               overrides=args.overrides)
+            print(f"wrote {export_trials(args.name, args.out)}")
+            return 0
+        chosen = export_best(args.name, args.out, top_k=args.top_k, reeval_seeds=args.seeds,
+                             overrides=args.overrides, progress=lambda line: print(line, file=sys.stderr))
     except (ExportError, *_user_errors()) as err:
         raise UserError(str(err), EXIT_FAILED) from None
-    print(f"wrote {path}")
+    print(f"wrote {chosen['path']}: trial {chosen['trial_id']} ({chosen['metric']}={chosen['value']:.4f}); "
+          f"run it with: comod train {chosen['path']}")
     return 0
 
 
@@ -140,11 +131,14 @@ def cmd_compare(args) -> int:
     from comod_platform.errors import EXIT_FAILED, UserError
     from comod_platform.compare import compare
 
+    from comod_platform.compare import CompareError
+
     try:
         result = compare(args.name, metric=args.metric, out_dir=args.out)
-    except _user_errors() as err:
+    except (CompareError, *_user_errors()) as err:
         raise UserError(str(err), EXIT_FAILED) from None
-    report = result.get("report")
+    report = next((f for f in result.get("files", []) if f.endswith(".md")), None)
     if report:
         print(Path(report).read_text())
+        print(f"written: {', '.join(result['files'])}", file=sys.stderr)
     return 0

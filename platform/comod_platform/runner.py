@@ -175,7 +175,7 @@ def _fit(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, address: str | No
         s = sf.search
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         searcher = PruneAwareOptunaSearch(
-            space=sf.suggest, metric=s.metric, mode=s.mode, sampler=create_sampler(s.sampler, s.seed),
+            space=sf.suggest, metric=s.metric, mode=s.mode, sampler=create_sampler(sf),
             study_name=meta.study_name, storage=optuna.storages.RDBStorage(meta.optuna_storage))
         tuner = tune.Tuner(
             trainable,

@@ -15,22 +15,55 @@ from ray.tune.search.optuna import OptunaSearch
 from comod_platform.conventions import FINAL_FLAG
 
 SAMPLERS = {
-    "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed),
-    "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
-    "cmaes": lambda seed: optuna.samplers.CmaEsSampler(seed=seed),
-    "qmc": lambda seed: optuna.samplers.QMCSampler(seed=seed),
+    "tpe": lambda seed, grid: optuna.samplers.TPESampler(seed=seed),
+    "random": lambda seed, grid: optuna.samplers.RandomSampler(seed=seed),
+    "cmaes": lambda seed, grid: optuna.samplers.CmaEsSampler(seed=seed),
+    "qmc": lambda seed, grid: optuna.samplers.QMCSampler(seed=seed),
+    "grid": lambda seed, grid: optuna.samplers.GridSampler(grid, seed=seed),
 }
 
 
-def create_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    return SAMPLERS[name](seed)
+def create_sampler(search_file) -> optuna.samplers.BaseSampler:
+    """The search's Optuna sampler (``grid`` enumerates every choice of the space)."""
+    s = search_file.search
+    if s.sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {s.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    grid = search_file.grid() if s.sampler == "grid" else None
+    return SAMPLERS[s.sampler](s.seed, grid)
 
 
 class PruneAwareOptunaSearch(OptunaSearch):
+    """Also safe across a driver lost mid-search: after a restore, a trial that
+    Optuna already closed (it finished after the last snapshot) is left closed,
+    and study trials asked after that snapshot, which no Ray trial will ever
+    finish, are closed as failed instead of staying RUNNING forever."""
+
+    def _closed_in_storage(self, trial_id: str) -> bool:
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None:
+            return False
+        if self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
+            self._completed_trials.add(trial_id)
+            return True
+        return False
+
+    def on_trial_result(self, trial_id: str, result: dict):
+        if trial_id in self._completed_trials or self._closed_in_storage(trial_id):
+            return
+        super().on_trial_result(trial_id, result)
+
+    def restore(self, checkpoint_path: str):
+        super().restore(checkpoint_path)
+        known = {t._trial_id for t in self._ot_trials.values()}
+        for frozen in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if frozen._trial_id not in known:
+                self._ot_study._storage.set_trial_user_attr(frozen._trial_id, "comod.closed",
+                                                            "asked before the driver was lost; never run")
+                self._ot_study.tell(frozen.number, state=TrialState.FAIL)
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials \
+                or self._closed_in_storage(trial_id):
             return
         if error or not result or not result.get(FINAL_FLAG):
             state = TrialState.FAIL if error else TrialState.PRUNED

@@ -100,7 +100,8 @@ class SearchSettings:
     metric: str = "val/mean_f1"
     mode: Literal["max", "min"] = "max"
     num_trials: int = 8
-    sampler: Literal["tpe", "random", "cmaes", "qmc"] = "tpe"
+    sampler: Literal["tpe", "random", "cmaes", "qmc", "grid"] = "tpe"
+    """grid runs every combination of the space's choices (no float ranges, no conditions)."""
     scheduler: Scheduler = field(default_factory=Scheduler)
     resources: Resources = field(default_factory=Resources)
     max_concurrent: int = 2
@@ -130,6 +131,22 @@ class SearchFile:
         for path, value in flat.items():
             set_path(raw, path, value)
         return parse_config(raw, "trial")
+
+    def grid(self) -> dict[str, list]:
+        """Optuna's grid: every choice (as Optuna labels) per searched path."""
+        grid = {}
+        for path, dist in self.space.items():
+            if dist.type == "categorical":
+                grid[path] = [encode_choice(c) for c in dist.choices]
+            else:
+                grid[path] = list(range(int(dist.low), int(dist.high) + 1, int(dist.step or 1)))
+        return grid
+
+    def grid_size(self) -> int:
+        size = 1
+        for values in self.grid().values():
+            size *= len(values)
+        return size
 
     def suggest(self, trial) -> dict[str, Any]:
         """Optuna define-by-run: suggest every active path, return ``{path: value}``."""
@@ -192,7 +209,15 @@ def parse_search(raw: Any, name: str) -> SearchFile:
                 raise ConfigError(f"{where}.when: {key} is searched after {path}; list it first in space")
         space[path] = dist
     search = from_dict(SearchSettings, raw.get("search") or {}, "search")
+    if search.sampler == "grid":
+        for path, dist in space.items():
+            check(dist.type != "float", f"space.{path}.type", dist.type,
+                  "int or categorical with search.sampler: grid (a float range has no grid)")
+            check(not dist.when, f"space.{path}.when", dist.when, "no conditions with search.sampler: grid")
     sf = SearchFile(name=name, experiment=experiment, space=space, search=search)
+    if search.sampler == "grid":
+        check(search.num_trials == sf.grid_size(), "search.num_trials", search.num_trials,
+              f"{sf.grid_size()}, the number of points of the grid")
     for path, dist in space.items():
         for value in dist.values_to_check():
             try:

@@ -32,18 +32,25 @@ def _quiet():
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def embedded_uri() -> str:
+    return f"sqlite:///{runs_home() / 'mlflow.db'}"
+
+
 def tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    home = runs_home()
-    home.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{home / 'mlflow.db'}"
+    runs_home().mkdir(parents=True, exist_ok=True)
+    return embedded_uri()
 
 
 def artifact_root() -> str | None:
-    """Local artifact folder for the embedded store; a server chooses its own."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
+    """Local artifact folder for the embedded store; a server chooses its own.
+
+    ``mlflow.set_tracking_uri`` exports ``MLFLOW_TRACKING_URI``, so the
+    embedded store is recognised by its URI, not by the variable being unset."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri and uri != embedded_uri():
         return None
     return (runs_home() / "artifacts").as_uri()
 
@@ -69,11 +76,12 @@ def setup(experiment: str):
 
     uri = tracking_uri()
     check_reachable(uri)
+    root = artifact_root()  # before set_tracking_uri, which exports MLFLOW_TRACKING_URI
     mlflow.set_tracking_uri(uri)
     found = mlflow.get_experiment_by_name(experiment)
     if found is not None:
         return found.experiment_id
-    return mlflow.create_experiment(experiment, artifact_location=artifact_root())
+    return mlflow.create_experiment(experiment, artifact_location=root)
 
 
 def params_of(cfg: ExperimentConfig) -> dict[str, str]:
@@ -86,6 +94,7 @@ class RunLogger:
     def __init__(self, cfg: ExperimentConfig, out_dir: Path, experiment: str = "comod-train",
                  tags: dict[str, str] | None = None, parent_run_id: str | None = None):
         import mlflow
+        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         self.experiment_id = setup(experiment)
@@ -93,17 +102,25 @@ class RunLogger:
         self.out_dir = Path(out_dir)
         run_file = self.out_dir / RUN_FILE
         run_id = None
+        self.previous_status: str | None = None
+        """Status of the re-attached run before this process (None: a new run)."""
         if run_file.exists():
             previous = json.loads(run_file.read_text())
             if previous.get("tracking_uri") == mlflow.get_tracking_uri():
-                run_id = previous["run_id"]
+                try:
+                    found = self.client.get_run(previous["run_id"])
+                except MlflowException:  # deleted from the store: start a new one
+                    found = None
+                if found is not None and found.info.lifecycle_stage == "active":
+                    run_id, self.previous_status = found.info.run_id, found.info.status
         all_tags = {"comod.modulation_kind": cfg.modulation.kind, "comod.dataset": cfg.data.dataset,
                     **(tags or {})}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         if run_id is not None:
             self.run_id = run_id
-            self.client.update_run(run_id, status="RUNNING")
+            if self.previous_status != "FINISHED":
+                self.client.update_run(run_id, status="RUNNING")
         else:
             run = self.client.create_run(self.experiment_id, run_name=cfg.name, tags=all_tags)
             self.run_id = run.info.run_id
@@ -115,11 +132,40 @@ class RunLogger:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             run_file.write_text(json.dumps({"tracking_uri": mlflow.get_tracking_uri(), "run_id": self.run_id}))
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    @property
+    def resumed(self) -> bool:
+        return self.previous_status is not None
+
+    def logged_steps(self) -> dict[str, set[int]]:
+        """Metric name -> the steps the run already holds."""
+        names = self.client.get_run(self.run_id).data.metrics
+        return {k: {m.step for m in self.client.get_metric_history(self.run_id, k)} for k in names}
+
+    def log_metrics(self, metrics: dict[str, float], step: int, skip_logged: bool = False) -> None:
+        """Log ``metrics`` at ``step``; with ``skip_logged`` (a resumed run),
+        leave out the names the run already holds at that step."""
         from mlflow.entities import Metric
 
+        if skip_logged:
+            done = self.logged_steps()
+            metrics = {k: v for k, v in metrics.items() if step not in done.get(k, ())}
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
+
+    def backfill(self, history: list[dict]) -> None:
+        """Log the epochs of a checkpoint's ``history`` that the run lacks: a
+        run stopped between an epoch's checkpoint and its logging resumes
+        after that epoch, which would otherwise never be logged."""
+        from mlflow.entities import Metric
+
+        done = self.logged_steps()
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, entry["step"])
+                 for entry in history if entry.get("phase") in ("pretrain", "finetune")
+                 for k, v in entry.items() if k not in ("phase", "epoch", "step")
+                 and entry["step"] not in done.get(k, ())]
         for i in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
 

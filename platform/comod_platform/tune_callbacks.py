@@ -26,9 +26,14 @@ SKIP = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "
         "time_since_restore", "pid", "done"}
 
 
+OWN_PLAIN = {"wall_seconds", "steps"}
+"""Our final metrics without a slash (Ray's own result keys have none either)."""
+
+
 def numeric_metrics(result: dict) -> dict[str, float]:
     return {k: float(v) for k, v in result.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in SKIP and "/" in k}
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in SKIP
+            and ("/" in k or k in OWN_PLAIN)}
 
 
 class _Writer:
@@ -62,16 +67,19 @@ class _Writer:
 
 class MlflowTrialCallback(Callback):
     def __init__(self, search, search_name: str, tracking_uri: str, experiment_id: str, parent_run_id: str,
-                 trials_root: str):
+                 trials_root: str, keep_checkpoints: int = 3):
         self.search, self.search_name = search, search_name
         self.tracking_uri, self.experiment_id, self.parent_run_id = tracking_uri, experiment_id, parent_run_id
         self.trials_root = trials_root
+        self.metric, self.mode = search.search.metric, search.search.mode
+        self.keep_checkpoints = keep_checkpoints
         self._client = self._writer = None
         self._runs: dict[str, str] = {}
+        self._closed: set[str] = set()
 
     def __getstate__(self):  # pickled with the Tuner's state: no client, thread or cache
         state = self.__dict__.copy()
-        state.update(_client=None, _writer=None, _runs={})
+        state.update(_client=None, _writer=None, _runs={}, _closed=set(), _reconciled=False)
         return state
 
     @property
@@ -96,7 +104,10 @@ class MlflowTrialCallback(Callback):
             [self.experiment_id], filter_string=f"tags.`{TAG_TRIAL_ID}` = '{trial.trial_id}'", max_results=1)
         if found:
             run_id = found[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
+            if found[0].info.status in ("FINISHED", "KILLED", "FAILED"):
+                self._closed.add(trial.trial_id)  # ended before the driver was lost: keep it as it is
+            else:
+                self.client.update_run(run_id, status="RUNNING")
         else:
             cfg = self.search.config_for(trial.config)
             run = self.client.create_run(self.experiment_id, run_name=f"{self.search_name}-{trial.trial_id}", tags={
@@ -112,6 +123,26 @@ class MlflowTrialCallback(Callback):
         return run_id
 
     # -- Ray Tune hooks -------------------------------------------------
+    def on_step_begin(self, iteration, trials, **info):
+        # After a restore: trials that ended before the driver was lost may have
+        # ended before their last MLflow writes went out; finish those runs now.
+        if getattr(self, "_reconciled", False):
+            return
+        self._reconciled = True
+        for trial in trials:
+            if trial.status in ("TERMINATED", "ERROR"):
+                self.writer.submit(self._reconcile, trial)
+
+    def _reconcile(self, trial) -> None:
+        run_id = self.run_id(trial)
+        if trial.trial_id in self._closed:
+            return
+        last = trial.last_result or {}
+        if last.get(FINAL_FLAG):
+            self._log_metrics(trial, numeric_metrics(last), int(last.get(STEP, 0)))
+        state = "failed" if trial.status == "ERROR" else "completed" if last.get(FINAL_FLAG) else "pruned"
+        self._end(trial, state, None)
+
     def on_trial_start(self, iteration, trials, trial, **info):
         self.writer.submit(self.run_id, trial)
 
@@ -133,7 +164,20 @@ class MlflowTrialCallback(Callback):
         self.writer.submit(self._end, trial, "failed", message)
 
     def on_experiment_end(self, trials, **info):
+        best = sorted((t for t in trials if (t.last_result or {}).get(FINAL_FLAG)),
+                      key=self._score, reverse=True)[:self.keep_checkpoints]
+        for trial in best:
+            self.writer.submit(self._log_checkpoint, trial)
         self.flush()
+
+    def _score(self, trial) -> float:
+        value = float((trial.last_result or {}).get(self.metric, float("nan")))
+        return value if self.mode == "max" else -value
+
+    def _log_checkpoint(self, trial) -> None:
+        path = Path(self.trials_root) / trial.trial_id / "checkpoint.pt"
+        if path.exists():
+            self.client.log_artifact(self.run_id(trial), str(path))
 
     def flush(self) -> None:
         if self._writer is not None:
@@ -143,13 +187,18 @@ class MlflowTrialCallback(Callback):
     def _log_metrics(self, trial, metrics: dict, step: int) -> None:
         from mlflow.entities import Metric
 
+        run_id = self.run_id(trial)
+        if trial.trial_id in self._closed:
+            return
         now = int(time.time() * 1000)
         batch = [Metric(k, v, now, step) for k, v in metrics.items()]
         for i in range(0, len(batch), 1000):
-            self.client.log_batch(self.run_id(trial), metrics=batch[i:i + 1000])
+            self.client.log_batch(run_id, metrics=batch[i:i + 1000])
 
     def _end(self, trial, state: str, error: str | None) -> None:
         run_id = self.run_id(trial)
+        if trial.trial_id in self._closed:
+            return
         last = trial.last_result or {}
         tags = {TAG_STATE: state, TAG_STOPPED_EPOCH: str(int(last.get(EPOCH, 0)))}
         if error:
@@ -157,9 +206,17 @@ class MlflowTrialCallback(Callback):
         for key, value in tags.items():
             self.client.set_tag(run_id, key, value)
         out = Path(self.trials_root) / trial.trial_id
-        for name in ("config.yaml", "metrics.json"):
-            if (out / name).exists():
-                self.client.log_artifact(run_id, str(out / name))
+        try:
+            for name in ("config.yaml", "metrics.json"):
+                if (out / name).exists():
+                    self.client.log_artifact(run_id, str(out / name))
+            if state != "failed":
+                from comod_platform.plots import plot_run
+
+                for plot in plot_run(out):
+                    self.client.log_artifact(run_id, str(plot), "plots")
+        except Exception as err:  # noqa: BLE001 - a missing plot must not leave the run open
+            log.warning("artifacts of trial %s not logged: %s", trial.trial_id, err)
         status = {"completed": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}[state]
         self.client.set_terminated(run_id, status=status)
 
@@ -207,6 +264,9 @@ class ProgressCallback(Callback):
         self._print(trials)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._print(trials)
+
+    def on_experiment_end(self, trials, **info):
         self._print(trials)
 
 

@@ -122,6 +122,28 @@ def test_search_end_to_end_with_an_mlflow_server(tmp_path, ray_tmp):
         status = _comod(["search", "status", "e2e"], _env(home, ray_tmp, server.uri))
         assert status.returncode == 0, status.stderr
         assert "4 trials of 4" in status.stdout and "modulation.kind" in status.stdout
+
+        # export, then train the exported config as it is: the round trip users make
+        env = _env(home, ray_tmp, server.uri)
+        best = _comod(["export", "best", "e2e", "--out", str(tmp_path / "best.yaml"), "--set",
+                       "finetune.epochs=1"], env)
+        assert best.returncode == 0, best.stderr
+        exported = load_config(tmp_path / "best.yaml")
+        assert exported.finetune.epochs == 1
+        trained = _comod(["train", str(tmp_path / "best.yaml"), "--out", str(tmp_path / "final")], env)
+        assert trained.returncode == 0, trained.stderr[-2000:]
+        assert json.loads((tmp_path / "final" / "metrics.json").read_text())["test/mean_f1"] >= 0
+        table = _comod(["export", "trials", "e2e", "--out", str(tmp_path / "trials.parquet")], env)
+        assert table.returncode == 0, table.stderr
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(tmp_path / "trials.parquet")
+        assert rows.num_rows == 4 and str(rows.schema.field("finetune.lr.controller").type) == "double"
+        report = _comod(["compare", "e2e"], env)
+        assert report.returncode == 0, report.stderr
+        assert "stochastic" in report.stdout or "deterministic" in report.stdout
+        artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "compare")}
+        assert any(p.endswith("compare.md") for p in artifacts)
     finally:
         server.stop()
 
@@ -152,18 +174,20 @@ def test_killed_driver_resumes_to_completion_without_duplicates(tmp_path, ray_tm
     path = _write_search(tmp_path, "killed", experiment=experiment,
                          search={**TINY["search"], "num_trials": 4, "scheduler": {"type": "fifo"}})
     env = _env(home, ray_tmp)
+    log = open(tmp_path / "driver.log", "w")
     driver = subprocess.Popen([sys.executable, "-m", "comod_platform.cli", "search", "run", str(path), "--name",
-                               "killed"], env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               "killed"], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True)
     trials = home / "searches" / "killed" / "trials"
     deadline = time.time() + 600
     try:
         while time.time() < deadline and not list(trials.glob("*/metrics.json")):
-            assert driver.poll() is None, "the search ended before it could be interrupted"
+            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
             time.sleep(0.5)
         assert list(trials.glob("*/metrics.json")), "no trial finished in time"
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and everything in its session
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)  # the driver and everything in its session
         driver.wait(30)
         kill_processes_mentioning(ray_tmp)  # the local Ray instance went down with its machine
     finished_before = len(list(trials.glob("*/metrics.json")))
@@ -178,7 +202,7 @@ def test_killed_driver_resumes_to_completion_without_duplicates(tmp_path, ray_tm
     ids = [c.data.tags[TAG_TRIAL_ID] for c in children]
     assert len(ids) == 4 == len(set(ids)), ids  # re-attached, not duplicated
     for child in children:
-        assert child.info.status == "FINISHED"
+        assert child.info.status == "FINISHED", [(c.data.tags, c.info.status) for c in children]
         client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "pretrain/train_loss")]
         assert len(steps) == len(set(steps)) == 2, steps

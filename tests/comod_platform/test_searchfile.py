@@ -93,3 +93,41 @@ def test_load_by_name_and_unknown_name(tmp_path, monkeypatch):
     assert load_search("demo").name == "demo"
     with pytest.raises(ConfigError, match="no such search file; searches in search_spaces/: demo"):
         load_search("nothing")
+
+
+def test_grid_sampler_enumerates_every_point(tmp_path):
+    from comod_platform.searcher import create_sampler
+
+    space = {"modulation.kind": {"type": "categorical", "choices": ["none", "deterministic", "stochastic"]},
+             "seed": {"type": "int", "low": 0, "high": 1},
+             "modulation.sites": {"type": "categorical", "choices": [["layer2"], ["layer2", "layer3"]]}}
+    sf = parse_search(_search(space=space, search={"sampler": "grid", "num_trials": 12}), "grid")
+    study = optuna.create_study(sampler=create_sampler(sf))
+    points = set()
+    for _ in range(12):
+        trial = study.ask()
+        flat = sf.suggest(trial)
+        sf.config_for(flat)
+        points.add((flat["modulation.kind"], flat["seed"], tuple(flat["modulation.sites"])))
+        try:
+            study.tell(trial, 0.0)
+        except RuntimeError as err:  # the grid, exhausted, stops the study (Ray's searcher logs this)
+            assert "Study.stop" in str(err) and len(points) == 12
+    assert len(points) == 12
+    with pytest.raises(ConfigError, match="search.num_trials.*12, the number of points"):
+        parse_search(_search(space=space, search={"sampler": "grid", "num_trials": 5}), "grid")
+    with pytest.raises(ConfigError, match="a float range has no grid"):
+        parse_search(_search(search={"sampler": "grid", "num_trials": 5}), "grid")
+
+
+@pytest.mark.parametrize("name", ["tiny", "quickstart", "fashion_mnist_compare", "celeba_comodulation",
+                                  "cifar100_architectures"])
+def test_shipped_search_files_load(name):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "search_spaces"
+    sf = load_search(root / f"{name}.yaml")
+    assert sf.search.num_trials >= 1 and sf.space
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(5):
+        sf.config_for(sf.suggest(study.ask()))

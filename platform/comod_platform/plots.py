@@ -1,0 +1,76 @@
+"""Plots of one run, drawn from its checkpoint: learning curves, the couplings
+per site and the readout gains per task (what the mechanism learned)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from comod.train import load_checkpoint  # noqa: E402
+
+
+def _learning_curves(history: list[dict], path: Path) -> Path | None:
+    epochs = [h for h in history if h.get("phase") in ("pretrain", "finetune")]
+    if not epochs:
+        return None
+    fig, (loss_ax, f1_ax) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for phase, colour in (("pretrain", "tab:blue"), ("finetune", "tab:orange")):
+        rows = [h for h in epochs if h["phase"] == phase]
+        if not rows:
+            continue
+        steps = [h["step"] for h in rows]
+        loss_ax.plot(steps, [h[f"{phase}/train_loss"] for h in rows], "o-", color=colour, label=phase)
+        f1_ax.plot(steps, [h.get(f"{phase}/val/mean_f1", float("nan")) for h in rows], "o-", color=colour,
+                   label=phase)
+    loss_ax.set(xlabel="step", ylabel="training loss", title="loss")
+    f1_ax.set(xlabel="step", ylabel="validation mean F1", title="validation F1")
+    loss_ax.legend(), f1_ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _heatmap(matrix: torch.Tensor, title: str, xlabel: str, path: Path, task_names: list[str]) -> Path:
+    fig, ax = plt.subplots(figsize=(8, max(2.0, 0.25 * matrix.shape[0] + 1)))
+    image = ax.imshow(matrix.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set(title=title, xlabel=xlabel, ylabel="task")
+    if len(task_names) == matrix.shape[0] and matrix.shape[0] <= 40:
+        ax.set_yticks(range(len(task_names)), task_names, fontsize=7)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _softplus_or_square(raw: torch.Tensor, coupling: str) -> torch.Tensor:
+    return torch.nn.functional.softplus(raw) if coupling == "softplus" else raw * raw
+
+
+def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """Write the run's plots (PNG) next to its checkpoint (or into ``out_dir``); returns their paths."""
+    run_dir = Path(run_dir)
+    ckpt_path = run_dir / "checkpoint.pt"
+    if not ckpt_path.exists():
+        return []
+    out = Path(out_dir or run_dir / "plots")
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = load_checkpoint(ckpt_path)
+    written = [_learning_curves(ckpt["history"], out / "learning_curves.png")]
+    state, cfg = ckpt["model"], ckpt["config"]
+    task_names = list(ckpt.get("task_names", []))
+    coupling = cfg["modulation"]["coupling"]
+    for key, raw in state.items():
+        if key.startswith("mechanism.controller.table."):
+            site = key.rsplit(".", 1)[-1]
+            written.append(_heatmap(_softplus_or_square(raw.float(), coupling), f"couplings at {site}",
+                                    "channel", out / f"couplings_{site}.png", task_names))
+    if "mechanism.running_gain" in state:
+        written.append(_heatmap(state["mechanism.running_gain"].float(), "readout gain per task",
+                                "decoder unit", out / "readout_gains.png", task_names))
+    return [p for p in written if p is not None]

@@ -1,0 +1,270 @@
+"""A search's trials read back from MLflow as typed records.
+
+One :class:`TrialRecord` per child run of the search's parent run (see
+:mod:`conventions`): its Ray trial id, MLflow run id, state, the epoch it
+stopped at, the modulation kind, the experiment config rebuilt with real
+types (params -> :func:`conventions.param_value` -> ``set_path`` ->
+``parse_config``), its final metrics (empty unless it completed), the best
+per-epoch value of the search metric and the wall time. Pruned, failed and
+still-running trials are records too, with what they reported.
+
+MLflow is the source; a trial folder's ``metrics.json`` (embedded default,
+or shared storage) only fills final metrics that MLflow lacks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from comod.config import ConfigError, ExperimentConfig, flatten, parse_config, set_path
+from comod_platform.conventions import (EPOCH, FINAL_FLAG, TAG_ERROR, TAG_KIND, TAG_PARENT, TAG_ROLE, TAG_STATE,
+                                        TAG_STOPPED_EPOCH, TAG_TRIAL_ID, WALL, param_value)
+from comod_platform.search_state import SearchMeta, SearchPaths
+from comod_platform.searchfile import SearchFile, parse_search
+
+log = logging.getLogger(__name__)
+
+KINDS = ("none", "deterministic", "stochastic")
+_PER_EPOCH = re.compile(r"^(pretrain|finetune)/(train_loss$|val/)|^comod/")
+"""Metric names reported every epoch (the rest of a completed trial's metrics are its final ones)."""
+
+
+class ResultsError(RuntimeError):
+    """A search's results cannot be read; the message says why."""
+
+
+# ----------------------------------------------------------------- config types
+
+def unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """``X | None`` -> (X, True); anything else -> (tp, False)."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], len(args) < len(typing.get_args(tp))
+    return tp, False
+
+
+@lru_cache(maxsize=1)
+def config_fields() -> dict[str, Any]:
+    """Every setting of :class:`ExperimentConfig` as ``{dotted.path: annotation}``, in schema order."""
+    out: dict[str, Any] = {}
+
+    def walk(cls, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{f.name}.")
+            else:
+                out[f"{prefix}{f.name}"] = tp
+    walk(ExperimentConfig, "")
+    return out
+
+
+def _accepts_str(tp: Any) -> bool:
+    tp, _ = unwrap_optional(tp)
+    if tp is str:
+        return True
+    if typing.get_origin(tp) is Literal:
+        return any(isinstance(a, str) for a in typing.get_args(tp))
+    return False
+
+
+def typed_param(path: str, text: str) -> Any:
+    """One MLflow param back to its value. YAML reads ``yes``, ``no``, ``on``,
+    ``123`` as bool/int, so a setting that takes a string keeps the text."""
+    value = param_value(text)
+    tp = config_fields().get(path)
+    if tp is not None and _accepts_str(tp) and isinstance(value, (bool, int, float)):
+        return text
+    return value
+
+
+def config_from_params(params: dict[str, str]) -> tuple[ExperimentConfig | None, dict[str, Any], str | None]:
+    """(typed config or None, typed flat values, the config error if it does not load)."""
+    raw: dict = {}
+    values = {path: typed_param(path, text) for path, text in params.items()}
+    try:
+        for path, value in values.items():
+            set_path(raw, path, value)
+        cfg = parse_config(raw, "params")
+    except ConfigError as err:
+        return None, values, str(err)
+    return cfg, flatten(cfg), None
+
+
+# ----------------------------------------------------------------- records
+
+@dataclass
+class TrialRecord:
+    trial_id: str
+    run_id: str
+    state: str
+    """completed, pruned, failed or running (conventions.STATES)."""
+    kind: str | None
+    stopped_epoch: int | None
+    """Epochs reported when the trial ended (its rung if pruned), from the comod.stopped_epoch tag."""
+    config: ExperimentConfig | None
+    """None only when the params no longer load (config_error says why)."""
+    flat: dict[str, Any]
+    """The config as ``{dotted.path: typed value}``."""
+    final: dict[str, float] = field(default_factory=dict)
+    """Final metrics (val/..., test/..., test/<task>/f1, wall_seconds, steps); empty unless completed."""
+    best: float | None = None
+    """Best per-epoch value of the search metric (by the search's mode)."""
+    epochs: int | None = None
+    """Highest epoch reported (pretraining and fine-tuning epochs counted together)."""
+    reports: int = 0
+    """Reports made to Ray Tune (ASHA's time unit, training_iteration)."""
+    wall_seconds: float | None = None
+    """The trial's own wall time when it completed, else the run's duration in MLflow."""
+    start_time: float | None = None
+    """MLflow run start, seconds since the epoch."""
+    error: str | None = None
+    config_error: str | None = None
+
+    @property
+    def completed(self) -> bool:
+        return self.state == "completed"
+
+    def value(self, metric: str) -> float | None:
+        v = self.final.get(metric)
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+@dataclass
+class SearchResults:
+    name: str
+    paths: SearchPaths
+    meta: SearchMeta
+    search: SearchFile
+    trials: list[TrialRecord]
+
+    @property
+    def metric(self) -> str:
+        return self.search.search.metric
+
+    @property
+    def mode(self) -> str:
+        return self.search.search.mode
+
+    def counts(self) -> dict[str, int]:
+        out = {s: 0 for s in ("completed", "pruned", "failed", "running")}
+        for t in self.trials:
+            out[t.state] = out.get(t.state, 0) + 1
+        return out
+
+    def ranked(self, metric: str | None = None, mode: str | None = None) -> list[TrialRecord]:
+        """Completed trials that have ``metric`` (default: the search's), best first; ties keep start order."""
+        metric = metric or self.metric
+        mode = mode or (self.mode if metric == self.metric else guess_mode(metric))
+        done = [t for t in self.trials if t.completed and t.value(metric) is not None]
+        return sorted(done, key=lambda t: -t.value(metric) if mode == "max" else t.value(metric))
+
+
+def guess_mode(metric: str) -> str:
+    """Error and calibration error are better low; everything else reported is better high."""
+    return "min" if re.search(r"(error|ece|loss|wall_seconds)$", metric) else "max"
+
+
+def better(a: float, b: float, mode: str) -> bool:
+    return a > b if mode == "max" else a < b
+
+
+def open_search(name: str, home: Path | None = None) -> tuple[SearchPaths, SearchMeta, SearchFile]:
+    """The search's folder, ids and search file; SearchNotFound names the known searches."""
+    paths = SearchPaths(name, home)
+    meta = paths.read_meta()
+    if not paths.search_file.is_file():
+        raise ResultsError(f"search {name!r} has no search file at {paths.search_file}; its folder is incomplete")
+    sf = parse_search(yaml.safe_load(paths.search_file.read_text()), name)
+    return paths, meta, sf
+
+
+def load_results(name: str, home: Path | None = None) -> SearchResults:
+    """Every trial of search ``name`` as a :class:`TrialRecord`, in start order."""
+    paths, meta, sf = open_search(name, home)
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=meta.tracking_uri)
+    try:
+        runs = _child_runs(client, meta)
+        trials = [_record(client, run, sf.search.metric, sf.search.mode, paths) for run in runs]
+    except MlflowException as err:
+        raise ResultsError(f"cannot read search {name!r} from MLflow at {meta.tracking_uri}: "
+                           f"{str(err).splitlines()[0]}") from None
+    trials.sort(key=lambda t: (t.start_time or 0.0, t.trial_id))
+    return SearchResults(name=name, paths=paths, meta=meta, search=sf, trials=trials)
+
+
+def _child_runs(client, meta: SearchMeta) -> list:
+    query = f"tags.`{TAG_PARENT}` = '{meta.parent_run_id}' AND tags.`{TAG_ROLE}` = 'trial'"
+    runs, token = [], None
+    while True:
+        page = client.search_runs([meta.experiment_id], filter_string=query, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _history(client, run_id: str, key: str) -> list:
+    return list(client.get_metric_history(run_id, key))
+
+
+def _record(client, run, metric: str, mode: str, paths: SearchPaths) -> TrialRecord:
+    tags, metrics = run.data.tags, run.data.metrics
+    run_id = run.info.run_id
+    trial_id = tags.get(TAG_TRIAL_ID, run_id)
+    cfg, flat, config_error = config_from_params(dict(run.data.params))
+    state = tags.get(TAG_STATE, "running")
+    if state not in ("completed", "pruned", "failed") and metrics.get(FINAL_FLAG):
+        state = "completed"  # the final report arrived; only the end-of-trial tags are missing
+    final: dict[str, float] = {}
+    if state == "completed":
+        final = {k: float(v) for k, v in metrics.items() if not _PER_EPOCH.search(k)}
+        local = paths.trial_dir(trial_id) / "metrics.json"
+        if local.is_file():  # fills what the run lacks (e.g. wall_seconds); MLflow's values win
+            try:
+                saved = json.loads(local.read_text())
+            except (OSError, ValueError):
+                saved = {}
+            for k, v in saved.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    final.setdefault(k, float(v))
+    series = [m.value for key in (f"pretrain/{metric}", f"finetune/{metric}") for m in _history(client, run_id, key)]
+    if not series and metric in metrics:
+        series = [m.value for m in _history(client, run_id, metric)]
+    series = [v for v in series if not math.isnan(v)]
+    best = (max(series) if mode == "max" else min(series)) if series else None
+    epochs_seen = _history(client, run_id, EPOCH)
+    epochs = int(max(m.value for m in epochs_seen)) if epochs_seen else None
+    stopped = tags.get(TAG_STOPPED_EPOCH)
+    try:
+        stopped_epoch = int(stopped) if stopped is not None else None
+    except ValueError:
+        stopped_epoch = None
+    wall = final.get(WALL)
+    if wall is None and run.info.end_time and run.info.start_time:
+        wall = (run.info.end_time - run.info.start_time) / 1000.0
+    kind = tags.get(TAG_KIND) or (flat.get("modulation.kind") if flat else None)
+    return TrialRecord(trial_id=trial_id, run_id=run_id, state=state, kind=kind, stopped_epoch=stopped_epoch,
+                       config=cfg, flat=flat, final=final, best=best, epochs=epochs, reports=len(epochs_seen),
+                       wall_seconds=wall, start_time=(run.info.start_time or 0) / 1000.0,
+                       error=tags.get(TAG_ERROR), config_error=config_error)
+
+
+__all__ = ["KINDS", "ResultsError", "TrialRecord", "SearchResults", "load_results", "open_search",
+           "config_fields", "config_from_params", "typed_param", "unwrap_optional", "guess_mode", "better"]
