@@ -150,7 +150,7 @@ def evaluate(model: MultiTaskModel, split: Split, tasks: list[int], data: TaskDa
     return result
 
 
-def _task_indices(data: TaskData, names: list[str], where: str) -> list[int]:
+def task_indices(data: TaskData, names: list[str], where: str) -> list[int]:
     if not names:
         return list(range(len(data.tasks)))
     unknown = [n for n in names if n not in data.task_names]
@@ -248,7 +248,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, data: TaskData | 
     model = build_model(cfg, data.tasks, data.image_shape[0]).to(device)
     cl = cfg.model.channels_last
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    eval_tasks = _task_indices(data, cfg.finetune.tasks, "finetune.tasks")
+    eval_tasks = task_indices(data, cfg.finetune.tasks, "finetune.tasks")
 
     state = RunState()
     if saved is not None:
@@ -270,7 +270,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, data: TaskData | 
     def run_phase(phase_index: int) -> None:
         phase = PHASES[phase_index]
         pcfg = getattr(cfg, phase)
-        tasks = _task_indices(data, pcfg.tasks, f"{phase}.tasks")
+        tasks = task_indices(data, pcfg.tasks, f"{phase}.tasks")
         optimizer = _build_optimizer(model, pcfg)
         first_epoch = state.epochs_done if phase_index == state.phase_index else 0
         if saved is not None and phase_index == saved["phase_index"] and optimizer is not None \

@@ -4,6 +4,15 @@ import os
 import pytest
 
 os.environ.setdefault("COMOD_DOWNLOAD", "0")
+# Tiny models: one thread is faster than two fighting over a small (or busy) machine,
+# and subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_collection_modifyitems(config, items):

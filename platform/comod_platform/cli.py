@@ -63,7 +63,7 @@ def cmd_train(args) -> int:
     # imported once the config is good: a config error need not wait for MLflow's import
     from comod.data import load_data
     from comod.data.taskdata import DatasetNotFoundError
-    from comod.train import CHECKPOINT, TrainingError, _task_indices, load_checkpoint, run_experiment
+    from comod.train import CHECKPOINT, TrainingError, task_indices, load_checkpoint, run_experiment
     from comod_platform.paths import default_train_dir
     from comod_platform.progress import ProgressCallbacks
     from comod_platform.tracking import RUN_FILE, RunLogger, TrackingError, check_reachable, tracking_uri
@@ -90,7 +90,7 @@ def cmd_train(args) -> int:
         if not finished:  # bad data or task names fail here, before an MLflow run exists
             data = load_data(cfg)
             for phase in ("pretrain", "finetune"):
-                _task_indices(data, getattr(cfg, phase).tasks, f"{phase}.tasks")
+                task_indices(data, getattr(cfg, phase).tasks, f"{phase}.tasks")
         logger = RunLogger(cfg, out, experiment=args.experiment)
     except TrackingError as err:
         raise UserError(str(err), EXIT_FAILED) from None

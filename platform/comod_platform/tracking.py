@@ -85,7 +85,9 @@ def setup(experiment: str):
 
 
 def params_of(cfg: ExperimentConfig) -> dict[str, str]:
-    return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in flatten(cfg).items()}
+    from comod_platform.conventions import param_text
+
+    return {k: param_text(v) for k, v in flatten(cfg).items()}
 
 
 class RunLogger:
