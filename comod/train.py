@@ -249,6 +249,13 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, data: TaskData | 
     cl = cfg.model.channels_last
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     eval_tasks = task_indices(data, cfg.finetune.tasks, "finetune.tasks")
+    steps_of = {phase: getattr(cfg, phase).steps_per_epoch
+                or max(1, math.ceil(len(data.train) / getattr(cfg, phase).batch_size)) for phase in PHASES}
+    warmup = cfg.modulation.readout.warmup_steps
+    if cfg.modulation.kind == "stochastic" and warmup and warmup >= cfg.pretrain.epochs * steps_of["pretrain"]:
+        raise TrainingError(f"modulation.readout.warmup_steps: got {warmup}; expected fewer than the "
+                            f"{cfg.pretrain.epochs * steps_of['pretrain']} pretraining steps, else fine-tuning "
+                            f"runs inside the warm-up and the couplings get no gradient")
 
     state = RunState()
     if saved is not None:
@@ -281,7 +288,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, data: TaskData | 
         if callbacks.on_phase:
             callbacks.on_phase(phase, first_epoch, epochs)
         batcher = Batcher(splits["train"], tasks, data, device, gen, cl)
-        steps = pcfg.steps_per_epoch or max(1, math.ceil(len(splits["train"]) / pcfg.batch_size))
+        steps = steps_of[phase]
         for epoch in range(first_epoch, epochs):
             loss = train_one_epoch(model, optimizer, batcher, steps, pcfg.batch_size, autocast, phase, callbacks)
             state.step += steps
@@ -324,6 +331,11 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, data: TaskData | 
                     _save_atomic({"model": _cpu_state(model), "step": state.step, "history": state.history,
                                   "rng": _rng_state(gen)}, entry)
         state.phase_index, state.epochs_done = 1, 0
+        # the pretrained model is fine-tuning's epoch 0: selection keeps it unless an epoch beats it
+        val = summarise(evaluate(model, splits["val"], eval_tasks, data, device, cfg.eval.batch_size, autocast,
+                                 cfg.eval.ece_bins, cl), "finetune/val")
+        state.best = {"score": selection_score(val, "finetune/val", cfg.eval.select_metric), "epoch": 0,
+                      "model": _cpu_state(model)}
         pre = summarise(evaluate(model, splits["test"], eval_tasks, data, device, cfg.eval.batch_size,
                                  autocast, cfg.eval.ece_bins, cl), "pretrained/test")
         state.history.append({"phase": "pretrained", "step": state.step,
@@ -341,6 +353,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, data: TaskData | 
     for entry in state.history:
         if entry["phase"] == "pretrained":
             final.update({k: v for k, v in entry.items() if k.startswith("pretrained/")})
+    # 0 when no fine-tuning epoch beat the pretrained model on validation
     final["finetune/best_epoch"] = float(state.best["epoch"]) if state.best else 0.0
     final["steps"] = float(state.step)
     final["wall_seconds"] = time.perf_counter() - started

@@ -77,7 +77,7 @@ def test_controller_only_finetuning_keeps_everything_else(tmp_path):
     cfg = tiny_config(modulation={"kind": "deterministic"})
     run_experiment(cfg, tmp_path, callbacks=Callbacks(on_checkpoint=lambda path, s: states.append(s)))
     pretrained = states[1]["model"]  # after the pretraining phase's evaluation
-    final = states[-1]["model"]
+    final = states[2]["model"]  # after the fine-tuning epoch (selection may then restore epoch 0)
     changed = {k for k in pretrained if not torch.equal(pretrained[k], final[k])}
     assert changed == {"mechanism.controller.table.layer2"}
 
@@ -147,3 +147,22 @@ def test_pretrain_cache_is_shared_by_runs_that_differ_after_pretraining(tmp_path
     assert _test_metrics(cached) == _test_metrics(reference)
     run_experiment(tiny_config(seed=5, pretrain={"epochs": 2}), tmp_path / "third", pretrain_cache=cache)
     assert len(list(cache.glob("pretrained-*.pt"))) == 2
+
+
+def test_selection_keeps_the_pretrained_model_unless_fine_tuning_beats_it(tmp_path):
+    # a huge controller learning rate wrecks the couplings: selection must fall back to epoch 0
+    cfg = tiny_config(modulation={"kind": "deterministic"}, finetune={"epochs": 2, "lr": {"controller": 1e4}})
+    metrics = run_experiment(cfg, tmp_path)
+    history = load_checkpoint(tmp_path / "checkpoint.pt")["history"]
+    finetuned = [h["finetune/val/mean_f1"] for h in history if h["phase"] == "finetune"]
+    if metrics["finetune/best_epoch"] == 0:
+        assert metrics["test/mean_f1"] == pytest.approx(metrics["pretrained/test/mean_f1"])
+    else:
+        assert max(finetuned) > 0
+    assert metrics["val/mean_f1"] >= max(finetuned) - 1e-9
+
+
+def test_warmup_longer_than_pretraining_is_refused(tmp_path):
+    cfg = tiny_config(modulation={"readout": {"warmup_steps": 4}})  # pretraining: 1 epoch x 4 steps
+    with pytest.raises(TrainingError, match="modulation.readout.warmup_steps: got 4; expected fewer than the 4"):
+        run_experiment(cfg, tmp_path)
