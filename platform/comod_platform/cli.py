@@ -121,6 +121,9 @@ def cmd_train(args) -> int:
                 logger.finish(status)
         logger.log_metrics(metrics, step=int(metrics.get("steps", 0)), skip_logged=logger.resumed)
         logger.log_artifacts([out / "config.yaml", out / "metrics.json", out / "checkpoint.pt"])
+        from comod_platform.plots import plot_run
+
+        logger.log_artifacts(plot_run(out), "plots")
         logger.finish("FINISHED")
     summary = {k: round(v, 4) for k, v in metrics.items() if k.startswith("test/mean_")}
     print(json.dumps(summary, indent=2))

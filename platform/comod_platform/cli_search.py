@@ -76,6 +76,11 @@ def cmd_search(args) -> int:
         code = EXIT_USAGE if isinstance(err, errors[0]) else EXIT_FAILED
         raise UserError(str(err), code) from None
     print(json.dumps(summary, indent=2))
+    name = summary.get("name")
+    if name:
+        print(f"browse it: comod ui (experiment search/{name}); table: comod search status {name}; "
+              f"best config: comod export best {name} --out best.yaml; mechanisms: comod compare {name}",
+              file=sys.stderr)
     if summary["completed"] == 0:
         print("comod: no trial completed; see `comod search status` and the failed runs in the UI",
               file=sys.stderr)

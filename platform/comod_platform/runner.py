@@ -20,7 +20,7 @@ import yaml
 from comod.config import ConfigError
 from comod.data import load_data
 from comod.schema import to_dict
-from comod_platform.conventions import (FINAL_FLAG, TAG_ROLE, TAG_SEARCH, experiment_name, param_text)
+from comod_platform.conventions import EPOCH, FINAL_FLAG, TAG_ROLE, TAG_SEARCH, experiment_name, param_text
 from comod_platform.search_state import SearchMeta, SearchPaths
 from comod_platform.searchfile import SearchFile, load_search, parse_search
 
@@ -36,10 +36,10 @@ def optuna_storage_url(paths: SearchPaths) -> str:
     return os.environ.get("COMOD_OPTUNA_STORAGE") or f"sqlite:///{paths.optuna_db}"
 
 
-def _max_reports(sf: SearchFile) -> int:
-    """Reports a trial can make: every epoch of both phases plus the final one (ASHA's max_t)."""
+def _max_epochs(sf: SearchFile) -> int:
+    """The most epochs a trial can train, both phases (ASHA's max_t on the trials' epoch clock)."""
     base = sf.base_config()
-    total = 1
+    total = 0
     for phase in ("pretrain", "finetune"):
         path = f"{phase}.epochs"
         values = [getattr(base, phase).epochs]
@@ -56,7 +56,7 @@ def _scheduler(sf: SearchFile):
     s = sf.search.scheduler
     if s.type == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(time_attr="training_iteration", max_t=_max_reports(sf), grace_period=s.grace_period,
+    return ASHAScheduler(time_attr=EPOCH, max_t=max(_max_epochs(sf), 1), grace_period=s.grace_period,
                          reduction_factor=s.reduction_factor)
 
 
@@ -163,6 +163,9 @@ def _fit(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, address: str | No
 
     from comod_platform.searcher import PruneAwareOptunaSearch, create_sampler
 
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our progress line instead of Ray's tables
+    # Ray's JSON/CSV/TensorBoard result files cost ~30 ms a result in the driver loop; MLflow has it all
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     _init_ray(address)
     trainable = _trainable(sf, paths)
     experiment_path = Path(meta.ray_storage) / meta.name
@@ -176,6 +179,7 @@ def _fit(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, address: str | No
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         searcher = PruneAwareOptunaSearch(
             space=sf.suggest, metric=s.metric, mode=s.mode, sampler=create_sampler(sf),
+            report_intermediate=s.scheduler.type != "fifo",
             study_name=meta.study_name, storage=optuna.storages.RDBStorage(meta.optuna_storage))
         tuner = tune.Tuner(
             trainable,
@@ -191,7 +195,7 @@ def _fit(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, address: str | No
         status = "FINISHED"
     finally:
         client.set_terminated(meta.parent_run_id, status=status if status == "FINISHED" else "KILLED")
-    return summarise_grid(grid, sf)
+    return {"name": meta.name, **summarise_grid(grid, sf)}
 
 
 def summarise_grid(grid, sf: SearchFile) -> dict:

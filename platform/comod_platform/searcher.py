@@ -12,7 +12,7 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from comod_platform.conventions import FINAL_FLAG
+from comod_platform.conventions import EPOCH, FINAL_FLAG
 
 SAMPLERS = {
     "tpe": lambda seed, grid: optuna.samplers.TPESampler(seed=seed),
@@ -38,9 +38,15 @@ class PruneAwareOptunaSearch(OptunaSearch):
     and study trials asked after that snapshot, which no Ray trial will ever
     finish, are closed as failed instead of staying RUNNING forever."""
 
+    def __init__(self, *args, report_intermediate: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.report_intermediate = report_intermediate
+        self._restored_ids: set[str] = set()
+
     def _closed_in_storage(self, trial_id: str) -> bool:
+        # only trials restored from a snapshot can have been closed behind the searcher's back
         ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is None:
+        if ot_trial is None or trial_id not in self._restored_ids:
             return False
         if self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
             self._completed_trials.add(trial_id)
@@ -48,12 +54,15 @@ class PruneAwareOptunaSearch(OptunaSearch):
         return False
 
     def on_trial_result(self, trial_id: str, result: dict):
-        if trial_id in self._completed_trials or self._closed_in_storage(trial_id):
+        if not self.report_intermediate or trial_id in self._completed_trials \
+                or self._closed_in_storage(trial_id) or trial_id not in self._ot_trials:
             return
-        super().on_trial_result(trial_id, result)
+        # the trial's epoch, not Ray's iteration count (which restarts when a trial is restored)
+        self._ot_trials[trial_id].report(result[self.metric], int(result.get(EPOCH, result["training_iteration"])))
 
     def restore(self, checkpoint_path: str):
         super().restore(checkpoint_path)
+        self._restored_ids = set(self._ot_trials)
         known = {t._trial_id for t in self._ot_trials.values()}
         for frozen in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if frozen._trial_id not in known:

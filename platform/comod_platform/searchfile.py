@@ -150,7 +150,9 @@ class SearchFile:
 
     def suggest(self, trial) -> dict[str, Any]:
         """Optuna define-by-run: suggest every active path, return ``{path: value}``."""
-        base = flatten(self.base_config())
+        if "_base_flat" not in self.__dict__:
+            self.__dict__["_base_flat"] = flatten(self.base_config())
+        base = self.__dict__["_base_flat"]
         values: dict[str, Any] = {}
         for path, dist in self.space.items():
             if not all(values.get(k, base.get(k)) == v for k, v in dist.when.items()):

@@ -2,11 +2,13 @@
 
 Every epoch is reported with its validation metrics under the search's
 names (``pretrain/val/mean_f1`` also as ``val/mean_f1``, so a scheduler sees
-one curve across both phases) and a small progress checkpoint, so a restored
-search continues its trials' iteration counts. The last report carries the
-final metrics and the final flag. The trial's outputs live in the search's
+one curve across both phases) and the trial's own epoch count, which the
+scheduler uses as its clock (Ray's iteration count restarts when a trial is
+restored; the epoch count does not). The last report carries the final
+metrics and the final flag. The trial's outputs live in the search's
 ``trials/ID`` folder: a trial restarted after an interruption resumes from
-its own checkpoint there.
+its own checkpoint there, so Ray needs no checkpoint of its own. Plots are
+drawn here, on the trial's reserved CPU, not in the driver.
 
 The dataset arrives through the Ray object store as numpy arrays (zero-copy
 on a node), loaded once by the driver, when the trial's data settings are
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -62,7 +63,8 @@ def _with_aliases(metrics: dict) -> dict:
 def run_trial(config: dict, search=None, search_name: str = "", home: str = "", data=None,
               shared_key: str = "") -> None:
     from ray import tune
-    from ray.tune import Checkpoint
+
+    from comod_platform.plots import plot_run
 
     cfg = search.config_for(config)
     trial_id = tune.get_context().get_trial_id()
@@ -73,11 +75,11 @@ def run_trial(config: dict, search=None, search_name: str = "", home: str = "", 
 
     def report(phase: str, epoch: int, step: int, metrics: dict) -> None:
         epochs_done["n"] = epoch + (cfg.pretrain.epochs if phase == "finetune" else 0)
-        row = {**_with_aliases(metrics), STEP: step, EPOCH: epochs_done["n"]}
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "progress.json").write_text(json.dumps({"epoch": epochs_done["n"], "step": step}))
-            tune.report(row, checkpoint=Checkpoint.from_directory(tmp))
+        tune.report({**_with_aliases(metrics), STEP: step, EPOCH: epochs_done["n"]})
 
     metrics = run_experiment(cfg, out, data=shared, callbacks=Callbacks(on_epoch=report),
                              pretrain_cache=paths.pretrain_cache)
+    if not epochs_done["n"]:  # a finished run read back: its epochs were reported before
+        epochs_done["n"] = cfg.pretrain.epochs + cfg.finetune.epochs
+    plot_run(out)
     tune.report({**metrics, FINAL_FLAG: 1, STEP: int(metrics.get("steps", 0)), EPOCH: epochs_done["n"]})

@@ -210,11 +210,8 @@ class MlflowTrialCallback(Callback):
             for name in ("config.yaml", "metrics.json"):
                 if (out / name).exists():
                     self.client.log_artifact(run_id, str(out / name))
-            if state != "failed":
-                from comod_platform.plots import plot_run
-
-                for plot in plot_run(out):
-                    self.client.log_artifact(run_id, str(plot), "plots")
+            for plot in sorted((out / "plots").glob("*.png")):  # drawn by the trial itself
+                self.client.log_artifact(run_id, str(plot), "plots")
         except Exception as err:  # noqa: BLE001 - a missing plot must not leave the run open
             log.warning("artifacts of trial %s not logged: %s", trial.trial_id, err)
         status = {"completed": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}[state]
