@@ -1,0 +1,450 @@
+"""What the search platform costs over the bare work.
+
+Measured: ``--trials`` short trials (default 40, each about a second of
+training on one thread: the tiny synthetic experiment of
+``search_spaces/tiny.yaml`` with ``--steps-per-epoch`` steps in each of
+``--epochs`` pretraining and fine-tuning epochs) run two ways, with the same
+concurrency (``--concurrency``, default 2):
+
+* platform: the real ``comod search run FILE --name N`` as a subprocess
+  (``python -m comod_platform.cli``), the search file derived from
+  ``search_spaces/tiny.yaml`` with sampler ``random``, scheduler ``fifo`` (no
+  early stopping, so every trial does the same work as in the plain loop),
+  ``max_concurrent`` = concurrency and one CPU per trial; ``COMOD_HOME`` is a
+  fresh temporary folder (embedded MLflow on SQLite, Optuna on SQLite, Ray
+  Tune results), ``COMOD_DOWNLOAD=0``, and a private ``RAY_TMPDIR`` whose Ray
+  processes are killed afterwards;
+* plain: the very configs the search ran (each trial's ``config.yaml``) in a
+  plain loop, also as a subprocess: a ``ProcessPoolExecutor`` of
+  ``concurrency`` workers, each with ``torch.set_num_threads(1)`` and the
+  dataset loaded once per worker, calling ``comod.train.run_experiment`` on
+  each config into a temporary folder, with a pretraining cache shared by the
+  workers like the search's (so both sides pretrain the same models).
+
+Both are timed end to end (wall clock of the whole command: interpreter
+start, imports, Ray start, MLflow and Optuna set-up, shut-down). From the
+trial folders' file times (``config.yaml`` written when ``run_experiment``
+starts, the final ``checkpoint.pt`` when it ends) each side's time is split
+into start-up (command start to first trial start), the trials' window
+(first trial start to last trial end) and tail (last trial end to command
+end); the window is further split into the mean time inside a trial and the
+mean idle gap a trial slot spends between two trials. The ratio
+platform / plain of the whole commands is the headline (target: at most
+1.15); the per-trial overhead is reported in ms both amortised over the
+whole command and in the trials' window only (start-up and tail excluded).
+
+With ``--repeats`` > 1 the two sides alternate order (platform first, then
+plain first, ...) so that load from other processes hits both alike. The
+1-minute load average is sampled during every run and recorded with the
+results, as are the machine and the Ray, MLflow, Optuna and torch versions.
+Results go to ``benchmarks/results/platform_overhead.json`` and ``.md``
+(``--quick``: 6 trials, one repeat, no waiting for the load, a smoke check
+that writes nothing unless ``--out`` is given).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGET_RATIO = 1.15
+SEARCH_NAME = "overhead"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--trials", type=int, default=40, help="trials per side (default 40)")
+    p.add_argument("--concurrency", type=int, default=2, help="trials at a time on each side (default 2)")
+    p.add_argument("--steps-per-epoch", type=int, default=3,
+                   help="optimisation steps per epoch, both phases (default 3, about 1 s per trial on one thread)")
+    p.add_argument("--epochs", type=int, default=2, help="epochs of each phase (default 2)")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="platform/plain pairs, their order alternating (default 2)")
+    p.add_argument("--quick", action="store_true", help="6 trials, one repeat, no waiting for load: a smoke check")
+    p.add_argument("--wait-load", type=float, default=2.5,
+                   help="before measuring, wait until the 1-minute load average is below this (default 2.5)")
+    p.add_argument("--max-wait", type=float, default=900.0, help="seconds to wait for the load at most (default 900)")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds one side may run at most (default 1800)")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"results folder (default {RESULTS}; with --quick nothing is written unless --out is given)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folders (printed) for inspection")
+    p.add_argument("--plain-worker", nargs=3, metavar=("CONFIGS_JSON", "OUT_DIR", "CONCURRENCY"),
+                   help=argparse.SUPPRESS)  # internal: the plain side, run as its own command
+    args = p.parse_args(argv)
+    if args.quick:
+        args.trials, args.repeats, args.max_wait = 6, 1, 0.0
+    return args
+
+
+# -- the plain side (runs in its own process, see --plain-worker) ---------------
+_DATA: dict = {}
+
+
+def _plain_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _plain_run(index: int, config_path: str, out_dir: str, cache_dir: str) -> dict:
+    import torch
+
+    from comod.config import config_to_dict, load_config
+    from comod.data import load_data
+    from comod.train import run_experiment
+
+    cfg = load_config(config_path)
+    key = json.dumps(config_to_dict(cfg.data), sort_keys=True)
+    if key not in _DATA:  # once per worker (all trials of this benchmark share the data settings)
+        _DATA[key] = load_data(cfg)
+    start = time.time()
+    run_experiment(cfg, Path(out_dir) / f"run{index:03d}", data=_DATA[key], pretrain_cache=cache_dir)
+    return {"start": start, "end": time.time(), "pid": os.getpid(), "threads": torch.get_num_threads()}
+
+
+def plain_main(configs_json: str, out_dir: str, concurrency: int) -> int:
+    from concurrent.futures import ProcessPoolExecutor
+
+    configs = json.loads(Path(configs_json).read_text())
+    cache = Path(out_dir) / "pretrain_cache"
+    with ProcessPoolExecutor(concurrency, initializer=_plain_init) as pool:
+        futures = [pool.submit(_plain_run, i, c, out_dir, str(cache)) for i, c in enumerate(configs)]
+        runs = [f.result() for f in futures]
+    (Path(out_dir) / "plain_runs.json").write_text(json.dumps(runs))
+    return 0
+
+
+# -- helpers --------------------------------------------------------------------
+class LoadSampler:
+    """Samples the 1-minute load average every ``every`` seconds while running."""
+
+    def __init__(self, every: float = 2.0):
+        self.every, self.samples = every, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        while True:
+            self.samples.append(os.getloadavg()[0])
+            if self._stop.wait(self.every):
+                return
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(os.getloadavg()[0])
+
+    def summary(self) -> dict:
+        s = self.samples
+        return {"min": round(min(s), 2), "mean": round(statistics.fmean(s), 2), "max": round(max(s), 2)}
+
+
+def kill_processes_of(ray_tmp: str) -> int:
+    """Kill (by pid) every process whose command line or environment names ``ray_tmp``
+    (the private RAY_TMPDIR: Ray's daemons name it, its workers inherit it)."""
+    killed = 0
+    me = os.getpid()
+    needle = ray_tmp.encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == me:
+            continue
+        try:
+            text = (proc / "cmdline").read_bytes() + b"\0" + (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in text:
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+    return killed
+
+
+def wait_for_load(limit: float, max_wait: float) -> dict:
+    start = time.time()
+    first = os.getloadavg()[0]
+    while os.getloadavg()[0] >= limit and time.time() - start < max_wait:
+        time.sleep(10)
+    waited = time.time() - start
+    now = os.getloadavg()[0]
+    if waited > 1:
+        print(f"waited {waited:.0f} s for the load: 1-min load average {first:.2f} -> {now:.2f} "
+              f"({'below' if now < limit else 'still above'} {limit})", flush=True)
+    return {"limit": limit, "waited_s": round(waited, 1), "load_at_start": round(now, 2),
+            "reached": now < limit}
+
+
+def write_search(path: Path, args) -> Path:
+    raw = yaml.safe_load((REPO / "search_spaces" / "tiny.yaml").read_text())
+    for phase in ("pretrain", "finetune"):
+        raw["experiment"][phase].update(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch)
+    raw["search"].update(num_trials=args.trials, sampler="random", scheduler={"type": "fifo"},
+                         max_concurrent=args.concurrency, resources={"cpu": 1, "gpu": 0})
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def _clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "COMOD_OPTUNA_STORAGE", "OMP_NUM_THREADS")}
+    env.update(PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def trial_spans(run_dirs: list[Path]) -> list[dict]:
+    """Per run folder: start (config.yaml written) and end (last checkpoint write) as wall-clock times,
+    and run_experiment's own wall_seconds (metrics.json)."""
+    spans = []
+    for d in run_dirs:
+        if not (d / "metrics.json").exists():
+            continue
+        metrics = json.loads((d / "metrics.json").read_text())
+        spans.append({"dir": d.name, "start": (d / "config.yaml").stat().st_mtime,
+                      "end": (d / "checkpoint.pt").stat().st_mtime, "wall_seconds": metrics["wall_seconds"],
+                      "kind": yaml.safe_load((d / "config.yaml").read_text())["modulation"]["kind"]})
+    return sorted(spans, key=lambda s: s["start"])
+
+
+def breakdown(t0: float, t1: float, spans: list[dict], concurrency: int) -> dict:
+    """Start-up, trials' window, tail; mean time in a trial and mean idle gap per trial slot."""
+    first = min(s["start"] for s in spans)
+    last = max(s["end"] for s in spans)
+    window = last - first
+    busy = sum(s["end"] - s["start"] for s in spans)
+    n = len(spans)
+    return {"wall_s": round(t1 - t0, 3), "startup_s": round(first - t0, 3), "window_s": round(window, 3),
+            "tail_s": round(t1 - last, 3), "trials": n,
+            "mean_trial_s": round(busy / n, 4),
+            "mean_run_experiment_s": round(statistics.fmean(s["wall_seconds"] for s in spans), 4),
+            "mean_gap_s": round((window * concurrency - busy) / n, 4)}
+
+
+def run_platform(search_file: Path, work: Path, args) -> dict:
+    home = work / "home"
+    home.mkdir()
+    ray_tmp = tempfile.mkdtemp(prefix="po", dir="/tmp")
+    env = _clean_env(COMOD_HOME=str(home), COMOD_DOWNLOAD="0", RAY_TMPDIR=ray_tmp)
+    cmd = [sys.executable, "-m", "comod_platform.cli", "search", "run", str(search_file), "--name", SEARCH_NAME]
+    log = work / "platform.log"
+    try:
+        with LoadSampler() as load, open(log, "w") as out:
+            t0 = time.time()
+            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            try:
+                rc = proc.wait(args.timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                rc = "timeout"
+            t1 = time.time()
+    finally:
+        leftovers = kill_processes_of(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    if rc != 0:
+        raise SystemExit(f"comod search run failed ({rc}); log {log}:\n{log.read_text()[-4000:]}")
+    trials = sorted((home / "searches" / SEARCH_NAME / "trials").iterdir())
+    spans = trial_spans(trials)
+    if len(spans) != args.trials:
+        raise SystemExit(f"the search finished {len(spans)} trials of {args.trials}; log {log}")
+    pretrained = len(list((home / "searches" / SEARCH_NAME / "pretrain_cache").glob("*.pt")))
+    return {**breakdown(t0, t1, spans, args.concurrency), "load": load.summary(),
+            "pretrained_models": pretrained, "ray_processes_killed_after": leftovers,
+            "configs": [str(work / "home" / "searches" / SEARCH_NAME / "trials" / s["dir"] / "config.yaml")
+                        for s in spans],
+            "kinds": {k: sum(s["kind"] == k for s in spans) for k in ("none", "deterministic", "stochastic")}}
+
+
+def run_plain(configs: list[str], work: Path, args) -> dict:
+    out = work / "plain"
+    out.mkdir()
+    (work / "plain_configs.json").write_text(json.dumps(configs))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--plain-worker", str(work / "plain_configs.json"),
+           str(out), str(args.concurrency)]
+    log = work / "plain.log"
+    with LoadSampler() as load, open(log, "w") as stream:
+        t0 = time.time()
+        done = subprocess.run(cmd, cwd=REPO, env=_clean_env(), stdout=stream, stderr=subprocess.STDOUT,
+                              timeout=args.timeout)
+        t1 = time.time()
+    if done.returncode != 0:
+        raise SystemExit(f"the plain loop failed ({done.returncode}); log {log}:\n{log.read_text()[-4000:]}")
+    runs = json.loads((out / "plain_runs.json").read_text())
+    spans = trial_spans(sorted(p for p in out.iterdir() if p.name.startswith("run")))
+    pretrained = len(list((out / "pretrain_cache").glob("*.pt")))
+    return {**breakdown(t0, t1, spans, args.concurrency), "load": load.summary(), "pretrained_models": pretrained,
+            "worker_threads": sorted({r["threads"] for r in runs})}
+
+
+def versions() -> dict:
+    import mlflow
+    import optuna
+    import ray
+    import torch
+
+    return {"ray": ray.__version__, "mlflow": mlflow.__version__, "optuna": optuna.__version__,
+            "torch": torch.__version__, "python": sys.version.split()[0]}
+
+
+def machine() -> dict:
+    return {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "platform": platform.platform()}
+
+
+def summarise(pairs: list[dict], args) -> dict:
+    wall_p = sum(p["platform"]["wall_s"] for p in pairs)
+    wall_q = sum(p["plain"]["wall_s"] for p in pairs)
+    win_p = sum(p["platform"]["window_s"] for p in pairs)
+    win_q = sum(p["plain"]["window_s"] for p in pairs)
+    n = args.trials * len(pairs)
+    mean = lambda side, key: round(statistics.fmean(p[side][key] for p in pairs), 4)  # noqa: E731
+    return {
+        "ratio": round(wall_p / wall_q, 3),
+        "ratios_per_repeat": [round(p["platform"]["wall_s"] / p["plain"]["wall_s"], 3) for p in pairs],
+        "window_ratio": round(win_p / win_q, 3),
+        "per_trial_overhead_ms": round((wall_p - wall_q) / n * 1000, 1),
+        "per_trial_overhead_window_ms": round((win_p - win_q) / n * 1000, 1),
+        "per_trial_overhead_slot_ms": round((win_p - win_q) / n * 1000 * args.concurrency, 1),
+        "startup_extra_s": round(mean("platform", "startup_s") - mean("plain", "startup_s"), 3),
+        "tail_extra_s": round(mean("platform", "tail_s") - mean("plain", "tail_s"), 3),
+        "in_trial_extra_ms": round((mean("platform", "mean_trial_s") - mean("plain", "mean_trial_s")) * 1000, 1),
+        "gap_extra_ms": round((mean("platform", "mean_gap_s") - mean("plain", "mean_gap_s")) * 1000, 1),
+        "target": TARGET_RATIO,
+        "pass": wall_p / wall_q <= TARGET_RATIO,
+    }
+
+
+def row(name: str, r: dict) -> str:
+    return (f"| {name} | {r['wall_s']:.1f} | {r['startup_s']:.1f} | {r['window_s']:.1f} | {r['tail_s']:.1f} | "
+            f"{r['mean_trial_s'] * 1000:.0f} | {r['mean_run_experiment_s'] * 1000:.0f} | "
+            f"{r['mean_gap_s'] * 1000:.0f} | {r['pretrained_models']} | "
+            f"{r['load']['min']:.1f}/{r['load']['mean']:.1f}/{r['load']['max']:.1f} |")
+
+
+def markdown(result: dict) -> str:
+    s, st, m, v = result["summary"], result["settings"], result["machine"], result["versions"]
+    lines = [
+        "# Platform overhead: `comod search run` vs a plain loop",
+        "",
+        f"{st['trials']} trials of the tiny synthetic experiment ({st['epochs']} pretraining + {st['epochs']} "
+        f"fine-tuning epochs of {st['steps_per_epoch']} steps), {st['concurrency']} at a time, one CPU thread "
+        f"each; search: sampler random, scheduler fifo, Ray Tune + Optuna (SQLite) + MLflow (SQLite), fresh "
+        f"COMOD_HOME. Plain: the same configs (the search's trials' config.yaml) through "
+        f"`comod.train.run_experiment` in a ProcessPoolExecutor({st['concurrency']}), data loaded once per "
+        f"worker, a shared pretraining cache like the search's. Both timed as whole commands. "
+        f"{len(result['pairs'])} repeat(s), the order alternating.",
+        "",
+        f"Machine: {m['processor']}, {m['cpu_count']} CPUs; {m['platform']}. Versions: Ray {v['ray']}, "
+        f"MLflow {v['mlflow']}, Optuna {v['optuna']}, torch {v['torch']}, Python {v['python']}. "
+        f"1-min load average before: {result['load_wait']['load_at_start']} (waited "
+        f"{result['load_wait']['waited_s']:.0f} s for < {result['load_wait']['limit']}); during the runs "
+        f"min/mean/max per row below; total {result['total_s']:.0f} s.",
+        "",
+        "| run | wall s | start-up s | trials' window s | tail s | ms in a trial | ms run_experiment | "
+        "ms idle gap / trial slot | pretrained models | load min/mean/max |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for i, p in enumerate(result["pairs"]):
+        lines.append(row(f"{i + 1}: platform", p["platform"]))
+        lines.append(row(f"{i + 1}: plain", p["plain"]))
+    lines += [
+        "",
+        "start-up = command start to the first trial's run_experiment start; window = first trial start to "
+        "last trial end; tail = last trial end to command end; ms in a trial = config.yaml to final "
+        "checkpoint.pt of a trial folder; ms run_experiment = its own `wall_seconds` (without model build); "
+        "idle gap = (window x concurrency - time in trials) / trials.",
+        "",
+        f"- ratio platform / plain (whole commands): **{s['ratio']:.3f}** (per repeat: "
+        f"{', '.join(f'{r:.3f}' for r in s['ratios_per_repeat'])}); trials' window only: {s['window_ratio']:.3f}",
+        f"- per-trial overhead: {s['per_trial_overhead_ms']:.0f} ms of wall clock amortised over the whole "
+        f"command; {s['per_trial_overhead_window_ms']:.0f} ms in the trials' window "
+        f"({s['per_trial_overhead_slot_ms']:.0f} ms of a trial slot)",
+        f"- of which: start-up +{s['startup_extra_s']:.1f} s, tail +{s['tail_extra_s']:.1f} s (once per search); "
+        f"in a trial {s['in_trial_extra_ms']:+.0f} ms, idle gap between trials {s['gap_extra_ms']:+.0f} ms "
+        f"(per trial slot)",
+        "",
+        f"**{'PASS' if s['pass'] else 'MISS'}: platform / plain = {s['ratio']:.3f} (target <= {s['target']})**",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.plain_worker:
+        return plain_main(args.plain_worker[0], args.plain_worker[1], int(args.plain_worker[2]))
+    started = time.time()
+    load_wait = wait_for_load(args.wait_load, args.max_wait)
+    root = Path(tempfile.mkdtemp(prefix="platform-overhead-"))
+    print(f"work folder {root}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    pairs = []
+    try:
+        for rep in range(args.repeats):
+            work = root / f"rep{rep}"
+            work.mkdir()
+            search_file = write_search(work / "overhead.yaml", args)
+            configs = pairs[0]["platform"]["configs"] if pairs else None
+            order = ["platform", "plain"] if rep % 2 == 0 or configs is None else ["plain", "platform"]
+            pair: dict = {}
+            for side in order:
+                if side == "platform":
+                    pair["platform"] = run_platform(search_file, work, args)
+                else:
+                    pair["plain"] = run_plain(configs or pair["platform"]["configs"], work, args)
+                r = pair[side]
+                print(f"  repeat {rep + 1} {side:8s} wall {r['wall_s']:6.1f} s  start-up {r['startup_s']:5.1f} s  "
+                      f"window {r['window_s']:6.1f} s  tail {r['tail_s']:5.1f} s  trial {r['mean_trial_s']*1000:5.0f} "
+                      f"ms  gap {r['mean_gap_s']*1000:5.0f} ms  load {r['load']['mean']:.1f}", flush=True)
+            pairs.append(pair)
+    finally:
+        if args.keep:
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    for p in pairs:
+        p["platform"]["configs"] = len(p["platform"]["configs"])
+    result = {"benchmark": "platform_overhead",
+              "settings": {k: getattr(args, k) for k in ("trials", "concurrency", "steps_per_epoch", "epochs",
+                                                          "repeats", "quick")},
+              "machine": machine(), "versions": versions(), "load_wait": load_wait,
+              "total_s": round(time.time() - started, 1), "pairs": pairs}
+    result["summary"] = summarise(pairs, args)
+    s = result["summary"]
+    print(f"platform / plain = {s['ratio']:.3f} (target <= {TARGET_RATIO}; per repeat "
+          f"{s['ratios_per_repeat']}); trials' window only {s['window_ratio']:.3f}")
+    print(f"per-trial overhead {s['per_trial_overhead_ms']:.0f} ms amortised, "
+          f"{s['per_trial_overhead_window_ms']:.0f} ms in the trials' window; start-up +{s['startup_extra_s']:.1f} s, "
+          f"tail +{s['tail_extra_s']:.1f} s, in a trial {s['in_trial_extra_ms']:+.0f} ms, "
+          f"gap {s['gap_extra_ms']:+.0f} ms")
+    print(f"{'PASS' if s['pass'] else 'MISS'}: platform / plain = {s['ratio']:.3f} (target <= {TARGET_RATIO})")
+    if args.out is None and args.quick:
+        return 0
+    args.out = args.out or RESULTS
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "platform_overhead"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(result))
+    print(f"wrote {args.out / stem}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
