@@ -194,10 +194,11 @@ def _cpu_state(model: torch.nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
+def config_difference(a: Any, b: Any, path: str = "") -> str | None:
+    """The first setting where two config dicts differ, as ``path: old in the checkpoint, new now``."""
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b)):
-            diff = _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+            diff = config_difference(a.get(key), b.get(key), f"{path}.{key}" if path else key)
             if diff:
                 return diff
         return None
@@ -228,7 +229,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, data: TaskData | 
     cfg_dict = config_to_dict(cfg)
     saved = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
     if saved is not None:
-        diff = _first_difference(saved["config"], cfg_dict)
+        diff = config_difference(saved["config"], cfg_dict)
         if diff:
             raise TrainingError(f"{out} holds a run of another config ({diff}); "
                                 f"choose another output folder, or restart it from scratch")

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_train(args) -> int:
-    from comod.config import ConfigError, config_to_dict, flatten, load_config
+    from comod.config import ConfigError, config_to_dict, load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -63,7 +63,8 @@ def cmd_train(args) -> int:
     # imported once the config is good: a config error need not wait for MLflow's import
     from comod.data import load_data
     from comod.data.taskdata import DatasetNotFoundError
-    from comod.train import CHECKPOINT, TrainingError, task_indices, load_checkpoint, run_experiment
+    from comod.train import (CHECKPOINT, TrainingError, config_difference, load_checkpoint, run_experiment,
+                             task_indices)
     from comod_platform.paths import default_train_dir
     from comod_platform.progress import ProgressCallbacks
     from comod_platform.tracking import RUN_FILE, RunLogger, TrackingError, check_reachable, tracking_uri
@@ -77,12 +78,10 @@ def cmd_train(args) -> int:
     elif (out / CHECKPOINT).exists():
         # checked before the MLflow run is touched, so a mismatch changes nothing recorded
         saved = load_checkpoint(out / CHECKPOINT)
-        before, now = flatten(saved["config"]), flatten(config_to_dict(cfg))
-        diff = next((k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)), None)
+        diff = config_difference(saved["config"], config_to_dict(cfg))
         if diff is not None:
-            raise UserError(f"{out} holds a run of another config ({diff}: {before.get(diff)!r} there, "
-                            f"{now.get(diff)!r} now); pass --restart to discard it and start over, "
-                            f"or choose another --out")
+            raise UserError(f"{out} holds a run of another config ({diff}); pass --restart to discard it "
+                            f"and start over, or choose another --out")
     finished = saved is not None and saved.get("metrics") is not None
     data = None
     try:

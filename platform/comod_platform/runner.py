@@ -37,7 +37,7 @@ def optuna_storage_url(paths: SearchPaths) -> str:
 
 
 def _max_epochs(sf: SearchFile) -> int:
-    """The most epochs a trial can train, both phases (ASHA's max_t on the trials' epoch clock)."""
+    """The most epochs a trial can train, both phases (the trials' epoch clock of ASHA)."""
     base = sf.base_config()
     total = 0
     for phase in ("pretrain", "finetune"):
@@ -56,7 +56,9 @@ def _scheduler(sf: SearchFile):
     s = sf.search.scheduler
     if s.type == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(time_attr=EPOCH, max_t=max(_max_epochs(sf), 1), grace_period=s.grace_period,
+    # ASHA stops any trial whose clock reaches max_t: one past the last epoch, so a trial's
+    # natural end (its last epoch, then the final report) is never an early stop
+    return ASHAScheduler(time_attr=EPOCH, max_t=_max_epochs(sf) + 1, grace_period=s.grace_period,
                          reduction_factor=s.reduction_factor)
 
 
@@ -90,9 +92,11 @@ def _trainable(sf: SearchFile, paths: SearchPaths):
 
 
 def _callbacks(sf: SearchFile, paths: SearchPaths, meta: SearchMeta):
+    from ray.tune.logger import JsonLoggerCallback
+
     from comod_platform.tune_callbacks import MlflowTrialCallback, ProgressCallback
 
-    return [MlflowTrialCallback(sf, paths.name, meta.tracking_uri, meta.experiment_id, meta.parent_run_id,
+    return [JsonLoggerCallback(), MlflowTrialCallback(sf, paths.name, meta.tracking_uri, meta.experiment_id, meta.parent_run_id,
                                 str(paths.trials)),
             ProgressCallback(sf.search.metric, sf.search.mode, sf.search.num_trials)]
 
@@ -164,7 +168,8 @@ def _fit(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, address: str | No
     from comod_platform.searcher import PruneAwareOptunaSearch, create_sampler
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our progress line instead of Ray's tables
-    # Ray's JSON/CSV/TensorBoard result files cost ~30 ms a result in the driver loop; MLflow has it all
+    # Ray's CSV and TensorBoard result files cost ~30 ms a result in the driver loop and nothing
+    # reads them; the JSON one stays (added in _callbacks): the result grid reads it
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     _init_ray(address)
     trainable = _trainable(sf, paths)

@@ -54,7 +54,7 @@ class PruneAwareOptunaSearch(OptunaSearch):
         return False
 
     def on_trial_result(self, trial_id: str, result: dict):
-        if not self.report_intermediate or trial_id in self._completed_trials \
+        if not self.report_intermediate or result.get(FINAL_FLAG) or trial_id in self._completed_trials \
                 or self._closed_in_storage(trial_id) or trial_id not in self._ot_trials:
             return
         # the trial's epoch, not Ray's iteration count (which restarts when a trial is restored)
