@@ -25,7 +25,6 @@ def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, 
     if confidence.numel() == 0:
         return 0.0
     idx = (confidence.clamp(0, 1) * bins).long().clamp_max(bins - 1)
-    count = torch.bincount(idx, minlength=bins).double()
     conf_sum = torch.bincount(idx, weights=confidence.double(), minlength=bins)
     acc_sum = torch.bincount(idx, weights=correct.double(), minlength=bins)
     return float((conf_sum - acc_sum).abs().sum() / confidence.numel())

@@ -134,7 +134,7 @@ class MlflowTrialCallback(Callback):
                 self.writer.submit(self._reconcile, trial)
 
     def _reconcile(self, trial) -> None:
-        run_id = self.run_id(trial)
+        self.run_id(trial)  # finds the run, and whether it ended already
         if trial.trial_id in self._closed:
             return
         last = trial.last_result or {}
