@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from comod.config import ConfigError
+from comod.config import flatten
 from comod.data import load_data
 from comod.schema import to_dict
 from comod_platform.conventions import EPOCH, FINAL_FLAG, TAG_ROLE, TAG_SEARCH, experiment_name, param_text
@@ -104,33 +104,16 @@ def _callbacks(sf: SearchFile, paths: SearchPaths, meta: SearchMeta):
 def _start_tracking(sf: SearchFile, name: str) -> tuple[str, str, str]:
     from mlflow.tracking import MlflowClient
 
-    from comod_platform.tracking import setup, tracking_uri
+    from comod_platform.tracking import log_params, setup, tracking_uri
 
     experiment_id = setup(experiment_name(name))
     uri = tracking_uri()
     client = MlflowClient(tracking_uri=uri)
     parent = client.create_run(experiment_id, run_name=name, tags={TAG_SEARCH: name, TAG_ROLE: "search"})
-    settings = {}
-    for key, value in _flat(to_dict(sf.search), "search.").items():
-        settings[key] = param_text(value)
-    for key, dist in sf.space.items():
-        settings[f"space.{key}"] = param_text(to_dict(dist))
-    from mlflow.entities import Param
-
-    params = [Param(k, v[:6000]) for k, v in settings.items()]
-    for i in range(0, len(params), 100):
-        client.log_batch(parent.info.run_id, params=params[i:i + 100])
+    settings = {key: param_text(value) for key, value in flatten(to_dict(sf.search), "search.").items()}
+    settings.update({f"space.{key}": param_text(to_dict(dist)) for key, dist in sf.space.items()})
+    log_params(client, parent.info.run_id, settings)
     return uri, experiment_id, parent.info.run_id
-
-
-def _flat(raw: dict, prefix: str) -> dict:
-    out = {}
-    for key, value in raw.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def run_search(search_path: str | Path, name: str | None = None, address: str | None = None) -> dict:
@@ -223,4 +206,4 @@ def summarise_grid(grid, sf: SearchFile) -> dict:
             "best": {"value": best[0], "trial_id": best[1]} if best else None, "metric": sf.search.metric}
 
 
-__all__ = ["SearchError", "run_search", "resume_search", "ConfigError"]
+__all__ = ["SearchError", "run_search", "resume_search"]

@@ -84,6 +84,15 @@ def setup(experiment: str):
     return mlflow.create_experiment(experiment, artifact_location=root)
 
 
+def log_params(client, run_id: str, params: dict[str, str]) -> None:
+    """Log params in batches of MLflow's limit (100), values cut to its 6000 characters."""
+    from mlflow.entities import Param
+
+    batch = [Param(k, v[:6000]) for k, v in params.items()]
+    for i in range(0, len(batch), 100):
+        client.log_batch(run_id, params=batch[i:i + 100])
+
+
 def params_of(cfg: ExperimentConfig) -> dict[str, str]:
     from comod_platform.conventions import param_text
 
@@ -126,11 +135,7 @@ class RunLogger:
         else:
             run = self.client.create_run(self.experiment_id, run_name=cfg.name, tags=all_tags)
             self.run_id = run.info.run_id
-            from mlflow.entities import Param
-
-            params = [Param(k, v) for k, v in params_of(cfg).items()]
-            for i in range(0, len(params), 100):  # MLflow's batch limit is 100 params
-                self.client.log_batch(self.run_id, params=params[i:i + 100])
+            log_params(self.client, self.run_id, params_of(cfg))
             self.out_dir.mkdir(parents=True, exist_ok=True)
             run_file.write_text(json.dumps({"tracking_uri": mlflow.get_tracking_uri(), "run_id": self.run_id}))
 

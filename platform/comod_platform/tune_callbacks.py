@@ -17,9 +17,9 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from comod.config import flatten
+from comod_platform.tracking import log_params, params_of
 from comod_platform.conventions import (FINAL_FLAG, STEP, TAG_ERROR, TAG_KIND, TAG_PARENT, TAG_ROLE, TAG_SEARCH,
-                                        TAG_STATE, TAG_STOPPED_EPOCH, TAG_TRIAL_ID, EPOCH, param_text)
+                                        TAG_STATE, TAG_STOPPED_EPOCH, TAG_TRIAL_ID, EPOCH)
 
 log = logging.getLogger(__name__)
 SKIP = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "iterations_since_restore",
@@ -114,11 +114,7 @@ class MlflowTrialCallback(Callback):
                 TAG_PARENT: self.parent_run_id, TAG_SEARCH: self.search_name, TAG_ROLE: "trial",
                 TAG_TRIAL_ID: trial.trial_id, TAG_KIND: cfg.modulation.kind, TAG_STATE: "running"})
             run_id = run.info.run_id
-            from mlflow.entities import Param
-
-            params = [Param(k, param_text(v)) for k, v in flatten(cfg).items()]
-            for i in range(0, len(params), 100):
-                self.client.log_batch(run_id, params=params[i:i + 100])
+            log_params(self.client, run_id, params_of(cfg))
         self._runs[trial.trial_id] = run_id
         return run_id
 

@@ -123,6 +123,8 @@ def test_search_end_to_end_with_an_mlflow_server(tmp_path, ray_tmp):
         status = _comod(["search", "status", "e2e"], _env(home, ray_tmp, server.uri))
         assert status.returncode == 0, status.stderr
         assert "4 trials of 4" in status.stdout and "modulation.kind" in status.stdout
+        listed = _comod(["search", "list"], _env(home, ray_tmp, server.uri))
+        assert listed.returncode == 0 and listed.stdout.split() == ["e2e"]
 
         # export, then train the exported config as it is: the round trip users make
         env = _env(home, ray_tmp, server.uri)
