@@ -36,6 +36,10 @@ class TrainingError(RuntimeError):
     """A run cannot go on (diverged loss, mismatched checkpoint, bad task names)."""
 
 
+class DivergedError(TrainingError):
+    """The training loss became NaN or infinite: the run stops with this reason."""
+
+
 @dataclass
 class Callbacks:
     """Hooks a caller attaches; each one is optional."""
@@ -120,7 +124,7 @@ def train_one_epoch(model: MultiTaskModel, optimizer: torch.optim.Optimizer, bat
             callbacks.on_step(phase, i + 1, steps)
     mean = float(total) / max(steps, 1)  # one host sync per epoch, not per step
     if not math.isfinite(mean):
-        raise TrainingError(f"{phase}: the training loss became {mean} (diverged); "
+        raise DivergedError(f"{phase}: the training loss became {mean} (diverged); "
                             f"lower the learning rates of {phase}.lr or the noise scale")
     return mean
 

@@ -22,12 +22,16 @@ TAG_KIND = "comod.modulation_kind"
 TAG_STATE = "comod.state"              # running, completed, pruned, failed
 TAG_STOPPED_EPOCH = "comod.stopped_epoch"  # epochs reported when the trial ended (its rung if pruned)
 TAG_ERROR = "comod.error"
+TAG_RETRIES = "comod.retries"          # times the trial was restarted from its last checkpoint
 TAG_PARENT = "mlflow.parentRunId"
 
 STATES = ("running", "completed", "pruned", "failed")
 
 FINAL_FLAG = "comod/final"
 """Present (1) only in a trial's last report, which carries its final metrics."""
+DIVERGED_FLAG = "comod/diverged"
+"""Present (1) in the last report of a trial whose loss diverged; ``REASON`` says how."""
+REASON = "comod/reason"
 STEP = "comod/step"
 EPOCH = "comod/epoch"
 WALL = "wall_seconds"

@@ -20,7 +20,9 @@ import yaml
 from comod.config import flatten
 from comod.data import load_data
 from comod.schema import to_dict
-from comod_platform.conventions import EPOCH, FINAL_FLAG, TAG_ROLE, TAG_SEARCH, experiment_name, param_text
+from comod_platform import storage as storage_mod
+from comod_platform.conventions import (DIVERGED_FLAG, EPOCH, FINAL_FLAG, TAG_ROLE, TAG_SEARCH, experiment_name,
+                                        param_text)
 from comod_platform.search_state import SearchMeta, SearchPaths
 from comod_platform.searchfile import SearchFile, load_search, parse_search
 
@@ -70,7 +72,9 @@ def _init_ray(address: str | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     try:
         if address:
-            ray.init(address=address, log_to_driver=False)
+            # trials on the cluster's nodes need the driver's storage credentials and offline mode
+            env = storage_mod.worker_env()
+            ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": env} if env else None)
         else:
             ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as err:
@@ -116,8 +120,12 @@ def _start_tracking(sf: SearchFile, name: str) -> tuple[str, str, str]:
     return uri, experiment_id, parent.info.run_id
 
 
-def run_search(search_path: str | Path, name: str | None = None, address: str | None = None) -> dict:
-    """Start a new search from a search file; returns its summary."""
+def run_search(search_path: str | Path, name: str | None = None, address: str | None = None,
+               storage: str | None = None) -> dict:
+    """Start a new search from a search file; returns its summary.
+
+    ``storage`` (else ``$COMOD_STORAGE``) is where Ray Tune keeps the
+    experiment and the trials' checkpoints: see :mod:`comod_platform.storage`."""
     sf = load_search(search_path)
     name = name or f"{sf.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     paths = SearchPaths(name)
@@ -130,15 +138,18 @@ def run_search(search_path: str | Path, name: str | None = None, address: str | 
     uri, experiment_id, parent_run_id = _start_tracking(sf, name)
     meta = SearchMeta(name=name, study_name=name, optuna_storage=optuna_storage_url(paths), tracking_uri=uri,
                       experiment_id=experiment_id, parent_run_id=parent_run_id,
-                      ray_storage=str(paths.ray_storage), created=time.time())
+                      ray_storage=storage_mod.resolve(storage, str(paths.ray_storage)), created=time.time())
     paths.write_meta(meta)
     return _fit(sf, paths, meta, address, restore=False)
 
 
-def resume_search(name: str, address: str | None = None) -> dict:
+def resume_search(name: str, address: str | None = None, storage: str | None = None) -> dict:
     """Continue an interrupted search where it stopped."""
     paths = SearchPaths(name)
     meta = paths.read_meta()
+    if storage and storage_mod.resolve(storage, meta.ray_storage) != meta.ray_storage:
+        raise SearchError(f"search {name!r} keeps its experiment in {meta.ray_storage}; resume it there "
+                          f"(leave --storage out)")
     sf = parse_search(yaml.safe_load(paths.search_file.read_text()), name)
     return _fit(sf, paths, meta, address, restore=True)
 
@@ -149,18 +160,28 @@ def _fit(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, address: str | No
     from ray import tune
 
     from comod_platform.searcher import PruneAwareOptunaSearch, create_sampler
+    from comod_platform.tune_callbacks import retry_call
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our progress line instead of Ray's tables
     # Ray's CSV and TensorBoard result files cost ~30 ms a result in the driver loop and nothing
     # reads them; the JSON one stays (added in _callbacks): the result grid reads it
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # MLflow's client would retry a lost server for minutes inside each call; the search's writer
+    # retries (and buffers) on its own, call by call
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     _init_ray(address)
+    try:
+        storage_mod.check_shared(meta.ray_storage)
+    except storage_mod.StorageError as err:
+        raise SearchError(str(err)) from None
     trainable = _trainable(sf, paths)
-    experiment_path = Path(meta.ray_storage) / meta.name
+    experiment_path = storage_mod.join(meta.ray_storage, meta.name)
     client = MlflowClient(tracking_uri=meta.tracking_uri)
     client.update_run(meta.parent_run_id, status="RUNNING")
-    if restore and tune.Tuner.can_restore(str(experiment_path)):
-        tuner = tune.Tuner.restore(str(experiment_path), trainable, resume_unfinished=True, resume_errored=False,
+    failures = tune.FailureConfig(max_failures=sf.search.max_retries)
+    if restore and tune.Tuner.can_restore(experiment_path):
+        tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)
     else:
         s = sf.search
@@ -175,14 +196,14 @@ def _fit(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, address: str | No
                                         max_concurrent_trials=s.max_concurrent, metric=s.metric, mode=s.mode,
                                         reuse_actors=True),
             run_config=tune.RunConfig(name=meta.name, storage_path=meta.ray_storage, verbose=0,
-                                      callbacks=_callbacks(sf, paths, meta),
-                                      failure_config=tune.FailureConfig(max_failures=0)))
+                                      callbacks=_callbacks(sf, paths, meta), failure_config=failures,
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
     status = "FAILED"
     try:
         grid = tuner.fit()
         status = "FINISHED"
     finally:
-        client.set_terminated(meta.parent_run_id, status=status if status == "FINISHED" else "KILLED")
+        retry_call(client.set_terminated, meta.parent_run_id, status=status if status == "FINISHED" else "KILLED")
     return {"name": meta.name, **summarise_grid(grid, sf)}
 
 
@@ -190,10 +211,10 @@ def summarise_grid(grid, sf: SearchFile) -> dict:
     completed = pruned = failed = 0
     best = None
     for result in grid:
-        if result.error is not None:
+        metrics = result.metrics or {}
+        if result.error is not None or metrics.get(DIVERGED_FLAG):
             failed += 1
             continue
-        metrics = result.metrics or {}
         if metrics.get(FINAL_FLAG):
             completed += 1
             value = metrics.get(sf.search.metric)

@@ -4,7 +4,7 @@ Ray's OptunaSearch tells Optuna that a trial stopped by the scheduler (ASHA)
 is COMPLETE with its last, partial score, which teaches the sampler that a
 one-epoch score is final. Here only a trial whose last report carries the
 final flag is complete; one stopped before is PRUNED (Optuna keeps its
-intermediate values), one that raised is FAIL.
+intermediate values), one that raised or whose loss diverged is FAIL.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from comod_platform.conventions import EPOCH, FINAL_FLAG
+from comod_platform.conventions import DIVERGED_FLAG, EPOCH, FINAL_FLAG, REASON
 
 SAMPLERS = {
     "tpe": lambda seed, grid: optuna.samplers.TPESampler(seed=seed),
@@ -75,8 +75,12 @@ class PruneAwareOptunaSearch(OptunaSearch):
                 or self._closed_in_storage(trial_id):
             return
         if error or not result or not result.get(FINAL_FLAG):
-            state = TrialState.FAIL if error else TrialState.PRUNED
+            diverged = bool((result or {}).get(DIVERGED_FLAG))
+            state = TrialState.FAIL if error or diverged else TrialState.PRUNED
             try:
+                if diverged:
+                    self._ot_study._storage.set_trial_user_attr(self._ot_trials[trial_id]._trial_id, "comod.reason",
+                                                                str(result.get(REASON, "diverged"))[:500])
                 self._ot_study.tell(self._ot_trials[trial_id], state=state)
             except Exception as exc:  # noqa: BLE001 - a trial Optuna already closed stays closed
                 optuna.logging.get_logger(__name__).warning(str(exc))

@@ -105,11 +105,14 @@ class SearchSettings:
     scheduler: Scheduler = field(default_factory=Scheduler)
     resources: Resources = field(default_factory=Resources)
     max_concurrent: int = 2
+    max_retries: int = 2
+    """Times a crashing trial is restarted from its last epoch checkpoint before it counts as failed."""
     seed: int = 0
 
     def validate(self, path: str):
         check(self.num_trials >= 1, f"{path}.num_trials", self.num_trials, "an integer >= 1")
         check(self.max_concurrent >= 1, f"{path}.max_concurrent", self.max_concurrent, "an integer >= 1")
+        check(self.max_retries >= 0, f"{path}.max_retries", self.max_retries, "an integer >= 0")
         check(self.metric in METRICS, f"{path}.metric", self.metric,
               f"a validation metric reported every epoch: {', '.join(METRICS)} (never a test/ metric)")
 

@@ -5,10 +5,15 @@ names (``pretrain/val/mean_f1`` also as ``val/mean_f1``, so a scheduler sees
 one curve across both phases) and the trial's own epoch count, which the
 scheduler uses as its clock (Ray's iteration count restarts when a trial is
 restored; the epoch count does not). The last report carries the final
-metrics and the final flag. The trial's outputs live in the search's
-``trials/ID`` folder: a trial restarted after an interruption resumes from
-its own checkpoint there, so Ray needs no checkpoint of its own. Plots are
-drawn here, on the trial's reserved CPU, not in the driver.
+metrics and the final flag. The trial works in the search's ``trials/ID``
+folder; every epoch's checkpoint (with the config) goes to Ray Tune as the
+trial's checkpoint, which Ray persists to the search's storage (a shared
+mount or S3 on a cluster). A trial restarted (after a crash, on another node
+after a node was lost, or after the driver was lost) continues from that
+last persisted epoch. The final checkpoint also holds the final metrics and
+the plots, which the driver logs to MLflow from there. Plots are drawn here,
+on the trial's reserved CPU, not in the driver. A diverging loss ends the
+trial with a report carrying the diverged flag and the reason.
 
 The dataset arrives through the Ray object store as numpy arrays (zero-copy
 on a node), loaded once by the driver, when the trial's data settings are
@@ -18,15 +23,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from comod.config import config_to_dict
 from comod.data.taskdata import Split, TaskData
-from comod.train import Callbacks, run_experiment
-from comod_platform.conventions import EPOCH, FINAL_FLAG, STEP
+from comod.train import Callbacks, DivergedError, run_experiment
+from comod_platform.conventions import DIVERGED_FLAG, EPOCH, FINAL_FLAG, REASON, STEP
 from comod_platform.search_state import SearchPaths
 
 
@@ -60,6 +69,50 @@ def _with_aliases(metrics: dict) -> dict:
     return row
 
 
+CHECKPOINT_FILES = ("checkpoint.pt", "config.yaml")
+FINAL_FILES = CHECKPOINT_FILES + ("metrics.json", "plots")
+
+
+@contextmanager
+def _staged(out: Path, names: tuple[str, ...]):
+    """A folder holding ``names`` from ``out`` (hard links where possible), for one Ray checkpoint."""
+    folder = Path(tempfile.mkdtemp(prefix="comod-ckpt-"))
+    try:
+        for name in names:
+            src = out / name
+            if src.is_dir():
+                shutil.copytree(src, folder / name)
+            elif src.is_file():
+                try:
+                    os.link(src, folder / name)
+                except OSError:
+                    shutil.copy2(src, folder / name)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _restore(checkpoint, out: Path) -> bool:
+    """Put the trial's last persisted checkpoint (if any) into ``out``; True if there was one.
+
+    Ray's checkpoint is the authority: the local folder may be missing (another
+    node) or hold epochs whose reports never reached the driver."""
+    if checkpoint is None:
+        return False
+    out.mkdir(parents=True, exist_ok=True)
+    with checkpoint.as_directory() as folder:
+        for name in os.listdir(folder):
+            src, dst = Path(folder) / name, out / name
+            if src.is_dir():
+                shutil.rmtree(dst, ignore_errors=True)
+                shutil.copytree(src, dst)
+            else:
+                tmp = dst.with_name(dst.name + ".tmp")
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, dst)
+    return True
+
+
 def run_trial(config: dict, search=None, search_name: str = "", home: str = "", data=None,
               shared_key: str = "") -> None:
     from ray import tune
@@ -70,16 +123,33 @@ def run_trial(config: dict, search=None, search_name: str = "", home: str = "", 
     trial_id = tune.get_context().get_trial_id()
     paths = SearchPaths(search_name, Path(home))
     out = paths.trial_dir(trial_id)
+    resumed = _restore(tune.get_checkpoint(), out)
     shared = unpack(data) if data is not None and data_key(cfg) == shared_key else None
-    epochs_done = {"n": 0}
+    state = {"epochs": 0, "step": 0, "fresh": False}
+
+    def on_checkpoint(path, payload) -> None:
+        state["fresh"] = True
 
     def report(phase: str, epoch: int, step: int, metrics: dict) -> None:
-        epochs_done["n"] = epoch + (cfg.pretrain.epochs if phase == "finetune" else 0)
-        tune.report({**_with_aliases(metrics), STEP: step, EPOCH: epochs_done["n"]})
+        state["epochs"] = epoch + (cfg.pretrain.epochs if phase == "finetune" else 0)
+        state["step"] = step
+        row = {**_with_aliases(metrics), STEP: step, EPOCH: state["epochs"]}
+        if not state["fresh"]:  # a replayed epoch (pretrained model from the cache): nothing new to keep
+            tune.report(row)
+            return
+        state["fresh"] = False
+        with _staged(out, CHECKPOINT_FILES) as folder:
+            tune.report(row, checkpoint=tune.Checkpoint.from_directory(folder))
 
-    metrics = run_experiment(cfg, out, data=shared, callbacks=Callbacks(on_epoch=report),
-                             pretrain_cache=paths.pretrain_cache)
-    if not epochs_done["n"]:  # a finished run read back: its epochs were reported before
-        epochs_done["n"] = cfg.pretrain.epochs + cfg.finetune.epochs
+    try:
+        metrics = run_experiment(cfg, out, data=shared, callbacks=Callbacks(on_epoch=report, on_checkpoint=on_checkpoint),
+                                 resume=resumed, pretrain_cache=paths.pretrain_cache)
+    except DivergedError as err:  # a recorded end, not a crash: retrying would diverge again
+        tune.report({DIVERGED_FLAG: 1, REASON: str(err), STEP: state["step"], EPOCH: state["epochs"]})
+        return
+    if not state["epochs"]:  # a finished run read back: its epochs were reported before
+        state["epochs"] = cfg.pretrain.epochs + cfg.finetune.epochs
     plot_run(out)
-    tune.report({**metrics, FINAL_FLAG: 1, STEP: int(metrics.get("steps", 0)), EPOCH: epochs_done["n"]})
+    final = {**metrics, FINAL_FLAG: 1, STEP: int(metrics.get("steps", 0)), EPOCH: state["epochs"]}
+    with _staged(out, FINAL_FILES) as folder:
+        tune.report(final, checkpoint=tune.Checkpoint.from_directory(folder))

@@ -9,6 +9,7 @@ a restored search re-attaches to its runs instead of duplicating them.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import sys
 import threading
@@ -18,8 +19,9 @@ from pathlib import Path
 from ray.tune import Callback
 
 from comod_platform.tracking import log_params, params_of
-from comod_platform.conventions import (FINAL_FLAG, STEP, TAG_ERROR, TAG_KIND, TAG_PARENT, TAG_ROLE, TAG_SEARCH,
-                                        TAG_STATE, TAG_STOPPED_EPOCH, TAG_TRIAL_ID, EPOCH)
+from comod_platform.conventions import (DIVERGED_FLAG, EPOCH, FINAL_FLAG, REASON, STEP, TAG_ERROR, TAG_KIND,
+                                        TAG_PARENT, TAG_RETRIES, TAG_ROLE, TAG_SEARCH, TAG_STATE,
+                                        TAG_STOPPED_EPOCH, TAG_TRIAL_ID)
 
 log = logging.getLogger(__name__)
 SKIP = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "iterations_since_restore",
@@ -36,12 +38,38 @@ def numeric_metrics(result: dict) -> dict[str, float]:
             and ("/" in k or k in OWN_PLAIN)}
 
 
-class _Writer:
-    """A background thread that runs MLflow calls in order, retrying each a few times."""
+def transient(err: Exception) -> bool:
+    """Whether an MLflow call failed because the server could not be reached or was failing
+    (worth retrying until it is back), rather than because the call itself was refused."""
+    if isinstance(err, (ConnectionError, TimeoutError, OSError)):
+        return True
+    try:
+        import requests
 
-    def __init__(self, retries: int = 5):
+        if isinstance(err, requests.exceptions.RequestException):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    if type(err).__name__ == "OperationalError":  # SQLAlchemy: a locked or unreachable database
+        return True
+    text = str(err)
+    return "API request to" in text and any(
+        sign in text for sign in ("failed with exception", "timeout", "failed with error code 5"))
+
+
+class _Writer:
+    """A background thread that runs MLflow calls in order.
+
+    While the tracking server is unreachable, writes wait in the queue (in
+    order) and the head one is retried with a growing pause (at most
+    ``max_pause`` s), so nothing is dropped. A call the server refuses is
+    tried ``retries`` times, then dropped with a warning."""
+
+    def __init__(self, retries: int = 5, max_pause: float = 15.0, describe: str = "MLflow"):
         self.queue: queue.Queue = queue.Queue()
-        self.retries = retries
+        self.retries, self.max_pause, self.describe = retries, max_pause, describe
+        self.outage_since: float | None = None
+        self.dropped = 0
         self.thread = threading.Thread(target=self._loop, name="comod-mlflow-writer", daemon=True)
         self.thread.start()
 
@@ -51,18 +79,68 @@ class _Writer:
     def _loop(self) -> None:
         while True:
             fn, args, kwargs = self.queue.get()
-            for attempt in range(self.retries):
+            refused = waits = 0
+            while True:
                 try:
                     fn(*args, **kwargs)
+                    if self.outage_since is not None:
+                        log.warning("%s reachable again after %.0f s; %d buffered writes follow", self.describe,
+                                    time.time() - self.outage_since, self.queue.qsize())
+                        self.outage_since = None
                     break
                 except Exception as err:  # noqa: BLE001 - tracking must never kill the search
-                    if attempt == self.retries - 1:
-                        log.warning("MLflow call %s failed after %d tries: %s", fn.__name__, self.retries, err)
-                    time.sleep(min(2 ** attempt, 10))
+                    if transient(err):
+                        if self.outage_since is None:
+                            self.outage_since = time.time()
+                            log.warning("%s unreachable (%s); buffering writes and retrying", self.describe,
+                                        str(err).splitlines()[0][:200])
+                        waits += 1
+                    else:
+                        refused += 1
+                        if refused >= self.retries:
+                            self.dropped += 1
+                            log.warning("MLflow call %s refused %d times, dropped: %s", fn.__name__, refused, err)
+                            break
+                    time.sleep(min(0.5 * 2 ** min(waits + refused, 6), self.max_pause))
             self.queue.task_done()
 
-    def flush(self) -> None:
-        self.queue.join()
+    def pending(self) -> int:
+        return self.queue.unfinished_tasks
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every write went out (True), or ``timeout`` s passed (False)."""
+        if timeout is None:
+            self.queue.join()
+            return True
+        deadline = time.time() + timeout
+        announced = 0.0
+        while self.pending():
+            if time.time() > deadline:
+                return False
+            if self.outage_since is not None and time.time() - announced > 30:
+                print(f"[search] waiting for {self.describe}: {self.pending()} writes buffered "
+                      f"(up to {deadline - time.time():.0f} s more)", file=sys.stderr, flush=True)
+                announced = time.time()
+            time.sleep(0.1)
+        return True
+
+
+def retry_call(fn, *args, timeout: float | None = None, **kwargs):
+    """``fn(*args, **kwargs)``, retried while the tracking server is unreachable (up to the flush timeout)."""
+    deadline = time.time() + (timeout if timeout is not None else float(os.environ.get(FLUSH_TIMEOUT_ENV, 900)))
+    pause = 0.5
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001
+            if not transient(err) or time.time() + pause > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 15.0)
+
+
+FLUSH_TIMEOUT_ENV = "COMOD_MLFLOW_FLUSH_TIMEOUT"
+"""Seconds the end of a search waits for an unreachable tracking server (default 900)."""
 
 
 class MlflowTrialCallback(Callback):
@@ -93,7 +171,7 @@ class MlflowTrialCallback(Callback):
     @property
     def writer(self) -> _Writer:
         if self._writer is None:
-            self._writer = _Writer()
+            self._writer = _Writer(describe=f"MLflow at {self.tracking_uri}")
         return self._writer
 
     def run_id(self, trial) -> str:
@@ -136,8 +214,8 @@ class MlflowTrialCallback(Callback):
         last = trial.last_result or {}
         if last.get(FINAL_FLAG):
             self._log_metrics(trial, numeric_metrics(last), int(last.get(STEP, 0)))
-        state = "failed" if trial.status == "ERROR" else "completed" if last.get(FINAL_FLAG) else "pruned"
-        self._end(trial, state, None)
+        state, reason = self._outcome(trial)
+        self._end(trial, state, reason, trial.checkpoint)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.writer.submit(self.run_id, trial)
@@ -149,31 +227,51 @@ class MlflowTrialCallback(Callback):
         step = int(result.get(STEP, result.get("training_iteration", 0)))
         self.writer.submit(self._log_metrics, trial, metrics, step)
 
+    @staticmethod
+    def _outcome(trial) -> tuple[str, str | None]:
+        """(state, reason) of a trial that ended."""
+        last = trial.last_result or {}
+        if trial.status == "ERROR":
+            return "failed", _error_line(trial)
+        if last.get(DIVERGED_FLAG):
+            return "failed", str(last.get(REASON, "diverged"))[:500]
+        return ("completed" if last.get(FINAL_FLAG) else "pruned"), None
+
     def on_trial_complete(self, iteration, trials, trial, **info):
-        final = bool((trial.last_result or {}).get(FINAL_FLAG))
-        self.writer.submit(self._end, trial, "completed" if final else "pruned", None)
+        state, reason = self._outcome(trial)
+        self.writer.submit(self._end, trial, state, reason, trial.checkpoint)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        message = ""
-        if getattr(trial, "error_file", None) and Path(trial.error_file).exists():
-            message = Path(trial.error_file).read_text().strip().splitlines()[-1][:500]
-        self.writer.submit(self._end, trial, "failed", message)
+        self.writer.submit(self._end, trial, "failed", _error_line(trial), trial.checkpoint)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        # restarted from its last checkpoint (Ray's FailureConfig); the run goes on
+        retries = getattr(trial.run_metadata, "num_failures", None)
+        self.writer.submit(self._tag, trial, TAG_RETRIES, str(retries if retries is not None else "?"))
+        self.writer.submit(self._tag, trial, TAG_ERROR, f"restarted after: {_error_line(trial)}")
 
     def on_experiment_end(self, trials, **info):
         best = sorted((t for t in trials if (t.last_result or {}).get(FINAL_FLAG)),
                       key=self._score, reverse=True)[:self.keep_checkpoints]
         for trial in best:
-            self.writer.submit(self._log_checkpoint, trial)
-        self.flush()
+            self.writer.submit(self._log_checkpoint, trial, trial.checkpoint)
+        timeout = float(os.environ.get(FLUSH_TIMEOUT_ENV, 900))
+        if self._writer is not None and not self._writer.flush(timeout):
+            log.warning("MLflow at %s stayed unreachable: %d writes not sent; `comod search resume %s` "
+                        "finishes the runs once it is back", self.tracking_uri, self._writer.pending(),
+                        self.search_name)
 
     def _score(self, trial) -> float:
         value = float((trial.last_result or {}).get(self.metric, float("nan")))
         return value if self.mode == "max" else -value
 
-    def _log_checkpoint(self, trial) -> None:
-        path = Path(self.trials_root) / trial.trial_id / "checkpoint.pt"
-        if path.exists():
-            self.client.log_artifact(self.run_id(trial), str(path))
+    def _log_checkpoint(self, trial, checkpoint) -> None:
+        if checkpoint is None:
+            return
+        with checkpoint.as_directory() as folder:
+            path = Path(folder) / "checkpoint.pt"
+            if path.exists():
+                self.client.log_artifact(self.run_id(trial), str(path))
 
     def flush(self) -> None:
         if self._writer is not None:
@@ -191,7 +289,12 @@ class MlflowTrialCallback(Callback):
         for i in range(0, len(batch), 1000):
             self.client.log_batch(run_id, metrics=batch[i:i + 1000])
 
-    def _end(self, trial, state: str, error: str | None) -> None:
+    def _tag(self, trial, key: str, value: str) -> None:
+        run_id = self.run_id(trial)
+        if trial.trial_id not in self._closed:
+            self.client.set_tag(run_id, key, value)
+
+    def _end(self, trial, state: str, error: str | None, checkpoint=None) -> None:
         run_id = self.run_id(trial)
         if trial.trial_id in self._closed:
             return
@@ -201,17 +304,31 @@ class MlflowTrialCallback(Callback):
             tags[TAG_ERROR] = error
         for key, value in tags.items():
             self.client.set_tag(run_id, key, value)
-        out = Path(self.trials_root) / trial.trial_id
-        try:
-            for name in ("config.yaml", "metrics.json"):
-                if (out / name).exists():
-                    self.client.log_artifact(run_id, str(out / name))
-            for plot in sorted((out / "plots").glob("*.png")):  # drawn by the trial itself
-                self.client.log_artifact(run_id, str(plot), "plots")
-        except Exception as err:  # noqa: BLE001 - a missing plot must not leave the run open
-            log.warning("artifacts of trial %s not logged: %s", trial.trial_id, err)
+        if checkpoint is not None:  # the trial's last persisted checkpoint (on the search's storage)
+            try:
+                with checkpoint.as_directory() as folder:
+                    out = Path(folder)
+                    for name in ("config.yaml", "metrics.json"):
+                        if (out / name).exists():
+                            self.client.log_artifact(run_id, str(out / name))
+                    for plot in sorted((out / "plots").glob("*.png")):  # drawn by the trial itself
+                        self.client.log_artifact(run_id, str(plot), "plots")
+            except Exception as err:  # noqa: BLE001
+                if transient(err):
+                    raise  # retried by the writer: the server is away, the files are not
+                log.warning("artifacts of trial %s not logged: %s", trial.trial_id, err)
         status = {"completed": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}[state]
         self.client.set_terminated(run_id, status=status)
+
+
+def _error_line(trial) -> str:
+    path = getattr(trial, "error_file", None)
+    try:
+        if path and Path(path).exists():
+            return Path(path).read_text().strip().splitlines()[-1][:500]
+    except OSError:
+        pass
+    return ""
 
 
 class ProgressCallback(Callback):
@@ -237,8 +354,12 @@ class ProgressCallback(Callback):
         counts = {"RUNNING": 0, "TERMINATED": 0, "ERROR": 0, "PENDING": 0, "PAUSED": 0}
         pruned = 0
         for t in trials:
+            last = t.last_result or {}
+            if t.status == "TERMINATED" and last.get(DIVERGED_FLAG):
+                counts["ERROR"] += 1  # ended with a recorded reason: a failure, not a result
+                continue
             counts[t.status] = counts.get(t.status, 0) + 1
-            if t.status == "TERMINATED" and not (t.last_result or {}).get(FINAL_FLAG):
+            if t.status == "TERMINATED" and not last.get(FINAL_FLAG):
                 pruned += 1
         best = f"; best {self.metric}={self.best[0]:.4f} ({self.best[1]})" if self.best else ""
         line = (f"[search] {counts['RUNNING']} running, {counts['TERMINATED']} done ({pruned} stopped early), "
