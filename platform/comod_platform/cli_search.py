@@ -14,12 +14,21 @@ def add_commands(sub) -> dict:
     run.add_argument("search", help="search file (search_spaces/NAME.yaml) or the NAME of one in search_spaces/")
     run.add_argument("--name", help="unique name of this search (default: file name and time)")
     run.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    run.add_argument("--storage", metavar="URI",
+                     help="where Ray Tune keeps the experiment and trial checkpoints: a folder every node mounts, "
+                          "or s3://BUCKET/PREFIX (default: $COMOD_STORAGE, else the search's folder)")
+    run.add_argument("--or-resume", action="store_true",
+                     help="resume the search named --name when the runs folder has it, else run it "
+                          "(the entrypoint of a submitted job: a resubmission continues)")
     resume = ssub.add_parser("resume", help="continue an interrupted search")
     resume.add_argument("name")
-    resume.add_argument("--address")
-    status = ssub.add_parser("status", help="a table of a search's trials")
+    resume.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    status = ssub.add_parser("status", help="a table of a search's trials, or its job's state on a cluster")
     status.add_argument("name")
+    status.add_argument("--address", help="a Ray dashboard URL (http://HEAD:8265): show the search's latest job "
+                                          "there instead of the local table")
     ssub.add_parser("list", help="the searches in the runs folder")
+    _add_job_commands(ssub)
 
     export = sub.add_parser("export", help="export a search's best config or its trial table")
     esub = export.add_subparsers(dest="export_command", required=True, metavar="WHAT")
@@ -55,12 +64,22 @@ def _user_errors():
 def cmd_search(args) -> int:
     from comod_platform.errors import EXIT_FAILED, EXIT_USAGE, UserError
 
+    if args.search_command in JOB_COMMANDS or (args.search_command == "status" and args.address):
+        return _job_command(args)
+    if args.search_command == "run" and args.or_resume and not args.name:
+        raise UserError("--or-resume needs the search's --name: the one to resume when it exists, e.g. "
+                        "comod search run SEARCH --name N --or-resume")
     errors = _user_errors()
     try:
-        if args.search_command == "run":
+        if args.search_command == "run" and args.or_resume:
+            from comod_platform.jobs import run_or_resume
+
+            summary = run_or_resume(args.search, name=args.name, address=args.address,
+                                    storage=getattr(args, "storage", None))
+        elif args.search_command == "run":
             from comod_platform.runner import run_search
 
-            summary = run_search(args.search, name=args.name, address=args.address)
+            summary = run_search(args.search, name=args.name, address=args.address, storage=args.storage)
         elif args.search_command == "resume":
             from comod_platform.runner import resume_search
 
@@ -104,6 +123,94 @@ def _status(name: str) -> int:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
     counts = ", ".join(f"{n} {state}" for state, n in results.counts().items() if n)
     print(f"{len(results.trials)} trials of {results.search.search.num_trials}: {counts or 'none yet'}")
+    return 0
+
+
+JOB_COMMANDS = ("submit", "logs", "stop")
+_ADDRESS_HELP = "the Ray dashboard of the cluster's head node, http://HEAD:8265 (default: $RAY_ADDRESS when a URL)"
+
+
+def _add_job_commands(ssub) -> None:
+    """``comod search submit|logs|stop``: searches as Ray jobs on a cluster (see :mod:`comod_platform.jobs`)."""
+    submit = ssub.add_parser("submit", help="submit a search to a Ray cluster as a Ray job")
+    submit.add_argument("search", help="search file (search_spaces/NAME.yaml) or the NAME of one in search_spaces/")
+    submit.add_argument("--address", help=_ADDRESS_HELP)
+    submit.add_argument("--name", help="unique name of this search (default: file name and time); submitting the "
+                                       "same name again continues that search")
+    submit.add_argument("--storage", metavar="URI",
+                        help="shared storage for trial checkpoints (s3://BUCKET/PREFIX, or a path every node "
+                             "mounts); needed on a cluster of several nodes (default: $COMOD_STORAGE)")
+    submit.add_argument("--ship", choices=("wheel", "image"), default="wheel",
+                        help="wheel: build this project's wheel and ship it with the job (default); "
+                             "image: ship nothing, the cluster's image has comod")
+    submit.add_argument("--env", dest="env", action="append", default=[], metavar="KEY=VALUE",
+                        help="an environment variable of the job, e.g. --env COMOD_HOME=/shared/comod-runs; "
+                             "MLFLOW_TRACKING_URI, COMOD_OPTUNA_STORAGE and COMOD_STORAGE are passed on when set")
+    logs = ssub.add_parser("logs", help="the logs of a search's latest job on a Ray cluster")
+    logs.add_argument("name")
+    logs.add_argument("--address", help=_ADDRESS_HELP)
+    logs.add_argument("--follow", action="store_true", help="follow the logs until the job ends")
+    stop = ssub.add_parser("stop", help="stop a search's running job on a Ray cluster")
+    stop.add_argument("name")
+    stop.add_argument("--address", help=_ADDRESS_HELP)
+
+
+def _job_command(args) -> int:
+    from comod.config import ConfigError
+    from comod_platform import jobs
+    from comod_platform.errors import EXIT_USAGE, UserError
+
+    try:
+        if args.search_command == "submit":
+            return _submit(args, jobs)
+        if args.search_command == "status":
+            s = jobs.status(args.address, args.name)
+            print(f"search {s['name']}: {s['status']}")
+            print(f"  job        {s['submission_id']} on {s['address']}")
+            print(f"  started    {s['start_time']}")
+            print(f"  ended      {s['end_time']}")
+            if s["message"]:
+                print(f"  message    {s['message']}")
+            print(f"  progress   {s['progress'] or '(no progress line yet)'}")
+            return 0
+        if args.search_command == "logs":
+            submission_id = jobs.logs(args.address, args.name, follow=args.follow)
+            if args.follow:
+                final = jobs.status(args.address, args.name)
+                print(f"comod: job {submission_id} is {final['status']}", file=sys.stderr)
+            return 0
+        done = jobs.stop(args.address, args.name)
+        where = f"--address {done['address']}"
+        if not done["stopped"]:
+            print(f"job {done['submission_id']} of search {done['name']} had ended already ({done['status']}); "
+                  f"nothing to stop")
+        elif done["status"] in jobs.TERMINAL:
+            print(f"stopped job {done['submission_id']} of search {done['name']}: {done['status']}")
+        else:
+            print(f"asked job {done['submission_id']} of search {done['name']} to stop; it is still "
+                  f"{done['status']}: see `comod search status {done['name']} {where}`")
+        print(f"continue it later: comod search submit SEARCH --name {done['name']} {where} (the same search file; "
+              f"it resumes), or comod search resume {done['name']} on the cluster", file=sys.stderr)
+        return 0
+    except ConfigError as err:
+        raise UserError(str(err), EXIT_USAGE) from None
+    except jobs.JobsError as err:
+        raise UserError(str(err), err.code) from None
+
+
+def _submit(args, jobs) -> int:
+    sub = jobs.submit(args.search, address=args.address, name=args.name, storage=args.storage, ship=args.ship,
+                      env_pairs=args.env)
+    for note in sub.notes:
+        print(f"comod: note: {note}", file=sys.stderr)
+    where = f"--address {sub.address}"
+    print(f"name: {sub.name}")
+    print(f"submission id: {sub.submission_id}")
+    print(f"entrypoint: {sub.entrypoint}")
+    print(f"follow it:  comod search logs {sub.name} {where} --follow")
+    print(f"status:     comod search status {sub.name} {where}")
+    print(f"stop it:    comod search stop {sub.name} {where}")
+    print(f"continue:   comod search submit {args.search} --name {sub.name} {where} (resumes where it stopped)")
     return 0
 
 

@@ -1,0 +1,493 @@
+"""Searches submitted to a Ray cluster as Ray jobs, through the Ray Jobs API.
+
+``submit`` checks the search file here, then submits a job whose entrypoint
+is ``comod search run search.yaml --name N --or-resume``: a resubmitted job
+of the same name continues the search instead of starting over. The search
+file travels in a small ``working_dir``; with ``ship="wheel"`` the project's
+own wheel travels in ``py_modules``, so the cluster runs exactly the code
+that was submitted; with ``ship="image"`` the cluster's image provides it.
+
+Every job carries the metadata ``{"comod.search": N}``; ``status``, ``logs``
+and ``stop`` find a search's latest job by it.
+
+The wheel is shipped as Ray installs it: each node runs ``pip install
+WHEEL --target=DIR`` and puts DIR on ``PYTHONPATH``. pip with ``--target``
+installs every dependency again (torch, ray, mlflow...), from the index,
+whatever the node has, so the shipped wheel declares none: the dependencies
+are the cluster's own. Ray names an uploaded wheel ``gcs://FILENAME`` and
+skips the upload when a package of that name exists, so the wheel's file
+name carries a hash of its contents (in the wheel's build tag): changed code
+is a new package, unchanged code is uploaded and installed once.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+from urllib.parse import urlparse
+
+from comod_platform.errors import EXIT_FAILED, EXIT_USAGE
+
+SEARCH_KEY = "comod.search"
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "COMOD_OPTUNA_STORAGE", "COMOD_STORAGE")
+SHIP_CHOICES = ("wheel", "image")
+PROGRESS_PREFIX = "[search]"
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class JobsError(RuntimeError):
+    """A problem with a cluster job; the message says what and how to fix it; ``code`` is the exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED):
+        super().__init__(message)
+        self.code = code
+
+
+# --- the cluster's address -------------------------------------------------------------------------
+
+
+def dashboard_address(address: str | None) -> str:
+    """The Ray dashboard's URL: ``address``, else ``$RAY_ADDRESS`` when that is an http(s) URL."""
+    if not address:
+        env = os.environ.get("RAY_ADDRESS", "")
+        if env.startswith(("http://", "https://")):
+            address = env
+        else:
+            hint = f" ($RAY_ADDRESS is {env!r}, not a dashboard URL)" if env else ""
+            raise JobsError(f"no cluster address{hint}: give --address http://HEAD:8265, the Ray dashboard of "
+                            f"the cluster's head node, or set RAY_ADDRESS to it", EXIT_USAGE)
+    parsed = urlparse(address)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise JobsError(f"--address {address!r} is not the URL of a Ray dashboard; jobs are submitted to the "
+                        f"head node's dashboard, e.g. --address http://HEAD:8265 (the port of "
+                        f"`ray start --head --dashboard-port`, 8265 by default)", EXIT_USAGE)
+    return address.rstrip("/")
+
+
+def _unreachable(address: str) -> JobsError:
+    return JobsError(f"cannot reach the Ray dashboard at {address}; check that the cluster is up "
+                     f"(`ray status` on its head node) and that its dashboard listens on that host and port "
+                     f"(`ray start --head --dashboard-host 0.0.0.0 --dashboard-port 8265`; "
+                     f"`curl {address}/api/version` should answer)")
+
+
+def connect(address: str | None):
+    """A ``JobSubmissionClient`` for the cluster at ``address`` (checked: it answers)."""
+    url = dashboard_address(address)
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(url)
+    except OSError:
+        raise _unreachable(url) from None
+    except Exception as err:  # noqa: BLE001 - it answers, but refuses (version, authentication token...)
+        raise JobsError(f"{url} answers, but not as a Ray dashboard that takes jobs ({err}); check the address: "
+                        f"the head node's dashboard, port 8265 unless `ray start --dashboard-port` says "
+                        f"otherwise") from None
+
+
+def _call(address: str, what: str, fn, *args):
+    """``fn(*args)``, a request to the dashboard, with its failures said in one line."""
+    try:
+        return fn(*args)
+    except OSError:  # requests' connection errors are OSErrors
+        raise _unreachable(address) from None
+    except Exception as err:  # noqa: BLE001 - Ray's SDK raises RuntimeError, and its own errors for tokens
+        raise JobsError(f"the Ray cluster at {address} refused to {what}: {err}") from None
+
+
+def alive_nodes(address: str) -> list:
+    """The cluster's alive nodes, from its dashboard's state API."""
+    from ray.util.state import list_nodes
+
+    try:
+        return list_nodes(address=address, filters=[("state", "=", "ALIVE")], timeout=30,
+                          raise_on_missing_output=False)
+    except Exception as err:  # noqa: BLE001 - the state API raises several kinds; all mean the same here
+        raise JobsError(f"cannot list the nodes of the Ray cluster at {address} ({err}); check the cluster "
+                        f"with `ray status` on its head node") from None
+
+
+# --- the job's environment ------------------------------------------------------------------------
+
+
+def parse_env(pairs: Iterable[str]) -> dict[str, str]:
+    """``KEY=VALUE`` pairs (``--env``) as a dict."""
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not _ENV_KEY.match(key):
+            raise JobsError(f"--env {pair!r}: expected KEY=VALUE with KEY a variable name, "
+                            f"e.g. --env COMOD_HOME=/shared/comod-runs", EXIT_USAGE)
+        env[key] = value
+    return env
+
+
+def job_env(extra: dict[str, str], storage: str | None) -> dict[str, str]:
+    """The job's environment variables: the submitter's MLflow, Optuna and storage settings, then
+    ``--env`` pairs, then ``--storage``."""
+    env = {key: os.environ[key] for key in FORWARDED_ENV if os.environ.get(key)}
+    env.update(extra)
+    if storage:
+        env["COMOD_STORAGE"] = storage
+    # the driver's ray.init may pass settings of its own to its workers (env_vars the job has too);
+    # Ray refuses a driver runtime_env that shares a key with the job's unless told to merge them
+    env.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
+    return env
+
+
+def _run_accepts(option: str) -> bool:
+    """Whether ``comod search run`` has ``option`` (the entrypoint passes it when it does)."""
+    import argparse
+
+    from comod_platform.cli import _parser
+
+    def subparser(parser, name):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+                return action.choices[name]
+        return None
+
+    search = subparser(_parser()[0], "search")
+    run = search and subparser(search, "run")
+    return bool(run) and option in run._option_string_actions
+
+
+def entrypoint(name: str, ship: str, storage: str | None) -> str:
+    """The job's shell command. A shipped wheel is on ``PYTHONPATH``, not ``PATH``: it runs as a module."""
+    command = "python -m comod_platform.cli" if ship == "wheel" else "comod"
+    line = f"{command} search run search.yaml --name {shlex.quote(name)} --or-resume"
+    if storage and _run_accepts("--storage"):
+        line += f" --storage {shlex.quote(storage)}"
+    return line
+
+
+# --- the project's wheel --------------------------------------------------------------------------
+
+
+def _toml(path: Path) -> dict:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        from pip._vendor import tomli as tomllib
+    return tomllib.loads(path.read_text())
+
+
+def source_root() -> Path:
+    """The project's source tree that the installed ``comod_platform`` comes from."""
+    here = Path(__file__).resolve().parent  # comod_platform's folder
+    for folder in here.parents:
+        pyproject = folder / "pyproject.toml"
+        if pyproject.is_file():
+            try:
+                project = _toml(pyproject).get("project", {})
+            except (OSError, ValueError):  # TOMLDecodeError is a ValueError
+                continue
+            if project.get("name") == "comod":
+                return folder
+    raise JobsError(f"--ship wheel builds the project's wheel from its source, but comod_platform is installed "
+                    f"from {here}, with no source tree of the project above it; install the project from its "
+                    f"source (pip install -e .), or pass --ship image when the cluster's image has comod", EXIT_USAGE)
+
+
+def _source_copy(root: Path, dest: Path) -> Path:
+    """What the build needs from ``root`` (its packaging files and packages), copied to ``dest``: the
+    build writes ``build/`` and ``*.egg-info`` beside its sources, which stay untouched."""
+    pyproject = _toml(root / "pyproject.toml")
+    setuptools_cfg = pyproject.get("tool", {}).get("setuptools", {})
+    package_dirs = set(setuptools_cfg.get("package-dir", {}).values()) or {
+        p.split(".")[0] for p in setuptools_cfg.get("packages", [])}
+    readme = pyproject.get("project", {}).get("readme")
+    files = ["pyproject.toml", "setup.py", "setup.cfg", "MANIFEST.in", *[str(p.name) for p in root.glob("LICENSE*")]]
+    if isinstance(readme, str):
+        files.append(readme)
+    elif isinstance(readme, dict) and readme.get("file"):
+        files.append(readme["file"])
+    for name in files:
+        if (root / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / name, dest / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for folder in sorted(package_dirs):
+        if folder and (root / folder).is_dir():
+            shutil.copytree(root / folder, dest / folder, ignore=ignore)
+    return dest
+
+
+def _record_line(name: str, data: bytes) -> str:
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    return f"{name},sha256={digest},{len(data)}"
+
+
+def _ship_ready(wheel: Path, out_dir: Path) -> Path:
+    """``wheel`` without declared dependencies, named by a hash of its contents (see the module's doc)."""
+    with zipfile.ZipFile(wheel) as zin:
+        infos = zin.infolist()
+        files = {info.filename: zin.read(info) for info in infos}
+    record = next(n for n in files if n.endswith(".dist-info/RECORD"))
+    metadata = next(n for n in files if n.endswith(".dist-info/METADATA"))
+    files[metadata] = b"".join(line for line in files[metadata].splitlines(keepends=True)
+                               if not line.startswith((b"Requires-Dist:", b"Provides-Extra:")))
+    content = hashlib.sha256()
+    for name in sorted(files):
+        if name != record:
+            content.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
+    files[record] = "".join(f"{_record_line(n, d) if n != record else n + ',,'}\n"
+                            for n, d in files.items()).encode()
+    dist, version, *tags = wheel.stem.split("-")
+    tags = tags[-3:]  # python, abi, platform; a build tag of pip's, if any, is replaced
+    target = out_dir / f"{dist}-{version}-0{content.hexdigest()[:16]}-{'-'.join(tags)}.whl"
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in infos:
+            zout.writestr(info, files[info.filename])
+    return target
+
+
+def build_wheel(out_dir: Path, root: Path | None = None) -> Path:
+    """Build the project's wheel from its source tree into ``out_dir``, ready to ship in ``py_modules``."""
+    root = root or source_root()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="comod-wheel-") as tmp:
+        src = _source_copy(root, Path(tmp) / "src")
+        built = Path(tmp) / "dist"
+        command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                   "-w", str(built), str(src)]
+        env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            raise JobsError(f"building the project's wheel failed ({err}); pass --ship image when the "
+                            f"cluster's image has comod") from None
+        wheels = sorted(built.glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+            raise JobsError(f"building the project's wheel from {root} failed: {' / '.join(tail)}; the build "
+                            f"needs pip and setuptools in this environment; or pass --ship image when the "
+                            f"cluster's image has comod")
+        return _ship_ready(wheels[0], out_dir)
+
+
+# --- submit ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Submission:
+    name: str
+    submission_id: str
+    address: str
+    entrypoint: str
+    runtime_env: dict
+    notes: list[str]
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise JobsError(f"--name {name!r}: a search's name is letters, digits, '.', '_' and '-' (at most 100, "
+                        f"starting with a letter or digit), e.g. --name tiny-lr-sweep", EXIT_USAGE)
+    return name
+
+
+def _loopback(url: str) -> bool:
+    host = urlparse(url).hostname or ""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def submit(search: str | Path, address: str | None = None, name: str | None = None, storage: str | None = None,
+           ship: str = "wheel", env_pairs: Iterable[str] = (), log: Callable[[str], None] | None = None
+           ) -> Submission:
+    """Check ``search`` here, then submit it to the cluster as a Ray job; returns what was submitted.
+
+    A broken search file, a bad name or a bad ``--env`` fail before the cluster is contacted; a
+    cluster of several nodes without shared storage, or a search whose job is still running there,
+    is refused before anything is uploaded.
+    """
+    from comod_platform.searchfile import load_search
+
+    log = log or (lambda line: print(line, file=sys.stderr))
+    sf = load_search(search)  # raises comod.config.ConfigError: the caller's exit status 2
+    source = Path(search)
+    if not source.is_file():
+        source = Path("search_spaces") / f"{search}.yaml"
+    name = check_name(name or f"{sf.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if ship not in SHIP_CHOICES:
+        raise JobsError(f"--ship {ship!r}: choose wheel (build and ship this project) or image (the cluster's "
+                        f"image has comod)", EXIT_USAGE)
+    env = job_env(parse_env(env_pairs), storage)
+    url = dashboard_address(address)
+    client = connect(url)
+
+    nodes = alive_nodes(url)
+    if len(nodes) > 1 and not env.get("COMOD_STORAGE"):
+        raise JobsError(f"the cluster at {url} has {len(nodes)} nodes and no shared storage was given: trial "
+                        f"checkpoints would stay on node-local disks, where a resumed search cannot find them; "
+                        f"give --storage s3://BUCKET/PREFIX, or a path on a mount shared by every node "
+                        f"(--storage /mnt/shared/comod)", EXIT_USAGE)
+    running = [j for j in _call(url, "list its jobs", client.list_jobs)
+               if (j.metadata or {}).get(SEARCH_KEY) == name and _value(j.status) not in TERMINAL]
+    if running:
+        raise JobsError(f"search {name!r} has a job on the cluster already, {running[0].submission_id} "
+                        f"({_value(running[0].status)}); two jobs of one search would overwrite each other: follow "
+                        f"it (`comod search logs {name} --address {url} --follow`), or stop it first "
+                        f"(`comod search stop {name} --address {url}`)", EXIT_USAGE)
+    notes = []
+    tracking = env.get("MLFLOW_TRACKING_URI", "")
+    if tracking.startswith(("http://", "https://")) and _loopback(tracking) and not _loopback(url):
+        notes.append(f"MLFLOW_TRACKING_URI {tracking} is this machine's loopback; on the cluster it names the "
+                     f"head node itself")
+    if "COMOD_HOME" not in env:
+        notes.append("the job keeps the search's state in the head node's runs folder ($COMOD_HOME there, else "
+                     "comod-runs in the job's working folder, which Ray may delete); pass --env "
+                     "COMOD_HOME=/persistent/path so that a resubmission finds it")
+
+    with tempfile.TemporaryDirectory(prefix="comod-submit-") as tmp:
+        working_dir = Path(tmp) / "job"
+        working_dir.mkdir()
+        shutil.copyfile(source, working_dir / "search.yaml")
+        runtime_env: dict = {"working_dir": str(working_dir), "env_vars": env}
+        if ship == "wheel":
+            log("building the project's wheel to ship with the job ...")
+            runtime_env["py_modules"] = [str(build_wheel(Path(tmp) / "wheel"))]
+        command = entrypoint(name, ship, env.get("COMOD_STORAGE"))
+        submission_id = f"comod-{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
+        _call(url, "take the job", lambda: client.submit_job(
+            entrypoint=command, submission_id=submission_id, runtime_env=runtime_env,
+            metadata={SEARCH_KEY: name}))
+    shipped = {**runtime_env, "working_dir": "search.yaml"}
+    if ship == "wheel":
+        shipped["py_modules"] = [Path(runtime_env["py_modules"][0]).name]
+    return Submission(name, submission_id, url, command, shipped, notes)
+
+
+# --- status, logs, stop ---------------------------------------------------------------------------
+
+
+def _value(status) -> str:
+    return str(getattr(status, "value", status))
+
+
+def latest_job(client, address: str, name: str):
+    """The latest job submitted for search ``name``."""
+    jobs = _call(address, "list its jobs", client.list_jobs)
+    mine = [j for j in jobs if j.submission_id and (j.metadata or {}).get(SEARCH_KEY) == name]
+    if not mine:
+        others = sorted({(j.metadata or {}).get(SEARCH_KEY) for j in jobs} - {None})
+        hint = f"; searches submitted there: {', '.join(others)}" if others else "; no search was submitted there"
+        raise JobsError(f"no job of a search named {name!r} on the Ray cluster at {address}{hint}; submit one "
+                        f"with `comod search submit SEARCH --name {name} --address {address}`")
+    return max(mine, key=lambda j: (j.start_time or 0, j.submission_id))
+
+
+def _when(ms: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
+
+
+def last_progress(logs: str) -> str | None:
+    lines = [line.strip() for line in logs.splitlines() if line.startswith(PROGRESS_PREFIX)]
+    return lines[-1] if lines else None
+
+
+def status(address: str | None, name: str) -> dict:
+    """The latest job of search ``name``: status, submission id, times, message, last progress line."""
+    url = dashboard_address(address)
+    client = connect(url)
+    job = latest_job(client, url, name)
+    logs = _call(url, "give the job's logs", client.get_job_logs, job.submission_id)
+    return {"name": name, "status": _value(job.status), "submission_id": job.submission_id,
+            "start_time": _when(job.start_time), "end_time": _when(job.end_time), "message": job.message or "",
+            "progress": last_progress(logs or ""), "address": url}
+
+
+def logs(address: str | None, name: str, follow: bool = False, write: Callable[[str], None] | None = None) -> str:
+    """Write the logs of search ``name``'s latest job; with ``follow``, until the job ends. Returns its
+    submission id."""
+    write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    url = dashboard_address(address)
+    client = connect(url)
+    job = latest_job(client, url, name)
+    if not follow:
+        write(_call(url, "give the job's logs", client.get_job_logs, job.submission_id) or "")
+        return job.submission_id
+
+    async def tail():
+        async for chunk in client.tail_job_logs(job.submission_id):
+            write(chunk)
+
+    try:
+        asyncio.run(tail())
+    except OSError:  # aiohttp's connection errors
+        raise _unreachable(url) from None
+    except Exception as err:  # noqa: BLE001 - the stream closed before the job ended (aiohttp's or Ray's error)
+        raise JobsError(f"the log stream of job {job.submission_id} closed early ({err}); see the job with "
+                        f"`comod search status {name} --address {url}`") from None
+    return job.submission_id
+
+
+def stop(address: str | None, name: str, wait: float = 60.0) -> dict:
+    """Stop the latest job of search ``name`` and wait until it has ended; returns what happened."""
+    url = dashboard_address(address)
+    client = connect(url)
+    job = latest_job(client, url, name)
+    before = _value(job.status)
+    if before in TERMINAL:
+        return {"name": name, "submission_id": job.submission_id, "stopped": False, "status": before,
+                "address": url}
+    _call(url, "stop the job", client.stop_job, job.submission_id)
+    deadline = time.time() + wait
+    now = before
+    while time.time() < deadline:
+        now = _value(_call(url, "give the job's status", client.get_job_status, job.submission_id))
+        if now in TERMINAL:
+            break
+        time.sleep(0.5)
+    return {"name": name, "submission_id": job.submission_id, "stopped": True, "status": now, "address": url}
+
+
+# --- the job's entrypoint ---------------------------------------------------------------------------
+
+
+def run_or_resume(search: str | Path, name: str, address: str | None = None, storage: str | None = None) -> dict:
+    """``comod search run SEARCH --name N --or-resume``: resume search ``name`` when the runs folder has
+    it (from the same search file), else run it. ``storage`` is passed on only when given."""
+    import yaml
+
+    from comod_platform import runner
+    from comod_platform.search_state import SearchPaths
+    from comod_platform.searchfile import load_search
+
+    from comod_platform.paths import runs_home
+
+    load_search(search)  # a broken file fails the same way in both cases
+    source = Path(search) if Path(search).is_file() else Path("search_spaces") / f"{search}.yaml"
+    search = source = source.resolve()
+    # the job's working folder is Ray's to clean up: work from the runs folder instead
+    home = runs_home().resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["COMOD_HOME"] = str(home)
+    os.chdir(home)
+    paths = SearchPaths(name)
+    more = {"storage": storage} if storage else {}
+    if not paths.exists():
+        return runner.run_search(search, name=name, address=address, **more)
+    if yaml.safe_load(source.read_text()) != yaml.safe_load(paths.search_file.read_text()):
+        raise runner.SearchError(f"a search named {name!r} exists already ({paths.root}) with another search "
+                                 f"file than {source}; continue it with the same file, or choose another --name")
+    print(f"{PROGRESS_PREFIX} resuming search {name} from {paths.root}", file=sys.stderr, flush=True)
+    return runner.resume_search(name, address=address, **more)
+
+
+__all__ = ["JobsError", "Submission", "build_wheel", "dashboard_address", "logs", "run_or_resume", "status",
+           "stop", "submit"]
