@@ -22,6 +22,8 @@ TAG_KIND = "comod.modulation_kind"
 TAG_STATE = "comod.state"              # running, completed, pruned, failed
 TAG_STOPPED_EPOCH = "comod.stopped_epoch"  # epochs reported when the trial ended (its rung if pruned)
 TAG_ERROR = "comod.error"
+TAG_NODE = "comod.node"                # the Ray node the trial runs (ran) on
+TAG_GPUS = "comod.gpu_ids"             # the GPU ids Ray assigned to it (a fraction shares one)
 TAG_RETRIES = "comod.retries"          # times the trial was restarted from its last checkpoint
 TAG_PARENT = "mlflow.parentRunId"
 
@@ -32,6 +34,9 @@ FINAL_FLAG = "comod/final"
 DIVERGED_FLAG = "comod/diverged"
 """Present (1) in the last report of a trial whose loss diverged; ``REASON`` says how."""
 REASON = "comod/reason"
+NODE = "comod/node"
+"""In every report: the Ray node id of the trial's worker, and ``GPUS`` its assigned GPU ids."""
+GPUS = "comod/gpus"
 STEP = "comod/step"
 EPOCH = "comod/epoch"
 WALL = "wall_seconds"

@@ -38,6 +38,33 @@ def optuna_storage_url(paths: SearchPaths) -> str:
     return os.environ.get("COMOD_OPTUNA_STORAGE") or f"sqlite:///{paths.optuna_db}"
 
 
+def check_optuna_storage(url: str) -> None:
+    """Open one connection to the study's database, so a bad one stops the search before anything is made."""
+    if url.startswith("sqlite:"):
+        return
+    try:
+        import sqlalchemy
+
+        shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - a URL SQLAlchemy cannot parse
+        raise SearchError(f"Optuna storage {url!r} (COMOD_OPTUNA_STORAGE) is not a database URL; use e.g. "
+                          f"postgresql+psycopg2://USER:PASSWORD@HOST:5432/optuna, or unset it to keep the study "
+                          f"in SQLite in the search folder") from None
+    try:
+        engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 10} if "postgres" in url else {})
+        with engine.connect():
+            pass
+        engine.dispose()
+    except ModuleNotFoundError as err:
+        raise SearchError(f"Optuna storage {shown} (COMOD_OPTUNA_STORAGE) needs the driver {err.name}: "
+                          f"pip install 'comod[cluster]'") from None
+    except Exception as err:  # noqa: BLE001
+        first = str(getattr(err, "orig", None) or err).strip().splitlines()[0][:300]
+        raise SearchError(f"Optuna storage {shown} (COMOD_OPTUNA_STORAGE) cannot be used: {first}; start the "
+                          f"database or fix the URL, or unset COMOD_OPTUNA_STORAGE to keep the study in SQLite "
+                          f"in the search folder") from None
+
+
 def _max_epochs(sf: SearchFile) -> int:
     """The most epochs a trial can train, both phases (the trials' epoch clock of ASHA)."""
     base = sf.base_config()
@@ -73,7 +100,8 @@ def _init_ray(address: str | None) -> None:
     try:
         if address:
             # trials on the cluster's nodes need the driver's storage credentials and offline mode
-            env = storage_mod.worker_env()
+            # (a submitted job's own runtime environment reaches the workers already)
+            env = {} if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") else storage_mod.worker_env()
             ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": env} if env else None)
         else:
             ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -126,19 +154,23 @@ def run_search(search_path: str | Path, name: str | None = None, address: str | 
 
     ``storage`` (else ``$COMOD_STORAGE``) is where Ray Tune keeps the
     experiment and the trials' checkpoints: see :mod:`comod_platform.storage`."""
+    source = Path(search_path) if Path(search_path).is_file() else Path("search_spaces") / f"{search_path}.yaml"
+    source = source.resolve()  # joining a Ray job's cluster may change the working folder
     sf = load_search(search_path)
     name = name or f"{sf.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     paths = SearchPaths(name)
     if paths.exists():
         raise SearchError(f"a search named {name!r} exists already ({paths.root}); continue it with "
                           f"`comod search resume {name}`, or choose another --name")
+    check_optuna_storage(optuna_storage_url(paths))
+    ray_storage = storage_mod.resolve(storage, str(paths.ray_storage))
+    _prepare_cluster(address, ray_storage)  # before anything is made: a refused storage leaves no trace
     paths.root.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(Path(search_path) if Path(search_path).is_file() else Path("search_spaces") /
-                    f"{search_path}.yaml", paths.search_file)
+    shutil.copyfile(source, paths.search_file)
     uri, experiment_id, parent_run_id = _start_tracking(sf, name)
     meta = SearchMeta(name=name, study_name=name, optuna_storage=optuna_storage_url(paths), tracking_uri=uri,
                       experiment_id=experiment_id, parent_run_id=parent_run_id,
-                      ray_storage=storage_mod.resolve(storage, str(paths.ray_storage)), created=time.time())
+                      ray_storage=ray_storage, created=time.time())
     paths.write_meta(meta)
     return _fit(sf, paths, meta, address, restore=False)
 
@@ -151,17 +183,32 @@ def resume_search(name: str, address: str | None = None, storage: str | None = N
         raise SearchError(f"search {name!r} keeps its experiment in {meta.ray_storage}; resume it there "
                           f"(leave --storage out)")
     sf = parse_search(yaml.safe_load(paths.search_file.read_text()), name)
+    check_optuna_storage(meta.optuna_storage)
     return _fit(sf, paths, meta, address, restore=True)
 
 
 def _fit(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, address: str | None, restore: bool) -> dict:
-    import optuna
     from mlflow.tracking import MlflowClient
-    from ray import tune
 
-    from comod_platform.searcher import PruneAwareOptunaSearch, create_sampler
     from comod_platform.tune_callbacks import retry_call
 
+    if restore:
+        _prepare_cluster(address, meta.ray_storage)
+    experiment_path = storage_mod.join(meta.ray_storage, meta.name)
+    client = MlflowClient(tracking_uri=meta.tracking_uri)
+    retry_call(client.update_run, meta.parent_run_id, status="RUNNING")
+    status = "FAILED"
+    try:
+        trainable = _trainable(sf, paths)
+        grid = _tuner(sf, paths, meta, trainable, experiment_path, restore).fit()
+        status = "FINISHED"
+    finally:
+        retry_call(client.set_terminated, meta.parent_run_id, status=status if status == "FINISHED" else "KILLED")
+    return {"name": meta.name, **summarise_grid(grid, sf)}
+
+
+def _prepare_cluster(address: str | None, storage: str) -> None:
+    """Start or join Ray, then check that every node sees the storage."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our progress line instead of Ray's tables
     # Ray's CSV and TensorBoard result files cost ~30 ms a result in the driver loop and nothing
     # reads them; the JSON one stays (added in _callbacks): the result grid reads it
@@ -172,13 +219,17 @@ def _fit(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, address: str | No
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     _init_ray(address)
     try:
-        storage_mod.check_shared(meta.ray_storage)
+        storage_mod.check_shared(storage)
     except storage_mod.StorageError as err:
         raise SearchError(str(err)) from None
-    trainable = _trainable(sf, paths)
-    experiment_path = storage_mod.join(meta.ray_storage, meta.name)
-    client = MlflowClient(tracking_uri=meta.tracking_uri)
-    client.update_run(meta.parent_run_id, status="RUNNING")
+
+
+def _tuner(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, trainable, experiment_path: str, restore: bool):
+    import optuna
+    from ray import tune
+
+    from comod_platform.searcher import PruneAwareOptunaSearch, create_sampler
+
     failures = tune.FailureConfig(max_failures=sf.search.max_retries)
     if restore and tune.Tuner.can_restore(experiment_path):
         tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=False,
@@ -198,13 +249,7 @@ def _fit(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, address: str | No
             run_config=tune.RunConfig(name=meta.name, storage_path=meta.ray_storage, verbose=0,
                                       callbacks=_callbacks(sf, paths, meta), failure_config=failures,
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
-    status = "FAILED"
-    try:
-        grid = tuner.fit()
-        status = "FINISHED"
-    finally:
-        retry_call(client.set_terminated, meta.parent_run_id, status=status if status == "FINISHED" else "KILLED")
-    return {"name": meta.name, **summarise_grid(grid, sf)}
+    return tuner
 
 
 def summarise_grid(grid, sf: SearchFile) -> dict:

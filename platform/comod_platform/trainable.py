@@ -35,7 +35,7 @@ import torch
 from comod.config import config_to_dict
 from comod.data.taskdata import Split, TaskData
 from comod.train import Callbacks, DivergedError, run_experiment
-from comod_platform.conventions import DIVERGED_FLAG, EPOCH, FINAL_FLAG, REASON, STEP
+from comod_platform.conventions import DIVERGED_FLAG, EPOCH, FINAL_FLAG, GPUS, NODE, REASON, STEP
 from comod_platform.search_state import SearchPaths
 
 
@@ -113,6 +113,12 @@ def _restore(checkpoint, out: Path) -> bool:
     return True
 
 
+def _placement() -> dict:
+    import ray
+
+    return {NODE: ray.get_runtime_context().get_node_id(), GPUS: ",".join(str(g) for g in ray.get_gpu_ids())}
+
+
 def run_trial(config: dict, search=None, search_name: str = "", home: str = "", data=None,
               shared_key: str = "") -> None:
     from ray import tune
@@ -126,6 +132,7 @@ def run_trial(config: dict, search=None, search_name: str = "", home: str = "", 
     resumed = _restore(tune.get_checkpoint(), out)
     shared = unpack(data) if data is not None and data_key(cfg) == shared_key else None
     state = {"epochs": 0, "step": 0, "fresh": False}
+    where = _placement()
 
     def on_checkpoint(path, payload) -> None:
         state["fresh"] = True
@@ -133,7 +140,7 @@ def run_trial(config: dict, search=None, search_name: str = "", home: str = "", 
     def report(phase: str, epoch: int, step: int, metrics: dict) -> None:
         state["epochs"] = epoch + (cfg.pretrain.epochs if phase == "finetune" else 0)
         state["step"] = step
-        row = {**_with_aliases(metrics), STEP: step, EPOCH: state["epochs"]}
+        row = {**_with_aliases(metrics), STEP: step, EPOCH: state["epochs"], **where}
         if not state["fresh"]:  # a replayed epoch (pretrained model from the cache): nothing new to keep
             tune.report(row)
             return
@@ -145,11 +152,12 @@ def run_trial(config: dict, search=None, search_name: str = "", home: str = "", 
         metrics = run_experiment(cfg, out, data=shared, callbacks=Callbacks(on_epoch=report, on_checkpoint=on_checkpoint),
                                  resume=resumed, pretrain_cache=paths.pretrain_cache)
     except DivergedError as err:  # a recorded end, not a crash: retrying would diverge again
-        tune.report({DIVERGED_FLAG: 1, REASON: str(err), STEP: state["step"], EPOCH: state["epochs"]})
+        tune.report({DIVERGED_FLAG: 1, REASON: str(err), search.search.metric: float("nan"), STEP: state["step"],
+                     EPOCH: state["epochs"], **where})
         return
     if not state["epochs"]:  # a finished run read back: its epochs were reported before
         state["epochs"] = cfg.pretrain.epochs + cfg.finetune.epochs
     plot_run(out)
-    final = {**metrics, FINAL_FLAG: 1, STEP: int(metrics.get("steps", 0)), EPOCH: state["epochs"]}
+    final = {**metrics, FINAL_FLAG: 1, STEP: int(metrics.get("steps", 0)), EPOCH: state["epochs"], **where}
     with _staged(out, FINAL_FILES) as folder:
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(folder))

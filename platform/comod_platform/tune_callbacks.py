@@ -19,8 +19,8 @@ from pathlib import Path
 from ray.tune import Callback
 
 from comod_platform.tracking import log_params, params_of
-from comod_platform.conventions import (DIVERGED_FLAG, EPOCH, FINAL_FLAG, REASON, STEP, TAG_ERROR, TAG_KIND,
-                                        TAG_PARENT, TAG_RETRIES, TAG_ROLE, TAG_SEARCH, TAG_STATE,
+from comod_platform.conventions import (DIVERGED_FLAG, EPOCH, FINAL_FLAG, GPUS, NODE, REASON, STEP, TAG_ERROR,
+                                        TAG_GPUS, TAG_KIND, TAG_NODE, TAG_PARENT, TAG_RETRIES, TAG_ROLE, TAG_SEARCH, TAG_STATE,
                                         TAG_STOPPED_EPOCH, TAG_TRIAL_ID)
 
 log = logging.getLogger(__name__)
@@ -154,10 +154,13 @@ class MlflowTrialCallback(Callback):
         self._client = self._writer = None
         self._runs: dict[str, str] = {}
         self._closed: set[str] = set()
+        self._where: dict[str, tuple] = {}
+        self._last_epoch: dict[str, float] = {}
 
     def __getstate__(self):  # pickled with the Tuner's state: no client, thread or cache
         state = self.__dict__.copy()
-        state.update(_client=None, _writer=None, _runs={}, _closed=set(), _reconciled=False)
+        state.update(_client=None, _writer=None, _runs={}, _closed=set(), _where={}, _last_epoch={},
+                     _reconciled=False)
         return state
 
     @property
@@ -221,11 +224,22 @@ class MlflowTrialCallback(Callback):
         self.writer.submit(self.run_id, trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        epoch = result.get(EPOCH)
+        if isinstance(epoch, (int, float)) and not result.get(FINAL_FLAG) and not result.get(DIVERGED_FLAG):
+            # a trial restarted before its first checkpoint reports its first epochs again: log each once
+            if epoch <= self._last_epoch.get(trial.trial_id, 0):
+                return
+            self._last_epoch[trial.trial_id] = epoch
         metrics = numeric_metrics(result)
         if not result.get(FINAL_FLAG):  # per-epoch aliases repeat pretrain/val/..., finetune/val/...
             metrics = {k: v for k, v in metrics.items() if not k.startswith("val/")}
         step = int(result.get(STEP, result.get("training_iteration", 0)))
         self.writer.submit(self._log_metrics, trial, metrics, step)
+        where = (result.get(NODE), result.get(GPUS))
+        if where[0] and self._where.get(trial.trial_id) != where:  # first report, or restarted elsewhere
+            self._where[trial.trial_id] = where
+            self.writer.submit(self._tag, trial, TAG_NODE, str(where[0]))
+            self.writer.submit(self._tag, trial, TAG_GPUS, str(where[1] or ""))
 
     @staticmethod
     def _outcome(trial) -> tuple[str, str | None]:

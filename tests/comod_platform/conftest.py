@@ -8,6 +8,7 @@ tiny run ten times slower, not faster).
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def ray_tmp():
+    """A private Ray temp dir (short: Ray's socket paths are length-limited);
+    every Ray process started under it is killed afterwards."""
+    path = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    yield path
+    from servers import kill_processes_mentioning
+
+    kill_processes_mentioning(path)
+    shutil.rmtree(path, ignore_errors=True)

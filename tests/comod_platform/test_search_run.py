@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,16 +22,6 @@ from servers import MlflowServer, kill_processes_mentioning
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = yaml.safe_load((REPO / "search_spaces" / "tiny.yaml").read_text())
-
-
-@pytest.fixture
-def ray_tmp():
-    """A private Ray temp dir (short: Ray's socket paths are length-limited);
-    every Ray process started under it is killed afterwards."""
-    path = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    yield path
-    kill_processes_mentioning(path)
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _env(home: Path, ray_tmp: str, tracking_uri: str | None = None) -> dict:
