@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup data quickstart test test-all ui clean
+.PHONY: setup data postgres quickstart test test-all ui clean
 
 setup: $(STAMP) data
 
@@ -23,13 +23,24 @@ data:
 	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	    $$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist; }
 
+# The team-services tests start their own PostgreSQL server (initdb in a temp
+# folder): only Debian's binaries are needed, not the cluster the package would
+# create and start, so postgresql-common is told to make none first.
+postgres:
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update -q && $$SUDO apt-get install -y -q postgresql-common && \
+	    $$SUDO sed -ri 's/^#?\s*create_main_cluster\s*=.*$$/create_main_cluster = false/' \
+	      /etc/postgresql-common/createcluster.conf && \
+	    $$SUDO apt-get install -y -q postgresql; }
+
 quickstart: setup
 	$(BIN)/comod search run search_spaces/quickstart.yaml --name quickstart-$$(date +%Y%m%d-%H%M%S)
 
-test: setup
+test: setup postgres
 	$(BIN)/python -m pytest -q
 
-test-all: setup
+test-all: setup postgres
 	$(BIN)/python -m pytest -q -m ''
 
 ui: setup
