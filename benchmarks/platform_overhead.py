@@ -21,7 +21,15 @@ concurrency (``--concurrency``, default 2):
   each config into a temporary folder, with a pretraining cache shared by the
   workers like the search's (so both sides pretrain the same models).
 
-Both are timed end to end (wall clock of the whole command: interpreter
+* the floor (``--no-floor`` skips it): the same configs as one bare Ray Tune
+  run in its own process: a ``Tuner`` over a function trainable that calls
+  ``run_experiment``, the data loaded once and shared through the object
+  store, actor reuse and the same concurrency, but no Optuna, no MLflow, no
+  checkpoints and no callbacks. It is what Ray Tune itself costs here: if
+  floor / plain is above the target, no platform built on Ray Tune meets it
+  on this machine, and platform / floor is what comod adds on top.
+
+All are timed end to end (wall clock of the whole command: interpreter
 start, imports, Ray start, MLflow and Optuna set-up, shut-down). From the
 trial folders' file times (``config.yaml`` written when ``run_experiment``
 starts, the final ``checkpoint.pt`` when it ends) each side's time is split
@@ -84,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the temporary folders (printed) for inspection")
     p.add_argument("--plain-worker", nargs=3, metavar=("CONFIGS_JSON", "OUT_DIR", "CONCURRENCY"),
                    help=argparse.SUPPRESS)  # internal: the plain side, run as its own command
+    p.add_argument("--floor-worker", nargs=3, metavar=("CONFIGS_JSON", "OUT_DIR", "CONCURRENCY"),
+                   help=argparse.SUPPRESS)  # internal: the bare Ray Tune side, run as its own command
+    p.add_argument("--no-floor", action="store_true", help="skip the bare Ray Tune run (the floor)")
     args = p.parse_args(argv)
     if args.quick:
         args.trials, args.repeats, args.max_wait = 6, 1, 0.0
@@ -126,6 +137,48 @@ def plain_main(configs_json: str, out_dir: str, concurrency: int) -> int:
         runs = [f.result() for f in futures]
     (Path(out_dir) / "plain_runs.json").write_text(json.dumps(runs))
     return 0
+
+
+# -- the floor: bare Ray Tune (runs in its own process, see --floor-worker) ------
+def _floor_trial(config, configs=None, out_dir="", cache="", data=None):
+    import torch
+    from ray import tune
+
+    from comod.config import load_config
+    from comod.train import run_experiment
+    from comod_platform.trainable import unpack
+
+    torch.set_num_threads(1)
+    index = config["index"]
+    run_experiment(load_config(configs[index]), Path(out_dir) / f"run{index:03d}", data=unpack(data),
+                   pretrain_cache=cache)
+    tune.report({"finished": 1})
+
+
+def floor_main(configs_json: str, out_dir: str, concurrency: int) -> int:
+    """The same configs as one Ray Tune run with nothing of comod's platform: no Optuna, no MLflow, no
+    checkpoints, no callbacks; the data loaded once and shared through the object store like the search's."""
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    import ray
+    from ray import tune
+
+    from comod.config import load_config
+    from comod.data import load_data
+    from comod_platform.trainable import pack
+
+    configs = json.loads(Path(configs_json).read_text())
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    data = pack(load_data(load_config(configs[0])))
+    fn = tune.with_parameters(_floor_trial, configs=configs, out_dir=out_dir,
+                              cache=str(Path(out_dir) / "pretrain_cache"), data=data)
+    tuner = tune.Tuner(tune.with_resources(fn, {"cpu": 1}),
+                       param_space={"index": tune.grid_search(list(range(len(configs))))},
+                       tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True),
+                       run_config=tune.RunConfig(name="floor", storage_path=str(Path(out_dir) / "ray"), verbose=0))
+    grid = tuner.fit()
+    ray.shutdown()
+    return 0 if not grid.errors else 1
 
 
 # -- helpers --------------------------------------------------------------------
@@ -295,6 +348,30 @@ def run_plain(configs: list[str], work: Path, args) -> dict:
             "worker_threads": sorted({r["threads"] for r in runs})}
 
 
+def run_floor(configs: list[str], work: Path, args) -> dict:
+    out = work / "floor"
+    out.mkdir()
+    (work / "floor_configs.json").write_text(json.dumps(configs))
+    ray_tmp = tempfile.mkdtemp(prefix="pf", dir="/tmp")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--floor-worker", str(work / "floor_configs.json"),
+           str(out), str(args.concurrency)]
+    log = work / "floor.log"
+    try:
+        with LoadSampler() as load, open(log, "w") as stream:
+            t0 = time.time()
+            done = subprocess.run(cmd, cwd=REPO, env=_clean_env(COMOD_DOWNLOAD="0", RAY_TMPDIR=ray_tmp),
+                                  stdout=stream, stderr=subprocess.STDOUT, timeout=args.timeout)
+            t1 = time.time()
+    finally:
+        kill_processes_of(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the bare Ray Tune run failed ({done.returncode}); log {log}:\n{log.read_text()[-4000:]}")
+    spans = trial_spans(sorted(p for p in out.iterdir() if p.name.startswith("run")))
+    pretrained = len(list((out / "pretrain_cache").glob("*.pt")))
+    return {**breakdown(t0, t1, spans, args.concurrency), "load": load.summary(), "pretrained_models": pretrained}
+
+
 def versions() -> dict:
     import mlflow
     import optuna
@@ -330,7 +407,16 @@ def summarise(pairs: list[dict], args) -> dict:
         "gap_extra_ms": round((mean("platform", "mean_gap_s") - mean("plain", "mean_gap_s")) * 1000, 1),
         "target": TARGET_RATIO,
         "pass": wall_p / wall_q <= TARGET_RATIO,
+        **_floor_summary(pairs, wall_p, wall_q),
     }
+
+
+def _floor_summary(pairs: list[dict], wall_p: float, wall_q: float) -> dict:
+    if not all("floor" in p for p in pairs):
+        return {}
+    wall_f = sum(p["floor"]["wall_s"] for p in pairs)
+    return {"floor_ratio": round(wall_f / wall_q, 3), "platform_over_floor": round(wall_p / wall_f, 3),
+            "floor_ratios_per_repeat": [round(p["floor"]["wall_s"] / p["plain"]["wall_s"], 3) for p in pairs]}
 
 
 def row(name: str, r: dict) -> str:
@@ -365,6 +451,8 @@ def markdown(result: dict) -> str:
     ]
     for i, p in enumerate(result["pairs"]):
         lines.append(row(f"{i + 1}: platform", p["platform"]))
+        if "floor" in p:
+            lines.append(row(f"{i + 1}: bare Ray Tune", p["floor"]))
         lines.append(row(f"{i + 1}: plain", p["plain"]))
     lines += [
         "",
@@ -381,6 +469,16 @@ def markdown(result: dict) -> str:
         f"- of which: start-up +{s['startup_extra_s']:.1f} s, tail +{s['tail_extra_s']:.1f} s (once per search); "
         f"in a trial {s['in_trial_extra_ms']:+.0f} ms, idle gap between trials {s['gap_extra_ms']:+.0f} ms "
         f"(per trial slot)",
+    ]
+    if "floor_ratio" in s:
+        lines += [
+            f"- the floor: bare Ray Tune (the same configs as one `Tuner` of a function trainable calling "
+            f"run_experiment, data through the object store, actor reuse, the same concurrency; no Optuna, "
+            f"MLflow, checkpoints or callbacks) / plain = **{s['floor_ratio']:.3f}** (per repeat: "
+            f"{', '.join(f'{r:.3f}' for r in s['floor_ratios_per_repeat'])}); platform / bare Ray Tune = "
+            f"**{s['platform_over_floor']:.3f}**",
+        ]
+    lines += [
         "",
         f"**{'PASS' if s['pass'] else 'MISS'}: platform / plain = {s['ratio']:.3f} (target <= {s['target']})**",
     ]
@@ -391,6 +489,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.plain_worker:
         return plain_main(args.plain_worker[0], args.plain_worker[1], int(args.plain_worker[2]))
+    if args.floor_worker:
+        return floor_main(args.floor_worker[0], args.floor_worker[1], int(args.floor_worker[2]))
     started = time.time()
     load_wait = wait_for_load(args.wait_load, args.max_wait)
     root = Path(tempfile.mkdtemp(prefix="platform-overhead-"))
@@ -402,11 +502,15 @@ def main(argv=None) -> int:
             work.mkdir()
             search_file = write_search(work / "overhead.yaml", args)
             configs = pairs[0]["platform"]["configs"] if pairs else None
-            order = ["platform", "plain"] if rep % 2 == 0 or configs is None else ["plain", "platform"]
+            order = ["platform", "floor", "plain"] if rep % 2 == 0 or configs is None else ["plain", "floor", "platform"]
+            if args.no_floor:
+                order.remove("floor")
             pair: dict = {}
             for side in order:
                 if side == "platform":
                     pair["platform"] = run_platform(search_file, work, args)
+                elif side == "floor":
+                    pair["floor"] = run_floor(configs or pair["platform"]["configs"], work, args)
                 else:
                     pair["plain"] = run_plain(configs or pair["platform"]["configs"], work, args)
                 r = pair[side]
@@ -434,6 +538,9 @@ def main(argv=None) -> int:
           f"{s['per_trial_overhead_window_ms']:.0f} ms in the trials' window; start-up +{s['startup_extra_s']:.1f} s, "
           f"tail +{s['tail_extra_s']:.1f} s, in a trial {s['in_trial_extra_ms']:+.0f} ms, "
           f"gap {s['gap_extra_ms']:+.0f} ms")
+    if "floor_ratio" in s:
+        print(f"floor: bare Ray Tune / plain = {s['floor_ratio']:.3f}; platform / bare Ray Tune = "
+              f"{s['platform_over_floor']:.3f}")
     print(f"{'PASS' if s['pass'] else 'MISS'}: platform / plain = {s['ratio']:.3f} (target <= {TARGET_RATIO})")
     if args.out is None and args.quick:
         return 0

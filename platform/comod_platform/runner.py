@@ -38,6 +38,12 @@ def optuna_storage_url(paths: SearchPaths) -> str:
     return os.environ.get("COMOD_OPTUNA_STORAGE") or f"sqlite:///{paths.optuna_db}"
 
 
+KEEP_CHECKPOINTS = 3
+"""Epoch checkpoints a trial keeps on the storage. Ray snapshots the whole experiment whenever a trial
+has written this many since the last snapshot (so that no snapshot names a deleted checkpoint): fewer
+kept means more snapshots in the scheduling loop, more means more storage."""
+
+
 def check_optuna_storage(url: str) -> None:
     """Open one connection to the study's database, so a bad one stops the search before anything is made."""
     if url.startswith("sqlite:"):
@@ -217,6 +223,7 @@ def _prepare_cluster(address: str | None, storage: str) -> None:
     # retries (and buffers) on its own, call by call
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # see KEEP_CHECKPOINTS
     _init_ray(address)
     try:
         storage_mod.check_shared(storage)
@@ -248,7 +255,7 @@ def _tuner(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, trainable, expe
                                         reuse_actors=True),
             run_config=tune.RunConfig(name=meta.name, storage_path=meta.ray_storage, verbose=0,
                                       callbacks=_callbacks(sf, paths, meta), failure_config=failures,
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS)))
     return tuner
 
 

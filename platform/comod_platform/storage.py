@@ -117,10 +117,11 @@ def check_shared(storage: str) -> int:
         pending = {n["NodeManagerAddress"] + " (" + n["NodeID"][:8] + ")": probe.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(storage, path, token)
             for n in nodes}
+        ready, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=120)
         problems = {}
         for node, ref in pending.items():
             try:
-                result = ray.get(ref, timeout=120)
+                result = ray.get(ref) if ref in ready else "the probe did not run within 120 s"
             except Exception as err:  # noqa: BLE001 - a node that cannot run the probe cannot use the storage
                 result = f"the probe did not run: {type(err).__name__}"
             if result is not None:

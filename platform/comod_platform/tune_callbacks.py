@@ -156,12 +156,19 @@ class MlflowTrialCallback(Callback):
         self._closed: set[str] = set()
         self._where: dict[str, tuple] = {}
         self._last_epoch: dict[str, float] = {}
+        self._buffered: dict[str, list] = {}
+        self._scheduled: set[str] = set()
+        self._buffer_lock = threading.Lock()
 
     def __getstate__(self):  # pickled with the Tuner's state: no client, thread or cache
         state = self.__dict__.copy()
         state.update(_client=None, _writer=None, _runs={}, _closed=set(), _where={}, _last_epoch={},
-                     _reconciled=False)
+                     _buffered={}, _scheduled=set(), _buffer_lock=None, _reconciled=False)
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._buffer_lock = threading.Lock()
 
     @property
     def client(self):
@@ -234,7 +241,7 @@ class MlflowTrialCallback(Callback):
         if not result.get(FINAL_FLAG):  # per-epoch aliases repeat pretrain/val/..., finetune/val/...
             metrics = {k: v for k, v in metrics.items() if not k.startswith("val/")}
         step = int(result.get(STEP, result.get("training_iteration", 0)))
-        self.writer.submit(self._log_metrics, trial, metrics, step)
+        self._queue_metrics(trial, metrics, step)
         where = (result.get(NODE), result.get(GPUS))
         if where[0] and self._where.get(trial.trial_id) != where:  # first report, or restarted elsewhere
             self._where[trial.trial_id] = where
@@ -292,6 +299,35 @@ class MlflowTrialCallback(Callback):
             self._writer.flush()
 
     # -- writes (background thread) -------------------------------------
+    def _queue_metrics(self, trial, metrics: dict, step: int) -> None:
+        """Buffer a result's metrics; one write sends everything buffered for the trial by then, so a
+        busy writer (or a server away) coalesces epochs into fewer batches (each a database commit)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        with self._buffer_lock:
+            self._buffered.setdefault(trial.trial_id, []).extend(
+                Metric(k, v, now, step) for k, v in metrics.items())
+            if trial.trial_id in self._scheduled:
+                return  # the write already queued will take these too
+            self._scheduled.add(trial.trial_id)
+        self.writer.submit(self._send_buffered, trial)
+
+    def _send_buffered(self, trial) -> None:
+        run_id = self.run_id(trial)
+        with self._buffer_lock:
+            batch = self._buffered.pop(trial.trial_id, [])
+            self._scheduled.discard(trial.trial_id)
+        try:
+            if trial.trial_id not in self._closed:
+                for i in range(0, len(batch), 1000):
+                    self.client.log_batch(run_id, metrics=batch[i:i + 1000])
+        except Exception:
+            with self._buffer_lock:  # back in front, in order: the writer retries this call
+                self._buffered[trial.trial_id] = batch + self._buffered.get(trial.trial_id, [])
+                self._scheduled.add(trial.trial_id)
+            raise
+
     def _log_metrics(self, trial, metrics: dict, step: int) -> None:
         from mlflow.entities import Metric
 

@@ -55,7 +55,8 @@ class MlflowServer:
 
 
 def kill_processes_mentioning(text: str) -> int:
-    """Kill every process whose command line mentions ``text`` (a Ray temp dir)."""
+    """Kill every process whose command line mentions ``text`` (a Ray temp dir), or that has a file
+    open under it."""
     killed = 0
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
@@ -64,10 +65,16 @@ def kill_processes_mentioning(text: str) -> int:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if text in cmdline:
+        if text not in cmdline:
+            # Ray's agents rewrite their command line; they still hold files under the temp dir
             try:
-                os.kill(int(proc.name), signal.SIGKILL)
-                killed += 1
+                if not any(text in os.readlink(fd) for fd in (proc / "fd").iterdir()):
+                    continue
             except OSError:
-                pass
+                continue
+        try:
+            os.kill(int(proc.name), signal.SIGKILL)
+            killed += 1
+        except OSError:
+            pass
     return killed
