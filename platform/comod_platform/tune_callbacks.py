@@ -155,14 +155,14 @@ class MlflowTrialCallback(Callback):
         self._runs: dict[str, str] = {}
         self._closed: set[str] = set()
         self._where: dict[str, tuple] = {}
-        self._last_epoch: dict[str, float] = {}
+        self._logged_step: dict[str, int] = {}
         self._buffered: dict[str, list] = {}
         self._scheduled: set[str] = set()
         self._buffer_lock = threading.Lock()
 
     def __getstate__(self):  # pickled with the Tuner's state: no client, thread or cache
         state = self.__dict__.copy()
-        state.update(_client=None, _writer=None, _runs={}, _closed=set(), _where={}, _last_epoch={},
+        state.update(_client=None, _writer=None, _runs={}, _closed=set(), _where={}, _logged_step={},
                      _buffered={}, _scheduled=set(), _buffer_lock=None, _reconciled=False)
         return state
 
@@ -196,6 +196,9 @@ class MlflowTrialCallback(Callback):
                 self._closed.add(trial.trial_id)  # ended before the driver was lost: keep it as it is
             else:
                 self.client.update_run(run_id, status="RUNNING")
+                self._logged_step[trial.trial_id] = max(  # the epochs it logged before the driver was lost
+                    [m.step for key in ("pretrain/train_loss", "finetune/train_loss")
+                     for m in self.client.get_metric_history(run_id, key)], default=-1)
         else:
             cfg = self.search.config_for(trial.config)
             run = self.client.create_run(self.experiment_id, run_name=f"{self.search_name}-{trial.trial_id}", tags={
@@ -231,17 +234,12 @@ class MlflowTrialCallback(Callback):
         self.writer.submit(self.run_id, trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        epoch = result.get(EPOCH)
-        if isinstance(epoch, (int, float)) and not result.get(FINAL_FLAG) and not result.get(DIVERGED_FLAG):
-            # a trial restarted before its first checkpoint reports its first epochs again: log each once
-            if epoch <= self._last_epoch.get(trial.trial_id, 0):
-                return
-            self._last_epoch[trial.trial_id] = epoch
         metrics = numeric_metrics(result)
         if not result.get(FINAL_FLAG):  # per-epoch aliases repeat pretrain/val/..., finetune/val/...
             metrics = {k: v for k, v in metrics.items() if not k.startswith("val/")}
         step = int(result.get(STEP, result.get("training_iteration", 0)))
-        self._queue_metrics(trial, metrics, step)
+        per_epoch = not result.get(FINAL_FLAG) and not result.get(DIVERGED_FLAG)
+        self._queue_metrics(trial, metrics, step, per_epoch)
         where = (result.get(NODE), result.get(GPUS))
         if where[0] and self._where.get(trial.trial_id) != where:  # first report, or restarted elsewhere
             self._where[trial.trial_id] = where
@@ -299,7 +297,7 @@ class MlflowTrialCallback(Callback):
             self._writer.flush()
 
     # -- writes (background thread) -------------------------------------
-    def _queue_metrics(self, trial, metrics: dict, step: int) -> None:
+    def _queue_metrics(self, trial, metrics: dict, step: int, per_epoch: bool = False) -> None:
         """Buffer a result's metrics; one write sends everything buffered for the trial by then, so a
         busy writer (or a server away) coalesces epochs into fewer batches (each a database commit)."""
         from mlflow.entities import Metric
@@ -307,7 +305,7 @@ class MlflowTrialCallback(Callback):
         now = int(time.time() * 1000)
         with self._buffer_lock:
             self._buffered.setdefault(trial.trial_id, []).extend(
-                Metric(k, v, now, step) for k, v in metrics.items())
+                (Metric(k, v, now, step), per_epoch) for k, v in metrics.items())
             if trial.trial_id in self._scheduled:
                 return  # the write already queued will take these too
             self._scheduled.add(trial.trial_id)
@@ -320,8 +318,15 @@ class MlflowTrialCallback(Callback):
             self._scheduled.discard(trial.trial_id)
         try:
             if trial.trial_id not in self._closed:
-                for i in range(0, len(batch), 1000):
-                    self.client.log_batch(run_id, metrics=batch[i:i + 1000])
+                # a trial restarted from an older checkpoint (or from scratch) reports some epochs again:
+                # each epoch's step is logged once
+                done = self._logged_step.get(trial.trial_id, -1)
+                send = [m for m, per_epoch in batch if not per_epoch or m.step > done]
+                steps = [m.step for m, per_epoch in batch if per_epoch]
+                for i in range(0, len(send), 1000):
+                    self.client.log_batch(run_id, metrics=send[i:i + 1000])
+                if steps:
+                    self._logged_step[trial.trial_id] = max(done, *steps)
         except Exception:
             with self._buffer_lock:  # back in front, in order: the writer retries this call
                 self._buffered[trial.trial_id] = batch + self._buffered.get(trial.trial_id, [])
