@@ -196,6 +196,18 @@ def versions() -> dict:
             "torch": torch.__version__, "python": sys.version.split()[0]}
 
 
+def code_version() -> dict:
+    """The checkout measured: its commit, and files of the core and the platform changed since (git, read-only)."""
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    changed = [line[3:] for line in git("status", "--porcelain", "--", "comod", "platform").splitlines()]
+    return {"commit": git("rev-parse", "--short", "HEAD") or None, "changed_since": changed}
+
+
 def machine() -> dict:
     return {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "platform": platform.platform()}
@@ -628,7 +640,7 @@ def report_lines(r: dict, st: dict) -> list[str]:
 
 def markdown(result: dict) -> str:
     st, m, v, r = result["settings"], result["machine"], result["versions"], result["run"]
-    cl, t = r["cluster"], r["time"]
+    cl = r["cluster"]
     checks = r["checks"]
     failed = [k for k, ok in checks.items() if not ok]
     lines = [
@@ -646,6 +658,9 @@ def markdown(result: dict) -> str:
         "",
         f"Machine: {m['processor']}, {m['cpu_count']} CPUs; {m['platform']}. Versions: Ray {v['ray']}, "
         f"MLflow {v['mlflow']}, Optuna {v['optuna']}, torch {v['torch']}, Python {v['python']}. "
+        f"Code: commit {result['code']['commit']}"
+        + (f" with changes to {', '.join(result['code']['changed_since'])}" if result['code']['changed_since']
+           else " (comod/ and platform/ unchanged)") + ". "
         f"1-min load average before: {result['load_wait']['load_at_start']} (waited "
         f"{result['load_wait']['waited_s']:.0f} s for < {result['load_wait']['limit']}); during the run "
         f"{r['load']['min']:.1f}/{r['load']['mean']:.1f}/{r['load']['max']:.1f} (min/mean/max); total "
@@ -677,10 +692,12 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.time()
+    code = code_version()  # before the run: what the search imports
     load_wait = wait_for_load(args.wait_load, args.max_wait)
     work = Path(tempfile.mkdtemp(prefix="comod-scale-"))
     print(f"work folder {work}; load average {os.getloadavg()[0]:.2f}; {args.trials} trials, {args.nodes} nodes, "
-          f"scheduler {args.scheduler}", flush=True)
+          f"scheduler {args.scheduler}; code {code['commit']}"
+          + (f" + changes to {', '.join(code['changed_since'])}" if code["changed_since"] else ""), flush=True)
     try:
         r = run(args, work)
     finally:
@@ -694,7 +711,7 @@ def main(argv=None) -> int:
         settings["note"] = f"run with --trials {args.trials} instead of the default 200"
     if args.note:
         settings["note"] = "; ".join(filter(None, [settings.get("note"), args.note]))
-    result = {"benchmark": "scale", "settings": settings, "machine": machine(), "versions": versions(),
+    result = {"benchmark": "scale", "settings": settings, "machine": machine(), "versions": versions(), "code": code,
               "load_wait": load_wait, "total_s": round(time.time() - started, 1), "run": r}
     print("\n".join(report_lines(r, settings)))
     failed = [k for k, ok in r["checks"].items() if not ok]
