@@ -4,22 +4,40 @@ A shared network is adapted to one task by modulating the gains of
 task-relevant units of chosen layers: deterministically ("attention"), or
 stochastically, read out through the covariance of downstream units with a
 shared random modulator (Boeshertz, Haimerl & Savin, 2023).
+
+The public names below are imported on first use (PEP 562), so reading and
+checking a config (``comod.config``) does not import torch: a search driver
+starts Ray while torch loads, and a bad config is reported at once.
 """
-from comod.backbones import SITES, Backbone
-from comod.config import ConfigError, ExperimentConfig, flatten, load_config, parse_config, save_config
-from comod.data import DatasetNotFoundError, TaskData, TaskSpec, load_data
-from comod.mechanisms import (MECHANISMS, Controller, DeterministicGain, Mechanism, NoModulation,
-                              StochasticComodulation, build_mechanism, create_mechanism, readout_gain)
-from comod.metrics import summarise, task_metrics
-from comod.model import MultiTaskModel, build_model
-from comod.train import Callbacks, TrainingError, evaluate, load_checkpoint, run_experiment
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "SITES", "Backbone", "ConfigError", "ExperimentConfig", "flatten", "load_config", "parse_config",
-    "save_config", "DatasetNotFoundError", "TaskData", "TaskSpec", "load_data", "MECHANISMS", "Controller",
-    "DeterministicGain", "Mechanism", "NoModulation", "StochasticComodulation", "build_mechanism",
-    "create_mechanism", "readout_gain", "summarise", "task_metrics", "MultiTaskModel", "build_model",
-    "Callbacks", "TrainingError", "evaluate", "load_checkpoint", "run_experiment",
-]
+_HOMES = {
+    "comod.backbones": ("SITES", "Backbone"),
+    "comod.config": ("ConfigError", "ExperimentConfig", "flatten", "load_config", "parse_config", "save_config"),
+    "comod.data": ("DatasetNotFoundError", "TaskData", "TaskSpec", "load_data"),
+    "comod.mechanisms": ("MECHANISMS", "Controller", "DeterministicGain", "Mechanism", "NoModulation",
+                         "StochasticComodulation", "build_mechanism", "create_mechanism", "readout_gain"),
+    "comod.metrics": ("summarise", "task_metrics"),
+    "comod.model": ("MultiTaskModel", "build_model"),
+    "comod.train": ("Callbacks", "TrainingError", "evaluate", "load_checkpoint", "run_experiment"),
+}
+_WHERE = {name: module for module, names in _HOMES.items() for name in names}
+
+__all__ = [name for names in _HOMES.values() for name in names]
+
+
+def __getattr__(name: str):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'comod' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

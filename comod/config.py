@@ -186,7 +186,7 @@ class EvalConfig:
     ece_bins: int = 15
 
     def validate(self, path: str):
-        from comod.metrics import SELECTABLE
+        from comod.metric_names import SELECTABLE
 
         check(self.batch_size >= 1, f"{path}.batch_size", self.batch_size, "a positive integer")
         check(self.select_metric in SELECTABLE, f"{path}.select_metric", self.select_metric,

@@ -11,9 +11,7 @@ import torch
 
 from comod.data.taskdata import TaskSpec
 
-METRICS = ("accuracy", "error", "precision", "recall", "f1", "ece")
-SELECTABLE = tuple(f"mean_{m}" for m in ("accuracy", "precision", "recall", "f1")) + ("neg_mean_error",
-                                                                                    "neg_mean_ece")
+from comod.metric_names import METRICS, SELECTABLE  # noqa: F401 - re-exported
 
 
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:

@@ -40,3 +40,24 @@ def test_platform_and_its_dependencies_import_from_the_repo_root():
     system, version, origin = proc.stdout.split()
     assert system == platform.system() and version == "4"
     assert Path(origin) == REPO / "platform" / "comod_platform" / "__init__.py"
+
+
+def test_command_line_and_search_file_load_without_torch_ray_or_mlflow():
+    """A search starts Ray while a second thread imports torch and MLflow: nothing the driver imports
+    before that may pull them in (nor may `import comod.config`), or the two would run one after the other."""
+    proc = python("import sys, comod, comod.config, comod_platform.cli, comod_platform.cli_search, "
+                  "comod_platform.runner, comod_platform.searchfile; "
+                  "print(' '.join(m for m in ('torch', 'ray', 'mlflow', 'optuna') if m in sys.modules) or '-')")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["-"], proc.stdout
+
+
+def test_comod_public_api_loads_on_first_use():
+    proc = python("import sys, comod; assert 'torch' not in sys.modules; "
+                  "from comod import load_config, run_experiment, SITES; "
+                  "assert 'torch' in sys.modules and callable(run_experiment) and 'layer2' in SITES; "
+                  "assert set(comod.__all__) <= set(dir(comod)); "
+                  "missing = [n for n in comod.__all__ if getattr(comod, n, None) is None]; assert not missing, missing\n"
+                  "try:\n    comod.no_such_name\nexcept AttributeError as err:\n    print(err)")
+    assert proc.returncode == 0, proc.stderr
+    assert "no attribute 'no_such_name'" in proc.stdout
