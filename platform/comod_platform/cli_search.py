@@ -69,7 +69,6 @@ def cmd_search(args) -> int:
     if args.search_command == "run" and args.or_resume and not args.name:
         raise UserError("--or-resume needs the search's --name: the one to resume when it exists, e.g. "
                         "comod search run SEARCH --name N --or-resume")
-    errors = _user_errors()
     try:
         if args.search_command == "run" and args.or_resume:
             from comod_platform.jobs import run_or_resume
@@ -91,7 +90,10 @@ def cmd_search(args) -> int:
 
             print("\n".join(known_searches()) or "no searches yet")
             return 0
-    except errors as err:
+    except Exception as err:
+        errors = _user_errors()  # imported here, not before: a search starts Ray while torch loads
+        if not isinstance(err, errors):
+            raise
         code = EXIT_USAGE if isinstance(err, errors[0]) else EXIT_FAILED
         raise UserError(str(err), code) from None
     print(json.dumps(summary, indent=2))

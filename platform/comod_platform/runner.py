@@ -13,18 +13,18 @@ import logging
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
 
 from comod.config import flatten
-from comod.data import load_data
 from comod.schema import to_dict
 from comod_platform import storage as storage_mod
 from comod_platform.conventions import (DIVERGED_FLAG, EPOCH, FINAL_FLAG, TAG_ROLE, TAG_SEARCH, experiment_name,
                                         param_text)
 from comod_platform.search_state import SearchMeta, SearchPaths
-from comod_platform.searchfile import SearchFile, load_search, parse_search
+from comod_platform.searchfile import SearchFile, parse_search, read_search
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +116,22 @@ def _init_ray(address: str | None) -> None:
                           f"(ray status on the head node), or leave --address out to run locally") from None
 
 
-def _trainable(sf: SearchFile, paths: SearchPaths):
+def _load_shared_data(sf: SearchFile) -> dict:
+    """The base experiment's dataset, loaded once in the driver; trials get it from the object store."""
+    from comod.data import load_data
+    from comod_platform.trainable import pack
+
+    return pack(load_data(sf.base_config()))
+
+
+def _trainable(sf: SearchFile, paths: SearchPaths, data: dict | None = None):
     from ray import tune
 
-    from comod_platform.trainable import data_key, pack, run_trial
+    from comod_platform.trainable import data_key, run_trial
 
     base = sf.base_config()
-    data = pack(load_data(base))  # once, in the driver; trials get it from the object store
+    if data is None:
+        data = _load_shared_data(sf)
     fn = tune.with_parameters(run_trial, search=sf, search_name=paths.name, home=str(paths.root.parent.parent),
                               data=data, shared_key=data_key(base))
     r = sf.search.resources
@@ -154,15 +163,41 @@ def _start_tracking(sf: SearchFile, name: str) -> tuple[str, str, str]:
     return uri, experiment_id, parent.info.run_id
 
 
+def _prepare_in_background(raw: dict, stem: str) -> tuple[SearchFile, dict]:
+    """What a new search needs besides Ray: the checked search file, the shared dataset and an open
+    tracking store (imports of torch and MLflow, a fresh store's tables). Nothing here is recorded."""
+    from comod_platform.tracking import open_store
+
+    sf = parse_search(raw, stem)
+    data = _load_shared_data(sf)
+    open_store()
+    return sf, data
+
+
 def run_search(search_path: str | Path, name: str | None = None, address: str | None = None,
                storage: str | None = None) -> dict:
     """Start a new search from a search file; returns its summary.
 
     ``storage`` (else ``$COMOD_STORAGE``) is where Ray Tune keeps the
-    experiment and the trials' checkpoints: see :mod:`comod_platform.storage`."""
+    experiment and the trials' checkpoints: see :mod:`comod_platform.storage`.
+
+    Ray starts (or is joined) while a second thread checks the search file,
+    loads the dataset and opens the tracking store, so the driver's start-up
+    costs the longer of the two, not their sum. Nothing is recorded until the
+    file, the names, the Optuna database and the storage have all passed."""
     source = Path(search_path) if Path(search_path).is_file() else Path("search_spaces") / f"{search_path}.yaml"
     source = source.resolve()  # joining a Ray job's cluster may change the working folder
-    sf = load_search(search_path)
+    if name is not None and SearchPaths(name).exists():
+        raise SearchError(f"a search named {name!r} exists already ({SearchPaths(name).root}); continue it "
+                          f"with `comod search resume {name}`, or choose another --name")
+    raw, stem = read_search(search_path)  # a missing file or broken YAML stops here, before Ray starts
+    _service_defaults()
+    with ThreadPoolExecutor(1, thread_name_prefix="comod-prepare") as pool:
+        prepared = pool.submit(_prepare_in_background, raw, stem)
+        try:
+            _init_ray(address)
+        finally:
+            sf, data = prepared.result()  # its error (a bad file, a missing dataset) comes first
     name = name or f"{sf.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     paths = SearchPaths(name)
     if paths.exists():
@@ -178,7 +213,7 @@ def run_search(search_path: str | Path, name: str | None = None, address: str | 
                       experiment_id=experiment_id, parent_run_id=parent_run_id,
                       ray_storage=ray_storage, created=time.time())
     paths.write_meta(meta)
-    return _fit(sf, paths, meta, address, restore=False)
+    return _fit(sf, paths, meta, address, restore=False, data=data)
 
 
 def resume_search(name: str, address: str | None = None, storage: str | None = None) -> dict:
@@ -193,7 +228,8 @@ def resume_search(name: str, address: str | None = None, storage: str | None = N
     return _fit(sf, paths, meta, address, restore=True)
 
 
-def _fit(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, address: str | None, restore: bool) -> dict:
+def _fit(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, address: str | None, restore: bool,
+         data: dict | None = None) -> dict:
     from mlflow.tracking import MlflowClient
 
     from comod_platform.tune_callbacks import retry_call
@@ -205,7 +241,7 @@ def _fit(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, address: str | No
     retry_call(client.update_run, meta.parent_run_id, status="RUNNING")
     status = "FAILED"
     try:
-        trainable = _trainable(sf, paths)
+        trainable = _trainable(sf, paths, data)
         grid = _tuner(sf, paths, meta, trainable, experiment_path, restore).fit()
         status = "FINISHED"
     finally:
@@ -213,8 +249,8 @@ def _fit(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, address: str | No
     return {"name": meta.name, **summarise_grid(grid, sf)}
 
 
-def _prepare_cluster(address: str | None, storage: str) -> None:
-    """Start or join Ray, then check that every node sees the storage."""
+def _service_defaults() -> None:
+    """Environment defaults of the driver (and of the workers it starts); a value already set is kept."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our progress line instead of Ray's tables
     # Ray's CSV and TensorBoard result files cost ~30 ms a result in the driver loop and nothing
     # reads them; the JSON one stays (added in _callbacks): the result grid reads it
@@ -224,6 +260,15 @@ def _prepare_cluster(address: str | None, storage: str) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # see KEEP_CHECKPOINTS
+    # searches run where nothing outside the cluster is reached: no usage reports, whose sender
+    # wraps every MLflow call and waits for its network at exit
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def _prepare_cluster(address: str | None, storage: str) -> None:
+    """Start or join Ray, then check that every node sees the storage."""
+    _service_defaults()
     _init_ray(address)
     try:
         storage_mod.check_shared(storage)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from comod.config import ConfigError, ExperimentConfig, flatten, parse_config, read_yaml, set_path
-from comod.metrics import METRICS as _METRIC_NAMES
+from comod.metric_names import METRICS as _METRIC_NAMES
 from comod.schema import check, from_dict
 
 METRICS = tuple(f"val/mean_{m}" for m in _METRIC_NAMES)
@@ -107,12 +107,18 @@ class SearchSettings:
     max_concurrent: int = 2
     max_retries: int = 2
     """Times a crashing trial is restarted from its last epoch checkpoint before it counts as failed."""
+    checkpoint_interval_s: float = 10.0
+    """Seconds of training a crash may lose: an epoch's checkpoint goes to the search's storage when this
+    long has passed since the trial's last one (0: every epoch). The final report always carries one.
+    Short trials thus persist only their end, and the experiment snapshots this forces stay rare."""
     seed: int = 0
 
     def validate(self, path: str):
         check(self.num_trials >= 1, f"{path}.num_trials", self.num_trials, "an integer >= 1")
         check(self.max_concurrent >= 1, f"{path}.max_concurrent", self.max_concurrent, "an integer >= 1")
         check(self.max_retries >= 0, f"{path}.max_retries", self.max_retries, "an integer >= 0")
+        check(self.checkpoint_interval_s >= 0, f"{path}.checkpoint_interval_s", self.checkpoint_interval_s,
+              "a number of seconds >= 0 (0: every epoch)")
         check(self.metric in METRICS, f"{path}.metric", self.metric,
               f"a validation metric reported every epoch: {', '.join(METRICS)} (never a test/ metric)")
 
@@ -234,6 +240,12 @@ def parse_search(raw: Any, name: str) -> SearchFile:
 
 def load_search(path: str | Path) -> SearchFile:
     """Load and check a search file; ``NAME`` alone looks in search_spaces/."""
+    return parse_search(*read_search(path))
+
+
+def read_search(path: str | Path) -> tuple[dict, str]:
+    """A search file's YAML and its name, unchecked: a missing file or broken YAML fails here, without
+    torch (``parse_search`` checks the contents)."""
     path = Path(path)
     if not path.exists() and not path.suffix and (Path("search_spaces") / f"{path}.yaml").exists():
         path = Path("search_spaces") / f"{path}.yaml"
@@ -241,4 +253,4 @@ def load_search(path: str | Path) -> SearchFile:
         known = sorted(p.stem for p in Path("search_spaces").glob("*.yaml"))
         hint = f"; searches in search_spaces/: {', '.join(known)}" if known else ""
         raise ConfigError(f"{path}: no such search file{hint}")
-    return parse_search(read_yaml(path), path.stem)
+    return read_yaml(path), path.stem

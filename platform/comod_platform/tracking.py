@@ -69,6 +69,19 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                             f"the embedded store in {runs_home()}") from None
 
 
+def open_store() -> str:
+    """Reach the tracking store once (a fresh embedded store creates its tables here); returns its URI.
+
+    Creates no experiment and no run, so a search can do this while Ray starts."""
+    _quiet()
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri()
+    check_reachable(uri)
+    MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    return uri
+
+
 def setup(experiment: str):
     """Point MLflow at the tracking store and return the experiment's id."""
     _quiet()

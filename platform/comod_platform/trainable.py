@@ -6,11 +6,12 @@ one curve across both phases) and the trial's own epoch count, which the
 scheduler uses as its clock (Ray's iteration count restarts when a trial is
 restored; the epoch count does not). The last report carries the final
 metrics and the final flag. The trial works in the search's ``trials/ID``
-folder; every epoch's checkpoint (with the config) goes to Ray Tune as the
+folder; an epoch's checkpoint (with the config) goes to Ray Tune as the
 trial's checkpoint, which Ray persists to the search's storage (a shared
-mount or S3 on a cluster). A trial restarted (after a crash, on another node
-after a node was lost, or after the driver was lost) continues from that
-last persisted epoch. The final checkpoint also holds the final metrics and
+mount or S3 on a cluster), whenever ``search.checkpoint_interval_s`` has
+passed since the last one. A trial restarted (after a crash, on another
+node after a node was lost, or after the driver was lost) continues from
+that last persisted epoch. The final checkpoint also holds the final metrics and
 the plots, which the driver logs to MLflow from there. Plots are drawn here,
 on the trial's reserved CPU, not in the driver. A diverging loss ends the
 trial with a report carrying the diverged flag and the reason.
@@ -26,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -131,7 +133,8 @@ def run_trial(config: dict, search=None, search_name: str = "", home: str = "", 
     out = paths.trial_dir(trial_id)
     resumed = _restore(tune.get_checkpoint(), out)
     shared = unpack(data) if data is not None and data_key(cfg) == shared_key else None
-    state = {"epochs": 0, "step": 0, "fresh": False}
+    state = {"epochs": 0, "step": 0, "fresh": False, "persisted": time.monotonic()}
+    interval = search.search.checkpoint_interval_s
     where = _placement()
 
     def on_checkpoint(path, payload) -> None:
@@ -141,10 +144,13 @@ def run_trial(config: dict, search=None, search_name: str = "", home: str = "", 
         state["epochs"] = epoch + (cfg.pretrain.epochs if phase == "finetune" else 0)
         state["step"] = step
         row = {**_with_aliases(metrics), STEP: step, EPOCH: state["epochs"], **where}
-        if not state["fresh"]:  # a replayed epoch (pretrained model from the cache): nothing new to keep
+        fresh, state["fresh"] = state["fresh"], False
+        # a replayed epoch (pretrained model from the cache) has nothing new to keep; an epoch soon after
+        # the last persisted one is kept locally only (the next persisted one, or the final, covers it)
+        if not fresh or time.monotonic() - state["persisted"] < interval:
             tune.report(row)
             return
-        state["fresh"] = False
+        state["persisted"] = time.monotonic()
         with _staged(out, CHECKPOINT_FILES) as folder:
             tune.report(row, checkpoint=tune.Checkpoint.from_directory(folder))
 

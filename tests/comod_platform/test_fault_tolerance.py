@@ -95,7 +95,8 @@ def test_crash_outage_and_divergence_lose_nothing(tmp_path, ray_tmp):
     space = {"modulation.kind": {"type": "categorical", "choices": ["deterministic", "stochastic"]},
              "pretrain.lr.backbone": {"type": "categorical", "choices": [1.0e-3, 1.0e30]}}
     path = _write_search(tmp_path, "ft", experiment=LONGER, space=space, search={
-        **TINY["search"], "sampler": "grid", "num_trials": 4, "scheduler": {"type": "fifo"}, "max_retries": 2})
+        **TINY["search"], "sampler": "grid", "num_trials": 4, "scheduler": {"type": "fifo"}, "max_retries": 2,
+        "checkpoint_interval_s": 0})
     env = {**_env(home, ray_tmp, server.uri), "COMOD_STORAGE": str(storage)}
     log = tmp_path / "search"
     proc = _start(["search", "run", str(path), "--name", "ft"], env, log)
@@ -176,7 +177,7 @@ def test_a_node_lost_mid_search(tmp_path, ray_tmp):
         home, storage = tmp_path / "runs", tmp_path / "storage"
         path = _write_search(tmp_path, "nodes", experiment=LONGER, space=TINY["space"], search={
             **TINY["search"], "num_trials": 6, "scheduler": {"type": "fifo"}, "max_concurrent": 4,
-            "resources": {"cpu": 1, "gpu": 0.5}, "max_retries": 3})
+            "resources": {"cpu": 1, "gpu": 0.5}, "max_retries": 3, "checkpoint_interval_s": 0})
         env = _env(home, ray_tmp)
         log = tmp_path / "search"
         proc = _start(["search", "run", str(path), "--name", "nodes", "--address", cluster.address,

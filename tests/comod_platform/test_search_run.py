@@ -65,7 +65,9 @@ def test_search_end_to_end_with_an_mlflow_server(tmp_path, ray_tmp):
     server = MlflowServer(tmp_path / "mlflow").start()
     try:
         home = tmp_path / "runs"
-        path = _write_search(tmp_path, "e2e", search={**TINY["search"], "num_trials": 4})
+        # trials far shorter than the checkpoint interval persist their final checkpoint only
+        path = _write_search(tmp_path, "e2e", search={**TINY["search"], "num_trials": 4,
+                                                      "checkpoint_interval_s": 3600})
         done = _comod(["search", "run", str(path), "--name", "e2e"], _env(home, ray_tmp, server.uri))
         assert done.returncode == 0, done.stderr[-3000:]
         summary = json.loads(done.stdout[done.stdout.index("{"):])
@@ -100,6 +102,14 @@ def test_search_end_to_end_with_an_mlflow_server(tmp_path, ray_tmp):
                 assert len(client.get_metric_history(child.info.run_id, "val/mean_f1")) == 1
             else:
                 assert child.info.status == "KILLED"
+            ray_trials = [d for d in (home / "searches" / "e2e" / "ray" / "e2e").iterdir()
+                          if f"_{tags[TAG_TRIAL_ID]}_" in d.name]
+            assert len(ray_trials) == 1, ray_trials
+            persisted = sorted(ray_trials[0].glob("checkpoint_*"))
+            if tags[TAG_STATE] == "completed":
+                assert len(persisted) == 1 and (persisted[0] / "metrics.json").exists(), persisted
+            else:
+                assert persisted == []
         study = _study(home, "e2e")
         counted = {s: sum(t.state == s for t in study.trials) for s in optuna.trial.TrialState}
         assert len(study.trials) == 4

@@ -76,6 +76,7 @@ def test_broken_space_fails_before_any_trial(space, pieces):
     (_search(search={"resources": {"gpu": 1.5}}), ["search.resources.gpu", "fraction"]),
     (_search(search={"sampler": "bayes"}), ["search.sampler", "'tpe'"]),
     (_search(search={"scheduler": {"reduction_factor": 1}}), ["search.scheduler.reduction_factor"]),
+    (_search(search={"checkpoint_interval_s": -1}), ["search.checkpoint_interval_s", "-1", ">= 0"]),
     (_search(experiment={"modulation": {"noise_scale": -2}}), ["experiment.modulation.noise_scale"]),
     ({"experiment": BASE, "spaces": {}}, ["spaces", "unknown section"]),
 ])
