@@ -243,8 +243,7 @@ class MlflowTrialCallback(Callback):
         where = (result.get(NODE), result.get(GPUS))
         if where[0] and self._where.get(trial.trial_id) != where:  # first report, or restarted elsewhere
             self._where[trial.trial_id] = where
-            self.writer.submit(self._tag, trial, TAG_NODE, str(where[0]))
-            self.writer.submit(self._tag, trial, TAG_GPUS, str(where[1] or ""))
+            self.writer.submit(self._tags, trial, {TAG_NODE: str(where[0]), TAG_GPUS: str(where[1] or "")})
 
     @staticmethod
     def _outcome(trial) -> tuple[str, str | None]:
@@ -266,8 +265,8 @@ class MlflowTrialCallback(Callback):
     def on_trial_recover(self, iteration, trials, trial, **info):
         # restarted from its last checkpoint (Ray's FailureConfig); the run goes on
         retries = getattr(trial.run_metadata, "num_failures", None)
-        self.writer.submit(self._tag, trial, TAG_RETRIES, str(retries if retries is not None else "?"))
-        self.writer.submit(self._tag, trial, TAG_ERROR, f"restarted after: {_error_line(trial)}")
+        self.writer.submit(self._tags, trial, {TAG_RETRIES: str(retries if retries is not None else "?"),
+                                               TAG_ERROR: f"restarted after: {_error_line(trial)}"})
 
     def on_experiment_end(self, trials, **info):
         best = sorted((t for t in trials if (t.last_result or {}).get(FINAL_FLAG)),
@@ -344,10 +343,13 @@ class MlflowTrialCallback(Callback):
         for i in range(0, len(batch), 1000):
             self.client.log_batch(run_id, metrics=batch[i:i + 1000])
 
-    def _tag(self, trial, key: str, value: str) -> None:
+    def _tags(self, trial, tags: dict[str, str]) -> None:
+        """Set ``tags`` on the trial's run in one write."""
+        from mlflow.entities import RunTag
+
         run_id = self.run_id(trial)
         if trial.trial_id not in self._closed:
-            self.client.set_tag(run_id, key, value)
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def _end(self, trial, state: str, error: str | None, checkpoint=None) -> None:
         run_id = self.run_id(trial)
@@ -357,8 +359,7 @@ class MlflowTrialCallback(Callback):
         tags = {TAG_STATE: state, TAG_STOPPED_EPOCH: str(int(last.get(EPOCH, 0)))}
         if error:
             tags[TAG_ERROR] = error
-        for key, value in tags.items():
-            self.client.set_tag(run_id, key, value)
+        self._tags(trial, tags)
         if checkpoint is not None:  # the trial's last persisted checkpoint (on the search's storage)
             try:
                 with checkpoint.as_directory() as folder:
