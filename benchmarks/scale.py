@@ -614,7 +614,8 @@ def report_lines(r: dict, st: dict) -> list[str]:
         f"{c['pretrained_models']} |",
         f"| modulation kinds; pruned at epoch | {', '.join(f'{k} {v}' for k, v in sorted(c['kinds'].items()))}; "
         f"{', '.join(f'{k}: {v}' for k, v in sorted(c['pruned_at_epoch'].items())) or '-'} |",
-        f"| Ray Tune 'experiment state snapshotting ... may become a bottleneck' warnings | "
+        f"| Ray Tune 'experiment state snapshotting ... may become a bottleneck' warnings (0 also when the "
+        "platform silences them: TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S=0) | "
         f"{c['tune_snapshot_warnings']} |",
         f"| Ray Tune experiment state file at the end; numeric keys in a trial's final report | "
         f"{kb(r['sizes']['ray_experiment_state_bytes'])} ({kb(r['sizes']['ray_experiment_state_bytes'] / max(1, c['trial_folders']))} "
