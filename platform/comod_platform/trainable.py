@@ -16,6 +16,10 @@ the plots, which the driver logs to MLflow from there. Plots are drawn here,
 on the trial's reserved CPU, not in the driver. A diverging loss ends the
 trial with a report carrying the diverged flag and the reason.
 
+Reports go to Ray Tune from a thread of the trial's own (:mod:`reporter`),
+so training does not wait while the driver handles each epoch; a trial the
+scheduler stops ends at its next optimisation step.
+
 The dataset arrives through the Ray object store as numpy arrays (zero-copy
 on a node), loaded once by the driver, when the trial's data settings are
 the base experiment's; other data settings are loaded by the trial itself.
@@ -38,6 +42,7 @@ from comod.config import config_to_dict
 from comod.data.taskdata import Split, TaskData
 from comod.train import Callbacks, DivergedError, run_experiment
 from comod_platform.conventions import DIVERGED_FLAG, EPOCH, FINAL_FLAG, GPUS, NODE, REASON, STEP
+from comod_platform.reporter import EpochReporter
 from comod_platform.search_state import SearchPaths
 
 
@@ -75,23 +80,47 @@ CHECKPOINT_FILES = ("checkpoint.pt", "config.yaml")
 FINAL_FILES = CHECKPOINT_FILES + ("metrics.json", "plots")
 
 
+def _stage(out: Path, names: tuple[str, ...]) -> Path:
+    """A new folder holding ``names`` from ``out``, for one Ray checkpoint: hard links where possible,
+    which keep this epoch's files even after the next epoch replaces them (checkpoints are written to
+    a temporary name, then renamed)."""
+    folder = Path(tempfile.mkdtemp(prefix="comod-ckpt-"))
+    for name in names:
+        src = out / name
+        if src.is_dir():
+            shutil.copytree(src, folder / name)
+        elif src.is_file():
+            try:
+                os.link(src, folder / name)
+            except OSError:
+                shutil.copy2(src, folder / name)
+    return folder
+
+
 @contextmanager
 def _staged(out: Path, names: tuple[str, ...]):
-    """A folder holding ``names`` from ``out`` (hard links where possible), for one Ray checkpoint."""
-    folder = Path(tempfile.mkdtemp(prefix="comod-ckpt-"))
+    folder = _stage(out, names)
     try:
-        for name in names:
-            src = out / name
-            if src.is_dir():
-                shutil.copytree(src, folder / name)
-            elif src.is_file():
-                try:
-                    os.link(src, folder / name)
-                except OSError:
-                    shutil.copy2(src, folder / name)
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _report_to_tune(row: dict, folder: Path | None) -> None:
+    from ray import tune
+
+    tune.report(row, checkpoint=tune.Checkpoint.from_directory(folder) if folder is not None else None)
+
+
+def _stopping_signal():
+    """Whether Ray has asked this trial's training to stop (its session's stop event), or None."""
+    try:
+        from ray.train._internal.session import get_session
+
+        event = get_session().stop_event
+    except Exception:  # noqa: BLE001 - another Ray: the reporting thread still learns it at a report
+        return None
+    return event.is_set
 
 
 def _restore(checkpoint, out: Path) -> bool:
@@ -140,6 +169,8 @@ def run_trial(config: dict, search=None, search_name: str = "", home: str = "", 
     def on_checkpoint(path, payload) -> None:
         state["fresh"] = True
 
+    reporter = EpochReporter(_report_to_tune, _stopping_signal())
+
     def report(phase: str, epoch: int, step: int, metrics: dict) -> None:
         state["epochs"] = epoch + (cfg.pretrain.epochs if phase == "finetune" else 0)
         state["step"] = step
@@ -148,19 +179,24 @@ def run_trial(config: dict, search=None, search_name: str = "", home: str = "", 
         # a replayed epoch (pretrained model from the cache) has nothing new to keep; an epoch soon after
         # the last persisted one is kept locally only (the next persisted one, or the final, covers it)
         if not fresh or time.monotonic() - state["persisted"] < interval:
-            tune.report(row)
+            reporter.submit(row)
             return
         state["persisted"] = time.monotonic()
-        with _staged(out, CHECKPOINT_FILES) as folder:
-            tune.report(row, checkpoint=tune.Checkpoint.from_directory(folder))
+        reporter.submit(row, _stage(out, CHECKPOINT_FILES))
 
+    callbacks = Callbacks(on_epoch=report, on_checkpoint=on_checkpoint, on_step=lambda *_: reporter.check())
     try:
-        metrics = run_experiment(cfg, out, data=shared, callbacks=Callbacks(on_epoch=report, on_checkpoint=on_checkpoint),
-                                 resume=resumed, pretrain_cache=paths.pretrain_cache)
+        metrics = run_experiment(cfg, out, data=shared, callbacks=callbacks, resume=resumed,
+                                 pretrain_cache=paths.pretrain_cache)
     except DivergedError as err:  # a recorded end, not a crash: retrying would diverge again
+        reporter.close()
         tune.report({DIVERGED_FLAG: 1, REASON: str(err), search.search.metric: float("nan"), STEP: state["step"],
                      EPOCH: state["epochs"], **where})
         return
+    except BaseException:
+        reporter.abandon()
+        raise
+    reporter.close()  # every epoch's report went out before the final one
     if not state["epochs"]:  # a finished run read back: its epochs were reported before
         state["epochs"] = cfg.pretrain.epochs + cfg.finetune.epochs
     plot_run(out)
