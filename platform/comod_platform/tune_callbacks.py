@@ -216,9 +216,35 @@ class MlflowTrialCallback(Callback):
         if getattr(self, "_reconciled", False):
             return
         self._reconciled = True
+        self.writer.submit(self._drop_lost_runs, {trial.trial_id for trial in trials})
         for trial in trials:
             if trial.status in ("TERMINATED", "ERROR"):
                 self.writer.submit(self._reconcile, trial)
+
+    def _drop_lost_runs(self, known: set[str]) -> None:
+        """Runs of trials that a lost driver started after its last experiment snapshot: the restored
+        search never heard of them (Optuna closed theirs as failed) and samples that work anew, so they
+        are ended, tagged ``lost`` and deleted (MLflow keeps deleted runs; ``mlflow runs restore``)."""
+        from mlflow.entities import ViewType
+
+        token = None
+        while True:
+            page = self.client.search_runs([self.experiment_id], run_view_type=ViewType.ACTIVE_ONLY,
+                                           filter_string=f"tags.`{TAG_PARENT}` = '{self.parent_run_id}'",
+                                           max_results=1000, page_token=token)
+            for run in page:
+                trial_id = run.data.tags.get(TAG_TRIAL_ID)
+                if trial_id is None or trial_id in known:
+                    continue
+                self.client.set_tag(run.info.run_id, TAG_STATE, "lost")
+                if run.info.status == "RUNNING":
+                    self.client.set_terminated(run.info.run_id, status="KILLED")
+                self.client.delete_run(run.info.run_id)
+                log.warning("MLflow run %s of trial %s dropped: the lost driver started it after its last "
+                            "snapshot, and the resumed search runs that work again", run.info.run_id, trial_id)
+            token = page.token
+            if not token:
+                return
 
     def _reconcile(self, trial) -> None:
         self.run_id(trial)  # finds the run, and whether it ended already

@@ -163,11 +163,15 @@ def test_crash_outage_and_divergence_lose_nothing(tmp_path, ray_tmp):
             assert "diverged" in trial.user_attrs["comod.reason"]
 
 
-def test_a_node_lost_mid_search(tmp_path, ray_tmp):
+def test_a_node_lost_mid_search(tmp_path, ray_tmp, monkeypatch):
     """Three nodes (a head without GPUs, two workers with one logical GPU each), trials of half a
     GPU; a worker node is removed while it runs trials: they restart on the other node from their
     last checkpoint, and every trial is accounted for."""
     from ray.cluster_utils import Cluster
+
+    # the cluster's address file goes to the private temp dir too, not to a /tmp/ray that may not exist
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+    (Path(ray_tmp) / "ray").mkdir(exist_ok=True)
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "temp_dir": ray_tmp,
                                                             "include_dashboard": False})

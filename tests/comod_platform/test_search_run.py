@@ -207,9 +207,18 @@ def test_killed_driver_resumes_to_completion_without_duplicates(tmp_path, ray_tm
         client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "pretrain/train_loss")]
         assert len(steps) == len(set(steps)) == 2, steps
+    # trials the killed driver started after Ray's last snapshot were sampled anew: their runs were dropped
+    from mlflow.entities import ViewType
+
+    exp = client.get_experiment_by_name("search/killed")
+    dropped = client.search_runs([exp.experiment_id], run_view_type=ViewType.DELETED_ONLY)
+    assert all(r.data.tags.get(TAG_STATE) == "lost" and r.info.status != "RUNNING" for r in dropped), dropped
+    assert not {r.data.tags.get(TAG_TRIAL_ID) for r in dropped} & set(ids)
     study = _study(home, "killed")
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 4
+    lost = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(lost) >= len(dropped)
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
 
 
