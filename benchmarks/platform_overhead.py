@@ -77,8 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--trials", type=int, default=40, help="trials per side (default 40)")
     p.add_argument("--concurrency", type=int, default=2, help="trials at a time on each side (default 2)")
-    p.add_argument("--steps-per-epoch", type=int, default=3,
-                   help="optimisation steps per epoch, both phases (default 3, about 1 s per trial on one thread)")
+    p.add_argument("--steps-per-epoch", type=int, default=30,
+                   help="optimisation steps per epoch, both phases (default 30: about 1 s of work per trial on "
+                        "one thread here)")
     p.add_argument("--epochs", type=int, default=2, help="epochs of each phase (default 2)")
     p.add_argument("--repeats", type=int, default=2,
                    help="platform/plain pairs, their order alternating (default 2)")
@@ -95,6 +96,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--floor-worker", nargs=3, metavar=("CONFIGS_JSON", "OUT_DIR", "CONCURRENCY"),
                    help=argparse.SUPPRESS)  # internal: the bare Ray Tune side, run as its own command
     p.add_argument("--no-floor", action="store_true", help="skip the bare Ray Tune run (the floor)")
+    p.add_argument("--warm", action="store_true",
+                   help="a machine in use: a Ray cluster already up (`ray start --head` on 127.0.0.1, which "
+                        "the search and the floor join with --address) and a runs folder whose MLflow store "
+                        "exists; results go to platform_overhead_warm.*")
     args = p.parse_args(argv)
     if args.quick:
         args.trials, args.repeats, args.max_wait = 6, 1, 0.0
@@ -168,7 +173,11 @@ def floor_main(configs_json: str, out_dir: str, concurrency: int) -> int:
     from comod_platform.trainable import pack
 
     configs = json.loads(Path(configs_json).read_text())
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    address = os.environ.get("COMOD_BENCH_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     data = pack(load_data(load_config(configs[0])))
     fn = tune.with_parameters(_floor_trial, configs=configs, out_dir=out_dir,
                               cache=str(Path(out_dir) / "pretrain_cache"), data=data)
@@ -211,8 +220,8 @@ class LoadSampler:
 
 
 def kill_processes_of(ray_tmp: str) -> int:
-    """Kill (by pid) every process whose command line or environment names ``ray_tmp``
-    (the private RAY_TMPDIR: Ray's daemons name it, its workers inherit it)."""
+    """Kill (by pid) every process whose command line or environment names ``ray_tmp`` (the private
+    RAY_TMPDIR: Ray's daemons name it, its workers inherit it), or that holds a file under it (Ray's agents)."""
     killed = 0
     me = os.getpid()
     needle = ray_tmp.encode()
@@ -223,12 +232,18 @@ def kill_processes_of(ray_tmp: str) -> int:
             text = (proc / "cmdline").read_bytes() + b"\0" + (proc / "environ").read_bytes()
         except OSError:
             continue
-        if needle in text:
+        if needle not in text:
+            # Ray's agents rewrite their command line; they still hold files under the temp dir
             try:
-                os.kill(int(proc.name), signal.SIGKILL)
-                killed += 1
+                if not any(ray_tmp in os.readlink(fd) for fd in (proc / "fd").iterdir()):
+                    continue
             except OSError:
-                pass
+                continue
+        try:
+            os.kill(int(proc.name), signal.SIGKILL)
+            killed += 1
+        except OSError:
+            pass
     return killed
 
 
@@ -259,7 +274,8 @@ def write_search(path: Path, args) -> Path:
 def _clean_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "COMOD_OPTUNA_STORAGE", "OMP_NUM_THREADS")}
-    env.update(PYTHONUNBUFFERED="1", **extra)
+    # the warm cluster, its drivers and the embedded Ray alike run without Ray's token authentication
+    env.update(PYTHONUNBUFFERED="1", RAY_AUTH_MODE="disabled", **extra)
     return env
 
 
@@ -291,12 +307,50 @@ def breakdown(t0: float, t1: float, spans: list[dict], concurrency: int) -> dict
             "mean_gap_s": round((window * concurrency - busy) / n, 4)}
 
 
+class WarmCluster:
+    """A local Ray cluster started before the measurements (``ray start --head`` on 127.0.0.1, a private
+    temp dir, ``concurrency`` CPUs), as on a workstation or cluster in use; every process stopped at the end."""
+
+    def __init__(self, cpus: int):
+        self.cpus = cpus
+        self.tmp = tempfile.mkdtemp(prefix="pw", dir="/tmp")
+        self.address = ""
+
+    def __enter__(self):
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        ray = str(Path(sys.executable).with_name("ray"))
+        subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                        f"--num-cpus={self.cpus}", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats",
+                        f"--temp-dir={self.tmp}"], check=True, capture_output=True,
+                       env=_clean_env(RAY_TMPDIR=self.tmp), timeout=120)
+        self.address = f"127.0.0.1:{port}"
+        return self
+
+    def __exit__(self, *exc):
+        kill_processes_of(self.tmp)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _open_store(home: Path) -> None:
+    """A runs folder in use: its embedded MLflow store exists (made before the clock starts)."""
+    code = "from comod_platform.tracking import open_store; open_store()"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_clean_env(COMOD_HOME=str(home)), check=True,
+                   capture_output=True, timeout=300)
+
+
 def run_platform(search_file: Path, work: Path, args) -> dict:
     home = work / "home"
     home.mkdir()
-    ray_tmp = tempfile.mkdtemp(prefix="po", dir="/tmp")
+    ray_tmp = args.cluster.tmp if args.cluster else tempfile.mkdtemp(prefix="po", dir="/tmp")
     env = _clean_env(COMOD_HOME=str(home), COMOD_DOWNLOAD="0", RAY_TMPDIR=ray_tmp)
     cmd = [sys.executable, "-m", "comod_platform.cli", "search", "run", str(search_file), "--name", SEARCH_NAME]
+    if args.cluster:
+        _open_store(home)
+        cmd += ["--address", args.cluster.address]
     log = work / "platform.log"
     try:
         with LoadSampler() as load, open(log, "w") as out:
@@ -311,8 +365,9 @@ def run_platform(search_file: Path, work: Path, args) -> dict:
                 rc = "timeout"
             t1 = time.time()
     finally:
-        leftovers = kill_processes_of(ray_tmp)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        leftovers = 0 if args.cluster else kill_processes_of(ray_tmp)
+        if not args.cluster:
+            shutil.rmtree(ray_tmp, ignore_errors=True)
     if rc != 0:
         raise SystemExit(f"comod search run failed ({rc}); log {log}:\n{log.read_text()[-4000:]}")
     trials = sorted((home / "searches" / SEARCH_NAME / "trials").iterdir())
@@ -352,19 +407,23 @@ def run_floor(configs: list[str], work: Path, args) -> dict:
     out = work / "floor"
     out.mkdir()
     (work / "floor_configs.json").write_text(json.dumps(configs))
-    ray_tmp = tempfile.mkdtemp(prefix="pf", dir="/tmp")
+    ray_tmp = args.cluster.tmp if args.cluster else tempfile.mkdtemp(prefix="pf", dir="/tmp")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--floor-worker", str(work / "floor_configs.json"),
            str(out), str(args.concurrency)]
+    env = _clean_env(COMOD_DOWNLOAD="0", RAY_TMPDIR=ray_tmp)
+    if args.cluster:
+        env["COMOD_BENCH_ADDRESS"] = args.cluster.address
     log = work / "floor.log"
     try:
         with LoadSampler() as load, open(log, "w") as stream:
             t0 = time.time()
-            done = subprocess.run(cmd, cwd=REPO, env=_clean_env(COMOD_DOWNLOAD="0", RAY_TMPDIR=ray_tmp),
-                                  stdout=stream, stderr=subprocess.STDOUT, timeout=args.timeout)
+            done = subprocess.run(cmd, cwd=REPO, env=env, stdout=stream, stderr=subprocess.STDOUT,
+                                  timeout=args.timeout)
             t1 = time.time()
     finally:
-        kill_processes_of(ray_tmp)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        if not args.cluster:
+            kill_processes_of(ray_tmp)
+            shutil.rmtree(ray_tmp, ignore_errors=True)
     if done.returncode != 0:
         raise SystemExit(f"the bare Ray Tune run failed ({done.returncode}); log {log}:\n{log.read_text()[-4000:]}")
     spans = trial_spans(sorted(p for p in out.iterdir() if p.name.startswith("run")))
@@ -429,12 +488,15 @@ def row(name: str, r: dict) -> str:
 def markdown(result: dict) -> str:
     s, st, m, v = result["summary"], result["settings"], result["machine"], result["versions"]
     lines = [
-        "# Platform overhead: `comod search run` vs a plain loop",
+        "# Platform overhead: `comod search run` vs a plain loop" + (" (warm)" if st.get("warm") else ""),
         "",
         f"{st['trials']} trials of the tiny synthetic experiment ({st['epochs']} pretraining + {st['epochs']} "
         f"fine-tuning epochs of {st['steps_per_epoch']} steps), {st['concurrency']} at a time, one CPU thread "
-        f"each; search: sampler random, scheduler fifo, Ray Tune + Optuna (SQLite) + MLflow (SQLite), fresh "
-        f"COMOD_HOME. Plain: the same configs (the search's trials' config.yaml) through "
+        f"each; search: sampler random, scheduler fifo, Ray Tune + Optuna (SQLite) + MLflow (SQLite), "
+        + ("a Ray cluster already up (`ray start --head` on 127.0.0.1, joined with --address by the search "
+           "and the floor) and a runs folder whose MLflow store exists (a machine in use). "
+           if st.get("warm") else "a fresh COMOD_HOME and a Ray started by the command (a first search). ")
+        + f"Plain: the same configs (the search's trials' config.yaml) through "
         f"`comod.train.run_experiment` in a ProcessPoolExecutor({st['concurrency']}), data loaded once per "
         f"worker, a shared pretraining cache like the search's. Both timed as whole commands. "
         f"{len(result['pairs'])} repeat(s), the order alternating.",
@@ -496,7 +558,11 @@ def main(argv=None) -> int:
     root = Path(tempfile.mkdtemp(prefix="platform-overhead-"))
     print(f"work folder {root}; load average {os.getloadavg()[0]:.2f}", flush=True)
     pairs = []
+    args.cluster = None
     try:
+        if args.warm:
+            args.cluster = WarmCluster(args.concurrency).__enter__()
+            print(f"warm: a Ray cluster at {args.cluster.address}; MLflow stores made before timing", flush=True)
         for rep in range(args.repeats):
             work = root / f"rep{rep}"
             work.mkdir()
@@ -519,6 +585,8 @@ def main(argv=None) -> int:
                       f"ms  gap {r['mean_gap_s']*1000:5.0f} ms  load {r['load']['mean']:.1f}", flush=True)
             pairs.append(pair)
     finally:
+        if args.cluster:
+            args.cluster.__exit__(None, None, None)
         if args.keep:
             print(f"kept {root}")
         else:
@@ -527,7 +595,7 @@ def main(argv=None) -> int:
         p["platform"]["configs"] = len(p["platform"]["configs"])
     result = {"benchmark": "platform_overhead",
               "settings": {k: getattr(args, k) for k in ("trials", "concurrency", "steps_per_epoch", "epochs",
-                                                          "repeats", "quick")},
+                                                          "repeats", "quick", "warm")},
               "machine": machine(), "versions": versions(), "load_wait": load_wait,
               "total_s": round(time.time() - started, 1), "pairs": pairs}
     result["summary"] = summarise(pairs, args)
@@ -546,7 +614,7 @@ def main(argv=None) -> int:
         return 0
     args.out = args.out or RESULTS
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "platform_overhead"
+    stem = "platform_overhead_warm" if args.warm else "platform_overhead"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(markdown(result))
     print(f"wrote {args.out / stem}.json and .md")

@@ -163,6 +163,12 @@ def _start_tracking(sf: SearchFile, name: str) -> tuple[str, str, str]:
     return uri, experiment_id, parent.info.run_id
 
 
+def _refuse_existing(paths: SearchPaths) -> None:
+    if paths.exists():
+        raise SearchError(f"a search named {paths.name!r} exists already ({paths.root}); continue it with "
+                          f"`comod search resume {paths.name}`, or choose another --name")
+
+
 def _prepare_in_background(raw: dict, stem: str) -> tuple[SearchFile, dict]:
     """What a new search needs besides Ray: the checked search file, the shared dataset and an open
     tracking store (imports of torch and MLflow, a fresh store's tables). Nothing here is recorded."""
@@ -187,9 +193,8 @@ def run_search(search_path: str | Path, name: str | None = None, address: str | 
     file, the names, the Optuna database and the storage have all passed."""
     source = Path(search_path) if Path(search_path).is_file() else Path("search_spaces") / f"{search_path}.yaml"
     source = source.resolve()  # joining a Ray job's cluster may change the working folder
-    if name is not None and SearchPaths(name).exists():
-        raise SearchError(f"a search named {name!r} exists already ({SearchPaths(name).root}); continue it "
-                          f"with `comod search resume {name}`, or choose another --name")
+    if name is not None:
+        _refuse_existing(SearchPaths(name))  # at once, before Ray starts
     raw, stem = read_search(search_path)  # a missing file or broken YAML stops here, before Ray starts
     _service_defaults()
     with ThreadPoolExecutor(1, thread_name_prefix="comod-prepare") as pool:
@@ -200,9 +205,7 @@ def run_search(search_path: str | Path, name: str | None = None, address: str | 
             sf, data = prepared.result()  # its error (a bad file, a missing dataset) comes first
     name = name or f"{sf.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     paths = SearchPaths(name)
-    if paths.exists():
-        raise SearchError(f"a search named {name!r} exists already ({paths.root}); continue it with "
-                          f"`comod search resume {name}`, or choose another --name")
+    _refuse_existing(paths)
     check_optuna_storage(optuna_storage_url(paths))
     ray_storage = storage_mod.resolve(storage, str(paths.ray_storage))
     _prepare_cluster(address, ray_storage)  # before anything is made: a refused storage leaves no trace
