@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -151,5 +152,22 @@ def cmd_ui(args) -> int:
         return 0
 
 
+def run() -> None:
+    """The console script: :func:`main`, then an exit that skips the interpreter's teardown.
+
+    A search or a training run has loaded torch, Ray and MLflow, and unloading them takes seconds
+    after the work is done and recorded: every MLflow and Optuna write went out before ``main``
+    returned, Ray is shut down (a local Ray that a search started, with its agents), and this
+    command's output and logs are flushed here."""
+    code = main()
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -70,6 +70,9 @@ def test_search_end_to_end_with_an_mlflow_server(tmp_path, ray_tmp):
                                                       "checkpoint_interval_s": 3600})
         done = _comod(["search", "run", str(path), "--name", "e2e"], _env(home, ray_tmp, server.uri))
         assert done.returncode == 0, done.stderr[-3000:]
+        # the command ends its local Ray, agents included, before its quick exit
+        time.sleep(1)
+        assert kill_processes_mentioning(ray_tmp) == 0
         summary = json.loads(done.stdout[done.stdout.index("{"):])
         assert summary["trials"] == 4 and summary["completed"] + summary["pruned"] == 4
         assert summary["completed"] >= 1  # a trial that runs to its end is never counted as stopped early
