@@ -1,0 +1,48 @@
+"""The search driver's MLflow bookkeeping on a real (SQLite) tracking store."""
+from __future__ import annotations
+
+import os
+
+from mlflow.entities import ViewType
+from mlflow.tracking import MlflowClient
+
+from comod_platform import runner
+from comod_platform.conventions import TAG_PARENT, TAG_ROLE, TAG_STATE, TAG_TRIAL_ID
+from comod_platform.searchfile import load_search
+from comod_platform.tune_callbacks import MlflowTrialCallback
+from test_search_run import REPO
+
+
+def test_a_resume_drops_the_runs_of_trials_the_lost_driver_never_snapshotted(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("search/lost", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(experiment, tags={TAG_ROLE: "search"}).info.run_id
+    other_parent = client.create_run(experiment, tags={TAG_ROLE: "search"}).info.run_id
+    runs = {}
+    for trial_id, parent_id in (("kept", parent), ("done", parent), ("lost", parent), ("elsewhere", other_parent)):
+        runs[trial_id] = client.create_run(experiment, tags={TAG_PARENT: parent_id, TAG_ROLE: "trial",
+                                                            TAG_TRIAL_ID: trial_id, TAG_STATE: "running"}).info.run_id
+    client.set_terminated(runs["done"], status="FINISHED")
+
+    callback = MlflowTrialCallback(load_search(REPO / "search_spaces" / "tiny.yaml"), "lost", uri, experiment,
+                                   parent, str(tmp_path / "trials"))
+    callback._drop_lost_runs({"kept", "done"})  # the trials the restored experiment knows
+
+    active = {r.data.tags[TAG_TRIAL_ID] for r in client.search_runs([experiment]) if TAG_TRIAL_ID in r.data.tags}
+    assert active == {"kept", "done", "elsewhere"}  # another search's runs are not this one's to drop
+    lost = client.get_run(runs["lost"])
+    assert lost.info.lifecycle_stage == "deleted" and lost.info.status == "KILLED"
+    assert lost.data.tags[TAG_STATE] == "lost"
+    deleted = client.search_runs([experiment], run_view_type=ViewType.DELETED_ONLY)
+    assert [r.info.run_id for r in deleted] == [runs["lost"]]
+    assert client.get_run(runs["done"]).info.status == "FINISHED"
+
+
+def test_a_search_sends_no_usage_reports_unless_told_to(monkeypatch):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_DISABLE_TELEMETRY"}
+    env["RAY_USAGE_STATS_ENABLED"] = "1"  # a user's own choice is kept
+    monkeypatch.setattr(os, "environ", env)  # this process's environment stays as it was
+    runner._service_defaults()
+    assert env["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    assert env["RAY_USAGE_STATS_ENABLED"] == "1"
