@@ -199,6 +199,11 @@ class MlflowTrialCallback(Callback):
                 self._logged_step[trial.trial_id] = max(  # the epochs it logged before the driver was lost
                     [m.step for key in ("pretrain/train_loss", "finetune/train_loss")
                      for m in self.client.get_metric_history(run_id, key)], default=-1)
+                # created, but its params lost (the server went away, or the driver, right after)
+                missing = {k: v for k, v in params_of(self.search.config_for(trial.config)).items()
+                           if k not in found[0].data.params}
+                if missing:
+                    log_params(self.client, run_id, missing)
         else:
             cfg = self.search.config_for(trial.config)
             run = self.client.create_run(self.experiment_id, run_name=f"{self.search_name}-{trial.trial_id}", tags={

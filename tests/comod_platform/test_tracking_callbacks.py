@@ -46,3 +46,28 @@ def test_a_search_sends_no_usage_reports_unless_told_to(monkeypatch):
     runner._service_defaults()
     assert env["MLFLOW_DISABLE_TELEMETRY"] == "true"
     assert env["RAY_USAGE_STATS_ENABLED"] == "1"
+
+
+def test_a_run_found_again_gets_the_params_it_lost(tmp_path):
+    """The server went away between a child run's creation and its params: the writer's retry finds the
+    run by its trial id and logs the params it lacks, instead of leaving them out."""
+    from types import SimpleNamespace
+
+    from comod.config import flatten
+    from comod_platform.conventions import param_value
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("search/p", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(experiment, tags={TAG_ROLE: "search"}).info.run_id
+    search = load_search(REPO / "search_spaces" / "tiny.yaml")
+    trial = SimpleNamespace(trial_id="t1", config={"modulation.kind": "deterministic",
+                                                    "finetune.lr.controller": 0.01})
+    created = client.create_run(experiment, tags={TAG_PARENT: parent, TAG_ROLE: "trial", TAG_TRIAL_ID: "t1",
+                                                  TAG_STATE: "running"}).info.run_id
+
+    callback = MlflowTrialCallback(search, "p", uri, experiment, parent, str(tmp_path / "trials"))
+    assert callback.run_id(trial) == created
+    params = {k: param_value(v) for k, v in client.get_run(created).data.params.items()}
+    assert params == flatten(search.config_for(trial.config))
+    assert params["finetune.lr.controller"] == 0.01
