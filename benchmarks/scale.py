@@ -26,12 +26,11 @@ Reported:
 * the ideal wall time: the sum over trials of the time inside a trial,
   divided by the concurrent slots. The time inside a trial is taken two
   ways: Ray Tune's own ``time_total_s`` (``result.json``: the trial's
-  ``train()`` calls, i.e. its own work, the headline), and the trial folder
+  ``train()`` calls), and the trial folder
   (``config.yaml`` written when ``run_experiment`` starts, to the last file
-  written there), which also holds the time the trial sits in
-  ``tune.report`` until the driver has processed the result (Tune's function
-  trainables report synchronously); the difference is reported as the
-  trials' wait on the driver;
+  written there), the headline. Trials hand their epoch reports to Ray from
+  a thread of their own and train on while the driver handles them, which
+  Ray's ``time_total_s`` leaves out; the difference of the two is reported;
 * the scheduler overhead = wall / ideal, and per trial in ms (wall minus
   ideal, amortised over the trials, and per trial slot); the start-up (command
   start to first trial start), the trials' window, the tail, and how long a
@@ -528,10 +527,9 @@ def run(args, work: Path) -> dict:
                  "mean_in_trial_pruned_s": round(statistics.fmean(
                      [s["end"] - s["start"] for s in span_list if not s["finished"]] or [float("nan")]), 3),
                  "sum_ray_time_total_s": round(ray_busy, 2),
-                 # Tune's function trainables report synchronously: after tune.report a trial waits until the
-                 # driver has processed the result and asks for the next one; Ray's time_total_s leaves that out
-                 "sum_waiting_on_driver_s": round(busy - ray_busy, 2),
-                 "waiting_on_driver_per_report_ms": round((busy - ray_busy) / max(1, sum(
+                 # a trial trains on while the driver handles its report; Ray's time_total_s leaves that out
+                 "sum_folders_minus_ray_s": round(busy - ray_busy, 2),
+                 "folders_minus_ray_per_report_ms": round((busy - ray_busy) / max(1, sum(
                      r["reports"] for r in rays.values())) * 1000, 1),
                  "ideal_s": round(ideal, 2), "ideal_ray_s": round(ideal_ray, 2),
                  "overhead_ratio": round(wall / ideal, 3), "overhead_ratio_ray": round(wall / ideal_ray, 3),
@@ -581,15 +579,15 @@ def report_lines(r: dict, st: dict) -> list[str]:
         + " / ".join("-" if v is None else f"{v:.1f}" for v in t["startup_steps"].values()) + " |",
         f"| time inside trials, summed (trial folders / Ray `time_total_s`) | {t['sum_in_trial_s']:.1f} / "
         f"{t['sum_ray_time_total_s']:.1f} s |",
-        f"| of which trials sat in `tune.report` waiting for the driver (folders - Ray), per report | "
-        f"{t['sum_waiting_on_driver_s']:.1f} s, {t['waiting_on_driver_per_report_ms']:.0f} ms over "
+        f"| folders - Ray: training while the driver handles a report, per report | "
+        f"{t['sum_folders_minus_ray_s']:.1f} s, {t['folders_minus_ray_per_report_ms']:.0f} ms over "
         f"{c['ray_reports']} reports |",
         f"| mean time inside a trial (all / finished / pruned) | {t['mean_in_trial_s'] * 1000:.0f} / "
         f"{t['mean_in_trial_finished_s'] * 1000:.0f} / {t['mean_in_trial_pruned_s'] * 1000:.0f} ms |",
         f"| concurrent slots | {cl['slots']} ({cl['worker_nodes']} nodes x {cl['slots_per_node']}) |",
         f"| ideal wall time = time inside trials / slots (Ray / folders) | {t['ideal_ray_s']:.1f} / {t['ideal_s']:.1f} s |",
-        f"| **scheduler overhead = wall / ideal** (Ray: the trials' own time / folders: with the waits) | "
-        f"**{t['overhead_ratio_ray']:.2f}** / {t['overhead_ratio']:.2f} |",
+        f"| **scheduler overhead = wall / ideal** (Ray / folders: the trials' own time, the headline) | "
+        f"{t['overhead_ratio_ray']:.2f} / **{t['overhead_ratio']:.2f}** |",
         f"| trials' window / ideal | {t['window_ratio']:.2f} |",
         f"| overhead per trial, wall clock amortised (Ray / folders) | {t['overhead_per_trial_ms']:.0f} / "
         f"{t['overhead_per_trial_folders_ms']:.0f} ms |",
@@ -675,9 +673,9 @@ def markdown(result: dict) -> str:
         "file written there (the final checkpoint, metrics and plots; the last epoch's checkpoint for a pruned "
         "trial). Ray's `time_total_s` sums the trial's `train()` calls: from the driver's go-ahead to the "
         "trial's next `tune.report`, so it also counts the trial function before `run_experiment` (data from "
-        "the object store, checkpoint restore) but not the time a trial sits in `tune.report` until the driver "
-        "has processed that result (Tune's function trainables report synchronously); the difference of the two "
-        "sums is that wait. Ideal = sum / slots, the headline uses Ray's (the trials' own time); overhead per "
+        "the object store, checkpoint restore) but not the time a trial trains on while the driver handles a "
+        "report (trials report from a thread of their own); the difference of the two sums is mostly that. "
+        "Ideal = sum / slots, the headline uses the folders' (the trials' own time); overhead per "
         "trial = (wall - ideal) / trials (x slots: per trial slot). A freed slot: a trial ended on a node that then held fewer "
         "trials than it allows; measured to the next trial start on that node. Node of a trial = the MLflow "
         "tag `comod.node` of its child run.",
