@@ -208,7 +208,7 @@ def run_search(search_path: str | Path, name: str | None = None, address: str | 
     _refuse_existing(paths)
     check_optuna_storage(optuna_storage_url(paths))
     ray_storage = storage_mod.resolve(storage, str(paths.ray_storage))
-    _prepare_cluster(address, ray_storage)  # before anything is made: a refused storage leaves no trace
+    _check_storage(ray_storage)  # before anything is made: a refused storage leaves no trace
     paths.root.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, paths.search_file)
     uri, experiment_id, parent_run_id = _start_tracking(sf, name)
@@ -273,6 +273,11 @@ def _prepare_cluster(address: str | None, storage: str) -> None:
     """Start or join Ray, then check that every node sees the storage."""
     _service_defaults()
     _init_ray(address)
+    _check_storage(storage)
+
+
+def _check_storage(storage: str) -> None:
+    """Every node of the (started) Ray cluster must read what the driver writes to ``storage``."""
     try:
         storage_mod.check_shared(storage)
     except storage_mod.StorageError as err:

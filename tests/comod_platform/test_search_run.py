@@ -227,15 +227,31 @@ def test_killed_driver_resumes_to_completion_without_duplicates(tmp_path, ray_tm
 
 def test_bad_search_inputs(tmp_path, ray_tmp):
     env = _env(tmp_path / "runs", ray_tmp)
+    missing = _comod(["search", "run", "no_such_search"], env)
+    assert missing.returncode == 2 and "no such search file" in missing.stderr and "tiny" in missing.stderr
+
+    malformed = tmp_path / "malformed.yaml"
+    malformed.write_text("experiment: {name: [tiny\n")
+    bad_yaml = _comod(["search", "run", str(malformed)], env)
+    assert bad_yaml.returncode == 2 and "malformed YAML" in bad_yaml.stderr and "Traceback" not in bad_yaml.stderr
+
+    # a search folder of that name exists already: refused, and nothing of it touched
+    taken = tmp_path / "runs" / "searches" / "taken"
+    taken.mkdir(parents=True)
+    (taken / "meta.json").write_text("{}")
+    again = _comod(["search", "run", str(_write_search(tmp_path, "again")), "--name", "taken"], env)
+    assert again.returncode == 1 and "exists already" in again.stderr and "comod search resume taken" in again.stderr
+    assert sorted(p.name for p in taken.iterdir()) == ["meta.json"] and (taken / "meta.json").read_text() == "{}"
+    # these three were refused before Ray started: no Ray session under the private temp dir
+    assert not list(Path(ray_tmp).rglob("session_*")), list(Path(ray_tmp).rglob("session_*"))
+
+    # a file that reads but does not check is refused with its dotted path (checked while Ray starts)
     broken = _write_search(tmp_path, "broken", space={"modulation.noise_scale": {"type": "float", "low": 2,
                                                                                  "high": 1}})
     done = _comod(["search", "run", str(broken)], env)
     assert done.returncode == 2 and "space.modulation.noise_scale" in done.stderr and "low <= high" in done.stderr
     assert "Traceback" not in done.stderr
-    assert not (tmp_path / "runs" / "searches").exists()  # nothing started
-
-    missing = _comod(["search", "run", "no_such_search"], env)
-    assert missing.returncode == 2 and "no such search file" in missing.stderr and "tiny" in missing.stderr
+    assert sorted(p.name for p in (tmp_path / "runs" / "searches").iterdir()) == ["taken"]  # nothing started
 
     unknown = _comod(["search", "resume", "nobody"], env)
     assert unknown.returncode == 1 and "no search named 'nobody'" in unknown.stderr
