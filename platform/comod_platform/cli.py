@@ -8,6 +8,7 @@ names the problem and the fix, never a bare traceback.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -113,12 +114,17 @@ def cmd_train(args) -> int:
         except (TrainingError, ValueError, FileNotFoundError) as err:
             raise UserError(str(err), EXIT_FAILED) from None
         except KeyboardInterrupt:
-            status = "KILLED"
-            raise
+            status = "KILLED"  # the run is ended below, once this handler has let go of the interrupted frames
         finally:
             callbacks.close()
-            if status != "FINISHED":
+            if status == "FAILED":
                 logger.finish(status)
+        if status == "KILLED":
+            # Ctrl-C can land inside an MLflow write; its database connection, still holding SQLite's
+            # write lock, is released with the frames of that write, which the handler above kept alive
+            gc.collect()
+            logger.finish(status)
+            raise KeyboardInterrupt
         logger.log_metrics(metrics, step=int(metrics.get("steps", 0)), skip_logged=logger.resumed)
         logger.log_artifacts([out / "config.yaml", out / "metrics.json", out / "checkpoint.pt"])
         from comod_platform.plots import plot_run
