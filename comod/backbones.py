@@ -16,7 +16,9 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-SITES = ("stem", "layer1", "layer2", "layer3", "layer4")
+from comod.names import BACKBONE_SITES
+
+SITES = BACKBONE_SITES
 """Names of the stages, in forward order; each one is a valid modulation site."""
 
 ARCHS = {

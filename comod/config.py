@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from comod.names import SITE_CHOICES, decoder_layer, is_site_name
 from comod.schema import ConfigError, check, from_dict, to_dict
 
 GROUPS = ("backbone", "decoder", "heads", "controller")
@@ -83,17 +85,25 @@ class ModelConfig:
 
 @dataclass
 class ReadoutConfig:
-    """How the stochastic kind turns unit-modulator covariances into readout gains."""
+    """How the stochastic kind turns unit-modulator covariances into readout gains (docs/method.md)."""
 
     estimator: Literal["covariance", "correlation"] = "covariance"
     rectifier: Literal["relu", "softplus"] = "relu"
+    gradient: Literal["none", "covariance"] = "none"
+    """none: the label pass runs without autograd (the predecessor model's choice); covariance: the
+    gradient also reaches the couplings through the batch covariance."""
     mix: float = 1.0
     """lam in a = (1 - lam) + lam * a_hat: 1 uses the raw gain, 0 switches the readout off."""
-    running: Literal["ema", "mean"] = "ema"
-    """Running estimate kept per task for evaluation: exponential (momentum) or cumulative mean."""
+    running: Literal["capped_mean", "ema", "mean"] = "capped_mean"
+    """Running estimate kept per task: capped_mean a <- (a * tau + a_batch) / (tau + 1) with tau growing
+    by one per batch up to ``window`` (the predecessor model's rule), exponential (``momentum``), or the
+    cumulative mean."""
+    window: int = 100
+    """Largest weight tau of the running estimate under capped_mean."""
     momentum: float = 0.9
-    decision: Literal["batch", "running"] = "batch"
-    """Gain used in training decisions: this batch's, or the running estimate with the batch's gradient."""
+    decision: Literal["batch", "running"] = "running"
+    """Gain used in training decisions: the running estimate (after this batch's update), or this
+    batch's own gain."""
     warmup_steps: int = 0
     """Pretraining steps during which the decoder learns with readout gain 1."""
     draws: int = 1
@@ -101,6 +111,7 @@ class ReadoutConfig:
 
     def validate(self, path: str):
         check(0.0 <= self.mix <= 1.0, f"{path}.mix", self.mix, "a number in [0, 1]")
+        check(self.window >= 1, f"{path}.window", self.window, "an integer >= 1")
         check(0.0 <= self.momentum < 1.0, f"{path}.momentum", self.momentum, "a number in [0, 1)")
         check(self.warmup_steps >= 0, f"{path}.warmup_steps", self.warmup_steps, "an integer >= 0")
         check(self.draws >= 1, f"{path}.draws", self.draws, "an integer >= 1")
@@ -110,11 +121,15 @@ class ReadoutConfig:
 class ModulationConfig:
     kind: Literal["none", "deterministic", "stochastic"] = "stochastic"
     sites: list[str] = field(default_factory=lambda: ["layer3"])
-    """Backbone stages whose output channels are modulated: stem, layer1 .. layer4."""
-    noise_scale: float = 0.5
+    """Where gains act: backbone stages stem, layer1 .. layer4 (per channel), the pooled backbone output
+    pool and the decoder's hidden layers decoder1 .. decoderN (per unit)."""
+    modulator_mean: float = 1.0
+    """mu, the modulator's mean (both kinds): the mean gain is exp(mu c), the attention gain; 0 leaves
+    the mean gain at 1, so the fluctuation only labels units."""
+    noise_scale: float = 0.1
     """sigma, the standard deviation of the shared modulator (stochastic kind)."""
-    gain_form: Literal["one_plus", "exp"] = "one_plus"
-    """Deterministic gain: 1 + c or exp(c)."""
+    gain_form: Literal["exp", "one_plus"] = "exp"
+    """Deterministic gain: exp(mu c), the stochastic gain's mean, or 1 + mu c."""
     coupling: Literal["softplus", "square"] = "softplus"
     """Map from the controller's free parameters to non-negative couplings c."""
     coupling_init: float = 0.5
@@ -123,12 +138,13 @@ class ModulationConfig:
 
     def validate(self, path: str):
         check(self.noise_scale >= 0.0, f"{path}.noise_scale", self.noise_scale, "a number >= 0")
+        check(math.isfinite(self.modulator_mean) and self.modulator_mean >= 0.0, f"{path}.modulator_mean",
+              self.modulator_mean, "a number >= 0 (couplings are non-negative: a negative mean would make "
+              "the gain suppress the task's units)")
         check(len(self.sites) >= 1, f"{path}.sites", self.sites, "at least one site")
         check(len(set(self.sites)) == len(self.sites), f"{path}.sites", self.sites, "distinct sites")
-        from comod.backbones import SITES
-
         for site in self.sites:
-            check(site in SITES, f"{path}.sites", site, f"one of {', '.join(SITES)}")
+            check(is_site_name(site), f"{path}.sites", site, f"one of {SITE_CHOICES}")
         check(self.coupling_init > 0.0, f"{path}.coupling_init", self.coupling_init,
               "a number > 0 (at 0 the coupling map has no gradient)")
 
@@ -176,6 +192,18 @@ class FinetuneConfig(PhaseConfig):
     """Task-adaptation fine-tuning: only the controller (couplings) by default."""
 
     trainable: list[str] = field(default_factory=lambda: ["controller"])
+    eval_interval_steps: int | None = None
+    """Validate every this many fine-tuning steps, for learning curves (null: at epoch ends only)."""
+    samples_per_task: int | None = None
+    """K: fine-tune on K labelled training images per task (class-stratified, seeded by
+    data.split_seed); validation and test are unchanged. null: every training image."""
+
+    def validate(self, path: str):
+        super().validate(path)
+        check(self.eval_interval_steps is None or self.eval_interval_steps >= 1, f"{path}.eval_interval_steps",
+              self.eval_interval_steps, "a positive integer or null")
+        check(self.samples_per_task is None or self.samples_per_task >= 2, f"{path}.samples_per_task",
+              self.samples_per_task, "an integer >= 2 (a binary task needs one image of each class), or null")
 
 
 @dataclass
@@ -212,6 +240,11 @@ class ExperimentConfig:
     def validate(self, path: str):
         check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
               "device", self.device, "auto, cpu, cuda or cuda:N")
+        depth = len(self.model.decoder_hidden)
+        for site in self.modulation.sites:
+            layer = decoder_layer(site)
+            check(layer is None or layer <= depth, "modulation.sites", site,
+                  f"decoder1 .. decoder{depth}: model.decoder_hidden has {depth} hidden layer(s)")
 
 
 def parse_config(raw: Any, source: str = "config") -> ExperimentConfig:

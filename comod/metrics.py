@@ -30,7 +30,8 @@ def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, 
 
 def task_metrics(logits: torch.Tensor, labels: torch.Tensor, task: TaskSpec, ece_bins: int = 15) -> dict:
     """Metrics of one task from its logits (``[N]`` binary, ``[N, K]`` multi-class)."""
-    logits, labels = logits.float().cpu(), labels.cpu()
+    # a wrecked model (e.g. couplings so large that exp(mu c) overflows) scores as uncertain, not a crash
+    logits, labels = torch.nan_to_num(logits.float().cpu(), nan=0.0), labels.cpu()
     if task.binary:
         prob = torch.sigmoid(logits)
         pred = (logits > 0).long()

@@ -1,25 +1,30 @@
 """The multi-task model: shared backbone, decoder, task heads, one mechanism.
 
-``forward(x, task)`` computes the backbone below the first modulation site
+The network is a chain of named stages, each one a possible modulation site
+(:func:`comod.names.site_names`): the backbone's ``stem`` .. ``layer4``, the
+pooled features ``pool`` and the decoder's hidden layers ``decoder1`` ..
+``decoderN``. ``forward(x, task)`` computes the stages up to the first site
 once (``prefix``), then lets the mechanism run the rest (``suffix``) as many
-times as it needs: once for none and deterministic, twice (modulated and
-clean) for stochastic comodulation. A frozen prefix runs without autograd.
+times as it needs: once for none and deterministic, twice (label and
+unperturbed) for stochastic comodulation. A frozen prefix runs without autograd.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from comod.backbones import SITES, Backbone
+from comod.backbones import Backbone
 from comod.data.taskdata import TaskSpec
 from comod.mechanisms import Mechanism, build_mechanism
+from comod.names import BACKBONE_SITES, POOL_SITE, decoder_layer, site_names
 
 
-def _check_sites(sites: list[str]) -> list[str]:
-    unknown = [s for s in sites if s not in SITES]
+def _check_sites(sites: list[str], decoder_depth: int) -> list[str]:
+    valid = site_names(decoder_depth)
+    unknown = [s for s in sites if s not in valid]
     if unknown:
-        raise ValueError(f"unknown modulation site {unknown[0]!r}; valid sites: {', '.join(SITES)}")
-    return sorted(sites, key=SITES.index)
+        raise ValueError(f"unknown modulation site {unknown[0]!r}; valid sites: {', '.join(valid)}")
+    return sorted(sites, key=valid.index)
 
 
 class Decoder(nn.Sequential):
@@ -32,6 +37,11 @@ class Decoder(nn.Sequential):
             in_features = width
         super().__init__(*layers)
         self.out_features = in_features
+        self.widths = list(hidden)
+
+    def forward_layer(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Hidden layer ``index`` (1-based) with its ReLU."""
+        return self[2 * index - 1](self[2 * index - 2](x))
 
 
 class MultiTaskModel(nn.Module):
@@ -42,29 +52,43 @@ class MultiTaskModel(nn.Module):
         self.decoder = Decoder(backbone.out_features, decoder_hidden)
         self.heads = nn.ModuleList(nn.Linear(self.decoder.out_features, t.num_outputs) for t in tasks)
         self.tasks = list(tasks)
-        self.sites = _check_sites(sites)
+        self.stage_names = site_names(len(decoder_hidden))
+        self.sites = _check_sites(sites, len(decoder_hidden))
         self.mechanism = mechanism
-        first = SITES.index(self.sites[0])
-        self.prefix_stages = list(SITES[:first + 1])
-        self.suffix_stages = list(SITES[first + 1:])
+        first = self.stage_names.index(self.sites[0])
+        self.prefix_stages = list(self.stage_names[:first + 1])
+        self.suffix_stages = list(self.stage_names[first + 1:])
         self.pool = nn.AdaptiveAvgPool2d(1)
 
-    # -- the two halves -------------------------------------------------
+    # -- the stages -----------------------------------------------------
+    def forward_stage(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if name in BACKBONE_SITES:
+            return self.backbone.forward_stage(name, x)
+        if name == POOL_SITE:
+            return torch.flatten(self.pool(x), 1)
+        return self.decoder.forward_layer(decoder_layer(name), x)
+
+    def _stage_parameters(self, name: str):
+        if name in BACKBONE_SITES:
+            return self.backbone.stages[name].parameters()
+        if name == POOL_SITE:
+            return iter(())
+        return self.decoder[2 * decoder_layer(name) - 2].parameters()
+
     def prefix(self, x: torch.Tensor) -> torch.Tensor:
         """Activity at the first site, before its gain."""
-        frozen = not any(p.requires_grad for name in self.prefix_stages
-                         for p in self.backbone.stages[name].parameters())
+        frozen = not any(p.requires_grad for name in self.prefix_stages for p in self._stage_parameters(name))
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             for name in self.prefix_stages:
-                x = self.backbone.forward_stage(name, x)
+                x = self.forward_stage(name, x)
         return x
 
     def suffix(self, h: torch.Tensor, gains: dict[str, torch.Tensor] | None) -> torch.Tensor:
         """From the first site's activity to the decoder's last hidden layer ``z [B, D]``."""
         h = self._gain(h, self.sites[0], gains)
         for name in self.suffix_stages:
-            h = self._gain(self.backbone.forward_stage(name, h), name, gains)
-        return self.decoder(torch.flatten(self.pool(h), 1))
+            h = self._gain(self.forward_stage(name, h), name, gains)
+        return h
 
     @staticmethod
     def _gain(h: torch.Tensor, site: str, gains: dict[str, torch.Tensor] | None) -> torch.Tensor:
@@ -72,7 +96,7 @@ class MultiTaskModel(nn.Module):
             return h
         g = gains[site]
         g = g[None] if g.dim() == 1 else g
-        return h * g[:, :, None, None].to(h.dtype)
+        return h * g.view(*g.shape, *([1] * (h.dim() - 2))).to(h.dtype)  # per channel or per unit
 
     # -- decisions ------------------------------------------------------
     def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
@@ -123,15 +147,24 @@ class MultiTaskModel(nn.Module):
         return self
 
 
+def site_width(backbone: Backbone, decoder_hidden: list[int], site: str) -> int:
+    """Channels (backbone stages) or units (pool, decoder layers) a site's gain acts on."""
+    if site in BACKBONE_SITES:
+        return backbone.channels[site]
+    if site == POOL_SITE:
+        return backbone.out_features
+    return decoder_hidden[decoder_layer(site) - 1]
+
+
 def build_model(cfg, tasks: list[TaskSpec], in_channels: int) -> MultiTaskModel:
     """The model of an :class:`comod.config.ExperimentConfig` for ``tasks``."""
     m = cfg.model
     backbone = Backbone(m.backbone, residual=m.residual, stem=m.stem, width=m.width, in_channels=in_channels)
     if m.weights:
         backbone.load_imagenet(m.weights)
-    sites = _check_sites(cfg.modulation.sites)
-    mechanism = build_mechanism(cfg.modulation, len(tasks), {s: backbone.channels[s] for s in sites},
-                                m.decoder_hidden[-1])
+    sites = _check_sites(cfg.modulation.sites, len(m.decoder_hidden))
+    mechanism = build_mechanism(cfg.modulation, len(tasks), {s: site_width(backbone, m.decoder_hidden, s)
+                                                             for s in sites}, m.decoder_hidden[-1])
     model = MultiTaskModel(backbone, m.decoder_hidden, tasks, sites, mechanism)
     if m.channels_last:
         model = model.to(memory_format=torch.channels_last)

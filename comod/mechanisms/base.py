@@ -1,5 +1,11 @@
 """The interface every gain-modulation mechanism implements.
 
+A new kind is one file with a subclass (its ``kind`` name, ``from_config``,
+``forward``, ``sample_gains``, ``expected_gain``) plus one line in
+:data:`comod.mechanisms.MECHANISMS`; its name goes in :data:`comod.names.KINDS`
+and ``ModulationConfig.kind``. The contract suite
+(tests/comod/test_mechanism_contract.py) runs every registered kind.
+
 A mechanism turns the activity ``h0`` at the first modulation site into the
 representation ``z`` that task ``k``'s head reads. It is given ``suffix``,
 which runs the network from that site to the decoder's last hidden layer,
@@ -26,6 +32,11 @@ class Mechanism(nn.Module):
         self.site_channels = dict(site_channels)
         self.decoder_dim = decoder_dim
         self.controller: nn.Module | None = None
+
+    @classmethod
+    def from_config(cls, cfg, num_tasks: int, site_channels: dict[str, int], decoder_dim: int) -> "Mechanism":
+        """The mechanism of a :class:`comod.config.ModulationConfig` (each kind reads its own settings)."""
+        raise NotImplementedError
 
     def forward(self, suffix: Suffix, h0: torch.Tensor, task: int) -> torch.Tensor:
         raise NotImplementedError

@@ -9,6 +9,10 @@ from comod.mechanisms.base import Mechanism
 class NoModulation(Mechanism):
     kind = "none"
 
+    @classmethod
+    def from_config(cls, cfg, num_tasks, site_channels, decoder_dim):
+        return cls(num_tasks, site_channels, decoder_dim)
+
     def forward(self, suffix, h0, task):
         return suffix(h0, None)
 

@@ -21,7 +21,8 @@ def readout_gain(z_mod: torch.Tensor, m: torch.Tensor, estimator: str = "covaria
     correlation) of unit ``d`` with ``m`` over the batch, scaled by its mean
     magnitude so that softplus sees the same range whatever the activity's
     scale (relu is scale-free anyway). All ones when every ``rect(s_d)`` is 0.
-    Differentiable in ``z_mod``: gradients reach the couplings through it.
+    Differentiable in ``z_mod`` (``readout.gradient: covariance`` lets gradients reach the couplings
+    through it; by default the label pass runs without autograd).
     """
     z = z_mod.float()
     m = m.float()
@@ -47,3 +48,29 @@ def readout_gain(z_mod: torch.Tensor, m: torch.Tensor, estimator: str = "covaria
 def mix_with_ones(a: torch.Tensor, lam: float) -> torch.Tensor:
     """``(1 - lam) + lam * a``: a readout gain that keeps part of every unit."""
     return a if lam == 1.0 else (1.0 - lam) + lam * a
+
+
+RUNNING_RULES = ("capped_mean", "ema", "mean")
+
+
+def blend_running(running: torch.Tensor, count: torch.Tensor, a: torch.Tensor, rule: str = "capped_mean",
+                  momentum: float = 0.9, window: int = 100) -> torch.Tensor:
+    """The running readout gain after one more batch gain ``a`` (``running`` has seen ``count`` batches).
+
+    - ``capped_mean``: ``(running * tau + a) / (tau + 1)`` with ``tau = min(count + 1, window)``, then
+      renormalised to mean one. The estimate starts at ones, weighted as one batch, so the first batch
+      moves it half way; later batches weigh ``1 / (tau + 1)``, never less than ``1 / (window + 1)``.
+    - ``ema``: the first batch replaces the ones, later ones move it by ``1 - momentum``.
+    - ``mean``: the cumulative mean of the batch gains.
+    """
+    if rule == "capped_mean":
+        tau = (count + 1).clamp_max(window).to(running.dtype)
+        blended = (running * tau + a) / (tau + 1)
+        return blended / blended.mean().clamp_min(EPS)
+    if rule == "ema":
+        weight = torch.where(count == 0, 1.0, 1.0 - momentum)
+    elif rule == "mean":
+        weight = 1.0 / (count + 1).float()
+    else:
+        raise ValueError(f"unknown running estimate {rule!r}; choose one of {', '.join(RUNNING_RULES)}")
+    return running + weight * (a - running)

@@ -43,6 +43,15 @@ def test_int_accepted_for_float_and_single_site_for_list():
     ({"modulation": {"kind": "random"}}, ["modulation.kind", "'random'", "'stochastic'"]),
     ({"modulation": {"sites": ["layer9"]}}, ["modulation.sites", "layer9", "stem, layer1, layer2, layer3, layer4"]),
     ({"modulation": {"sites": []}}, ["modulation.sites", "at least one site"]),
+    ({"modulation": {"sites": ["decoder3"]}}, ["modulation.sites", "decoder3", "decoder1 .. decoder1",
+                                               "model.decoder_hidden has 1"]),
+    ({"modulation": {"sites": ["decoder0"]}}, ["modulation.sites", "decoder0", "pool"]),
+    ({"modulation": {"modulator_mean": -1}}, ["modulation.modulator_mean", "-1", ">= 0"]),
+    ({"modulation": {"readout": {"gradient": "all"}}}, ["modulation.readout.gradient", "'none'", "'covariance'"]),
+    ({"modulation": {"readout": {"running": "median"}}}, ["modulation.readout.running", "'capped_mean'"]),
+    ({"modulation": {"readout": {"window": 0}}}, ["modulation.readout.window", ">= 1"]),
+    ({"finetune": {"eval_interval_steps": 0}}, ["finetune.eval_interval_steps", "positive"]),
+    ({"finetune": {"samples_per_task": 1}}, ["finetune.samples_per_task", ">= 2"]),
     ({"finetune": {"lr": {"controller": 0}}}, ["finetune.lr.controller", "positive"]),
     ({"finetune": {"trainable": ["everything"]}}, ["finetune.trainable", "everything", "controller"]),
     ({"pretrain": {"batch_size": 1}}, ["pretrain.batch_size", ">= 2"]),
@@ -93,3 +102,12 @@ def test_partial_finetune_section_keeps_controller_only_default():
     cfg = parse_config({"finetune": {"epochs": 3}, "pretrain": {"epochs": 2}})
     assert cfg.finetune.trainable == ["controller"]
     assert cfg.pretrain.trainable == ["backbone", "decoder", "heads", "controller"]
+
+
+def test_faithful_defaults_and_new_sites():
+    cfg = parse_config({"model": {"decoder_hidden": [32, 16]}, "modulation": {"sites": ["pool", "decoder2"]}})
+    m = cfg.modulation
+    assert (m.modulator_mean, m.noise_scale, m.gain_form) == (1.0, 0.1, "exp")
+    assert (m.readout.gradient, m.readout.running, m.readout.window, m.readout.decision) == \
+        ("none", "capped_mean", 100, "running")
+    assert m.sites == ["pool", "decoder2"]
