@@ -52,6 +52,9 @@ class Callbacks:
     """(phase, first_epoch, epochs) when a phase starts or resumes."""
     on_checkpoint: Callable[[Path, dict], None] | None = None
     """(path, state) after every checkpoint write."""
+    on_eval: Callable[[str, int, dict], None] | None = None
+    """(phase, global_step, metrics) for a validation point between epoch ends: fine-tuning's step 0
+    (the pretrained model) and every ``finetune.eval_interval_steps`` steps (learning curves)."""
 
 
 @dataclass
@@ -77,9 +80,14 @@ class Batcher:
     """Draws seeded batches of one task at a time from an in-memory split."""
 
     def __init__(self, split: Split, tasks: list[int], data: TaskData, device: torch.device,
-                 generator: torch.Generator, channels_last: bool):
+                 generator: torch.Generator, channels_last: bool, samples_per_task: int | None = None,
+                 subset_seed: int = 0):
         self.split, self.tasks, self.device, self.gen = split, tasks, device, generator
-        self.pools = {k: split.task_indices(k).to(split.images.device) for k in tasks}
+        self.pools = {k: split.task_indices(k) for k in tasks}
+        if samples_per_task is not None:
+            self.pools = {k: few_shot(pool, split.labels[pool, k], samples_per_task, subset_seed + k)
+                          for k, pool in self.pools.items()}
+        self.pools = {k: pool.to(split.images.device) for k, pool in self.pools.items()}
         empty = [data.tasks[k].name for k, pool in self.pools.items() if len(pool) == 0]
         if empty:
             raise TrainingError(f"tasks {', '.join(empty)} have no training samples in this split; "
@@ -99,6 +107,27 @@ class Batcher:
         return task, x.contiguous(memory_format=self.memory_format), y
 
 
+def few_shot(pool: torch.Tensor, labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """``k`` of a task's training images ``pool`` (with their ``labels``), class-stratified and seeded:
+    classes keep their shares of ``k`` (largest remainder), and every class at least one image while
+    ``k`` allows (taken from the largest class)."""
+    if k >= len(pool):
+        return pool
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
+    y = labels[order]
+    classes, counts = y.unique(return_counts=True)
+    if k < len(classes):
+        return pool[order[:k].sort().values]
+    share = counts.double() / counts.sum() * k
+    quota = share.floor().long()
+    quota[torch.argsort(share - share.floor(), descending=True)[:k - int(quota.sum())]] += 1
+    for c in torch.nonzero(quota == 0).flatten().tolist():
+        quota[int(torch.argmax(quota))] -= 1
+        quota[c] = 1
+    picked = torch.cat([order[y == c][:q] for c, q in zip(classes.tolist(), quota.tolist())])
+    return pool[picked.sort().values]
+
+
 def task_loss(logits: torch.Tensor, y: torch.Tensor, binary: bool) -> torch.Tensor:
     if binary:
         return F.binary_cross_entropy_with_logits(logits.float(), y.float())
@@ -107,8 +136,11 @@ def task_loss(logits: torch.Tensor, y: torch.Tensor, binary: bool) -> torch.Tens
 
 def train_one_epoch(model: MultiTaskModel, optimizer: torch.optim.Optimizer, batcher: Batcher,
                     steps: int, batch_size: int, autocast: torch.autocast, phase: str,
-                    callbacks: Callbacks) -> float:
-    """``steps`` optimisation steps of one task each; returns the mean loss."""
+                    callbacks: Callbacks, every: int | None = None,
+                    on_interval: Callable[[int], None] | None = None, offset: int = 0) -> float:
+    """``steps`` optimisation steps of one task each; returns the mean loss. ``on_interval(i)`` runs
+    after the epoch's step ``i`` when the phase's step ``offset + i`` is a multiple of ``every``
+    (not after the epoch's last step, which the epoch's own evaluation covers)."""
     model.train()
     total = torch.zeros((), device=batcher.device)
     for i in range(steps):
@@ -122,6 +154,9 @@ def train_one_epoch(model: MultiTaskModel, optimizer: torch.optim.Optimizer, bat
         total += loss.detach()
         if callbacks.on_step:
             callbacks.on_step(phase, i + 1, steps)
+        if every and on_interval is not None and (offset + i + 1) % every == 0 and i + 1 < steps:
+            on_interval(i + 1)
+            model.train()
     mean = float(total) / max(steps, 1)  # one host sync per epoch, not per step
     if not math.isfinite(mean):
         raise DivergedError(f"{phase}: the training loss became {mean} (diverged); "
@@ -209,6 +244,11 @@ def config_difference(a: Any, b: Any, path: str = "") -> str | None:
     return None if a == b else f"{path}: {a!r} in the checkpoint, {b!r} now"
 
 
+def means(metrics: dict[str, float]) -> dict[str, float]:
+    """The means over tasks of summarised metrics (what is reported per epoch)."""
+    return {k: v for k, v in metrics.items() if "/mean_" in k}
+
+
 def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -279,6 +319,17 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, data: TaskData | 
         if callbacks.on_checkpoint:
             callbacks.on_checkpoint(ckpt_path, payload)
 
+    def measure(split: str, tasks: list[int], prefix: str) -> dict[str, float]:
+        return summarise(evaluate(model, splits[split], tasks, data, device, cfg.eval.batch_size, autocast,
+                                  cfg.eval.ece_bins, cl), prefix)
+
+    def curve_point(tasks: list[int], step: int, finetune_step: int, val: dict | None = None) -> None:
+        """A fine-tuning validation point between epoch ends (learning curves)."""
+        point = means(val if val is not None else measure("val", tasks, "finetune/val"))
+        state.history.append({"phase": "curve", "step": step, "finetune_step": finetune_step, **point})
+        if callbacks.on_eval:
+            callbacks.on_eval("finetune", step, point)
+
     def run_phase(phase_index: int) -> None:
         phase = PHASES[phase_index]
         pcfg = getattr(cfg, phase)
@@ -292,14 +343,19 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, data: TaskData | 
         epochs = pcfg.epochs if optimizer is not None else 0
         if callbacks.on_phase:
             callbacks.on_phase(phase, first_epoch, epochs)
-        batcher = Batcher(splits["train"], tasks, data, device, gen, cl)
+        finetuning = phase == "finetune"
+        batcher = Batcher(splits["train"], tasks, data, device, gen, cl,
+                          samples_per_task=cfg.finetune.samples_per_task if finetuning else None,
+                          subset_seed=cfg.data.split_seed)
         steps = steps_of[phase]
         for epoch in range(first_epoch, epochs):
-            loss = train_one_epoch(model, optimizer, batcher, steps, pcfg.batch_size, autocast, phase, callbacks)
+            loss = train_one_epoch(model, optimizer, batcher, steps, pcfg.batch_size, autocast, phase, callbacks,
+                                   every=cfg.finetune.eval_interval_steps if finetuning else None,
+                                   on_interval=lambda i: curve_point(tasks, state.step + i, epoch * steps + i),
+                                   offset=epoch * steps)
             state.step += steps
-            val = summarise(evaluate(model, splits["val"], tasks, data, device, cfg.eval.batch_size, autocast,
-                                     cfg.eval.ece_bins, cl), f"{phase}/val")
-            metrics = {f"{phase}/train_loss": loss, **{k: v for k, v in val.items() if "/mean_" in k}}
+            val = measure("val", tasks, f"{phase}/val")
+            metrics = {f"{phase}/train_loss": loss, **means(val)}
             state.epochs_done = epoch + 1
             state.history.append({"phase": phase, "epoch": epoch + 1, "step": state.step, **metrics})
             if phase == "finetune":
@@ -337,24 +393,20 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, data: TaskData | 
                                   "rng": _rng_state(gen)}, entry)
         state.phase_index, state.epochs_done = 1, 0
         # the pretrained model is fine-tuning's epoch 0: selection keeps it unless an epoch beats it
-        val = summarise(evaluate(model, splits["val"], eval_tasks, data, device, cfg.eval.batch_size, autocast,
-                                 cfg.eval.ece_bins, cl), "finetune/val")
+        val = measure("val", eval_tasks, "finetune/val")
         state.best = {"score": selection_score(val, "finetune/val", cfg.eval.select_metric), "epoch": 0,
                       "model": _cpu_state(model)}
-        pre = summarise(evaluate(model, splits["test"], eval_tasks, data, device, cfg.eval.batch_size,
-                                 autocast, cfg.eval.ece_bins, cl), "pretrained/test")
-        state.history.append({"phase": "pretrained", "step": state.step,
-                              **{k: v for k, v in pre.items() if "/mean_" in k}})
+        pre = measure("test", eval_tasks, "pretrained/test")
+        state.history.append({"phase": "pretrained", "step": state.step, **means(pre)})
+        curve_point(eval_tasks, state.step, 0, val)  # fine-tuning's step 0
         checkpoint(None)
     run_phase(1)
 
     if state.best is not None:
         model.load_state_dict(state.best["model"])
     final: dict[str, float] = {}
-    final.update(summarise(evaluate(model, splits["val"], eval_tasks, data, device, cfg.eval.batch_size,
-                                    autocast, cfg.eval.ece_bins, cl), "val"))
-    final.update(summarise(evaluate(model, splits["test"], eval_tasks, data, device, cfg.eval.batch_size,
-                                    autocast, cfg.eval.ece_bins, cl), "test"))
+    final.update(measure("val", eval_tasks, "val"))
+    final.update(measure("test", eval_tasks, "test"))
     for entry in state.history:
         if entry["phase"] == "pretrained":
             final.update({k: v for k, v in entry.items() if k.startswith("pretrained/")})

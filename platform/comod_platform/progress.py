@@ -13,7 +13,7 @@ class ProgressCallbacks(Callbacks):
     and one summary line to the terminal."""
 
     def __init__(self, logger=None, enabled: bool = True):
-        super().__init__(on_epoch=self._epoch, on_step=self._step, on_phase=self._phase)
+        super().__init__(on_epoch=self._epoch, on_step=self._step, on_phase=self._phase, on_eval=self._eval)
         self.logger, self.enabled = logger, enabled and sys.stderr.isatty()
         self.bar: tqdm | None = None
         self.phase, self.epochs = "", 0
@@ -38,6 +38,10 @@ class ProgressCallbacks(Callbacks):
             self.logger.log_metrics(metrics, step)
         shown = ", ".join(f"{k.split('/')[-1]}={v:.4f}" for k, v in metrics.items())
         print(f"{phase} epoch {epoch}/{self.epochs}: {shown}", file=sys.stderr)
+
+    def _eval(self, phase: str, step: int, metrics: dict) -> None:
+        if self.logger is not None:  # a learning-curve point: to MLflow only, the bar goes on
+            self.logger.log_metrics(metrics, step)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -1,4 +1,4 @@
-"""MLflow tracking of experiments, following design.md's conventions.
+"""MLflow tracking of experiments, following docs/guides/tracking.md.
 
 The tracking URI comes from ``MLFLOW_TRACKING_URI`` (a team server), else an
 embedded SQLite store in the runs folder with a local artifact folder.
@@ -183,8 +183,8 @@ class RunLogger:
         done = self.logged_steps()
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, entry["step"])
-                 for entry in history if entry.get("phase") in ("pretrain", "finetune")
-                 for k, v in entry.items() if k not in ("phase", "epoch", "step")
+                 for entry in history if entry.get("phase") in ("pretrain", "finetune", "curve")
+                 for k, v in entry.items() if k not in ("phase", "epoch", "step", "finetune_step")
                  and entry["step"] not in done.get(k, ())]
         for i in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])

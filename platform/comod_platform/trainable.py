@@ -41,7 +41,7 @@ import torch
 from comod.config import config_to_dict
 from comod.data.taskdata import Split, TaskData
 from comod.train import Callbacks, DivergedError, run_experiment
-from comod_platform.conventions import DIVERGED_FLAG, EPOCH, FINAL_FLAG, GPUS, NODE, REASON, STEP
+from comod_platform.conventions import CURVE, DIVERGED_FLAG, EPOCH, FINAL_FLAG, GPUS, NODE, REASON, STEP
 from comod_platform.reporter import EpochReporter
 from comod_platform.search_state import SearchPaths
 
@@ -170,11 +170,18 @@ def run_trial(config: dict, search=None, search_name: str = "", home: str = "", 
         state["fresh"] = True
 
     reporter = EpochReporter(_report_to_tune, _stopping_signal())
+    curve: list = []  # validation points between epoch ends, sent with the next report
+
+    def with_curve(row: dict) -> dict:
+        if curve:
+            row[CURVE] = json.dumps(curve)
+            curve.clear()
+        return row
 
     def report(phase: str, epoch: int, step: int, metrics: dict) -> None:
         state["epochs"] = epoch + (cfg.pretrain.epochs if phase == "finetune" else 0)
         state["step"] = step
-        row = {**_with_aliases(metrics), STEP: step, EPOCH: state["epochs"], **where}
+        row = with_curve({**_with_aliases(metrics), STEP: step, EPOCH: state["epochs"], **where})
         fresh, state["fresh"] = state["fresh"], False
         # a replayed epoch (pretrained model from the cache) has nothing new to keep; an epoch soon after
         # the last persisted one is kept locally only (the next persisted one, or the final, covers it)
@@ -184,7 +191,8 @@ def run_trial(config: dict, search=None, search_name: str = "", home: str = "", 
         state["persisted"] = time.monotonic()
         reporter.submit(row, _stage(out, CHECKPOINT_FILES))
 
-    callbacks = Callbacks(on_epoch=report, on_checkpoint=on_checkpoint, on_step=lambda *_: reporter.check())
+    callbacks = Callbacks(on_epoch=report, on_checkpoint=on_checkpoint, on_step=lambda *_: reporter.check(),
+                          on_eval=lambda phase, step, metrics: curve.append([step, metrics]))
     try:
         metrics = run_experiment(cfg, out, data=shared, callbacks=callbacks, resume=resumed,
                                  pretrain_cache=paths.pretrain_cache)
@@ -200,6 +208,7 @@ def run_trial(config: dict, search=None, search_name: str = "", home: str = "", 
     if not state["epochs"]:  # a finished run read back: its epochs were reported before
         state["epochs"] = cfg.pretrain.epochs + cfg.finetune.epochs
     plot_run(out)
-    final = {**metrics, FINAL_FLAG: 1, STEP: int(metrics.get("steps", 0)), EPOCH: state["epochs"], **where}
+    final = with_curve({**metrics, FINAL_FLAG: 1, STEP: int(metrics.get("steps", 0)), EPOCH: state["epochs"],
+                        **where})
     with _staged(out, FINAL_FILES) as folder:
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(folder))

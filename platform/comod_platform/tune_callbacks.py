@@ -8,6 +8,7 @@ a restored search re-attaches to its runs instead of duplicating them.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -19,7 +20,7 @@ from pathlib import Path
 from ray.tune import Callback
 
 from comod_platform.tracking import log_params, params_of
-from comod_platform.conventions import (DIVERGED_FLAG, EPOCH, FINAL_FLAG, GPUS, NODE, REASON, STEP, TAG_ERROR,
+from comod_platform.conventions import (CURVE, DIVERGED_FLAG, EPOCH, FINAL_FLAG, GPUS, NODE, REASON, STEP, TAG_ERROR,
                                         TAG_GPUS, TAG_KIND, TAG_NODE, TAG_PARENT, TAG_RETRIES, TAG_ROLE, TAG_SEARCH, TAG_STATE,
                                         TAG_STOPPED_EPOCH, TAG_TRIAL_ID)
 
@@ -156,6 +157,7 @@ class MlflowTrialCallback(Callback):
         self._closed: set[str] = set()
         self._where: dict[str, tuple] = {}
         self._logged_step: dict[str, int] = {}
+        self._curve_step: dict[str, int] = {}
         self._buffered: dict[str, list] = {}
         self._scheduled: set[str] = set()
         self._buffer_lock = threading.Lock()
@@ -163,7 +165,7 @@ class MlflowTrialCallback(Callback):
     def __getstate__(self):  # pickled with the Tuner's state: no client, thread or cache
         state = self.__dict__.copy()
         state.update(_client=None, _writer=None, _runs={}, _closed=set(), _where={}, _logged_step={},
-                     _buffered={}, _scheduled=set(), _buffer_lock=None, _reconciled=False)
+                     _curve_step={}, _buffered={}, _scheduled=set(), _buffer_lock=None, _reconciled=False)
         return state
 
     def __setstate__(self, state):
@@ -265,6 +267,12 @@ class MlflowTrialCallback(Callback):
         self.writer.submit(self.run_id, trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get(CURVE):  # learning-curve points between epoch ends, at their own steps, each once
+            done = self._curve_step.get(trial.trial_id, -1)
+            for step, point in json.loads(result[CURVE]):
+                if step > done:
+                    self._queue_metrics(trial, point, int(step))
+                    self._curve_step[trial.trial_id] = done = step
         metrics = numeric_metrics(result)
         if not result.get(FINAL_FLAG):  # per-epoch aliases repeat pretrain/val/..., finetune/val/...
             metrics = {k: v for k, v in metrics.items() if not k.startswith("val/")}

@@ -26,7 +26,7 @@ def test_run_writes_config_metrics_and_checkpoint(tmp_path):
     assert ckpt["metrics"] == pytest.approx(metrics)
     assert "mechanism.running_gain" in ckpt["model"]
     phases = [h["phase"] for h in ckpt["history"]]
-    assert phases == ["pretrain", "pretrained", "finetune"]
+    assert phases == ["pretrain", "pretrained", "curve", "finetune"]  # curve: fine-tuning step 0
 
 
 def test_same_seed_same_metrics_on_cpu(tmp_path):
@@ -168,3 +168,53 @@ def test_warmup_longer_than_pretraining_is_refused(tmp_path):
     cfg = tiny_config(modulation={"readout": {"warmup_steps": 4}})  # pretraining: 1 epoch x 4 steps
     with pytest.raises(TrainingError, match="modulation.readout.warmup_steps: got 4; expected fewer than the 4"):
         run_experiment(cfg, tmp_path)
+
+
+def test_eval_interval_draws_a_fine_tuning_curve(tmp_path):
+    cfg = tiny_config(finetune={"epochs": 2, "steps_per_epoch": 4, "eval_interval_steps": 3})
+    points = []
+    metrics = run_experiment(cfg, tmp_path, callbacks=Callbacks(on_eval=lambda *a: points.append(a)))
+    pretrain_steps = cfg.pretrain.epochs * cfg.pretrain.steps_per_epoch
+    # step 0 (the pretrained model), then phase steps 3 and 6; 4 and 8 are epoch ends
+    assert [(phase, step) for phase, step, _ in points] == [("finetune", pretrain_steps + s) for s in (0, 3, 6)]
+    assert all("finetune/val/mean_f1" in m and "finetune/train_loss" not in m for _, _, m in points)
+    history = load_checkpoint(tmp_path / "checkpoint.pt")["history"]
+    curve = [h["finetune_step"] for h in history if h["phase"] == "curve"]
+    assert curve == [0, 3, 6]
+    assert points[0][2]["finetune/val/mean_f1"] == pytest.approx(
+        max(h["finetune/val/mean_f1"] for h in history if h["phase"] == "curve" and h["finetune_step"] == 0))
+    assert metrics["steps"] == pretrain_steps + 8
+
+
+def test_few_shot_keeps_k_images_per_task_stratified_and_seeded():
+    from comod.train import few_shot
+
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    pool = torch.arange(100) + 1000
+    picked = few_shot(pool, labels, 10, seed=3)
+    assert len(picked) == 10 and len(set(picked.tolist())) == 10
+    chosen = labels[picked - 1000]
+    assert int((chosen == 1).sum()) == 1 and int((chosen == 0).sum()) == 9  # proportional, each class kept
+    assert torch.equal(picked, few_shot(pool, labels, 10, seed=3))
+    assert not torch.equal(picked, few_shot(pool, labels, 10, seed=4))
+    rare = few_shot(pool, torch.tensor([0] * 99 + [1]), 2, seed=0)
+    assert sorted(torch.tensor([0] * 99 + [1])[rare - 1000].tolist()) == [0, 1]
+    assert torch.equal(few_shot(pool, labels, 500, seed=0), pool)
+
+
+def test_samples_per_task_limits_fine_tuning_data(tmp_path):
+    from comod.data import load_data
+    from comod.train import Batcher
+
+    cfg = tiny_config(finetune={"samples_per_task": 6})
+    data = load_data(cfg)
+    batcher = Batcher(data.train, [0, 2], data, torch.device("cpu"), torch.Generator().manual_seed(0), False,
+                      samples_per_task=6, subset_seed=cfg.data.split_seed)
+    assert {k: len(p) for k, p in batcher.pools.items()} == {0: 6, 2: 6}
+    seen = set()
+    for _ in range(20):
+        task, x, y = batcher.sample(8)
+        seen.add(task)
+    assert seen == {0, 2}
+    metrics = run_experiment(cfg, tmp_path)
+    assert 0.0 <= metrics["test/mean_f1"] <= 1.0
