@@ -5,8 +5,9 @@ One :class:`TrialRecord` per child run of the search's parent run (see
 stopped at, the modulation kind, the experiment config rebuilt with real
 types (params -> :func:`conventions.param_value` -> ``set_path`` ->
 ``parse_config``), its final metrics (empty unless it completed), the best
-per-epoch value of the search metric and the wall time. Pruned, failed and
-still-running trials are records too, with what they reported.
+per-epoch value of the search metric, its fine-tuning curves (completed
+trials) and the wall time. Pruned, failed and still-running trials are
+records too, with what they reported.
 
 MLflow is the source; a trial folder's ``metrics.json`` (embedded default,
 or shared storage) only fills final metrics that MLflow lacks.
@@ -38,6 +39,9 @@ log = logging.getLogger(__name__)
 KINDS = ("none", "deterministic", "stochastic")
 _PER_EPOCH = re.compile(r"^(pretrain|finetune)/(train_loss$|val/)|^comod/")
 """Metric names reported every epoch (the rest of a completed trial's metrics are its final ones)."""
+CURVE_METRICS = ("val/mean_f1", "val/mean_recall", "val/mean_precision", "val/mean_ece")
+"""Validation metrics whose fine-tuning curves (``finetune/<metric>``) a completed trial's record holds,
+besides the search metric's."""
 
 
 class ResultsError(RuntimeError):
@@ -133,6 +137,9 @@ class TrialRecord:
     """MLflow run start, seconds since the epoch."""
     error: str | None = None
     config_error: str | None = None
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    """Completed trials only: ``finetune/<metric>`` -> [(fine-tuning step, value)], step 0 the pretrained
+    model, for the search metric and :data:`CURVE_METRICS` (those the run logged)."""
 
     @property
     def completed(self) -> bool:
@@ -224,6 +231,19 @@ def _history(client, run_id: str, key: str) -> list:
     return list(client.get_metric_history(run_id, key))
 
 
+def fine_tuning_curve(points) -> list[tuple[int, float]]:
+    """MLflow metric history -> [(fine-tuning step, value)], sorted by step: the lowest step (the
+    pretrained model, logged at the number of pretraining steps) is step 0; a step logged twice keeps its
+    last value; NaN values are left out."""
+    by_step: dict[int, float] = {}
+    for m in sorted(points, key=lambda m: (m.step, m.timestamp)):
+        by_step[int(m.step)] = float(m.value)
+    if not by_step:
+        return []
+    first = min(by_step)
+    return [(s - first, v) for s, v in sorted(by_step.items()) if not math.isnan(v)]
+
+
 def _record(client, run, metric: str, mode: str, paths: SearchPaths) -> TrialRecord:
     tags, metrics = run.data.tags, run.data.metrics
     run_id = run.info.run_id
@@ -244,7 +264,8 @@ def _record(client, run, metric: str, mode: str, paths: SearchPaths) -> TrialRec
             for k, v in saved.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     final.setdefault(k, float(v))
-    series = [m.value for key in (f"pretrain/{metric}", f"finetune/{metric}") for m in _history(client, run_id, key)]
+    tuned = _history(client, run_id, f"finetune/{metric}")
+    series = [m.value for m in _history(client, run_id, f"pretrain/{metric}") + tuned]
     if not series and metric in metrics:
         series = [m.value for m in _history(client, run_id, metric)]
     series = [v for v in series if not math.isnan(v)]
@@ -259,12 +280,24 @@ def _record(client, run, metric: str, mode: str, paths: SearchPaths) -> TrialRec
     wall = final.get(WALL)
     if wall is None and run.info.end_time and run.info.start_time:
         wall = (run.info.end_time - run.info.start_time) / 1000.0
+    curves: dict[str, list[tuple[int, float]]] = {}
+    if state == "completed":
+        for key in dict.fromkeys([f"finetune/{metric}"] + [f"finetune/{m}" for m in CURVE_METRICS]):
+            if key == f"finetune/{metric}":
+                points = tuned
+            elif key in metrics:  # logged at all: one history read
+                points = _history(client, run_id, key)
+            else:
+                continue
+            if curve := fine_tuning_curve(points):
+                curves[key] = curve
     kind = tags.get(TAG_KIND) or (flat.get("modulation.kind") if flat else None)
     return TrialRecord(trial_id=trial_id, run_id=run_id, state=state, kind=kind, stopped_epoch=stopped_epoch,
                        config=cfg, flat=flat, final=final, best=best, epochs=epochs, reports=len(epochs_seen),
                        wall_seconds=wall, start_time=(run.info.start_time or 0) / 1000.0,
-                       error=tags.get(TAG_ERROR), config_error=config_error)
+                       error=tags.get(TAG_ERROR), config_error=config_error, curves=curves)
 
 
-__all__ = ["KINDS", "ResultsError", "TrialRecord", "SearchResults", "load_results", "open_search",
-           "config_fields", "config_from_params", "typed_param", "unwrap_optional", "guess_mode", "better"]
+__all__ = ["KINDS", "CURVE_METRICS", "ResultsError", "TrialRecord", "SearchResults", "load_results", "open_search",
+           "fine_tuning_curve", "config_fields", "config_from_params", "typed_param", "unwrap_optional", "guess_mode",
+           "better"]
