@@ -1,7 +1,7 @@
 """CelebA as multi-task data: 40 binary face attributes, official splits.
 
-The method's main protocol: 40 attributes at 64x64 (docs: method.md,
-"Protocols to support"). Annotations are parsed by torchvision's CelebA
+The method's main protocol: 40 attributes at 64x64 (docs/method.md,
+"Datasets and protocols"). Annotations are parsed by torchvision's CelebA
 class; the JPEGs are decoded once, in batches on all cores, resized and
 cached as one uint8 tensor file, so every later load reads a single file.
 """

@@ -2,7 +2,7 @@
 one 5-way task per superclass.
 
 The method's CIFAR-100 protocol pretrains on the coarse classes and adapts
-to the fine ones (docs: method.md, "Protocols to support"). Files are
+to the fine ones (docs/method.md, "Datasets and protocols"). Files are
 torchvision's ``cifar-100-python/`` pickles, read by torchvision's class.
 """
 from __future__ import annotations

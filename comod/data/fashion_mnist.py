@@ -1,8 +1,8 @@
 """Fashion-MNIST as multi-task data: one-vs-rest attributes, or a coarse
 (tops / footwear / other) over fine (10 classes) hierarchy.
 
-The CPU-scale protocol of the method (docs: method.md, "Protocols to
-support"). Files are the original IDX files, gzipped or not, read with
+The CPU-scale protocol of the method (docs/method.md, "Datasets and
+protocols"). Files are the original IDX files, gzipped or not, read with
 torchvision's IDX reader; Debian ships them in ``dataset-fashion-mnist``.
 """
 from __future__ import annotations

@@ -130,7 +130,7 @@ def histories(c, run) -> dict[str, list]:
 
 
 def expected_params(cfg) -> dict[str, str]:
-    """design.md: params are the flattened config, one dotted name per setting,
+    """docs/guides/tracking.md: params are the flattened config, one dotted name per setting,
     values as JSON text (strings as they are), so they parse back to their types."""
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in flatten(cfg).items()}
 

@@ -1,5 +1,5 @@
 """`platform` is a standard-library module that torch, mlflow, ray and uuid
-import; the repo's `platform/` folder must never shadow it (design.md). The
+import; the repo's `platform/` folder must never shadow it (docs/architecture.md). The
 checks run from the repo root, where `python -c` puts the folder on sys.path."""
 from __future__ import annotations
 
