@@ -288,7 +288,7 @@ def _tuner(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, trainable, expe
     import optuna
     from ray import tune
 
-    from comod_platform.searcher import PruneAwareOptunaSearch, create_sampler
+    from comod_platform.searcher import PruneAwareOptunaSearch, create_sampler, points_to_evaluate
 
     failures = tune.FailureConfig(max_failures=sf.search.max_retries)
     if restore and tune.Tuner.can_restore(experiment_path):
@@ -299,6 +299,7 @@ def _tuner(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, trainable, expe
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         searcher = PruneAwareOptunaSearch(
             space=sf.suggest, metric=s.metric, mode=s.mode, sampler=create_sampler(sf),
+            points_to_evaluate=points_to_evaluate(sf),
             report_intermediate=s.scheduler.type != "fifo",
             study_name=meta.study_name, storage=optuna.storages.RDBStorage(meta.optuna_storage))
         tuner = tune.Tuner(

@@ -15,21 +15,27 @@ from ray.tune.search.optuna import OptunaSearch
 from comod_platform.conventions import DIVERGED_FLAG, EPOCH, FINAL_FLAG, REASON
 
 SAMPLERS = {
-    "tpe": lambda seed, grid: optuna.samplers.TPESampler(seed=seed),
-    "random": lambda seed, grid: optuna.samplers.RandomSampler(seed=seed),
-    "cmaes": lambda seed, grid: optuna.samplers.CmaEsSampler(seed=seed),
-    "qmc": lambda seed, grid: optuna.samplers.QMCSampler(seed=seed),
-    "grid": lambda seed, grid: optuna.samplers.GridSampler(grid, seed=seed),
+    "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed),
+    "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
+    "cmaes": lambda seed: optuna.samplers.CmaEsSampler(seed=seed),
+    "qmc": lambda seed: optuna.samplers.QMCSampler(seed=seed),
+    # a grid's points are enqueued in the study (grid_points); the sampler is never asked for a value
+    "grid": lambda seed: optuna.samplers.RandomSampler(seed=seed),
 }
 
 
 def create_sampler(search_file) -> optuna.samplers.BaseSampler:
-    """The search's Optuna sampler (``grid`` enumerates every choice of the space)."""
+    """The search's Optuna sampler."""
     s = search_file.search
     if s.sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {s.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    grid = search_file.grid() if s.sampler == "grid" else None
-    return SAMPLERS[s.sampler](s.seed, grid)
+    return SAMPLERS[s.sampler](s.seed)
+
+
+def points_to_evaluate(search_file) -> list[dict] | None:
+    """Trials enqueued before any is sampled: every grid point, in order, for ``sampler: grid``
+    (conditional paths only where their condition holds, which Optuna's GridSampler cannot express)."""
+    return search_file.grid_points() if search_file.search.sampler == "grid" else None
 
 
 class PruneAwareOptunaSearch(OptunaSearch):

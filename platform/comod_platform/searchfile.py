@@ -101,7 +101,8 @@ class SearchSettings:
     mode: Literal["max", "min"] = "max"
     num_trials: int = 8
     sampler: Literal["tpe", "random", "cmaes", "qmc", "grid"] = "tpe"
-    """grid runs every combination of the space's choices (no float ranges, no conditions)."""
+    """grid runs every combination of the space's choices, in order, the space's first path varying
+    slowest (no float ranges; a conditional path only where its condition holds)."""
     scheduler: Scheduler = field(default_factory=Scheduler)
     resources: Resources = field(default_factory=Resources)
     max_concurrent: int = 2
@@ -142,7 +143,7 @@ class SearchFile:
         return parse_config(raw, "trial")
 
     def grid(self) -> dict[str, list]:
-        """Optuna's grid: every choice (as Optuna labels) per searched path."""
+        """Every choice (as Optuna labels) per searched path."""
         grid = {}
         for path, dist in self.space.items():
             if dist.type == "categorical":
@@ -151,11 +152,26 @@ class SearchFile:
                 grid[path] = list(range(int(dist.low), int(dist.high) + 1, int(dist.step or 1)))
         return grid
 
+    def grid_points(self) -> list[dict[str, Any]]:
+        """The grid's points (Optuna labels), in order: the space's first path varies slowest; a path
+        with a ``when`` condition only where its condition holds (no duplicate points for the settings
+        a point does not use)."""
+        base = flatten(self.base_config())
+        points: list[dict[str, Any]] = [{}]
+        for path, choices in self.grid().items():
+            when = self.space[path].when
+            grown = []
+            for point in points:
+                values = {k: decode_choice(v) for k, v in point.items()}
+                if all(values.get(k, base.get(k)) == v for k, v in when.items()):
+                    grown.extend({**point, path: c} for c in choices)
+                else:
+                    grown.append(point)
+            points = grown
+        return points
+
     def grid_size(self) -> int:
-        size = 1
-        for values in self.grid().values():
-            size *= len(values)
-        return size
+        return len(self.grid_points())
 
     def suggest(self, trial) -> dict[str, Any]:
         """Optuna define-by-run: suggest every active path, return ``{path: value}``."""
@@ -224,7 +240,6 @@ def parse_search(raw: Any, name: str) -> SearchFile:
         for path, dist in space.items():
             check(dist.type != "float", f"space.{path}.type", dist.type,
                   "int or categorical with search.sampler: grid (a float range has no grid)")
-            check(not dist.when, f"space.{path}.when", dist.when, "no conditions with search.sampler: grid")
     sf = SearchFile(name=name, experiment=experiment, space=space, search=search)
     if search.sampler == "grid":
         check(search.num_trials == sf.grid_size(), "search.num_trials", search.num_trials,

@@ -1,3 +1,5 @@
+import json
+
 import optuna
 import pytest
 import yaml
@@ -97,31 +99,43 @@ def test_load_by_name_and_unknown_name(tmp_path, monkeypatch):
 
 
 def test_grid_sampler_enumerates_every_point(tmp_path):
-    from comod_platform.searcher import create_sampler
+    from comod_platform.searcher import create_sampler, points_to_evaluate
 
     space = {"modulation.kind": {"type": "categorical", "choices": ["none", "deterministic", "stochastic"]},
              "seed": {"type": "int", "low": 0, "high": 1},
              "modulation.sites": {"type": "categorical", "choices": [["layer2"], ["layer2", "layer3"]]}}
     sf = parse_search(_search(space=space, search={"sampler": "grid", "num_trials": 12}), "grid")
     study = optuna.create_study(sampler=create_sampler(sf))
-    points = set()
+    for point in points_to_evaluate(sf):
+        study.enqueue_trial(point)
+    seen = []
     for _ in range(12):
         trial = study.ask()
         flat = sf.suggest(trial)
         sf.config_for(flat)
-        points.add((flat["modulation.kind"], flat["seed"], tuple(flat["modulation.sites"])))
-        try:
-            study.tell(trial, 0.0)
-        except RuntimeError as err:  # the grid, exhausted, stops the study (Ray's searcher logs this)
-            assert "Study.stop" in str(err) and len(points) == 12
-    assert len(points) == 12
+        seen.append((flat["modulation.kind"], flat["seed"], tuple(flat["modulation.sites"])))
+        study.tell(trial, 0.0)
+    assert len(set(seen)) == 12
+    assert seen[:3] == [("none", 0, ("layer2",)), ("none", 0, ("layer2", "layer3")), ("none", 1, ("layer2",))]
     with pytest.raises(ConfigError, match="search.num_trials.*12, the number of points"):
         parse_search(_search(space=space, search={"sampler": "grid", "num_trials": 5}), "grid")
     with pytest.raises(ConfigError, match="a float range has no grid"):
         parse_search(_search(search={"sampler": "grid", "num_trials": 5}), "grid")
 
 
-@pytest.mark.parametrize("name", ["tiny", "quickstart", "fashion_mnist_compare", "celeba_comodulation",
+def test_grid_with_a_condition_has_no_duplicate_points():
+    space = {"modulation.kind": {"type": "categorical", "choices": ["deterministic", "stochastic"]},
+             "modulation.noise_scale": {"type": "categorical", "choices": [0.1, 1.0],
+                                        "when": {"modulation.kind": "stochastic"}},
+             "seed": {"type": "int", "low": 0, "high": 1}}
+    sf = parse_search(_search(space=space, search={"sampler": "grid", "num_trials": 6}), "grid")
+    points = sf.grid_points()
+    assert len(points) == 6 and len({json.dumps(p, sort_keys=True) for p in points}) == 6
+    assert [p for p in points if p["modulation.kind"] == "deterministic"] == [
+        {"modulation.kind": "deterministic", "seed": 0}, {"modulation.kind": "deterministic", "seed": 1}]
+
+
+@pytest.mark.parametrize("name", ["tiny", "quickstart", "fashion_mnist_study", "celeba_comodulation",
                                   "cifar100_architectures"])
 def test_shipped_search_files_load(name):
     from pathlib import Path
