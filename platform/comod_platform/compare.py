@@ -325,10 +325,13 @@ def efficiency(trials: list[TrialRecord], metric: str, mode: str, resamples: int
                "auc": {k: curve_auc(_pairs(c)) for k, c in curves.items()}, "steps": {}}
         for a, b in COMPARISONS:
             if curves.get(a) and curves.get(b):
-                aligned = align_curves([_pairs(curves[a]), _pairs(curves[b])])
+                ca, cb = _pairs(curves[a]), _pairs(curves[b])
+                aligned = align_curves([ca, cb])
                 if aligned is not None and len(aligned[0]) >= 2:
                     x, v, _ = aligned
                     auc_diffs[f"{a}-{b}"].append(curve_auc(list(zip(x, v[0]))) - curve_auc(list(zip(x, v[1]))))
+                elif min(len(ca), len(cb)) == 1:  # a kind with nothing to fine-tune: its flat value
+                    auc_diffs[f"{a}-{b}"].append(curve_auc(ca) - curve_auc(cb))
         if curves.get("deterministic"):
             final = curves["deterministic"]["mean"][-1]
             for f in fractions:

@@ -334,3 +334,19 @@ def test_compare_writes_the_new_sections(trials, tmp_path, monkeypatch):
     assert saved["out_dir"] == str(tmp_path / "cmp") and (tmp_path / "cmp" / "curves.png").stat().st_size > 0
     assert str(tmp_path / "cmp" / "curves.png") in saved["files"]
     assert "## Fine-tuning efficiency" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+def test_a_kind_with_nothing_to_fine_tune_pairs_by_its_flat_value():
+    """none with only the controller open logs fine-tuning step 0 alone: its AUC is that value."""
+    trials = []
+    for seed in SEEDS:
+        for kind in ("none", "deterministic"):
+            t = _trial(kind, seed, None)
+            if kind == "none":
+                t.curves = {KEY: [(0, 0.5)]}
+            trials.append(t)
+    eff = C.efficiency(trials, METRIC, "max", resamples=RESAMPLES)
+    paired = eff["auc"]["paired"]["deterministic-none"]
+    det_auc = [C.curve_auc(t.curves[KEY]) for t in trials if t.kind == "deterministic"]
+    assert paired["n"] == len(SEEDS)
+    assert paired["mean"] == pytest.approx(sum(det_auc) / len(det_auc) - 0.5)
