@@ -694,12 +694,17 @@ def _curves_plot(r: dict, path: Path) -> Path | None:
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     fig.subplots_adjust(**MARGINS)
     for ax, panel in zip(axes, panels):
+        last = max(c["steps"][-1] for c in panel["kinds"].values())
         for kind, c in panel["kinds"].items():
             colour = KIND_COLOURS.get(kind)
-            ax.plot(c["steps"], c["mean"], "o-" if len(c["steps"]) < 30 else "-", ms=3, color=colour,
-                    label=f"{kind} (n={c['n']})")
-            if c["lo"] is not None:
-                ax.fill_between(c["steps"], c["lo"], c["hi"], color=colour, alpha=0.2, lw=0)
+            steps, mean, lo, hi = c["steps"], c["mean"], c["lo"], c["hi"]
+            if len(steps) == 1:  # nothing fine-tuned: the value holds over the panel's steps
+                steps, mean = [0, last], mean * 2
+                lo, hi = (lo * 2, hi * 2) if lo is not None else (None, None)
+            ax.plot(steps, mean, marker="o" if len(steps) < 30 else None, ms=3, color=colour,
+                    ls="--" if len(c["steps"]) == 1 else "-", label=f"{kind} (n={c['n']})")
+            if lo is not None:
+                ax.fill_between(steps, lo, hi, color=colour, alpha=0.2, lw=0)
         ax.set(xlabel="fine-tuning step", ylabel=r["metric"], title=panel["arm"] if len(panel["arm"]) < 60
                else panel["arm"][:57] + "...")
         ax.title.set_fontsize(9)
