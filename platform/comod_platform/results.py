@@ -139,7 +139,8 @@ class TrialRecord:
     config_error: str | None = None
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     """Completed trials only: ``finetune/<metric>`` -> [(fine-tuning step, value)], step 0 the pretrained
-    model, for the search metric and :data:`CURVE_METRICS` (those the run logged)."""
+    model, for the search metric and :data:`CURVE_METRICS` (those the run logged); and
+    ``pretrain/<metric>`` -> [(pretraining step, value)], the search metric over pretraining."""
 
     @property
     def completed(self) -> bool:
@@ -265,7 +266,8 @@ def _record(client, run, metric: str, mode: str, paths: SearchPaths) -> TrialRec
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     final.setdefault(k, float(v))
     tuned = _history(client, run_id, f"finetune/{metric}")
-    series = [m.value for m in _history(client, run_id, f"pretrain/{metric}") + tuned]
+    pretrained = _history(client, run_id, f"pretrain/{metric}")
+    series = [m.value for m in pretrained + tuned]
     if not series and metric in metrics:
         series = [m.value for m in _history(client, run_id, metric)]
     series = [v for v in series if not math.isnan(v)]
@@ -291,6 +293,9 @@ def _record(client, run, metric: str, mode: str, paths: SearchPaths) -> TrialRec
                 continue
             if curve := fine_tuning_curve(points):
                 curves[key] = curve
+        if pretrained:  # the pretraining's validation curve, at its optimisation steps
+            by_step = {int(m.step): float(m.value) for m in sorted(pretrained, key=lambda m: (m.step, m.timestamp))}
+            curves[f"pretrain/{metric}"] = [(s, v) for s, v in sorted(by_step.items()) if not math.isnan(v)]
     kind = tags.get(TAG_KIND) or (flat.get("modulation.kind") if flat else None)
     return TrialRecord(trial_id=trial_id, run_id=run_id, state=state, kind=kind, stopped_epoch=stopped_epoch,
                        config=cfg, flat=flat, final=final, best=best, epochs=epochs, reports=len(epochs_seen),

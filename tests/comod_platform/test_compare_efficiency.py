@@ -153,7 +153,8 @@ def test_record_reads_each_curve_once(tmp_path):
                                        "finetune/val/mean_recall": 0.8}))
     paths = SimpleNamespace(trial_dir=lambda tid: tmp_path / tid)
     rec = results._record(Client(), run, METRIC, "max", paths)
-    assert rec.curves == {KEY: [(0, 0.5), (10, 0.6), (20, 0.7)], "finetune/val/mean_recall": [(0, 0.4), (20, 0.8)]}
+    assert rec.curves == {KEY: [(0, 0.5), (10, 0.6), (20, 0.7)], "finetune/val/mean_recall": [(0, 0.4), (20, 0.8)],
+                          "pretrain/val/mean_f1": [(100, 0.3)]}  # pretraining keeps its own steps
     assert rec.best == pytest.approx(0.7)
     curve_reads = [k for k in calls if k.startswith("finetune/")]
     assert sorted(curve_reads) == sorted(set(curve_reads)) == ["finetune/val/mean_f1", "finetune/val/mean_recall"]
