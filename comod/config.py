@@ -25,18 +25,22 @@ GROUPS = ("backbone", "decoder", "heads", "controller")
 
 @dataclass
 class DataConfig:
-    dataset: Literal["fashion_mnist", "celeba", "cifar100", "synthetic"] = "fashion_mnist"
+    dataset: Literal["fashion_mnist", "celeba", "cifar100", "synthetic", "folder"] = "fashion_mnist"
+    """folder: your own images, listed with their labels in ROOT/labels.csv (docs/guides/own-data.md)."""
     root: str | None = None
-    """Folder holding the dataset; null searches $COMOD_DATA, ./data and the system's places."""
-    tasks: str = "attributes"
-    """Task set of the dataset (e.g. fashion_mnist: attributes, coarse_fine, groups)."""
+    """Folder holding the dataset; null searches $COMOD_DATA, ./data and the system's places.
+    Required for folder: the folder holding labels.csv."""
+    tasks: str | list[str] = "attributes"
+    """Task set of the dataset (e.g. fashion_mnist: attributes, coarse_fine, groups); folder: all (also
+    accepted as attributes, the default) or a list of labels.csv's task columns."""
     image_size: int | None = None
     """Square side images are resized to once at load; null keeps the native size."""
     train_limit: int | None = None
     """Keep a seeded random subset of this many training images (null: all)."""
     test_limit: int | None = None
     val_fraction: float = 0.1
-    """Share of the training set held out for model selection when the dataset has no validation split."""
+    """Share of the training set held out for model selection when the dataset has no validation split
+    (folder: of the rows without a split, and as many again for test when no row names test)."""
     split_seed: int = 0
     """Seed of the validation split and of the subsets; apart from the training seed, so runs
     over several seeds see the same data."""
@@ -54,8 +58,24 @@ class DataConfig:
         from comod.data.registry import task_sets  # local: config stays importable without data deps
 
         choices = task_sets(self.dataset)
-        check(self.tasks in choices, f"{path}.tasks", self.tasks,
-              f"a task set of {self.dataset}: {', '.join(choices)}")
+        if self.dataset != "folder":
+            check(isinstance(self.tasks, str) and self.tasks in choices, f"{path}.tasks", self.tasks,
+                  f"a task set of {self.dataset}: {', '.join(choices)}"
+                  + ("" if isinstance(self.tasks, str) else " (a list of column names needs dataset folder)"))
+            return
+        check(self.root is not None, f"{path}.root", self.root,
+              "the folder holding labels.csv (dataset folder has no default place)")
+        if isinstance(self.tasks, str):
+            check(self.tasks in choices, f"{path}.tasks", self.tasks,
+                  f"all (every task column of labels.csv) or a list of its column names, "
+                  f"e.g. [{self.tasks}]")
+            return
+        check(len(self.tasks) >= 1, f"{path}.tasks", self.tasks,
+              "all, or a non-empty list of labels.csv's column names")
+        check(len(set(self.tasks)) == len(self.tasks), f"{path}.tasks", self.tasks,
+              "each column named once")
+        check(not {"image", "split"} & set(self.tasks), f"{path}.tasks", self.tasks,
+              "task columns of labels.csv (image and split are its reserved columns, not tasks)")
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Datasets as in-memory multi-task data (:class:`TaskData`), loaded by name."""
 from __future__ import annotations
 
+from comod.data.folder import FolderDataError
 from comod.data.taskdata import (IGNORE, DatasetNotFoundError, Split, TaskData, TaskSpec, normalise,
                                  split_off_validation)
 
@@ -14,5 +15,5 @@ def load_data(cfg) -> TaskData:
                           train_limit=d.train_limit, test_limit=d.test_limit)
 
 
-__all__ = ["IGNORE", "DatasetNotFoundError", "Split", "TaskData", "TaskSpec", "normalise",
+__all__ = ["IGNORE", "DatasetNotFoundError", "FolderDataError", "Split", "TaskData", "TaskSpec", "normalise",
            "split_off_validation", "load_data"]

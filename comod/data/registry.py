@@ -4,12 +4,15 @@ Contract: every module in ``DATASETS`` exports ``TASK_SETS`` (task-set name
 -> one-line description) and ``load(root, task_set, image_size,
 val_fraction, seed) -> TaskData``; a missing dataset raises
 ``DatasetNotFoundError`` with the paths searched and how to get it.
+``folder`` (your own images, ``ROOT/labels.csv``) also takes a list of
+column names as ``task_set``, and reports a malformed CSV or image as a
+``DatasetNotFoundError`` too (its subclass ``FolderDataError``).
 """
 from __future__ import annotations
 
 import torch
 
-from . import celeba, cifar100, fashion_mnist, synthetic
+from . import celeba, cifar100, fashion_mnist, folder, synthetic
 from .taskdata import Split, TaskData
 
 DATASETS = {
@@ -17,6 +20,7 @@ DATASETS = {
     "celeba": celeba,
     "cifar100": cifar100,
     "synthetic": synthetic,
+    "folder": folder,
 }
 
 
@@ -45,7 +49,7 @@ def random_subset(split: Split, n: int, seed: int) -> Split:
     return split.subset(keep.sort().values)
 
 
-def load_task_data(dataset: str, root: str | None, task_set: str, image_size: int | None,
+def load_task_data(dataset: str, root: str | None, task_set: str | list[str], image_size: int | None,
                    val_fraction: float, seed: int, train_limit: int | None = None,
                    test_limit: int | None = None) -> TaskData:
     """Load ``dataset`` and keep a seeded random ``train_limit`` train
