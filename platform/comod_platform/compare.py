@@ -23,7 +23,11 @@ search metric (or ``metric``):
   fine-tuning step, step 0 the pretrained model) per kind and arm, with a
   95% band; per matched group the normalised area under the curve (the mean
   score over fine-tuning) and the steps each kind takes to reach a fraction
-  (:data:`FRACTIONS`) of the deterministic trial's final score, paired.
+  (:data:`FRACTIONS`) of the deterministic trial's final score, paired;
+- ``importances``: Optuna's parameter importances (fANOVA) of the search metric
+  in the search's study, per kind with at least :data:`IMPORTANCE_MIN_TRIALS`
+  completed trials and a setting that varied, and over all kinds (a note
+  instead where there are too few); also written as ``importances.json``.
 
 It writes ``compare.md`` and PNG plots into ``out_dir`` (default the search
 folder's ``compare/``), logs them to the search's parent MLflow run and
@@ -119,12 +123,29 @@ def matched_groups(trials: list[TrialRecord]) -> dict[str, dict[str, list[TrialR
     return groups
 
 
-def _difference(diffs: list[float], mode: str, resamples: int, seed: int) -> dict:
+def _difference(diffs: list[float], mode: str, resamples: int, seed: int, seeds: list | None = None) -> dict:
+    """Mean and bootstrap interval of paired differences. With ``seeds`` (the training seed of each
+    difference) and fewer seeds than differences, also ``by_seed``: the differences averaged per seed and
+    bootstrapped over seeds. Groups that share a seed share its pretraining (e.g. the arms of a few-shot
+    sweep fine-tune one pretrained model), so they are not independent: the seed is the unit."""
     ci = bootstrap_ci(diffs, resamples, seed)
     sign = 1 if mode == "max" else -1
-    return {"n": len(diffs), "differences": diffs, "mean": float(np.mean(diffs)) if diffs else None,
-            "ci95": list(ci) if ci else None, "a_better": sum(sign * d > 0 for d in diffs),
-            "ties": sum(d == 0 for d in diffs)}
+    out = {"n": len(diffs), "differences": diffs, "mean": float(np.mean(diffs)) if diffs else None,
+           "ci95": list(ci) if ci else None, "a_better": sum(sign * d > 0 for d in diffs),
+           "ties": sum(d == 0 for d in diffs)}
+    if seeds is not None and len(set(map(str, seeds))) < len(diffs):
+        per: dict[str, list[float]] = {}
+        for d, s in zip(diffs, seeds):
+            per.setdefault(str(s), []).append(d)
+        means = [float(np.mean(v)) for _, v in sorted(per.items())]
+        seed_ci = bootstrap_ci(means, resamples, seed)
+        out["by_seed"] = {"n": len(means), "differences": means, "mean": float(np.mean(means)),
+                          "ci95": list(seed_ci) if seed_ci else None, "a_better": sum(sign * d > 0 for d in means)}
+    return out
+
+
+def _group_seed(group: dict) -> Any:
+    return next(iter(group.values()))[0].flat.get("seed")
 
 
 def paired_differences(groups: dict, key: str, mode: str, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED,
@@ -133,14 +154,15 @@ def paired_differences(groups: dict, key: str, mode: str, resamples: int = RESAM
     both, their mean and bootstrap 95% interval; ``a_better`` counts by ``mode``."""
     out = {}
     for a, b in pairs:
-        diffs, members = [], []
+        diffs, members, seeds = [], [], []
         for group in groups.values():
             va = _mean_of(group[a], key) if a in group else None
             vb = _mean_of(group[b], key) if b in group else None
             if va is not None and vb is not None:
                 diffs.append(va - vb)
+                seeds.append(_group_seed(group))
                 members.append({a: [t.trial_id for t in group[a]], b: [t.trial_id for t in group[b]]})
-        entry = _difference(diffs, mode, resamples, seed)
+        entry = _difference(diffs, mode, resamples, seed, seeds)
         out[f"{a}-{b}"] = {"a": a, "b": b, "n": entry.pop("n"), "differences": diffs, "groups": members, **entry}
     return out
 
@@ -211,9 +233,10 @@ def by_noise_scale(groups: dict, metric: str, mode: str, resamples: int = RESAMP
     for (_, label), members in sorted(split.items()):
         entry = {"noise_scale": label, "trials": [t.trial_id for t, _ in members]}
         for k in keys:
-            pairs = [(t.value(k), _mean_of(det, k)) for t, det in members]
-            entry[k] = _difference([a - b for a, b in pairs if a is not None and b is not None],
-                                   guess_mode(k) if k != metric else mode, resamples, seed)
+            pairs = [(t.value(k), _mean_of(det, k), t.flat.get("seed")) for t, det in members]
+            kept = [(a - b, s) for a, b, s in pairs if a is not None and b is not None]
+            entry[k] = _difference([d for d, _ in kept], guess_mode(k) if k != metric else mode, resamples, seed,
+                                   [s for _, s in kept])
         out.append(entry)
     return out
 
@@ -364,6 +387,48 @@ def efficiency(trials: list[TrialRecord], metric: str, mode: str, resamples: int
     return out
 
 
+# ----------------------------------------------------------------- pretraining
+
+PLATEAU_WINDOW = 3
+"""Pretraining evaluations per half of the plateau check: the mean of the last ones against the ones before."""
+
+
+def pretraining(trials: list[TrialRecord], metric: str, mode: str) -> dict:
+    """The validation curve of ``pretrain/<metric>`` per kind over pretraining epochs (each distinct
+    pretraining once: trials that share one through the cache report the same curve), with a plateau
+    check: the mean of the last :data:`PLATEAU_WINDOW` epochs minus the mean of the ones before, per
+    pretraining, with a t 95% interval over them. A comparison is only as good as its budget: a kind
+    still improving when pretraining ends is flagged."""
+    key = f"pretrain/{metric}"
+    out = {"curve_key": key, "window": PLATEAU_WINDOW, "kinds": {}, "plateau": {}, "notes": []}
+    for kind in KINDS:
+        seen, curves = set(), []
+        for t in trials:
+            c = t.curves.get(key)
+            if t.kind == kind and c and tuple(v for _, v in c) not in seen:
+                seen.add(tuple(v for _, v in c))
+                curves.append([(i + 1, v) for i, (_, v) in enumerate(c)])  # one evaluation per epoch
+        if not curves:
+            continue
+        out["kinds"][kind] = mean_curve(curves)
+        gains = [float(np.mean([v for _, v in c[-PLATEAU_WINDOW:]]) - np.mean([v for _, v in
+                 c[-2 * PLATEAU_WINDOW:-PLATEAU_WINDOW]])) for c in curves if len(c) >= 2 * PLATEAU_WINDOW]
+        if not gains:
+            out["notes"].append(f"{kind}: pretraining shorter than {2 * PLATEAU_WINDOW} epochs: no plateau check.")
+            continue
+        mean = float(np.mean(gains))
+        half = t_quantile(len(gains) - 1) * float(np.std(gains, ddof=1)) / math.sqrt(len(gains)) \
+            if len(gains) > 1 else None
+        ci = [mean - half, mean + half] if half is not None else None
+        out["plateau"][kind] = {"pretrainings": len(gains), "gain": mean, "ci95": ci}
+        improving = ci is not None and (ci[0] > 0 if mode == "max" else ci[1] < 0)
+        if improving:
+            out["notes"].append(f"{kind} was still improving when pretraining ended ({metric} "
+                                f"{mean:+.4f} over its last {PLATEAU_WINDOW} epochs against the {PLATEAU_WINDOW} "
+                                f"before, 95% CI [{ci[0]:+.4f}, {ci[1]:+.4f}]): consider longer pretraining.")
+    return out
+
+
 def compare(name: str, metric: str | None = None, out_dir: str | Path | None = None, home: Path | None = None,
             resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED, log_artifact: bool = True) -> dict:
     """Compare the kinds of modulation in search ``name``; see the module docstring."""
@@ -380,12 +445,15 @@ def compare(name: str, metric: str | None = None, out_dir: str | Path | None = N
                            f"e.g. {', '.join(close) or results.metric}")
     report = build_report(name, results.trials, metric, mode, resamples, seed)
     report["out_dir"] = str(out)
+    report["importances"] = importances(results, metric)
     notes = report["notes"]
     files = _plots(report, results.trials, out)
     md = out / "compare.md"
     md.write_text(_markdown(report, [Path(f).name for f in files]))
     js = out / "compare.json"
-    report["files"] = [str(md), str(js), *files]
+    imp = out / IMPORTANCES_FILE
+    imp.write_text(json.dumps(report["importances"], indent=2))
+    report["files"] = [str(md), str(js), *files, str(imp)]
     js.write_text(json.dumps(report, indent=2))
     if log_artifact:
         from mlflow.tracking import MlflowClient
@@ -398,6 +466,134 @@ def compare(name: str, metric: str | None = None, out_dir: str | Path | None = N
                 log.warning("could not log %s to the search's MLflow run: %s", path, err)
                 notes.append(f"not logged to MLflow: {Path(path).name} ({err})")
     return report
+
+
+# ----------------------------------------------------------------- parameter importances
+
+IMPORTANCE_MIN_TRIALS = 4
+"""Completed trials a kind needs before its parameter importances are computed."""
+IMPORTANCE_SEED = 0
+IMPORTANCES_FILE = "importances.json"
+"""The importances alone, written beside compare.json and logged to the parent run under ``compare/``."""
+
+
+def _evaluator(seed: int = IMPORTANCE_SEED):
+    """fANOVA (a random forest: scikit-learn, which MLflow brings), else PED-ANOVA; (evaluator, description)."""
+    from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
+
+    try:
+        import sklearn  # noqa: F401
+
+        return (FanovaImportanceEvaluator(seed=seed),
+                f"fANOVA (optuna.importance.FanovaImportanceEvaluator, seed {seed})")
+    except ImportError:
+        return PedAnovaImportanceEvaluator(), "PED-ANOVA (optuna.importance.PedAnovaImportanceEvaluator)"
+
+
+def _label(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def param_importances(trials: list, min_trials: int = IMPORTANCE_MIN_TRIALS, seed: int = IMPORTANCE_SEED,
+                      direction: str = "maximize") -> dict:
+    """Optuna's parameter importances (:func:`optuna.importance.get_param_importances`) over ``trials``
+    (Optuna ``FrozenTrial``s; the completed ones count) for their objective value, over the parameters every
+    completed trial has and that took more than one value among them. ``{"trials": n, "params": {name:
+    importance, ...} (largest first, summing to 1) or None, "note": why None, or None}``."""
+    import optuna
+    from optuna.trial import TrialState
+
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)]
+    out: dict[str, Any] = {"trials": len(done), "params": None, "note": None}
+    if len(done) < min_trials:
+        out["note"] = f"{len(done)} completed trial(s); importances need at least {min_trials}"
+        return out
+    names = [p for p in done[0].params if all(p in t.params for t in done)]
+    varied = [p for p in names if len({_label(t.params[p]) for t in done}) > 1]
+    if not varied:
+        out["note"] = "no searched setting took more than one value among the completed trials"
+        return out
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(direction=direction)  # in memory: only these trials
+        study.add_trials(done)
+        evaluator, _ = _evaluator(seed)
+        found = optuna.importance.get_param_importances(study, evaluator=evaluator, params=varied)
+    except Exception as err:  # noqa: BLE001 - e.g. a metric equal in every trial (zero variance)
+        out["note"] = f"no importances: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        return out
+    finally:
+        optuna.logging.set_verbosity(level)
+    out["params"] = {p: float(v) for p, v in sorted(found.items(), key=lambda kv: -kv[1])}
+    return out
+
+
+def _study_trials(meta) -> list:
+    """Every trial of the search's Optuna study (the database of meta.json); DashboardError when unreadable."""
+    from comod_platform.dashboard import open_study_storage
+
+    storage, study_id = open_study_storage(meta.optuna_storage, meta.study_name, meta.name)
+    try:
+        return storage.get_all_trials(study_id, deepcopy=False)
+    finally:
+        engine = getattr(storage, "engine", None)
+        if engine is not None:
+            engine.dispose()
+
+
+def importances(results, metric: str | None = None, min_trials: int = IMPORTANCE_MIN_TRIALS,
+                seed: int = IMPORTANCE_SEED) -> dict:
+    """The parameter importances of search ``results`` for its metric (its Optuna study's objective), per kind
+    (the trial's ``modulation.kind`` param, else the base experiment's kind) and, when the search has several
+    kinds, over all of them (the kind itself then a parameter). A kind with too few completed trials, or none
+    varied, gets a note instead. Never raises: a study that cannot be read is a note."""
+    search_metric = results.metric
+    _, described = _evaluator(seed)
+    out: dict[str, Any] = {"metric": search_metric, "study": getattr(results.meta, "study_name", None),
+                           "evaluator": described, "min_trials": min_trials, "kinds": {}, "all": None, "notes": []}
+    if metric is not None and metric != search_metric:
+        out["notes"].append(f"Importances are of `{search_metric}`, the search metric that Optuna's study was "
+                            f"told, not of `{metric}`.")
+    try:
+        trials = _study_trials(results.meta)
+        base_kind = results.search.base_config().modulation.kind
+    except Exception as err:  # noqa: BLE001 - the rest of the report stands without them
+        out["notes"].append(f"The search's Optuna study cannot be read, so no importances: {err}")
+        return out
+    direction = "maximize" if results.mode == "max" else "minimize"
+    by_kind: dict[str, list] = {}
+    for t in trials:
+        by_kind.setdefault(str(t.params.get("modulation.kind", base_kind)), []).append(t)
+    for kind in [k for k in KINDS if k in by_kind] + sorted(k for k in by_kind if k not in KINDS):
+        out["kinds"][kind] = param_importances(by_kind[kind], min_trials, seed, direction)
+    if len(by_kind) > 1:
+        out["all"] = param_importances(trials, min_trials, seed, direction)
+    if not trials:
+        out["notes"].append("The search's Optuna study has no trial yet.")
+    return out
+
+
+def _markdown_importances(imp: dict | None) -> list[str]:
+    if not imp:
+        return []
+    lines = ["", "## Parameter importances", "",
+             f"How much of the variation of `{imp['metric']}` (the search metric, the objective of Optuna's study "
+             f"`{imp['study']}`) each searched setting explains among a kind's completed trials: {imp['evaluator']}, "
+             f"normalised to sum to 1, over the settings that varied. A kind needs at least {imp['min_trials']} "
+             f"completed trials; \"all kinds\" counts `modulation.kind` as a setting."]
+    rows = [(kind, entry) for kind, entry in imp["kinds"].items()] + ([("all kinds", imp["all"])] if imp["all"] else [])
+    if rows:
+        lines += ["", "| kind | completed trials | setting | importance |", "|---|---|---|---|"]
+        for kind, entry in rows:
+            if entry["params"]:
+                for i, (param, value) in enumerate(entry["params"].items()):
+                    lines.append(f"| {kind if i == 0 else ''} | {entry['trials'] if i == 0 else ''} | `{param}` | "
+                                 f"{value:.3f} |")
+            else:
+                lines.append(f"| {kind} | {entry['trials']} | n/a | {entry['note']} |")
+    lines += [""] + [f"- {n}" for n in imp["notes"]] if imp["notes"] else []
+    return lines
 
 
 def _usable(trials: list[TrialRecord], metric: str) -> list[TrialRecord]:
@@ -452,7 +648,8 @@ def build_report(name: str, trials: list[TrialRecord], metric: str, mode: str, r
             "notes": notes, "out_dir": None, "paired_metrics": paired_metrics, "varied_settings": varied,
             "by_setting": by_setting(groups, varied, metric, mode, resamples, seed),
             "by_noise_scale": by_noise_scale(groups, metric, mode, resamples, seed),
-            "efficiency": efficiency(usable, metric, mode, resamples, seed)}
+            "efficiency": efficiency(usable, metric, mode, resamples, seed),
+            "pretraining": pretraining(usable, metric, mode)}
 
 
 def _notes(trials: list[TrialRecord], usable, by_kind, paired) -> list[str]:
@@ -514,10 +711,13 @@ def _markdown(r: dict, images: list[str]) -> str:
               "`modulation.gain_form`, `modulation.readout.*`) are matched; a group's trials of one kind are "
               f"averaged. Difference = first minus second kind; 95% interval: percentile bootstrap of the mean, "
               f"{r['resamples']} resamples, seed {r['bootstrap_seed']}.", "",
-              "| comparison | pairs | mean difference | 95% CI | first better | ties |", "|---|---|---|---|---|---|"]
+              "Where several groups share a training seed (and so its pretraining), \"by seed\" averages "
+              "them per seed and bootstraps over seeds: the interval to read.", "",
+              "| comparison | pairs | mean difference | 95% CI | first better | ties | by seed: seeds, mean, 95% CI |",
+              "|---|---|---|---|---|---|---|"]
     for p in r["paired"].values():
-        ci = f"[{p['ci95'][0]:.4f}, {p['ci95'][1]:.4f}]" if p["ci95"] else "n/a"
-        lines.append(f"| {p['a']} - {p['b']} | {p['n']} | {_f(p['mean'])} | {ci} | {p['a_better']} | {p['ties']} |")
+        lines.append(f"| {p['a']} - {p['b']} | {p['n']} | {_f(p['mean'])} | {_ci(p)} | {p['a_better']} | {p['ties']} "
+                     f"| {_by_seed(p)} |")
     lines += ["", "## Per-task win rates (stochastic vs deterministic, test F1)", ""]
     if any(w["n"] for w in r["win_rates"].values()):
         lines += ["| task | wins | ties | losses | pairs | win rate |", "|---|---|---|---|---|---|"]
@@ -526,6 +726,8 @@ def _markdown(r: dict, images: list[str]) -> str:
     else:
         lines.append("No matched stochastic/deterministic pairs with per-task test F1: no win rates.")
     lines += _markdown_more(r)
+    lines += _markdown_pretraining(r.get("pretraining"))
+    lines += _markdown_importances(r.get("importances"))
     if r["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]
     if images:
@@ -537,17 +739,40 @@ def _ci(p: dict | None, digits: int = 4) -> str:
     return f"[{p['ci95'][0]:.{digits}f}, {p['ci95'][1]:.{digits}f}]" if p and p.get("ci95") else "n/a"
 
 
+def _by_seed(p: dict | None) -> str:
+    b = (p or {}).get("by_seed")
+    return f"{b['n']}, {_f(b['mean'])}, {_ci(b)}" if b else "n/a"
+
+
+def _markdown_pretraining(pre: dict | None) -> list[str]:
+    if not pre or not pre["kinds"]:
+        return []
+    w = pre["window"]
+    lines = ["", "## Pretraining", "",
+             f"`{pre['curve_key']}` per pretraining epoch, each distinct pretraining once (trials that share one "
+             f"through the cache count once). Plateau: the mean of the last {w} epochs minus the mean of the "
+             f"{w} before, per pretraining, with a t 95% interval; a comparison is only as good as its budget.", "",
+             "| kind | pretrainings | epochs | last epoch (mean) | plateau gain | 95% CI |", "|---|---|---|---|---|---|"]
+    for kind, c in pre["kinds"].items():
+        plateau = pre["plateau"].get(kind) or {}
+        lines.append(f"| {kind} | {c['n']} | {len(c['steps'])} | {_f(c['mean'][-1])} | {_f(plateau.get('gain'))} | "
+                     f"{_ci(plateau)} |")
+    lines += [f"- {n}" for n in pre["notes"]]
+    return lines
+
+
 def _markdown_more(r: dict) -> list[str]:
     """The sections on the test metrics, the varied settings, the noise scale and fine-tuning efficiency."""
     lines = ["", "## Paired differences on the test metrics", "",
              "Same matched groups and bootstrap as above. Higher is better except for ECE (`test/mean_ece`, "
              "calibration error), where a negative difference favours the first kind; \"first better\" counts "
-             "accordingly.", "", "| metric | comparison | pairs | mean difference | 95% CI | first better |",
-             "|---|---|---|---|---|---|"]
+             "accordingly.", "",
+             "| metric | comparison | pairs | mean difference | 95% CI | first better | by seed: seeds, mean, 95% CI |",
+             "|---|---|---|---|---|---|---|"]
     for key, pairs in r.get("paired_metrics", {}).items():
         for p in pairs.values():
             lines.append(f"| `{key}` | {p['a']} - {p['b']} | {p['n']} | {_f(p['mean'])} | {_ci(p)} | "
-                         f"{p['a_better'] if p['n'] else 'n/a'} |")
+                         f"{p['a_better'] if p['n'] else 'n/a'} | {_by_seed(p)} |")
     keys = list(dict.fromkeys([r["metric"], "test/mean_f1"]))
     lines += ["", "## Stochastic - deterministic per varied setting", ""]
     if r.get("by_setting"):
@@ -566,11 +791,11 @@ def _markdown_more(r: dict) -> list[str]:
     if r.get("by_noise_scale"):
         lines += ["Each stochastic trial minus the mean of its group's deterministic trials, split by "
                   "`modulation.noise_scale`.", "",
-                  "| noise scale | " + " | ".join(f"trials | `{k}` difference | 95% CI" for k in keys) + " |",
-                  "|---|" + "---|---|---|" * len(keys)]
+                  "| noise scale | " + " | ".join(f"trials | `{k}` difference | 95% CI | by seed" for k in keys)
+                  + " |", "|---|" + "---|---|---|---|" * len(keys)]
         for row in r["by_noise_scale"]:
-            lines.append(f"| {row['noise_scale']} | "
-                         + " | ".join(f"{row[k]['n']} | {_f(row[k]['mean'])} | {_ci(row[k])}" for k in keys) + " |")
+            lines.append(f"| {row['noise_scale']} | " + " | ".join(
+                f"{row[k]['n']} | {_f(row[k]['mean'])} | {_ci(row[k])} | {_by_seed(row[k])}" for k in keys) + " |")
     else:
         lines.append("No stochastic trial with a deterministic trial in its matched group.")
     e = r.get("efficiency")
@@ -678,7 +903,30 @@ def _plots(r: dict, trials: list[TrialRecord], out: Path) -> list[str]:
         fig.savefig(path)
         files.append(str(path))
     path = _curves_plot(r, out / "curves.png")
-    return files + ([str(path)] if path else [])
+    pre = _pretraining_plot(r, out / "pretraining.png")
+    return files + [str(f) for f in (path, pre) if f]
+
+
+def _pretraining_plot(r: dict, path: Path) -> Path | None:
+    """Each kind's mean validation curve over pretraining epochs with its 95% band."""
+    from matplotlib.figure import Figure
+
+    pre = r.get("pretraining") or {}
+    if not pre.get("kinds"):
+        return None
+    fig = Figure(figsize=(5.5, 3.8), dpi=100)
+    ax = fig.subplots()
+    fig.subplots_adjust(left=0.13, right=0.97, bottom=0.14, top=0.9)
+    for kind, c in pre["kinds"].items():
+        colour = KIND_COLOURS.get(kind)
+        ax.plot(c["steps"], c["mean"], marker="o", ms=3, color=colour, label=f"{kind} (n={c['n']})")
+        if c["lo"] is not None:
+            ax.fill_between(c["steps"], c["lo"], c["hi"], color=colour, alpha=0.2, lw=0)
+    ax.set(xlabel="pretraining epoch", ylabel=r["metric"], title=f"{pre['curve_key']}: mean and t 95% band")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=8)
+    fig.savefig(path)
+    return path
 
 
 def _curves_plot(r: dict, path: Path) -> Path | None:
@@ -720,4 +968,4 @@ def _curves_plot(r: dict, path: Path) -> Path | None:
 __all__ = ["CompareError", "compare", "build_report", "bootstrap_ci", "match_key", "matched_groups",
            "paired_differences", "varied_settings", "by_setting", "by_noise_scale", "efficiency", "curve_auc",
            "align_curves", "mean_curve", "steps_to_reach", "reach_target", "t_quantile", "FRACTIONS",
-           "PAIRED_METRICS"]
+           "PAIRED_METRICS", "importances", "param_importances", "IMPORTANCE_MIN_TRIALS"]

@@ -223,7 +223,11 @@ def test_paired_test_metrics(report):
     assert pm["test/mean_recall"]["stochastic-none"]["mean"] == pytest.approx(0.2)
     # the search metric's paired entry keeps its keys and numbers
     p = report["paired"]["stochastic-deterministic"]
-    assert set(p) == {"a", "b", "n", "differences", "groups", "mean", "ci95", "a_better", "ties"}
+    assert set(p) == {"a", "b", "n", "differences", "groups", "mean", "ci95", "a_better", "ties", "by_seed"}
+    # the arms share their seed's pretraining: the seed-level interval averages them per seed
+    assert p["by_seed"]["n"] == len(SEEDS) < p["n"]
+    assert p["by_seed"]["mean"] == pytest.approx(p["mean"])  # balanced arms: the same mean
+    assert p["by_seed"]["ci95"][0] <= p["by_seed"]["mean"] <= p["by_seed"]["ci95"][1]
     assert p["n"] == 8 and p["mean"] == pytest.approx(0.03)
     assert sorted(p["differences"]) == pytest.approx([0.02] * 4 + [0.04] * 4)
     assert 0.02 <= p["ci95"][0] <= p["mean"] <= p["ci95"][1] <= 0.04
@@ -351,3 +355,30 @@ def test_a_kind_with_nothing_to_fine_tune_pairs_by_its_flat_value():
     det_auc = [C.curve_auc(t.curves[KEY]) for t in trials if t.kind == "deterministic"]
     assert paired["n"] == len(SEEDS)
     assert paired["mean"] == pytest.approx(sum(det_auc) / len(det_auc) - 0.5)
+
+
+def test_seed_level_interval_averages_groups_that_share_a_seed():
+    out = C._difference([1.0, 1.0, 3.0], "max", RESAMPLES, 0, seeds=[0, 0, 1])
+    assert out["mean"] == pytest.approx(5 / 3)
+    assert out["by_seed"]["n"] == 2 and out["by_seed"]["differences"] == [1.0, 3.0]
+    assert out["by_seed"]["mean"] == pytest.approx(2.0)
+    assert "by_seed" not in C._difference([1.0, 2.0], "max", RESAMPLES, 0, seeds=[0, 1])  # one group per seed
+
+
+def test_pretraining_curves_count_each_pretraining_once_and_flag_a_kind_still_improving():
+    flat_curve = [(100 * e, 0.7 + (0.01 * e if e < 6 else 0.06)) for e in range(1, 13)]  # plateau after epoch 6
+    trials = []
+    for seed in SEEDS:
+        for arm in ARMS:  # the arms share their seed's pretraining: the same curve three times
+            for kind, rise in (("none", 0.0), ("deterministic", 0.02)):
+                t = _trial(kind, seed, arm)
+                t.curves = {**t.curves, f"pretrain/{METRIC}": [(s, v + rise * (s // 100) + seed / 1000)
+                                                               for s, v in flat_curve]}
+                trials.append(t)
+    pre = C.pretraining(trials, METRIC, "max")
+    assert pre["kinds"]["none"]["n"] == len(SEEDS) and pre["kinds"]["none"]["steps"] == list(range(1, 13))
+    assert pre["plateau"]["none"]["gain"] == pytest.approx(0.0, abs=1e-9)
+    assert pre["plateau"]["deterministic"]["gain"] == pytest.approx(0.02 * 3)  # +0.02 an epoch, 3 epochs apart
+    assert any(n.startswith("deterministic was still improving") for n in pre["notes"])
+    assert not any(n.startswith("none") for n in pre["notes"])
+    assert "## Pretraining" in "\n".join(C._markdown_pretraining(pre))
