@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup data postgres quickstart test test-all ui clean
+.PHONY: setup data postgres chromium quickstart test test-all ui clean
 
 setup: $(STAMP) data
 
@@ -34,13 +34,20 @@ postgres:
 	      /etc/postgresql-common/createcluster.conf && \
 	    $$SUDO apt-get install -y -q postgresql; }
 
+# The UI test opens the MLflow UI in a real headless browser: Debian's chromium
+# (skipped, with the reason, where it is not installed).
+chromium:
+	@command -v chromium >/dev/null || \
+	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; }
+
 quickstart: setup
 	$(BIN)/comod search run search_spaces/quickstart.yaml --name quickstart-$$(date +%Y%m%d-%H%M%S)
 
-test: setup postgres
+test: setup postgres chromium
 	$(BIN)/python -m pytest -q
 
-test-all: setup postgres
+test-all: setup postgres chromium
 	$(BIN)/python -m pytest -q -m ''
 
 ui: setup

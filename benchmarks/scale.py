@@ -374,7 +374,7 @@ def run(args, work: Path) -> dict:
               f"({per_node} per node), max_concurrent {max_concurrent}", flush=True)
         env = _clean_env(COMOD_HOME=str(home), COMOD_DOWNLOAD="0", RAY_TMPDIR=ray_tmp)
         cmd = [sys.executable, "-m", "comod_platform.cli", "search", "run", str(search_file), "--name", SEARCH_NAME,
-               "--address", cluster.address, "--storage", str(storage)]
+               "--address", cluster.address, "--storage", str(storage), "--json"]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         with LoadSampler() as load, open(log, "w") as out:
             t0 = time.time()

@@ -1,9 +1,10 @@
 """The ``comod`` command line.
 
 ``comod train CONFIG [--set path=value ...] [--out DIR]`` runs one
-experiment and logs it to MLflow; ``comod ui`` serves the MLflow UI of the
-embedded store on 127.0.0.1. Bad input exits non-zero with one message that
-names the problem and the fix, never a bare traceback.
+experiment and logs it to MLflow; ``comod ui [NAME] [--open]`` serves the
+MLflow UI of the embedded store on 127.0.0.1 (telemetry off) and prints, or
+opens in a browser, the runs page of search NAME. Bad input exits non-zero
+with one message that names the problem and the fix, never a bare traceback.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import gc
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,8 +35,13 @@ def _parser() -> tuple[argparse.ArgumentParser, dict]:
     train.add_argument("--experiment", default="comod-train", help="MLflow experiment name")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    ui = sub.add_parser("ui", help="serve the MLflow UI of the runs folder on 127.0.0.1")
+    ui = sub.add_parser("ui", help="serve the MLflow UI of the runs folder on 127.0.0.1; with NAME, print (or "
+                                   "--open) the runs page of search NAME")
+    ui.add_argument("name", nargs="?", metavar="NAME",
+                    help="a search's --name (or an MLflow experiment's name, e.g. comod-train): print the URL of "
+                         "its runs page, with the trials and their key metrics side by side")
     ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--open", action="store_true", help="open that page (else the UI's home) in a web browser")
     from comod_platform.cli_search import add_commands
 
     handlers = {"train": cmd_train, "ui": cmd_ui, **add_commands(sub)}
@@ -92,7 +99,7 @@ def cmd_train(args) -> int:
             data = load_data(cfg)
             for phase in ("pretrain", "finetune"):
                 task_indices(data, getattr(cfg, phase).tasks, f"{phase}.tasks")
-        logger = RunLogger(cfg, out, experiment=args.experiment)
+        logger = RunLogger(cfg, out, experiment=args.experiment, data=data)
     except TrackingError as err:
         raise UserError(str(err), EXIT_FAILED) from None
     except DatasetNotFoundError as err:
@@ -137,25 +144,127 @@ def cmd_train(args) -> int:
     return 0
 
 
+UI_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+"""The UI server's environment: no usage reports. MLflow then answers the UI's telemetry question
+(``/ajax-api/3.0/mlflow/ui-telemetry``) with telemetry disabled, so the pages send no usage events.
+(The home page's one-time notice about usage data is the browser's own: it shows until dismissed, kept in
+the browser's local storage as ``mlflow.telemetry.info.alert.dismissed_v1``; the runs pages have none.)"""
+
+
+def experiment_page(name: str, uri: str) -> tuple[str, str]:
+    """(tracking URI, experiment id) of search ``name`` (its ``meta.json``), else of the MLflow experiment of
+    that name in the store at ``uri``; the experiment gets comod's tags (the model-training kind, the
+    saved view) if it lacks them, so that the page opens on its runs table."""
+    from mlflow.tracking import MlflowClient
+
+    from comod_platform.search_state import SearchPaths, known_searches
+    from comod_platform.tracking import TrackingError, check_reachable, mark_experiment
+
+    paths = SearchPaths(name)
+    metric = mode = None
+    try:
+        if paths.exists():
+            meta = paths.read_meta()
+            uri, experiment_id = meta.tracking_uri, meta.experiment_id
+            check_reachable(uri)
+            client = MlflowClient(tracking_uri=uri)
+            params = client.get_run(meta.parent_run_id).data.params
+            metric, mode = params.get("search.metric"), params.get("search.mode", "max")
+        else:
+            check_reachable(uri)
+            client = MlflowClient(tracking_uri=uri)
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                known = known_searches()
+                hint = f"searches here: {', '.join(known)}" if known else "no search has been run here yet"
+                raise UserError(f"no search or MLflow experiment named {name!r} in {uri} ({hint}); "
+                                f"`comod search list` lists the searches", EXIT_FAILED)
+            experiment_id = found.experiment_id
+        mark_experiment(client, experiment_id, metric, mode or "max")
+    except TrackingError as err:
+        raise UserError(str(err), EXIT_FAILED) from None
+    return uri, experiment_id
+
+
+def _wait_until_serving(url: str, proc: subprocess.Popen, timeout: float = 300.0) -> bool:
+    """Poll ``url``/health until the server answers (True), or it exits or ``timeout`` s pass (False)."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return True
+        except OSError:
+            time.sleep(0.25)
+    return False
+
+
+def _open(url: str) -> None:
+    import webbrowser
+
+    if not webbrowser.open(url):
+        print(f"comod: no web browser found here; open {url} yourself", file=sys.stderr)
+
+
 def cmd_ui(args) -> int:
     from comod_platform.paths import runs_home
-    from comod_platform.tracking import artifact_root, tracking_uri
+    from comod_platform.tracking import artifact_root, runs_url, tracking_uri
 
     uri = tracking_uri()
+    experiment_id = None
+    if args.name:
+        uri, experiment_id = experiment_page(args.name, uri)
     if uri.startswith(("http://", "https://")):
+        page = runs_url(uri, experiment_id) if experiment_id else uri
         print(f"MLFLOW_TRACKING_URI points at a server; its UI is {uri}")
+        if experiment_id:
+            print(f"{args.name}: {page}")
+        if args.open:
+            _open(page)
         return 0
+    base = f"http://127.0.0.1:{args.port}"
     # one worker: a local single-user UI (MLflow's default of 4 takes a minute to start on 2 cores)
-    command = [sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(args.port),
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(args.port),
                "--workers", "1", "--backend-store-uri", uri]
     root = artifact_root()
     if root:
         command += ["--default-artifact-root", root]
-    print(f"MLflow UI of {uri} on http://127.0.0.1:{args.port} (runs folder {runs_home()}); Ctrl-C stops it")
+    print(f"MLflow UI of {uri} on {base} (runs folder {runs_home()}); Ctrl-C stops it", flush=True)
+    # in this command's process group, as before: Ctrl-C in the terminal (or a signal to the group)
+    # reaches the server too; a SIGTERM to this process alone stops the server below
+    proc = subprocess.Popen(command, env={**os.environ, **UI_ENV})
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        return subprocess.call(command, env=os.environ.copy())
+        page = runs_url(base, experiment_id) if experiment_id else base
+        if _wait_until_serving(base, proc):
+            if experiment_id:
+                print(f"{args.name}: {page}", flush=True)
+            if args.open:
+                _open(page)
+        return proc.wait()
     except KeyboardInterrupt:
         return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End the server (which ends its workers), waiting a little for a clean stop."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
 
 
 def run() -> None:

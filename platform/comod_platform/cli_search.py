@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +24,12 @@ def add_commands(sub) -> dict:
     resume = ssub.add_parser("resume", help="continue an interrupted search")
     resume.add_argument("name")
     resume.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    for command in (run, resume):
+        command.add_argument("--json", action="store_true",
+                             help="end with the summary as JSON on stdout (for scripts) instead of the text one")
+        command.add_argument("--verbose", action="store_true",
+                             help="let a local Ray's own output (its notices, log lines, the trials' output) "
+                                  "reach the terminal")
     status = ssub.add_parser("status", help="a table of a search's trials, or its job's state on a cluster")
     status.add_argument("name")
     status.add_argument("--address", help="a Ray dashboard URL (http://HEAD:8265): show the search's latest job "
@@ -47,7 +54,9 @@ def add_commands(sub) -> dict:
     compare.add_argument("name")
     compare.add_argument("--metric", help="metric to compare (default: the search's)")
     compare.add_argument("--out", type=Path, help="folder for compare.md and plots (default: the search's)")
-    return {"search": cmd_search, "export": cmd_export, "compare": cmd_compare}
+    from comod_platform.dashboard import add_command as add_dashboard
+
+    return {"search": cmd_search, "export": cmd_export, "compare": cmd_compare, **add_dashboard(sub)}
 
 
 def _user_errors():
@@ -69,6 +78,10 @@ def cmd_search(args) -> int:
     if args.search_command == "run" and args.or_resume and not args.name:
         raise UserError("--or-resume needs the search's --name: the one to resume when it exists, e.g. "
                         "comod search run SEARCH --name N --or-resume")
+    if getattr(args, "verbose", False):
+        from comod_platform.runner import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"  # also reaches run_or_resume's run or resume
     try:
         if args.search_command == "run" and args.or_resume:
             from comod_platform.jobs import run_or_resume
@@ -96,17 +109,69 @@ def cmd_search(args) -> int:
             raise
         code = EXIT_USAGE if isinstance(err, errors[0]) else EXIT_FAILED
         raise UserError(str(err), code) from None
-    print(json.dumps(summary, indent=2))
-    name = summary.get("name")
-    if name:
-        print(f"browse it: comod ui (experiment search/{name}); table: comod search status {name}; "
-              f"best config: comod export best {name} --out best.yaml; mechanisms: comod compare {name}",
-              file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_summary(summary), flush=True)
     if summary["completed"] == 0:
         print("comod: no trial completed; see `comod search status` and the failed runs in the UI",
               file=sys.stderr)
         return EXIT_FAILED
     return 0
+
+
+SUMMARY_COLUMNS = (("test/mean_f1", "test F1"), ("test/mean_recall", "test recall"),
+                   ("test/mean_precision", "test precision"))
+
+
+def _table(rows: list[list[str]], indent: str = "  ") -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [(indent + "  ".join(cell.ljust(w) for cell, w in zip(row, widths))).rstrip() for row in rows]
+
+
+def _number(value) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) and value == value else "-"
+
+
+def format_summary(summary: dict) -> str:
+    """The end of ``comod search run`` / ``resume`` for a person: trials by state, the best trial of each kind
+    with the search metric and its test F1, recall and precision, failed trials' errors, the next commands."""
+    name, metric = summary.get("name") or "SEARCH", summary.get("metric", "val/mean_f1")
+    states = [f"{summary.get('completed', 0)} completed", f"{summary.get('pruned', 0)} stopped early",
+              f"{summary.get('failed', 0)} failed"]
+    others = summary.get("trials", 0) - sum(summary.get(k, 0) for k in ("completed", "pruned", "failed"))
+    if others > 0:
+        states.append(f"{others} not finished")
+    lines = [f"search {name}: {summary.get('trials', 0)} trials: {', '.join(states)}"]
+    per_kind = summary.get("best_per_kind") or {}
+    if per_kind:
+        lines += ["", f"best trial of each kind, by {metric} (the search metric):"]
+        rows = [["kind", "trial", metric] + [label for _, label in SUMMARY_COLUMNS]]
+        for kind, top in per_kind.items():
+            if top is None:
+                rows.append([kind, "none completed", "-"] + ["-"] * len(SUMMARY_COLUMNS))
+            else:
+                rows.append([kind, str(top.get("trial_id")), _number(top.get("value"))]
+                            + [_number(top.get(key)) for key, _ in SUMMARY_COLUMNS])
+        lines += _table(rows)
+    elif summary.get("best"):
+        lines += ["", f"best {metric}: {_number(summary['best']['value'])} (trial {summary['best']['trial_id']})"]
+    failures = summary.get("failures") or []
+    if failures:
+        lines += ["", "failed trials (the error's last line; the whole one is in the trial's MLflow run):"]
+        lines += [f"  {f.get('trial_id')}: {f.get('error')}" for f in failures]
+    lines += ["", "next:"]
+    lines += _table([["comod ui", f"browse the runs in MLflow (experiment search/{name})"],
+                     [f"comod search status {name}", "the table of trials"],
+                     [f"comod export best {name} --out best.yaml", "the best trial's config, for comod train"],
+                     [f"comod compare {name}", "stochastic vs deterministic vs none, and what mattered"],
+                     [f"comod dashboard {name}", "the Optuna study in optuna-dashboard"]])
+    return "\n".join(lines)
+
+
+def sampled(dist, flat: dict) -> bool:
+    """Whether a trial of config ``flat`` sampled the space entry ``dist``: its ``when`` condition holds."""
+    return all(flat.get(key) == value for key, value in dist.when.items())
 
 
 def _status(name: str) -> int:
@@ -119,7 +184,9 @@ def _status(name: str) -> int:
     for t in results.trials:
         final, best = t.value(metric), t.best
         table.append([t.trial_id, t.state, str(t.epochs), f"{final:.4f}" if final is not None else "-",
-                      f"{best:.4f}" if best is not None else "-"] + [_short(t.flat.get(p)) for p in searched])
+                      f"{best:.4f}" if best is not None else "-"]
+                     # a conditional setting the trial did not sample (its `when` fails) is blank, not the base value
+                     + [_short(t.flat.get(p)) if sampled(results.search.space[p], t.flat) else "" for p in searched])
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))

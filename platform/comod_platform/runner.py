@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,8 +22,8 @@ import yaml
 from comod.config import flatten
 from comod.schema import to_dict
 from comod_platform import storage as storage_mod
-from comod_platform.conventions import (DIVERGED_FLAG, EPOCH, FINAL_FLAG, TAG_ROLE, TAG_SEARCH, experiment_name,
-                                        param_text)
+from comod_platform.conventions import (DIVERGED_FLAG, EPOCH, FINAL_FLAG, REASON, TAG_ROLE, TAG_SEARCH,
+                                        experiment_name, param_text)
 from comod_platform.search_state import SearchMeta, SearchPaths
 from comod_platform.searchfile import SearchFile, parse_search, read_search
 
@@ -97,7 +98,71 @@ def _scheduler(sf: SearchFile):
                          reduction_factor=s.reduction_factor)
 
 
-def _init_ray(address: str | None) -> None:
+VERBOSE_ENV = "COMOD_VERBOSE"
+"""Set (to 1) by ``--verbose``: a local search lets Ray's own output reach the terminal."""
+
+
+def verbose_default(verbose: bool | None = None) -> bool:
+    """``verbose`` when given, else whether ``$COMOD_VERBOSE`` is set to something other than 0."""
+    if verbose is not None:
+        return verbose
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false", "no")
+
+
+def _last_line(text: str, limit: int = 300) -> str:
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else "")[:limit]
+
+
+class QuietRayHandler(logging.Handler):
+    """The one handler of the "ray" logger in a quiet local search (ERROR and above reach it).
+
+    Ray Tune logs a failed trial with Ray's whole traceback: this prints one line of comod's instead (the
+    trial's error is also in its MLflow run, in ``comod search status`` and in the end summary), and drops
+    Tune's closing list of the trials that did not complete (the summary has them). Any other error of Ray's
+    is printed as it is, traceback and all."""
+
+    FAILED = "Trial task failed for trial"
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if record.name.startswith("ray.tune") and message.startswith(self.FAILED):
+                trial = message[len(self.FAILED):].strip()  # Ray's trial name, run_trial_ID: comod shows the ID
+                trial = trial[len("run_trial_"):] if trial.startswith("run_trial_") else trial
+                error = record.exc_info[1] if record.exc_info else None
+                shown = _last_line(str(error)) if error is not None else "see comod search status"
+                text = f"comod: trial {trial} failed: {shown}"
+            elif record.name.startswith("ray.tune") and message.startswith("Trials did not complete"):
+                return
+            else:
+                text = self.format(record)
+            print(text, file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+def quiet_ray() -> None:
+    """Keep Ray's own output off the terminal of a local search: its start-up and token-authentication
+    notices (WARNING records of the "ray" logger), its INFO and WARNING lines and Python warnings raised in
+    Ray's code. Errors still show, through :class:`QuietRayHandler` (a failed trial's as one line). Called
+    before ``ray.init`` and again after it (which takes Ray's handlers off the "ray" logger, so that its
+    errors would reach Python's last-resort handler). Token authentication itself is left as Ray sets it
+    up: RAY_AUTH_MODE is not touched (the driver's Ray core has read it at import, and a cluster started
+    in another mode refuses the driver)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+    ray_logger = logging.getLogger("ray")
+    ray_logger.setLevel(logging.ERROR)
+    ray_logger.propagate = False
+    if not any(isinstance(h, QuietRayHandler) for h in ray_logger.handlers):
+        handler = QuietRayHandler(logging.ERROR)
+        handler.setFormatter(logging.Formatter("ray: %(levelname)s: %(message)s"))
+        ray_logger.handlers[:] = [handler]
+
+
+def _init_ray(address: str | None, verbose: bool | None = None) -> None:
     import ray
 
     if ray.is_initialized():
@@ -109,8 +174,12 @@ def _init_ray(address: str | None) -> None:
             # (a submitted job's own runtime environment reaches the workers already)
             env = {} if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") else storage_mod.worker_env()
             ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": env} if env else None)
+        elif verbose_default(verbose):
+            ray.init(include_dashboard=False, log_to_driver=True)
         else:
+            quiet_ray()
             ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+            quiet_ray()
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise SearchError(f"cannot reach the Ray cluster at {address}: {err}; check the address "
                           f"(ray status on the head node), or leave --address out to run locally") from None
@@ -148,18 +217,22 @@ def _callbacks(sf: SearchFile, paths: SearchPaths, meta: SearchMeta):
             ProgressCallback(sf.search.metric, sf.search.mode, sf.search.num_trials)]
 
 
-def _start_tracking(sf: SearchFile, name: str) -> tuple[str, str, str]:
+def _start_tracking(sf: SearchFile, name: str, data: dict | None = None) -> tuple[str, str, str]:
+    """The search's experiment (tagged as model training, with comod's saved view sorted by the search's
+    metric) and its parent run: the search settings and the space as params, the base experiment's
+    dataset (``data``, loaded once by the driver) as its dataset input, which the trials' runs share."""
     from mlflow.tracking import MlflowClient
 
-    from comod_platform.tracking import log_params, setup, tracking_uri
+    from comod_platform.tracking import describe_dataset, log_dataset, log_params, setup, tracking_uri
 
-    experiment_id = setup(experiment_name(name))
+    experiment_id = setup(experiment_name(name), metric=sf.search.metric, mode=sf.search.mode)
     uri = tracking_uri()
     client = MlflowClient(tracking_uri=uri)
     parent = client.create_run(experiment_id, run_name=name, tags={TAG_SEARCH: name, TAG_ROLE: "search"})
     settings = {key: param_text(value) for key, value in flatten(to_dict(sf.search), "search.").items()}
     settings.update({f"space.{key}": param_text(to_dict(dist)) for key, dist in sf.space.items()})
     log_params(client, parent.info.run_id, settings)
+    log_dataset(client, parent.info.run_id, describe_dataset(sf.base_config(), data))
     return uri, experiment_id, parent.info.run_id
 
 
@@ -181,11 +254,12 @@ def _prepare_in_background(raw: dict, stem: str) -> tuple[SearchFile, dict]:
 
 
 def run_search(search_path: str | Path, name: str | None = None, address: str | None = None,
-               storage: str | None = None) -> dict:
+               storage: str | None = None, verbose: bool | None = None) -> dict:
     """Start a new search from a search file; returns its summary.
 
     ``storage`` (else ``$COMOD_STORAGE``) is where Ray Tune keeps the
     experiment and the trials' checkpoints: see :mod:`comod_platform.storage`.
+    A local Ray keeps its own output off the terminal unless ``verbose`` (default: ``$COMOD_VERBOSE``).
 
     Ray starts (or is joined) while a second thread checks the search file,
     loads the dataset and opens the tracking store, so the driver's start-up
@@ -200,7 +274,7 @@ def run_search(search_path: str | Path, name: str | None = None, address: str | 
     with ThreadPoolExecutor(1, thread_name_prefix="comod-prepare") as pool:
         prepared = pool.submit(_prepare_in_background, raw, stem)
         try:
-            _init_ray(address)
+            _init_ray(address, verbose)
         finally:
             sf, data = prepared.result()  # its error (a bad file, a missing dataset) comes first
     name = name or f"{sf.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -211,7 +285,7 @@ def run_search(search_path: str | Path, name: str | None = None, address: str | 
     _check_storage(ray_storage)  # before anything is made: a refused storage leaves no trace
     paths.root.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, paths.search_file)
-    uri, experiment_id, parent_run_id = _start_tracking(sf, name)
+    uri, experiment_id, parent_run_id = _start_tracking(sf, name, data)
     meta = SearchMeta(name=name, study_name=name, optuna_storage=optuna_storage_url(paths), tracking_uri=uri,
                       experiment_id=experiment_id, parent_run_id=parent_run_id,
                       ray_storage=ray_storage, created=time.time())
@@ -219,7 +293,8 @@ def run_search(search_path: str | Path, name: str | None = None, address: str | 
     return _fit(sf, paths, meta, address, restore=False, data=data)
 
 
-def resume_search(name: str, address: str | None = None, storage: str | None = None) -> dict:
+def resume_search(name: str, address: str | None = None, storage: str | None = None,
+                  verbose: bool | None = None) -> dict:
     """Continue an interrupted search where it stopped."""
     paths = SearchPaths(name)
     meta = paths.read_meta()
@@ -228,17 +303,17 @@ def resume_search(name: str, address: str | None = None, storage: str | None = N
                           f"(leave --storage out)")
     sf = parse_search(yaml.safe_load(paths.search_file.read_text()), name)
     check_optuna_storage(meta.optuna_storage)
-    return _fit(sf, paths, meta, address, restore=True)
+    return _fit(sf, paths, meta, address, restore=True, verbose=verbose)
 
 
 def _fit(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, address: str | None, restore: bool,
-         data: dict | None = None) -> dict:
+         data: dict | None = None, verbose: bool | None = None) -> dict:
     from mlflow.tracking import MlflowClient
 
     from comod_platform.tune_callbacks import retry_call
 
     if restore:
-        _prepare_cluster(address, meta.ray_storage)
+        _prepare_cluster(address, meta.ray_storage, verbose)
     experiment_path = storage_mod.join(meta.ray_storage, meta.name)
     client = MlflowClient(tracking_uri=meta.tracking_uri)
     retry_call(client.update_run, meta.parent_run_id, status="RUNNING")
@@ -269,10 +344,10 @@ def _service_defaults() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-def _prepare_cluster(address: str | None, storage: str) -> None:
+def _prepare_cluster(address: str | None, storage: str, verbose: bool | None = None) -> None:
     """Start or join Ray, then check that every node sees the storage."""
     _service_defaults()
-    _init_ray(address)
+    _init_ray(address, verbose)
     _check_storage(storage)
 
 
@@ -313,24 +388,61 @@ def _tuner(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, trainable, expe
     return tuner
 
 
+SUMMARY_METRICS = ("test/mean_f1", "test/mean_recall", "test/mean_precision")
+"""Test metrics of each kind's best trial in a search's summary, besides the search metric."""
+
+
 def summarise_grid(grid, sf: SearchFile) -> dict:
+    """A finished (or stopped) search in numbers: trials by state, the best trial overall and of each kind.
+
+    Keys: ``trials``, ``completed``, ``pruned`` (stopped early), ``failed``, ``best`` (``{value, trial_id}`` or
+    None), ``metric``; ``best_per_kind``: ``{kind: {trial_id, value, test/mean_f1, test/mean_recall,
+    test/mean_precision} or None}`` for every kind the search's trials used (a kind with no completed trial:
+    None); ``failures``: ``[{trial_id, error}]``, each error's last line."""
     completed = pruned = failed = 0
+    metric, mode = sf.search.metric, sf.search.mode
     best = None
+    base_kind = sf.base_config().modulation.kind
+    per_kind: dict[str, dict | None] = {}
+    failures = []
     for result in grid:
         metrics = result.metrics or {}
+        config = result.config or {}
+        kind = config.get("modulation.kind", base_kind)
+        per_kind.setdefault(kind, None)
+        trial_id = metrics.get("trial_id") or _trial_id_of(result)
         if result.error is not None or metrics.get(DIVERGED_FLAG):
             failed += 1
+            error = result.error if result.error is not None else metrics.get(REASON, "the loss diverged")
+            failures.append({"trial_id": trial_id, "error": _last_line(str(error)) or type(error).__name__})
             continue
         if metrics.get(FINAL_FLAG):
             completed += 1
-            value = metrics.get(sf.search.metric)
-            better = best is None or (value > best[0] if sf.search.mode == "max" else value < best[0])
-            if value is not None and better:
-                best = (value, metrics.get("trial_id"))
+            value = metrics.get(metric)
+            if value is None:
+                continue
+            if best is None or (value > best[0] if mode == "max" else value < best[0]):
+                best = (value, trial_id)
+            top = per_kind[kind]
+            if top is None or (value > top["value"] if mode == "max" else value < top["value"]):
+                per_kind[kind] = {"trial_id": trial_id, "value": value,
+                                  **{k: metrics.get(k) for k in SUMMARY_METRICS}}
         else:
             pruned += 1
+    order = {k: i for i, k in enumerate(("none", "deterministic", "stochastic"))}
+    per_kind = dict(sorted(per_kind.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
     return {"trials": len(grid), "completed": completed, "pruned": pruned, "failed": failed,
-            "best": {"value": best[0], "trial_id": best[1]} if best else None, "metric": sf.search.metric}
+            "best": {"value": best[0], "trial_id": best[1]} if best else None, "metric": metric,
+            "best_per_kind": per_kind, "failures": failures}
+
+
+def _trial_id_of(result) -> str | None:
+    """A result without metrics (a trial that failed before its first report): its id from its folder name."""
+    import re
+
+    folder = str(getattr(result, "path", "") or "").rstrip("/").rsplit("/", 1)[-1]  # run_trial_ID_INDEX_...
+    found = re.search(r"_([0-9a-f]{5}_\d{5}|[0-9a-f]{8})_\d+(_|$)", folder)
+    return found.group(1) if found else None
 
 
 __all__ = ["SearchError", "run_search", "resume_search"]

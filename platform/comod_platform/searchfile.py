@@ -204,6 +204,27 @@ def decode_choice(label: Any) -> Any:
     return label
 
 
+def _did_you_mean(path: str, settable) -> str:
+    """The closest setting to an unknown dotted path, as the config loader suggests one: the whole path, else
+    its last part among the settings' last parts (``noise_scal`` -> ``modulation.noise_scale``)."""
+    import difflib
+
+    names = list(settable)
+    inside = [name for name in names if name.startswith(f"{path}.")]
+    if inside:  # a section, not a setting
+        return f"{path} is a section; search one of its settings: {', '.join(inside[:8])}"
+    close = difflib.get_close_matches(path, names, n=1)
+    if not close:
+        leaves: dict[str, str] = {}
+        for name in names:
+            leaves.setdefault(name.rsplit(".", 1)[-1], name)
+        leaf = difflib.get_close_matches(path.rsplit(".", 1)[-1], list(leaves), n=1)
+        close = [leaves[leaf[0]]] if leaf else []
+    if close:
+        return f"did you mean {close[0]}?"
+    return "settings look like modulation.noise_scale or finetune.lr.controller"
+
+
 def parse_search(raw: Any, name: str) -> SearchFile:
     if not isinstance(raw, dict):
         raise ConfigError(f"{name}: expected a mapping with experiment, space and search")
@@ -223,15 +244,15 @@ def parse_search(raw: Any, name: str) -> SearchFile:
     for path, dist_raw in space_raw.items():
         where = f"space.{path}"
         if path not in settable:
-            raise ConfigError(f"{where}: not a setting of the experiment; settings look like "
-                              f"modulation.noise_scale or finetune.lr.controller")
+            raise ConfigError(f"{where}: not a setting of the experiment; {_did_you_mean(path, settable)}")
         if not isinstance(dist_raw, dict):
             raise ConfigError(f"{where}: got {dist_raw!r}; expected a distribution such as "
                               f"{{type: float, low: 0.1, high: 1.0}} or {{type: categorical, choices: [...]}}")
         dist = from_dict(Dist, dist_raw, where)
         for key, value in dist.when.items():
             if key not in settable:
-                raise ConfigError(f"{where}.when: {key!r} is not a setting of the experiment")
+                raise ConfigError(f"{where}.when: {key!r} is not a setting of the experiment; "
+                                  f"{_did_you_mean(str(key), settable)}")
             if key in space_raw and list(space_raw).index(key) > list(space_raw).index(path):
                 raise ConfigError(f"{where}.when: {key} is searched after {path}; list it first in space")
         space[path] = dist

@@ -6,13 +6,22 @@ Params are the flattened config (one dotted name per setting), metrics are
 logged per epoch with the global step, artifacts are the config, the final
 metrics and the checkpoint. A resumed run re-attaches to its MLflow run
 (its id is kept beside the checkpoint) instead of starting a duplicate.
+
+Every experiment comod makes (or uses) is tagged as a model-training
+experiment (``mlflow.experimentKind``), so MLflow's UI opens it on the runs
+table, and carries a saved view of that table (``VIEW_KEY``): the dataset,
+the modulation kind, the trial's state and the key metrics as columns, a
+search's runs best first. Every run records its dataset as an MLflow dataset
+input (:func:`describe_dataset`): name, source, digest, tasks and split sizes.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import time
+import warnings
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,6 +30,19 @@ from comod.config import ExperimentConfig, flatten
 from comod_platform.paths import runs_home
 
 RUN_FILE = "mlflow_run.json"
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+"""MLflow 3's experiment kind for model training (its UI's other kinds are GenAI ones): the UI
+opens such an experiment on its runs table, with parent runs and their nested children."""
+VIEW_KEY = "comod"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+"""An experiment tag holding a saved view of the UI's runs table (MLflow's saved-view envelope:
+``name``, ``createdAt``, ``state``); ``#/experiments/ID/runs?viewStateShareKey=comod`` opens it."""
+VIEW_NAME = "comod: compare trials"
+KEY_METRICS = ("val/mean_f1", "test/mean_f1", "test/mean_recall", "test/mean_precision")
+"""The final metrics the saved view shows as columns (with the search's own metric)."""
+DATASET_CONTEXT = "train/val/test"
 
 
 class TrackingError(RuntimeError):
@@ -82,10 +104,13 @@ def open_store() -> str:
     return uri
 
 
-def setup(experiment: str):
-    """Point MLflow at the tracking store and return the experiment's id."""
+def setup(experiment: str, metric: str | None = None, mode: str = "max"):
+    """Point MLflow at the tracking store and return the experiment's id; the experiment (new, or
+    found without them) gets the model-training kind and the saved view (:func:`mark_experiment`),
+    sorted by ``metric`` when given (a search's)."""
     _quiet()
     import mlflow
+    from mlflow.tracking import MlflowClient
 
     uri = tracking_uri()
     check_reachable(uri)
@@ -93,8 +118,185 @@ def setup(experiment: str):
     mlflow.set_tracking_uri(uri)
     found = mlflow.get_experiment_by_name(experiment)
     if found is not None:
-        return found.experiment_id
-    return mlflow.create_experiment(experiment, artifact_location=root)
+        experiment_id, tags = found.experiment_id, found.tags
+    else:
+        experiment_id, tags = mlflow.create_experiment(experiment, artifact_location=root), {}
+    mark_experiment(MlflowClient(tracking_uri=uri), experiment_id, metric, mode, tags)
+    return experiment_id
+
+
+def view_state(metric: str | None = None, mode: str = "max") -> dict:
+    """The runs table of the saved view: the dataset, the modulation kind, the state and the key
+    metrics as columns; sorted by ``metric`` (best first) when given, which lists the parent run (with
+    the best trial's values) and every trial in one table, else by start time, children nested."""
+    metrics = list(dict.fromkeys(([metric] if metric else []) + list(KEY_METRICS)))
+    from comod_platform.conventions import TAG_STATE
+
+    state = {"selectedColumns": ["attributes.`Dataset`", "params.`modulation.kind`", f"tags.`{TAG_STATE}`",
+                                 *[f"metrics.`{m}`" for m in metrics]]}
+    if metric:
+        state.update(orderByKey=f"metrics.`{metric}`", orderByAsc=mode == "min")
+    return state
+
+
+def mark_experiment(client, experiment_id: str, metric: str | None = None, mode: str = "max",
+                    tags: dict[str, str] | None = None) -> None:
+    """Tag the experiment as model training and give it comod's saved view, unless it has both
+    already (``tags``: its tags, when the caller has them). Without ``metric`` a view already there
+    is kept (a search's, sorted by its metric)."""
+    if tags is None:
+        tags = client.get_experiment(experiment_id).tags
+    if tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    state = view_state(metric, mode)
+    try:
+        current = json.loads(json.loads(tags[VIEW_TAG])["state"])
+    except (KeyError, TypeError, ValueError):
+        current = None
+    if current != state and (metric is not None or current is None):  # no metric: keep a search's sorted view
+        now = int(time.time() * 1000)
+        envelope = {"name": VIEW_NAME, "createdAt": now, "updatedAt": now, "state": json.dumps(state)}
+        client.set_experiment_tag(experiment_id, VIEW_TAG, json.dumps(envelope))
+
+
+def runs_url(base: str, experiment_id: str, view: bool = True) -> str:
+    """The experiment's runs table in MLflow 3's UI at ``base`` (``http://HOST:PORT``), in the saved view."""
+    url = f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    return f"{url}?viewStateShareKey={VIEW_KEY}" if view else url
+
+
+# ------------------------------------------------------------------ dataset inputs
+
+_DATASET_CLASS = None
+
+
+def _dataset_class():
+    """``mlflow.data.meta_dataset.MetaDataset`` with a profile (the tasks and split sizes), made on
+    first use so that importing this module does not import MLflow."""
+    global _DATASET_CLASS
+    if _DATASET_CLASS is None:
+        from mlflow.data.meta_dataset import MetaDataset
+
+        class ComodDataset(MetaDataset):
+            """A dataset described by its metadata: comod keeps the data itself in memory."""
+
+            def __init__(self, source, name, digest, schema, profile: dict):
+                self._profile = profile
+                super().__init__(source, name=name, digest=digest, schema=schema)
+
+            @property
+            def profile(self) -> dict:
+                return self._profile
+
+            def to_dict(self) -> dict[str, str]:
+                config = super().to_dict()
+                config["profile"] = json.dumps(self._profile)
+                return config
+
+        _DATASET_CLASS = ComodDataset
+    return _DATASET_CLASS
+
+
+def dataset_settings(cfg: ExperimentConfig) -> dict:
+    """The data settings that decide which samples a run sees (not where they live, nor which device)."""
+    from comod.config import config_to_dict
+
+    settings = config_to_dict(cfg.data)
+    for key in ("root", "on_device"):
+        settings.pop(key, None)
+    return settings
+
+
+def dataset_name(cfg: ExperimentConfig) -> str:
+    """``DATASET/TASK_SET``, e.g. ``fashion_mnist/attributes`` (a folder of one's own images: its folder's name)."""
+    d = cfg.data
+    tasks = d.tasks if isinstance(d.tasks, str) else ",".join(d.tasks)
+    dataset = f"folder:{Path(str(d.root)).name}" if d.dataset == "folder" and d.root else d.dataset
+    return f"{dataset}/{tasks}"
+
+
+def _source(where: str | None, cfg: ExperimentConfig):
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+
+    if where and where != "generated":
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+        with warnings.catch_warnings():  # MLflow registers its local source twice and says so
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                return resolve_dataset_source(str(where))
+            except Exception:  # noqa: BLE001 - a path no MLflow source takes: say where in the tags
+                pass
+    if where == "generated":
+        return CodeDatasetSource({"comod.dataset": cfg.data.dataset,
+                                  "comod.generator": f"comod.data.{cfg.data.dataset}",
+                                  "comod.split_seed": str(cfg.data.split_seed)})
+    return CodeDatasetSource({"comod.dataset": cfg.data.dataset,
+                              "comod.root": where or "searched: $COMOD_DATA, ./data, the system's places"})
+
+
+def _summary(data) -> dict:
+    """Tasks, split sizes, image shape and source of a loaded dataset: ``TaskData`` or its packed
+    form (``trainable.pack``, the driver's copy)."""
+    if isinstance(data, dict):
+        splits = data["splits"]
+        sizes = {name: int(splits[name]["labels"].shape[0]) for name in ("train", "val", "test")}
+        shape, tasks, info = tuple(splits["train"]["images"].shape[1:]), data["tasks"], data.get("info") or {}
+    else:
+        sizes = {name: len(getattr(data, name)) for name in ("train", "val", "test")}
+        shape, tasks, info = tuple(data.train.images.shape[1:]), data.tasks, data.info or {}
+    return {"sizes": sizes, "image_shape": [int(x) for x in shape],
+            "tasks": {t.name: int(t.num_classes) for t in tasks}, "source": info.get("source")}
+
+
+def describe_dataset(cfg: ExperimentConfig, data=None, source=None):
+    """The run's dataset as an MLflow dataset (``mlflow.data``): named ``DATASET/TASK_SET``, its
+    source the data folder, its digest a hash of the data settings and, for a loaded dataset
+    (``data``: ``TaskData`` or its packed form), of the task names and split sizes, which the
+    schema (a column per task) and the profile hold. Without ``data`` (a trial whose data settings
+    are not the base experiment's, which the driver never loads) it is described from the config
+    alone: ``source`` (an MLflow dataset source) where the caller knows it."""
+    from mlflow.types import ColSpec, DataType, Schema
+
+    settings = dataset_settings(cfg)
+    name = dataset_name(cfg)
+    if data is not None:
+        summary = _summary(data)
+        if source is None:
+            source = _source(summary["source"], cfg)
+        identity = {"data": settings, "sizes": summary["sizes"], "tasks": summary["tasks"]}
+        profile = {"tasks": list(summary["tasks"]), "num_classes": summary["tasks"],
+                   **{f"{split}_size": n for split, n in summary["sizes"].items()},
+                   "image_shape": summary["image_shape"], "image_dtype": "uint8", "settings": settings}
+        schema = Schema([ColSpec(DataType.binary, "image"), *[ColSpec(DataType.long, task)
+                                                                for task in summary["tasks"]]])
+    else:
+        if source is None:
+            source = _source(cfg.data.root or ("generated" if cfg.data.dataset == "synthetic" else None), cfg)
+        identity = {"data": settings}
+        profile = {"tasks": None, "described_from": "config (not loaded by the driver)", "settings": settings,
+                   **{f"{split}_limit": settings.get(f"{split}_limit") for split in ("train", "test")}}
+        schema = None
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+    return _dataset_class()(source, name=name, digest=digest, schema=schema, profile=profile)
+
+
+def dataset_input(dataset):
+    """``dataset`` (an ``mlflow.data`` dataset) as the ``DatasetInput`` that ``MlflowClient.log_inputs`` takes."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    entity = Dataset(**{k: v for k, v in dataset.to_dict().items()
+                        if k in ("name", "digest", "source_type", "source", "schema", "profile")})
+    return DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, DATASET_CONTEXT)])
+
+
+def log_dataset(client, run_id: str, dataset_or_input) -> None:
+    """Record the run's dataset (an ``mlflow.data`` dataset, or a ``DatasetInput`` already made)."""
+    from mlflow.entities import DatasetInput
+
+    entry = dataset_or_input if isinstance(dataset_or_input, DatasetInput) else dataset_input(dataset_or_input)
+    client.log_inputs(run_id, datasets=[entry])
 
 
 def log_params(client, run_id: str, params: dict[str, str]) -> None:
@@ -116,7 +318,7 @@ class RunLogger:
     """Logs one experiment to one MLflow run (see the module docstring)."""
 
     def __init__(self, cfg: ExperimentConfig, out_dir: Path, experiment: str = "comod-train",
-                 tags: dict[str, str] | None = None, parent_run_id: str | None = None):
+                 tags: dict[str, str] | None = None, parent_run_id: str | None = None, data=None):
         import mlflow
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
@@ -145,10 +347,13 @@ class RunLogger:
             self.run_id = run_id
             if self.previous_status != "FINISHED":
                 self.client.update_run(run_id, status="RUNNING")
+            if data is not None and not found.inputs.dataset_inputs:  # a run recorded before datasets were
+                log_dataset(self.client, run_id, describe_dataset(cfg, data))
         else:
             run = self.client.create_run(self.experiment_id, run_name=cfg.name, tags=all_tags)
             self.run_id = run.info.run_id
             log_params(self.client, self.run_id, params_of(cfg))
+            log_dataset(self.client, self.run_id, describe_dataset(cfg, data))
             self.out_dir.mkdir(parents=True, exist_ok=True)
             run_file.write_text(json.dumps({"tracking_uri": mlflow.get_tracking_uri(), "run_id": self.run_id}))
 

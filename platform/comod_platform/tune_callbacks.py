@@ -5,6 +5,12 @@ writer (no concurrent SQLite writers, no tracking code in trials) and writes
 from a background thread, so neither trials nor the scheduling loop wait on
 the tracking server. A child run is found again by its Ray trial id tag, so
 a restored search re-attaches to its runs instead of duplicating them.
+
+Each child run records its dataset as an MLflow dataset input: the one the
+parent run holds (the base experiment's, which the driver loaded once) when
+the trial's data settings are the base experiment's, else one described from
+the trial's config. The parent run carries the best completed trial's final
+metrics (``val/mean_*``, ``test/mean_*`` and the search's metric) and its ids.
 """
 from __future__ import annotations
 
@@ -19,7 +25,8 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from comod_platform.tracking import log_params, params_of
+from comod_platform.tracking import (dataset_input, dataset_settings, describe_dataset, log_dataset, log_params,
+                                     params_of)
 from comod_platform.conventions import (CURVE, DIVERGED_FLAG, EPOCH, FINAL_FLAG, GPUS, NODE, REASON, STEP, TAG_ERROR,
                                         TAG_GPUS, TAG_KIND, TAG_NODE, TAG_PARENT, TAG_RETRIES, TAG_ROLE, TAG_SEARCH, TAG_STATE,
                                         TAG_STOPPED_EPOCH, TAG_TRIAL_ID)
@@ -143,6 +150,13 @@ def retry_call(fn, *args, timeout: float | None = None, **kwargs):
 FLUSH_TIMEOUT_ENV = "COMOD_MLFLOW_FLUSH_TIMEOUT"
 """Seconds the end of a search waits for an unreachable tracking server (default 900)."""
 
+TAG_BEST_TRIAL = "comod.best_trial"
+"""On the parent run: the Ray trial id of the best completed trial so far (by the search's metric)."""
+TAG_BEST_RUN = "comod.best_run_id"
+"""On the parent run: the MLflow run id of that trial."""
+PARENT_METRIC_PREFIXES = ("val/mean_", "test/mean_")
+"""The best trial's final metrics that the parent run carries (with the search's metric)."""
+
 
 class MlflowTrialCallback(Callback):
     def __init__(self, search, search_name: str, tracking_uri: str, experiment_id: str, parent_run_id: str,
@@ -161,11 +175,14 @@ class MlflowTrialCallback(Callback):
         self._buffered: dict[str, list] = {}
         self._scheduled: set[str] = set()
         self._buffer_lock = threading.Lock()
+        self._base_input = None
+        self._best: str | None = None
 
     def __getstate__(self):  # pickled with the Tuner's state: no client, thread or cache
         state = self.__dict__.copy()
         state.update(_client=None, _writer=None, _runs={}, _closed=set(), _where={}, _logged_step={},
-                     _curve_step={}, _buffered={}, _scheduled=set(), _buffer_lock=None, _reconciled=False)
+                     _curve_step={}, _buffered={}, _scheduled=set(), _buffer_lock=None, _reconciled=False,
+                     _base_input=None, _best=None)
         return state
 
     def __setstate__(self, state):
@@ -202,10 +219,12 @@ class MlflowTrialCallback(Callback):
                     [m.step for key in ("pretrain/train_loss", "finetune/train_loss")
                      for m in self.client.get_metric_history(run_id, key)], default=-1)
                 # created, but its params lost (the server went away, or the driver, right after)
-                missing = {k: v for k, v in params_of(self.search.config_for(trial.config)).items()
-                           if k not in found[0].data.params}
+                cfg = self.search.config_for(trial.config)
+                missing = {k: v for k, v in params_of(cfg).items() if k not in found[0].data.params}
                 if missing:
                     log_params(self.client, run_id, missing)
+                if not found[0].inputs.dataset_inputs:
+                    log_dataset(self.client, run_id, self._dataset_of(cfg))
         else:
             cfg = self.search.config_for(trial.config)
             run = self.client.create_run(self.experiment_id, run_name=f"{self.search_name}-{trial.trial_id}", tags={
@@ -213,8 +232,38 @@ class MlflowTrialCallback(Callback):
                 TAG_TRIAL_ID: trial.trial_id, TAG_KIND: cfg.modulation.kind, TAG_STATE: "running"})
             run_id = run.info.run_id
             log_params(self.client, run_id, params_of(cfg))
+            log_dataset(self.client, run_id, self._dataset_of(cfg))
         self._runs[trial.trial_id] = run_id
         return run_id
+
+    def _dataset_of(self, cfg):
+        """The trial's dataset input: the parent run's (the base experiment's dataset, as the driver loaded
+        it) when the trial's data settings are the base's; else described from the trial's config."""
+        base = self._base_dataset()
+        base_cfg = self.search.base_config()
+        if dataset_settings(cfg) == dataset_settings(base_cfg) and cfg.data.root == base_cfg.data.root:
+            return base
+        source = None
+        if cfg.data.dataset == base_cfg.data.dataset and cfg.data.root == base_cfg.data.root:
+            from mlflow.data import get_dataset_source_from_json  # the same files: the base's source
+
+            try:
+                source = get_dataset_source_from_json(base.dataset.source, base.dataset.source_type)
+            except Exception:  # noqa: BLE001 - a source type this MLflow does not know: describe it anew
+                source = None
+        return dataset_input(describe_dataset(cfg, source=source))
+
+    def _base_dataset(self):
+        """The parent run's dataset input (``DatasetInput``), read once; a parent without one (a search
+        started before runs recorded datasets) gets it now, described from the base experiment's config."""
+        if self._base_input is None:
+            inputs = self.client.get_run(self.parent_run_id).inputs.dataset_inputs
+            if inputs:
+                self._base_input = inputs[0]
+            else:
+                self._base_input = dataset_input(describe_dataset(self.search.base_config()))
+                log_dataset(self.client, self.parent_run_id, self._base_input)
+        return self._base_input
 
     # -- Ray Tune hooks -------------------------------------------------
     def on_step_begin(self, iteration, trials, **info):
@@ -276,6 +325,8 @@ class MlflowTrialCallback(Callback):
         metrics = numeric_metrics(result)
         if not result.get(FINAL_FLAG):  # per-epoch aliases repeat pretrain/val/..., finetune/val/...
             metrics = {k: v for k, v in metrics.items() if not k.startswith("val/")}
+        else:
+            self._consider_best(trials, trial, result)
         step = int(result.get(STEP, result.get("training_iteration", 0)))
         per_epoch = not result.get(FINAL_FLAG) and not result.get(DIVERGED_FLAG)
         self._queue_metrics(trial, metrics, step, per_epoch)
@@ -308,6 +359,7 @@ class MlflowTrialCallback(Callback):
                                                TAG_ERROR: f"restarted after: {_error_line(trial)}"})
 
     def on_experiment_end(self, trials, **info):
+        self._consider_best(trials)  # a restored search whose trials had all ended: its parent gets them too
         best = sorted((t for t in trials if (t.last_result or {}).get(FINAL_FLAG)),
                       key=self._score, reverse=True)[:self.keep_checkpoints]
         for trial in best:
@@ -321,6 +373,31 @@ class MlflowTrialCallback(Callback):
     def _score(self, trial) -> float:
         value = float((trial.last_result or {}).get(self.metric, float("nan")))
         return value if self.mode == "max" else -value
+
+    def _consider_best(self, trials, current=None, result=None) -> None:
+        """When the best completed trial (by the search's metric) changed, queue its final metrics and ids
+        for the parent run, at the step of the number of trials completed so far (so the parent's history
+        of the metric is the best after each completion). Reads the trials' last results only, in the
+        scheduling loop; the write goes out from the writer thread."""
+        finals = []
+        for trial in trials:
+            last = result if trial is current else (trial.last_result or {})
+            value = last.get(self.metric)
+            if last.get(FINAL_FLAG) and isinstance(value, (int, float)) and value == value:
+                finals.append((float(value) if self.mode == "max" else -float(value), trial, last))
+        if current is not None and all(t is not current for _, t, _ in finals) and result.get(FINAL_FLAG):
+            value = result.get(self.metric)  # a trial that the list does not hold (yet)
+            if isinstance(value, (int, float)) and value == value:
+                finals.append((float(value) if self.mode == "max" else -float(value), current, result))
+        if not finals:
+            return
+        _, trial, last = max(finals, key=lambda entry: entry[0])
+        if trial.trial_id == self._best:
+            return
+        self._best = trial.trial_id
+        metrics = {k: v for k, v in numeric_metrics(last).items()
+                   if k == self.metric or k.startswith(PARENT_METRIC_PREFIXES)}
+        self.writer.submit(self._log_best, trial, metrics, len(finals))
 
     def _log_checkpoint(self, trial, checkpoint) -> None:
         if checkpoint is None:
@@ -381,6 +458,20 @@ class MlflowTrialCallback(Callback):
         batch = [Metric(k, v, now, step) for k, v in metrics.items()]
         for i in range(0, len(batch), 1000):
             self.client.log_batch(run_id, metrics=batch[i:i + 1000])
+
+    def _log_best(self, trial, metrics: dict, step: int) -> None:
+        """The best trial's final metrics and ids on the parent run (unless it has them already: a
+        restored search's driver considers the trials that had ended before it)."""
+        from mlflow.entities import Metric, RunTag
+
+        child = self.run_id(trial)
+        parent = self.client.get_run(self.parent_run_id).data
+        if parent.tags.get(TAG_BEST_TRIAL) == trial.trial_id and all(
+                parent.metrics.get(k) == v for k, v in metrics.items()):
+            return
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.parent_run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()],
+                              tags=[RunTag(TAG_BEST_TRIAL, trial.trial_id), RunTag(TAG_BEST_RUN, child)])
 
     def _tags(self, trial, tags: dict[str, str]) -> None:
         """Set ``tags`` on the trial's run in one write."""

@@ -99,7 +99,7 @@ def test_crash_outage_and_divergence_lose_nothing(tmp_path, ray_tmp):
         "checkpoint_interval_s": 0})
     env = {**_env(home, ray_tmp, server.uri), "COMOD_STORAGE": str(storage)}
     log = tmp_path / "search"
-    proc = _start(["search", "run", str(path), "--name", "ft"], env, log)
+    proc = _start(["search", "run", str(path), "--name", "ft", "--json"], env, log)
     try:
         # a running trial has persisted a checkpoint of an epoch: its worker process dies (a crash, e.g. OOM)
         def running_with_checkpoint():
@@ -185,7 +185,7 @@ def test_a_node_lost_mid_search(tmp_path, ray_tmp, monkeypatch):
         env = _env(home, ray_tmp)
         log = tmp_path / "search"
         proc = _start(["search", "run", str(path), "--name", "nodes", "--address", cluster.address,
-                       "--storage", str(storage)], env, log)
+                       "--storage", str(storage), "--json"], env, log)
         doomed = workers[1].node_id
         store = f"sqlite:///{home / 'mlflow.db'}"
 

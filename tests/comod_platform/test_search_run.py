@@ -68,7 +68,7 @@ def test_search_end_to_end_with_an_mlflow_server(tmp_path, ray_tmp):
         # trials far shorter than the checkpoint interval persist their final checkpoint only
         path = _write_search(tmp_path, "e2e", search={**TINY["search"], "num_trials": 4,
                                                       "checkpoint_interval_s": 3600})
-        done = _comod(["search", "run", str(path), "--name", "e2e"], _env(home, ray_tmp, server.uri))
+        done = _comod(["search", "run", str(path), "--name", "e2e", "--json"], _env(home, ray_tmp, server.uri))
         assert done.returncode == 0, done.stderr[-3000:]
         # the command ends its local Ray, agents included, before its quick exit
         time.sleep(1)
@@ -157,7 +157,7 @@ def test_a_trial_that_raises_is_recorded_failed_and_the_search_goes_on(tmp_path,
     space = {"finetune.tasks": {"type": "categorical", "choices": [["pattern_0"], ["no_such_task"]]}}
     path = _write_search(tmp_path, "fails", space=space,
                          search={**TINY["search"], "num_trials": 6, "scheduler": {"type": "fifo"}})
-    done = _comod(["search", "run", str(path), "--name", "fails"], _env(home, ray_tmp))
+    done = _comod(["search", "run", str(path), "--name", "fails", "--json"], _env(home, ray_tmp))
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout[done.stdout.index("{"):])
     assert summary["failed"] >= 1 and summary["completed"] >= 1
@@ -197,7 +197,7 @@ def test_killed_driver_resumes_to_completion_without_duplicates(tmp_path, ray_tm
     finished_before = len(list(trials.glob("*/metrics.json")))
     assert finished_before < 4
 
-    done = _comod(["search", "resume", "killed"], env)
+    done = _comod(["search", "resume", "killed", "--json"], env)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout[done.stdout.index("{"):])
     assert summary["trials"] == 4 and summary["completed"] == 4

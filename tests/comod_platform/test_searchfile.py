@@ -146,3 +146,25 @@ def test_shipped_search_files_load(name):
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     for _ in range(5):
         sf.config_for(sf.suggest(study.ask()))
+
+
+@pytest.mark.parametrize("path, suggestion", [
+    ("modulation.noise_scal", "did you mean modulation.noise_scale?"),
+    ("modulation.noisescale", "did you mean modulation.noise_scale?"),
+    ("noise_scale", "did you mean modulation.noise_scale?"),
+    ("finetune.lr.controler", "did you mean finetune.lr.controller?"),
+    ("finetune.lr", "finetune.lr is a section; search one of its settings: finetune.lr.backbone"),
+    ("xyzzy", "settings look like modulation.noise_scale or finetune.lr.controller"),
+])
+def test_unknown_space_path_suggests_the_closest_setting(path, suggestion):
+    with pytest.raises(ConfigError) as err:
+        parse_search(_search(space={path: {"type": "float", "low": 0.1, "high": 1.0}}), "bad")
+    assert str(err.value).startswith(f"space.{path}: not a setting of the experiment; ")
+    assert suggestion in str(err.value), str(err.value)
+
+
+def test_unknown_when_path_suggests_the_closest_setting():
+    space = {"modulation.noise_scale": {"type": "float", "low": 0.1, "high": 1.0,
+                                        "when": {"modulation.knd": "stochastic"}}}
+    with pytest.raises(ConfigError, match=r"'modulation.knd' is not a setting.*did you mean modulation.kind\?"):
+        parse_search(_search(space=space), "bad")

@@ -113,7 +113,7 @@ def _bucket_prefix(artifact_uri: str) -> str:
 def test_search_on_postgres_with_proxied_s3_artifacts(team, tmp_path, ray_tmp):
     name, n = "team-pg", 3
     home = tmp_path / "runs"
-    done = _comod(["search", "run", str(_write_search(tmp_path, name, n)), "--name", name],
+    done = _comod(["search", "run", str(_write_search(tmp_path, name, n)), "--name", name, "--json"],
                   _client_env(home, ray_tmp, team))
     assert done.returncode == 0, done.stderr[-3000:]
     summary = _summary(done)
@@ -169,7 +169,7 @@ def test_ray_tune_storage_on_s3(team, tmp_path, ray_tmp):
     home = tmp_path / "runs"
     storage = {**team.s3.env(), "COMOD_STORAGE": f"s3://{RAY_BUCKET}/searches"}
     env = _client_env(home, ray_tmp, team, **storage)
-    done = _comod(["search", "run", str(_write_search(tmp_path, name, n)), "--name", name], env)
+    done = _comod(["search", "run", str(_write_search(tmp_path, name, n)), "--name", name, "--json"], env)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = _summary(done)
     assert summary["trials"] == n and summary["completed"] >= 1

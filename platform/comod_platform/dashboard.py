@@ -1,0 +1,156 @@
+"""``comod dashboard N``: optuna-dashboard on the Optuna study of search ``N``.
+
+Every search keeps its study in a real database: the search folder's
+``optuna.db`` (SQLite) or the team database of ``COMOD_OPTUNA_STORAGE``;
+``meta.json`` records which, and the study's name (see
+:mod:`comod_platform.search_state`). This command serves optuna-dashboard
+(the ``dashboard`` extra: ``pip install 'comod[dashboard]'``) for that
+storage on 127.0.0.1, in this process, on a threaded ``wsgiref`` server:
+the study's history, intermediate values, parameter importances and the
+other Optuna plots, live while the search runs. Ctrl-C or SIGTERM stop it
+and free the port.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+INSTALL = "pip install 'comod[dashboard]' (in this checkout: .venv/bin/pip install optuna-dashboard)"
+
+
+class DashboardError(RuntimeError):
+    """The dashboard cannot be served; the message says why and what to do."""
+
+
+def add_command(sub) -> dict:
+    """Register ``comod dashboard`` on ``sub`` (argparse subparsers); returns name -> handler."""
+    dash = sub.add_parser("dashboard", help="serve optuna-dashboard on 127.0.0.1 for a search's Optuna study")
+    dash.add_argument("name", help="the search (see comod search list)")
+    dash.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port on 127.0.0.1 (default {DEFAULT_PORT})")
+    return {"dashboard": cmd_dashboard}
+
+
+def shown_url(url: str) -> str:
+    """A storage URL fit to print: the password hidden."""
+    try:
+        import sqlalchemy
+
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy parses: print it without its user part
+        head, sep, tail = url.partition("@")
+        return f"{head.split('//')[0]}//***@{tail}" if sep else url
+
+
+def open_study_storage(url: str, study_name: str, search: str):
+    """(Optuna storage, study id) of the search's study; DashboardError when the database or study is not there.
+
+    A SQLite file that does not exist is refused rather than made (Optuna would create an empty one)."""
+    import optuna
+
+    shown = shown_url(url)
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///"):])
+        if not path.is_file():
+            raise DashboardError(f"search {search!r} has no Optuna database at {path}; its folder is incomplete, "
+                                 f"or the study lives elsewhere (COMOD_OPTUNA_STORAGE when it ran)")
+    try:
+        storage = optuna.storages.RDBStorage(url, skip_table_creation=True)
+    except ModuleNotFoundError as err:
+        raise DashboardError(f"the Optuna storage {shown} of search {search!r} needs the driver {err.name}: "
+                             f"pip install 'comod[cluster]'") from None
+    except Exception as err:  # noqa: BLE001 - a database that does not answer, a bad URL
+        first = (str(getattr(err, "orig", None) or err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise DashboardError(f"cannot open the Optuna storage {shown} of search {search!r}: {first}") from None
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+    except KeyError:
+        names = [s.study_name for s in storage.get_all_studies()][:8]
+        raise DashboardError(f"the Optuna storage {shown} holds no study {study_name!r} (search {search!r}); "
+                             f"it holds: {', '.join(names) or 'no study'}") from None
+    except Exception as err:  # noqa: BLE001 - e.g. a SQLite file that is not Optuna's
+        first = (str(getattr(err, "orig", None) or err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise DashboardError(f"cannot read study {study_name!r} from {shown}: {first}") from None
+    return storage, study_id
+
+
+class _Stop(Exception):
+    """SIGTERM, turned into an exception in the main thread so the server's loop ends and its port is closed."""
+
+
+def _server(app, port: int):
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True  # a browser's open connection never holds up the stop
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_message(self, format, *args):  # noqa: A002 - no access log on the terminal
+            pass
+
+    try:
+        return make_server(HOST, port, app, server_class=Server, handler_class=QuietHandler)
+    except OSError as err:
+        raise DashboardError(f"cannot listen on {HOST}:{port} ({err.strerror or err}); another program (another "
+                             f"dashboard?) uses that port: choose another with --port") from None
+
+
+def serve(name: str, port: int = DEFAULT_PORT, home: Path | None = None, out=None) -> int:
+    """Serve optuna-dashboard for search ``name`` until Ctrl-C or SIGTERM; returns 0 once stopped.
+
+    SearchNotFound for an unknown search; DashboardError when the extra is missing, the study cannot be
+    opened or the port is taken."""
+    from comod_platform.search_state import SearchPaths
+
+    out = out or sys.stdout
+    meta = SearchPaths(name, home).read_meta()
+    try:
+        import optuna_dashboard
+    except ImportError:
+        raise DashboardError(f"comod dashboard needs optuna-dashboard, which is not installed: {INSTALL}") from None
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage, study_id = open_study_storage(meta.optuna_storage, meta.study_name, name)
+    app = optuna_dashboard.wsgi(storage)
+    httpd = _server(app, port)
+    url = f"http://{HOST}:{port}/dashboard/studies/{study_id}"
+    print(f"Optuna dashboard of search {name} (study {meta.study_name} in {shown_url(meta.optuna_storage)}) "
+          f"on {url}; Ctrl-C stops it", file=out, flush=True)
+
+    def stop(signum, frame):
+        raise _Stop()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        httpd.serve_forever(poll_interval=0.25)
+    except (KeyboardInterrupt, _Stop):
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        httpd.server_close()
+        engine = getattr(storage, "engine", None)
+        if engine is not None:
+            engine.dispose()
+    print(f"comod: dashboard of search {name} stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+    from comod_platform.errors import EXIT_FAILED, EXIT_USAGE, UserError
+    from comod_platform.search_state import SearchNotFound
+
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port {args.port}: expected a port number from 1 to 65535", EXIT_USAGE)
+    try:
+        return serve(args.name, args.port)
+    except (SearchNotFound, DashboardError) as err:
+        raise UserError(str(err), EXIT_FAILED) from None
+
+
+__all__ = ["DEFAULT_PORT", "DashboardError", "HOST", "add_command", "cmd_dashboard", "open_study_storage", "serve",
+           "shown_url"]
+

@@ -1,0 +1,273 @@
+"""What a researcher sees in MLflow's UI: experiments tagged as model training
+(so the UI opens on the runs table), a saved view of that table with the key
+metrics, every run's dataset as an MLflow dataset input, the best trial's
+metrics on a search's parent run, and `comod ui NAME`'s URL. On a real SQLite
+store, without Ray or a server (the browser test, test_ui_browser.py, opens
+the page itself)."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from comod.config import load_config
+from comod_platform import cli, runner, tracking
+from comod_platform.conventions import FINAL_FLAG, STEP, TAG_ROLE, TAG_TRIAL_ID
+from comod_platform.search_state import SearchMeta, SearchPaths
+from comod_platform.searchfile import load_search
+from comod_platform.tune_callbacks import TAG_BEST_RUN, TAG_BEST_TRIAL, MlflowTrialCallback
+from test_search_run import REPO
+
+TINY_SEARCH = REPO / "search_spaces" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    """The tiny search's base dataset, loaded and packed as the search driver holds it."""
+    from comod.data import load_data
+    from comod_platform.trainable import pack
+
+    search = load_search(TINY_SEARCH)
+    return search, pack(load_data(search.base_config()))
+
+
+def store(home) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+
+
+def view_of(experiment) -> dict:
+    envelope = json.loads(experiment.tags[tracking.VIEW_TAG])
+    assert envelope["name"] == tracking.VIEW_NAME and isinstance(envelope["createdAt"], int)
+    return json.loads(envelope["state"])
+
+
+# ------------------------------------------------------------------ experiments
+
+def test_experiments_are_tagged_as_model_training_with_the_comod_view(home):
+    experiment_id = tracking.setup("comod-train")
+    experiment = store(home).get_experiment(experiment_id)
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    view = view_of(experiment)
+    assert view["selectedColumns"] == ["attributes.`Dataset`", "params.`modulation.kind`", "tags.`comod.state`",
+                                       "metrics.`val/mean_f1`", "metrics.`test/mean_f1`",
+                                       "metrics.`test/mean_recall`", "metrics.`test/mean_precision`"]
+    assert "orderByKey" not in view  # single runs: newest first, as MLflow lists them
+
+    searched = store(home).get_experiment(tracking.setup("search/s", metric="val/mean_error", mode="min"))
+    view = view_of(searched)
+    assert view["orderByKey"] == "metrics.`val/mean_error`" and view["orderByAsc"] is True
+    assert view["selectedColumns"][3] == "metrics.`val/mean_error`"
+
+
+def test_an_experiment_made_before_gets_the_tags_once(home):
+    client = store(home)
+    old = client.create_experiment("comod-train", artifact_location=(home / "artifacts").as_uri())
+    assert tracking.EXPERIMENT_KIND_TAG not in client.get_experiment(old).tags
+    assert tracking.setup("comod-train") == old
+    tags = client.get_experiment(old).tags
+    assert tags[tracking.EXPERIMENT_KIND_TAG] == tracking.EXPERIMENT_KIND
+    # found again with both: nothing is rewritten
+    assert tracking.setup("comod-train") == old
+    assert client.get_experiment(old).tags[tracking.VIEW_TAG] == tags[tracking.VIEW_TAG]
+
+
+def test_the_runs_page_url():
+    assert (tracking.runs_url("http://127.0.0.1:5000/", "7")
+            == "http://127.0.0.1:5000/#/experiments/7/runs?viewStateShareKey=comod")
+    assert tracking.runs_url("http://h:1", "7", view=False) == "http://h:1/#/experiments/7/runs"
+
+
+# ------------------------------------------------------------------ datasets
+
+def test_a_dataset_description_is_stable_and_says_what_the_run_saw(tiny_data):
+    search, packed = tiny_data
+    cfg = search.base_config()
+    dataset = tracking.describe_dataset(cfg, packed)
+    assert dataset.name == "synthetic/attributes"
+    assert tracking.describe_dataset(cfg, packed).digest == dataset.digest
+    profile = dataset.profile
+    assert profile["tasks"] == [t.name for t in packed["tasks"]]
+    assert (profile["train_size"], profile["test_size"]) == (128, 64)
+    assert profile["val_size"] == len(packed["splits"]["val"]["labels"])
+    assert [c.name for c in dataset.schema.inputs] == ["image", *profile["tasks"]]
+    entry = tracking.dataset_input(dataset)
+    assert entry.dataset.source_type == "code" and "comod.data.synthetic" in entry.dataset.source
+    assert json.loads(entry.dataset.profile) == profile
+    # another split seed is another dataset; where it lies (root) or which device holds it is not
+    other = load_config(REPO / "configs" / "tiny.yaml", ["data.split_seed=1"])
+    assert tracking.describe_dataset(other).digest != tracking.describe_dataset(cfg).digest
+    moved = load_config(REPO / "configs" / "tiny.yaml", ["data.on_device='yes'"])
+    assert tracking.describe_dataset(moved).digest == tracking.describe_dataset(
+        load_config(REPO / "configs" / "tiny.yaml")).digest
+
+
+def test_a_data_folder_is_the_dataset_source(tmp_path):
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["data.dataset=fashion_mnist", f"data.root={tmp_path}"])
+    entry = tracking.dataset_input(tracking.describe_dataset(cfg))
+    assert entry.dataset.name == "fashion_mnist/attributes"
+    assert entry.dataset.source_type == "local" and json.loads(entry.dataset.source)["uri"] == str(tmp_path)
+
+
+def _search(home, tiny_data, name="v"):
+    search, packed = tiny_data
+    uri, experiment_id, parent = runner._start_tracking(search, name, packed)
+    callback = MlflowTrialCallback(search, name, uri, experiment_id, parent, str(home / "trials"))
+    return search, packed, uri, experiment_id, parent, callback
+
+
+def _trial(trial_id, **config):
+    return SimpleNamespace(trial_id=trial_id, config={"modulation.kind": "deterministic",
+                                                      "finetune.lr.controller": 0.01, **config},
+                           last_result=None, status="RUNNING", checkpoint=None)
+
+
+def test_every_run_of_a_search_records_its_dataset(home, tiny_data):
+    search, packed, uri, experiment_id, parent, callback = _search(home, tiny_data)
+    client = store(home)
+    (parent_input,) = client.get_run(parent).inputs.dataset_inputs
+    expected = tracking.describe_dataset(search.base_config(), packed)
+    assert (parent_input.dataset.name, parent_input.dataset.digest) == ("synthetic/attributes", expected.digest)
+    assert parent_input.tags[0].key == "mlflow.data.context"
+
+    same = client.get_run(callback.run_id(_trial("same")))
+    (entry,) = same.inputs.dataset_inputs
+    assert (entry.dataset.name, entry.dataset.digest) == (expected.name, expected.digest)
+    assert json.loads(entry.dataset.profile)["train_size"] == 128
+    assert same.data.params["modulation.kind"] == "deterministic"  # the kind, also as a param
+
+    # data settings of its own: described from its config, not as the base's dataset
+    smaller = client.get_run(callback.run_id(_trial("smaller", **{"data.train_limit": 64})))
+    (entry,) = smaller.inputs.dataset_inputs
+    assert entry.dataset.name == "synthetic/attributes" and entry.dataset.digest != expected.digest
+    assert json.loads(entry.dataset.profile)["train_limit"] == 64
+    assert entry.dataset.source == parent_input.dataset.source  # the same generator
+
+    # the experiment's runs filter by dataset (the UI's Dataset filter, and search_runs)
+    found = client.search_runs([experiment_id], filter_string=f"dataset.digest = '{expected.digest}'")
+    assert {r.info.run_id for r in found} == {parent, same.info.run_id}
+
+
+def test_a_run_found_again_without_a_dataset_gets_it(home, tiny_data):
+    search, packed, uri, experiment_id, parent, callback = _search(home, tiny_data)
+    client = store(home)
+    created = client.create_run(experiment_id, tags={TAG_ROLE: "trial", TAG_TRIAL_ID: "t1"}).info.run_id
+    assert callback.run_id(_trial("t1")) == created
+    assert client.get_run(created).inputs.dataset_inputs[0].dataset.digest == (
+        client.get_run(parent).inputs.dataset_inputs[0].dataset.digest)
+
+
+def _final(trial, value, **more):
+    result = {FINAL_FLAG: 1, STEP: 12, "val/mean_f1": value, "test/mean_f1": value - 0.1,
+              "test/mean_recall": value - 0.2, "test/mean_precision": value - 0.3, "pretrained/test/mean_f1": 0.0,
+              **more}
+    trial.last_result = result
+    return result
+
+
+def test_the_parent_run_carries_the_best_trials_metrics(home, tiny_data):
+    _, _, _, _, parent, callback = _search(home, tiny_data)
+    client = store(home)
+    a, b, c = _trial("a"), _trial("b", **{"modulation.kind": "stochastic"}), _trial("c")
+    trials = [a, b, c]
+    for trial in trials:
+        callback.on_trial_start(0, trials, trial)
+    callback.on_trial_result(0, trials, a, _final(a, 0.6))
+    callback.on_trial_result(0, trials, b, _final(b, 0.8))
+    callback.on_trial_result(0, trials, c, _final(c, 0.7))  # not better: the parent keeps b's
+    callback.flush()
+    run = client.get_run(parent)
+    assert run.data.tags[TAG_BEST_TRIAL] == "b"
+    assert run.data.tags[TAG_BEST_RUN] == callback.run_id(b)
+    assert run.data.metrics == pytest.approx({"val/mean_f1": 0.8, "test/mean_f1": 0.7, "test/mean_recall": 0.6,
+                                              "test/mean_precision": 0.5})
+    # the parent's history: the best after each completion that changed it
+    assert [(m.step, m.value) for m in client.get_metric_history(parent, "val/mean_f1")] == [(1, 0.6), (2, 0.8)]
+    # every child holds its own final metrics, the key ones among them
+    for trial, value in ((a, 0.6), (b, 0.8), (c, 0.7)):
+        metrics = client.get_run(callback.run_id(trial)).data.metrics
+        assert {k: metrics[k] for k in tracking.KEY_METRICS} == pytest.approx(
+            {"val/mean_f1": value, "test/mean_f1": value - 0.1, "test/mean_recall": value - 0.2,
+             "test/mean_precision": value - 0.3})
+
+    # a restored driver that hears of no new result still gives the parent the best, once
+    again = MlflowTrialCallback(callback.search, "v", callback.tracking_uri, callback.experiment_id, parent,
+                                callback.trials_root)
+    again.on_experiment_end(trials)
+    assert len(client.get_metric_history(parent, "val/mean_f1")) == 2
+
+
+# ------------------------------------------------------------------ comod ui NAME
+
+def _recorded_search(home, tiny_data, name="shown"):
+    search, packed = tiny_data
+    uri, experiment_id, parent = runner._start_tracking(search, name, packed)
+    SearchPaths(name).write_meta(SearchMeta(name=name, study_name=name, optuna_storage="sqlite://",
+                                            tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent,
+                                            ray_storage=str(home / "ray"), created=0.0))
+    return uri, experiment_id
+
+
+class FakeServer:
+    """Stands in for the `mlflow server` process (started for real in test_ui_browser.py)."""
+
+    started: list = []
+
+    def __init__(self, command, env=None, **kwargs):
+        self.command, self.env, self.returncode = command, env, None
+        FakeServer.started.append(self)
+
+    def poll(self):
+        return self.returncode
+
+    def wait(self, timeout=None):
+        self.returncode = 0
+        return 0
+
+    def terminate(self):
+        self.returncode = -15
+
+    kill = terminate
+
+
+def test_ui_name_prints_and_opens_the_searchs_runs_page_with_telemetry_off(home, tiny_data, monkeypatch, capsys):
+    uri, experiment_id = _recorded_search(home, tiny_data)
+    client = store(home)
+    client.delete_experiment_tag(experiment_id, tracking.EXPERIMENT_KIND_TAG)  # a search from before the tag
+    client.delete_experiment_tag(experiment_id, tracking.VIEW_TAG)
+    opened = []
+    monkeypatch.setattr("webbrowser.open", lambda url: opened.append(url) or True)
+    monkeypatch.setattr(cli.subprocess, "Popen", FakeServer)
+    monkeypatch.setattr(cli, "_wait_until_serving", lambda url, proc, timeout=300.0: True)
+    FakeServer.started.clear()
+    assert cli.main(["ui", "shown", "--port", "5123", "--open"]) == 0
+    out = capsys.readouterr().out
+    url = f"http://127.0.0.1:5123/#/experiments/{experiment_id}/runs?viewStateShareKey=comod"
+    assert f"shown: {url}" in out and opened == [url]
+    (server,) = FakeServer.started
+    assert server.command[1:4] == ["-m", "mlflow", "server"] and uri in server.command
+    assert server.env["MLFLOW_DISABLE_TELEMETRY"] == "true" and server.env["DO_NOT_TRACK"] == "true"
+    experiment = client.get_experiment(experiment_id)
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == tracking.EXPERIMENT_KIND
+    assert view_of(experiment)["orderByKey"] == "metrics.`val/mean_f1`"  # the search's metric, from its parent
+
+
+def test_ui_names_an_experiment_too_and_refuses_an_unknown_name(home, monkeypatch, capsys):
+    experiment_id = store(home).create_experiment("comod-train")
+    monkeypatch.setattr(cli.subprocess, "Popen", FakeServer)
+    monkeypatch.setattr(cli, "_wait_until_serving", lambda url, proc, timeout=300.0: True)
+    assert cli.main(["ui", "comod-train"]) == 0
+    assert f"comod-train: http://127.0.0.1:5000/#/experiments/{experiment_id}/runs" in capsys.readouterr().out
+    assert cli.main(["ui", "nobody"]) == 1
+    err = capsys.readouterr().err
+    assert "no search or MLflow experiment named 'nobody'" in err and "Traceback" not in err
+
+
+def test_ui_name_with_a_tracking_server_prints_its_page(home, tiny_data, monkeypatch, capsys):
+    _, experiment_id = _recorded_search(home, tiny_data)
+    meta_file = SearchPaths("shown").meta_file
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "tracking_uri": "http://127.0.0.1:1"}))
+    code = cli.main(["ui", "shown"])  # a server that does not answer: one clear message
+    assert code == 1 and "unreachable" in capsys.readouterr().err

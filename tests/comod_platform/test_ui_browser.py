@@ -1,0 +1,168 @@
+"""The MLflow UI as a researcher opens it, in a real headless browser.
+
+A real `comod search run` of search_spaces/tiny.yaml (local Ray, Optuna,
+the embedded SQLite store in a temporary runs folder), then `comod ui NAME`
+serving that store on 127.0.0.1, and Debian's chromium (`make chromium`)
+loading the page `comod ui` prints: the DOM must hold the parent run's name,
+every trial's run name and the key metric columns, on the runs table (not
+MLflow's GenAI overview) and without the usage-data notice. Every process
+started here is stopped afterwards. Without chromium the browser test is
+skipped, with the reason; the records' checks still run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from comod_platform import tracking
+from comod_platform.conventions import TAG_PARENT, TAG_ROLE, TAG_STATE
+from comod_platform.tune_callbacks import TAG_BEST_RUN, TAG_BEST_TRIAL
+from servers import free_port, kill_processes_mentioning
+
+REPO = Path(__file__).resolve().parents[2]
+NAME = "browsed"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to ``proc``'s process group (its own session), then SIGKILL to what is left."""
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        if proc.poll() is not None and sig == signal.SIGTERM:
+            sig = signal.SIGKILL  # the leader ended: its children (server workers) may not have
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """The tiny search, run by the command in a fresh runs folder; its MLflow records."""
+    root = tmp_path_factory.mktemp("browsed")
+    home = root / "runs"
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and k != "RAY_ADDRESS"}
+    env.update(COMOD_HOME=str(home), COMOD_DOWNLOAD="0", RAY_TMPDIR=ray_tmp, PYTHONUNBUFFERED="1")
+    try:
+        done = subprocess.run([sys.executable, "-m", "comod_platform.cli", "search", "run",
+                               str(REPO / "search_spaces" / "tiny.yaml"), "--name", NAME],
+                              env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    finally:
+        kill_processes_mentioning(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(f"search/{NAME}")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get(TAG_ROLE) == "search"]
+    children = [r for r in runs if r.data.tags.get(TAG_ROLE) == "trial"]
+    assert len(children) == 4
+    return SimpleNamespace(home=home, env=env, client=client, experiment=experiment, parent=parent,
+                           children=children)
+
+
+def test_a_search_is_recorded_for_the_ui(searched):
+    """The experiment's kind and view, every run's dataset input, the key metrics on every completed
+    trial and the best trial's on the parent."""
+    tags = searched.experiment.tags
+    assert tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    view = json.loads(json.loads(tags[tracking.VIEW_TAG])["state"])
+    assert view["orderByKey"] == "metrics.`val/mean_f1`" and view["orderByAsc"] is False
+
+    (parent_input,) = searched.parent.inputs.dataset_inputs
+    assert parent_input.dataset.name == "synthetic/attributes"
+    assert re.fullmatch(r"[0-9a-f]{10}", parent_input.dataset.digest)
+    profile = json.loads(parent_input.dataset.profile)
+    assert profile["tasks"] == [f"pattern_{i}" for i in range(6)] and profile["train_size"] == 128
+    for child in searched.children:
+        assert child.data.tags[TAG_PARENT] == searched.parent.info.run_id
+        (entry,) = child.inputs.dataset_inputs
+        assert (entry.dataset.name, entry.dataset.digest) == (parent_input.dataset.name, parent_input.dataset.digest)
+        assert child.data.params["modulation.kind"] == child.data.tags["comod.modulation_kind"]
+        if child.data.tags[TAG_STATE] == "completed":
+            assert set(tracking.KEY_METRICS) <= set(child.data.metrics)
+
+    completed = [c for c in searched.children if c.data.tags[TAG_STATE] == "completed"]
+    best = max(completed, key=lambda c: c.data.metrics["val/mean_f1"])
+    assert searched.parent.data.tags[TAG_BEST_RUN] == best.info.run_id
+    assert searched.parent.data.tags[TAG_BEST_TRIAL] == best.data.tags["comod.ray_trial_id"]
+    for key in tracking.KEY_METRICS:
+        assert searched.parent.data.metrics[key] == pytest.approx(best.data.metrics[key])
+
+
+@pytest.fixture
+def ui(searched, tmp_path):
+    """`comod ui NAME` on a free port, as a user starts it; the URL it prints."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "comod_platform.cli", "ui", NAME, "--port", str(port)],
+                            env=searched.env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 240
+        url = None
+        while url is None and time.monotonic() < deadline and proc.poll() is None:
+            url = next((line.split(": ", 1)[1].strip() for line in list(lines) if line.startswith(f"{NAME}: ")),
+                       None)
+            time.sleep(0.25)
+        assert url, "comod ui printed no URL:\n" + "".join(lines)[-3000:]
+        yield SimpleNamespace(url=url, port=port, lines=lines)
+    finally:
+        _stop_group(proc)
+        assert proc.poll() is not None
+
+
+def _dump_dom(url: str, profile: Path, budget_ms: int) -> str:
+    """The page's DOM after ``budget_ms`` of (virtual) time in headless chromium, on a fresh profile."""
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+               "--no-first-run", "--disable-extensions", "--window-size=1920,1200", f"--user-data-dir={profile}",
+               f"--virtual-time-budget={budget_ms}", "--dump-dom", url]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=120 + budget_ms / 1000)
+        return out
+    finally:
+        _stop_group(proc)
+
+
+def test_comod_ui_opens_the_searchs_runs_table_in_a_browser(searched, ui, tmp_path):
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (make chromium installs Debian's)")
+    assert ui.url == (f"http://127.0.0.1:{ui.port}/#/experiments/{searched.experiment.experiment_id}/runs"
+                      f"?viewStateShareKey=comod")
+    names = [searched.parent.info.run_name, *[c.info.run_name for c in searched.children]]
+    dom = ""
+    for attempt, budget in enumerate((15000, 30000, 60000)):  # a slow machine: more time, a fresh profile
+        dom = _dump_dom(ui.url, tmp_path / f"profile{attempt}", budget)
+        if all(f">{name}<" in dom for name in names):
+            break
+    missing = [name for name in names if f">{name}<" not in dom]
+    assert not missing, f"run names missing from the page: {missing}\n{dom[-3000:]}"
+    # the runs table in comod's view: its key metric columns and the kind are there without picking them
+    for column in ("val/mean_f1", "test/mean_f1", "test/mean_recall", "test/mean_precision", "modulation.kind",
+                   "Dataset"):
+        assert column in dom, column
+    assert "synthetic/attributes" in dom  # the runs' dataset inputs, in the Dataset column
+    assert "share key" not in dom  # the saved view was found
+    assert "MLflow collects usage data" not in dom
+    assert "Welcome to MLflow" not in dom
