@@ -21,8 +21,20 @@ from pathlib import Path
 from comod_platform.errors import EXIT_FAILED, EXIT_USAGE, UserError  # noqa: F401 - re-exported
 
 
+def installed_version() -> str:
+    """The version of the installed ``comod`` distribution."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("comod")
+    except PackageNotFoundError:  # a checkout that was never installed
+        return "unknown (not installed: pip install -e .)"
+
+
 def _parser() -> tuple[argparse.ArgumentParser, dict]:
     parser = argparse.ArgumentParser(prog="comod", description="Task adaptation by stochastic comodulation.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}",
+                        help="print comod's version (the installed package's) and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = sub.add_parser("train", help="run one experiment (pretrain, fine-tune, evaluate)")

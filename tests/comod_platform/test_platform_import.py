@@ -61,3 +61,14 @@ def test_comod_public_api_loads_on_first_use():
                   "try:\n    comod.no_such_name\nexcept AttributeError as err:\n    print(err)")
     assert proc.returncode == 0, proc.stderr
     assert "no attribute 'no_such_name'" in proc.stdout
+
+
+def test_version_is_the_installed_package_version():
+    import subprocess
+    import sys
+    from importlib.metadata import version
+    from pathlib import Path
+
+    comod = Path(sys.executable).parent / "comod"
+    done = subprocess.run([str(comod), "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"comod {version('comod')}"
