@@ -16,7 +16,7 @@ from torchvision.datasets import CelebA
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from .taskdata import (DatasetNotFoundError, Split, TaskData, TaskSpec, channel_stats,
-                       check_task_set, resize_images, search_roots)
+                       check_task_set, resize_images, save_cache, search_roots)
 
 TASK_SETS = {"attributes": "40 binary face attributes (5_o_Clock_Shadow, ..., Young)"}
 DEFAULT_SIZE = 64  # native 178x218 would take 24 GB as uint8 for the 202,599 images
@@ -116,19 +116,6 @@ def load_cache(path: str, base: str, size: int) -> dict | None:
     return cache if all(cache.get(k) == v for k, v in expected.items()) else None
 
 
-def save_cache(cache: dict, path: str) -> None:
-    # Written to a temporary name and renamed, so a killed run leaves no half file.
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        torch.save(cache, tmp)
-        os.replace(tmp, path)
-    except OSError as err:
-        warnings.warn(f"could not write the CelebA cache {path} ({err}); every load will "
-                      f"decode the JPEGs again. Make the folder writable to cache.")
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def load(root: str | None, task_set: str, image_size: int | None, val_fraction: float,
          seed: int) -> TaskData:
     """CelebA's official train/valid/test splits (``val_fraction`` and
@@ -145,7 +132,7 @@ def load(root: str | None, task_set: str, image_size: int | None, val_fraction: 
     cache = load_cache(cache_path, base, size)
     if cache is None:
         cache = build_cache(base, size)
-        save_cache(cache, cache_path)
+        save_cache(cache, cache_path, "CelebA")
     splits = {s: Split(cache[s]["images"], cache[s]["labels"]) for s in SPLITS}
     mean, std = channel_stats(splits["train"].images)
     return TaskData(name="celeba", tasks=[TaskSpec(n, 2) for n in cache["attr_names"]],

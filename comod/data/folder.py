@@ -44,7 +44,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .taskdata import (IGNORE, DatasetNotFoundError, Split, TaskData, TaskSpec, channel_stats,
-                       search_roots)
+                       save_cache, search_roots)
 
 CSV_NAME = "labels.csv"
 IMAGE_COLUMN = "image"
@@ -333,19 +333,6 @@ def load_cache(path: str, key: dict, n: int) -> torch.Tensor | None:
     return images if ok and len(images) == n else None
 
 
-def save_cache(cache: dict, path: str) -> None:
-    # Written to a temporary name and renamed, so a killed run leaves no half file.
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        torch.save(cache, tmp)
-        os.replace(tmp, path)
-    except OSError as err:
-        warnings.warn(f"could not write the image cache {path} ({err}); every load will decode "
-                      f"the images again. Make data.root writable to cache.")
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def check_task_set(task_set) -> None:
     if isinstance(task_set, str):
         if task_set not in TASK_SETS:
@@ -389,7 +376,7 @@ def load(root: str | None, task_set: str | list[str], image_size: int | None, va
     images = load_cache(cache_path, key, len(table.paths))
     if images is None:
         images = decode_images(table, image_size)
-        save_cache({**key, "images": images}, cache_path)
+        save_cache({**key, "images": images}, cache_path, "image")
     labels = torch.stack([column for _, column in parsed], dim=1)
     splits = {s: Split(images[i], labels[i]) for s, i in index.items()}
     del images  # the splits hold copies; the full tensor goes now

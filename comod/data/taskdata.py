@@ -200,3 +200,20 @@ def search_roots(root: str | None) -> list[str]:
         roots.append(os.path.abspath(os.path.expanduser(os.environ["COMOD_DATA"])))
     roots.append(os.path.abspath("data"))
     return roots
+
+
+def save_cache(cache: dict, path: str, what: str) -> None:
+    """Write a dataset's decoded-image cache; a failure only warns (the next load decodes again).
+    Written to a temporary name and renamed, so a killed run leaves no half file."""
+    import os
+    import warnings
+
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        torch.save(cache, tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        warnings.warn(f"could not write the {what} cache {path} ({err}); every load will decode the images "
+                      f"again. Make the folder writable to cache.")
+        if os.path.exists(tmp):
+            os.remove(tmp)
