@@ -33,12 +33,13 @@ RUN_FILE = "mlflow_run.json"
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
-"""MLflow 3's experiment kind for model training (its UI's other kinds are GenAI ones): the UI
-opens such an experiment on its runs table, with parent runs and their nested children."""
+"""MLflow 3's experiment kind for model training (its other kinds are GenAI ones), read by MLflow's tools
+and clients. (MLflow 3.17's UI takes the kind of page from its own mode switch instead: see ``UI_MODE``.)"""
 VIEW_KEY = "comod"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 """An experiment tag holding a saved view of the UI's runs table (MLflow's saved-view envelope:
-``name``, ``createdAt``, ``state``); ``#/experiments/ID/runs?viewStateShareKey=comod`` opens it."""
+``name``, ``createdAt``, ``state``); ``#/experiments/ID/runs?viewStateShareKey=comod`` opens it, and the
+UI's views menu lists it."""
 VIEW_NAME = "comod: compare trials"
 KEY_METRICS = ("val/mean_f1", "test/mean_f1", "test/mean_recall", "test/mean_precision")
 """The final metrics the saved view shows as columns (with the search's own metric)."""
@@ -159,10 +160,19 @@ def mark_experiment(client, experiment_id: str, metric: str | None = None, mode:
         client.set_experiment_tag(experiment_id, VIEW_TAG, json.dumps(envelope))
 
 
+UI_MODE = "workflowType=machine_learning"
+"""MLflow 3's UI shows every experiment in one of two modes, from the switch at the top of its sidebar
+(*GenAI*, the default, and *Model training*), which the browser remembers, or from this query parameter
+of the page's URL. In GenAI mode an experiment opens on the GenAI overview (traces, tokens, costs) and
+its sidebar lists GenAI pages, whatever its ``mlflow.experimentKind``; in model-training mode it opens on
+the runs table, its sidebar listing runs, models and traces."""
+
+
 def runs_url(base: str, experiment_id: str, view: bool = True) -> str:
-    """The experiment's runs table in MLflow 3's UI at ``base`` (``http://HOST:PORT``), in the saved view."""
-    url = f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
-    return f"{url}?viewStateShareKey={VIEW_KEY}" if view else url
+    """The experiment's runs table in MLflow 3's UI at ``base`` (``http://HOST:PORT``), in model-training
+    mode (``UI_MODE``) and, with ``view``, in comod's saved view."""
+    query = f"viewStateShareKey={VIEW_KEY}&{UI_MODE}" if view else UI_MODE
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
 
 
 # ------------------------------------------------------------------ dataset inputs

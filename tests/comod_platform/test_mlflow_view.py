@@ -75,8 +75,9 @@ def test_an_experiment_made_before_gets_the_tags_once(home):
 
 def test_the_runs_page_url():
     assert (tracking.runs_url("http://127.0.0.1:5000/", "7")
-            == "http://127.0.0.1:5000/#/experiments/7/runs?viewStateShareKey=comod")
-    assert tracking.runs_url("http://h:1", "7", view=False) == "http://h:1/#/experiments/7/runs"
+            == "http://127.0.0.1:5000/#/experiments/7/runs?viewStateShareKey=comod&workflowType=machine_learning")
+    assert (tracking.runs_url("http://h:1", "7", view=False)
+            == "http://h:1/#/experiments/7/runs?workflowType=machine_learning")
 
 
 # ------------------------------------------------------------------ datasets
@@ -243,7 +244,8 @@ def test_ui_name_prints_and_opens_the_searchs_runs_page_with_telemetry_off(home,
     FakeServer.started.clear()
     assert cli.main(["ui", "shown", "--port", "5123", "--open"]) == 0
     out = capsys.readouterr().out
-    url = f"http://127.0.0.1:5123/#/experiments/{experiment_id}/runs?viewStateShareKey=comod"
+    url = (f"http://127.0.0.1:5123/#/experiments/{experiment_id}/runs"
+           f"?viewStateShareKey=comod&workflowType=machine_learning")
     assert f"shown: {url}" in out and opened == [url]
     (server,) = FakeServer.started
     assert server.command[1:4] == ["-m", "mlflow", "server"] and uri in server.command

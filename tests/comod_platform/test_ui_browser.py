@@ -149,7 +149,7 @@ def test_comod_ui_opens_the_searchs_runs_table_in_a_browser(searched, ui, tmp_pa
     if CHROMIUM is None:
         pytest.skip("chromium is not installed (make chromium installs Debian's)")
     assert ui.url == (f"http://127.0.0.1:{ui.port}/#/experiments/{searched.experiment.experiment_id}/runs"
-                      f"?viewStateShareKey=comod")
+                      f"?viewStateShareKey=comod&workflowType=machine_learning")
     names = [searched.parent.info.run_name, *[c.info.run_name for c in searched.children]]
     dom = ""
     for attempt, budget in enumerate((15000, 30000, 60000)):  # a slow machine: more time, a fresh profile
@@ -164,5 +164,11 @@ def test_comod_ui_opens_the_searchs_runs_table_in_a_browser(searched, ui, tmp_pa
         assert column in dom, column
     assert "synthetic/attributes" in dom  # the runs' dataset inputs, in the Dataset column
     assert "share key" not in dom  # the saved view was found
+    assert "comod: compare trials" in dom
+    # the UI in model-training mode: its sidebar lists runs and the model registry, none of the GenAI
+    # overview's pages (Overview, Observability, ...) nor its charts
+    assert ">Model registry<" in dom
+    for genai in (">Overview<", ">Observability<", ">Token Usage<", ">Prompts &amp; versions<"):
+        assert genai not in dom, genai
     assert "MLflow collects usage data" not in dom
     assert "Welcome to MLflow" not in dom
