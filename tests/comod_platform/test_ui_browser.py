@@ -145,9 +145,15 @@ def _dump_dom(url: str, profile: Path, budget_ms: int) -> str:
         _stop_group(proc)
 
 
-def test_comod_ui_opens_the_searchs_runs_table_in_a_browser(searched, ui, tmp_path):
+@pytest.fixture
+def chromium():
+    """Debian's chromium, or a skip that says so (asked first: no server starts for a test that skips)."""
     if CHROMIUM is None:
         pytest.skip("chromium is not installed (make chromium installs Debian's)")
+    return CHROMIUM
+
+
+def test_comod_ui_opens_the_searchs_runs_table_in_a_browser(chromium, searched, ui, tmp_path):
     assert ui.url == (f"http://127.0.0.1:{ui.port}/#/experiments/{searched.experiment.experiment_id}/runs"
                       f"?viewStateShareKey=comod&workflowType=machine_learning")
     names = [searched.parent.info.run_name, *[c.info.run_name for c in searched.children]]
