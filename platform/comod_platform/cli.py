@@ -53,7 +53,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict]:
                     help="a search's --name (or an MLflow experiment's name, e.g. comod-train): print the URL of "
                          "its runs page, with the trials and their key metrics side by side")
     ui.add_argument("--port", type=int, default=5000)
-    ui.add_argument("--open", action="store_true", help="open that page (else the UI's home) in a web browser")
+    ui.add_argument("--open", action="store_true",
+                    help="open that page (else the list of experiments) in a web browser")
     from comod_platform.cli_search import add_commands
 
     handlers = {"train": cmd_train, "ui": cmd_ui, **add_commands(sub)}
@@ -222,14 +223,14 @@ def _open(url: str) -> None:
 
 def cmd_ui(args) -> int:
     from comod_platform.paths import runs_home
-    from comod_platform.tracking import artifact_root, runs_url, tracking_uri
+    from comod_platform.tracking import UI_MODE, artifact_root, runs_url, tracking_uri
 
     uri = tracking_uri()
     experiment_id = None
     if args.name:
         uri, experiment_id = experiment_page(args.name, uri)
     if uri.startswith(("http://", "https://")):
-        page = runs_url(uri, experiment_id) if experiment_id else uri
+        page = runs_url(uri, experiment_id) if experiment_id else f"{uri.rstrip('/')}/#/experiments?{UI_MODE}"
         print(f"MLFLOW_TRACKING_URI points at a server; its UI is {uri}")
         if experiment_id:
             print(f"{args.name}: {page}")
@@ -253,7 +254,7 @@ def cmd_ui(args) -> int:
 
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        page = runs_url(base, experiment_id) if experiment_id else base
+        page = runs_url(base, experiment_id) if experiment_id else f"{base}/#/experiments?{UI_MODE}"
         if _wait_until_serving(base, proc):
             if experiment_id:
                 print(f"{args.name}: {page}", flush=True)
