@@ -340,6 +340,7 @@ def efficiency(trials: list[TrialRecord], metric: str, mode: str, resamples: int
     auc_of_trial = {k: [a for t in have if t.kind == k for a in [curve_auc(t.curves[key])] if a is not None]
                     for k in KINDS}
     rows, auc_diffs, step_diffs = [], {f"{a}-{b}": [] for a, b in COMPARISONS}, {}
+    auc_seeds: dict[str, list] = {name: [] for name in auc_diffs}
     pairs = (("stochastic", "deterministic"), ("none", "deterministic"))
     reached = {f: {k: [] for k in KINDS} for f in fractions}
     for group in matched_groups(have).values():
@@ -353,8 +354,10 @@ def efficiency(trials: list[TrialRecord], metric: str, mode: str, resamples: int
                 if aligned is not None and len(aligned[0]) >= 2:
                     x, v, _ = aligned
                     auc_diffs[f"{a}-{b}"].append(curve_auc(list(zip(x, v[0]))) - curve_auc(list(zip(x, v[1]))))
+                    auc_seeds[f"{a}-{b}"].append(_group_seed(group))
                 elif min(len(ca), len(cb)) == 1:  # a kind with nothing to fine-tune: its flat value
                     auc_diffs[f"{a}-{b}"].append(curve_auc(ca) - curve_auc(cb))
+                    auc_seeds[f"{a}-{b}"].append(_group_seed(group))
         if curves.get("deterministic"):
             final = curves["deterministic"]["mean"][-1]
             for f in fractions:
@@ -370,7 +373,7 @@ def efficiency(trials: list[TrialRecord], metric: str, mode: str, resamples: int
     out["groups"] = rows
     out["auc"] = {"per_kind": {k: _summary(v) for k, v in auc_of_trial.items()},
                   "paired": {name: {"a": name.split("-")[0], "b": name.split("-")[1],
-                                    **_difference(d, mode, resamples, seed)} for name, d in auc_diffs.items()}}
+                                    **_difference(d, mode, resamples, seed, auc_seeds[name])} for name, d in auc_diffs.items()}}
     out["steps_to_fraction"] = {f"{f:g}": {
         "per_kind": {k: {"groups": len(s), "reached": sum(x is not None for x in s),
                          "median": float(np.median([x for x in s if x is not None]))
@@ -821,10 +824,11 @@ def _markdown_more(r: dict) -> list[str]:
                   "| kind | trials | mean | std | median |", "|---|---|---|---|---|"]
         for kind, d in e["auc"]["per_kind"].items():
             lines.append(f"| {kind} | {d['n']} | {_f(d['mean'])} | {_f(d['std'])} | {_f(d['median'])} |")
-        lines += ["", "| comparison | groups | mean AUC difference | 95% CI | first better |", "|---|---|---|---|---|"]
+        lines += ["", "| comparison | groups | mean AUC difference | 95% CI | first better | by seed: seeds, mean, 95% CI |",
+                  "|---|---|---|---|---|---|"]
         for p in e["auc"]["paired"].values():
             lines.append(f"| {p['a']} - {p['b']} | {p['n']} | {_f(p['mean'])} | {_ci(p)} | "
-                         f"{p['a_better'] if p['n'] else 'n/a'} |")
+                         f"{p['a_better'] if p['n'] else 'n/a'} | {_by_seed(p)} |")
     if e["steps_to_fraction"]:
         lines += ["", "### Fine-tuning steps to reach a fraction of deterministic's final score", "",
                   "Per matched group, the first fine-tuning step at which a kind's curve reaches the fraction of "

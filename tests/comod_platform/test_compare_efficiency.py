@@ -382,3 +382,9 @@ def test_pretraining_curves_count_each_pretraining_once_and_flag_a_kind_still_im
     assert any(n.startswith("deterministic was still improving") for n in pre["notes"])
     assert not any(n.startswith("none") for n in pre["notes"])
     assert "## Pretraining" in "\n".join(C._markdown_pretraining(pre))
+
+
+def test_paired_auc_has_a_seed_level_interval_when_arms_share_seeds(report):
+    auc = report["efficiency"]["auc"]["paired"]["stochastic-deterministic"]
+    assert auc["by_seed"]["n"] == len(SEEDS) < auc["n"]
+    assert auc["by_seed"]["ci95"][0] <= auc["by_seed"]["mean"] <= auc["by_seed"]["ci95"][1]
