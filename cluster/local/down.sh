@@ -10,7 +10,13 @@ set -uo pipefail
 
 TEMP_DIR=${COMOD_LOCAL_TEMP_DIR:-/tmp/comod-ray}
 case $TEMP_DIR in /*) ;; *) echo "down.sh: COMOD_LOCAL_TEMP_DIR must be an absolute path" >&2; exit 1 ;; esac
-TEMP_DIR=${TEMP_DIR%/}
+TEMP_DIR=$(realpath -m -- "$TEMP_DIR")   # no trailing or doubled slashes, no /./ or /../
+# every process mentioning / or /tmp would be everything: refuse a temp dir that is not the cluster's own
+case ${TEMP_DIR:-/} in
+  / | /tmp | /var/tmp | /dev/shm | /home | /root | /usr | /var)
+    echo "down.sh: COMOD_LOCAL_TEMP_DIR=${COMOD_LOCAL_TEMP_DIR} would match processes that are not the cluster's; give the folder up.sh used, e.g. /tmp/comod-ray" >&2
+    exit 1 ;;
+esac
 GRACE_S=${COMOD_LOCAL_STOP_GRACE_S:-10}
 
 # The processes mentioning TEMP_DIR, then their descendants (parent ids from /proc/PID/stat).

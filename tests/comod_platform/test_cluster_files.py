@@ -581,6 +581,35 @@ def test_local_up_refuses_a_bad_temp_dir_before_starting_anything(temp_dir, mess
     assert not _running_mentioning(temp_dir) and not Path(temp_dir).exists()
 
 
+@pytest.mark.parametrize("temp_dir", ["/", "/tmp", "/tmp/", "/tmp//", "/tmp/x/..", "//"])
+def test_local_down_refuses_a_temp_dir_that_names_everything(temp_dir):
+    """down.sh stops every process mentioning its temp dir: / or /tmp would be every process here."""
+    bystander = subprocess.Popen(["sh", "-c", "sleep 60", "/tmp/bystander"], start_new_session=True)
+    try:
+        result = _script("down.sh", _local_env(temp_dir), timeout=60)
+        assert result.returncode == 1 and "would match processes that are not the cluster's" in result.stderr
+        assert bystander.poll() is None, "down.sh stopped a process of something else"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_tracking_services_publish_on_loopback_or_the_cluster_network_only():
+    compose = yaml.safe_load((CLUSTER / "tracking/compose.yaml").read_text())
+    published = {name: service.get("ports", []) for name, service in compose["services"].items()}
+    assert {name for name, ports in published.items() if ports} == {"postgres", "minio", "mlflow"}
+    for name, ports in published.items():
+        for port in ports:
+            # HOST:PUBLISHED:TARGET with the host from .env, loopback unless set: never all interfaces
+            assert port.startswith("${TRACKING_BIND_ADDRESS:-127.0.0.1}:"), (name, port)
+    example = (CLUSTER / "tracking/tracking.env.example").read_text()
+    assert re.search(r"^TRACKING_BIND_ADDRESS=127\.0\.0\.1$", example, re.M)
+    assert "basic-auth" in (CLUSTER / "tracking/compose.yaml").read_text()  # how to add MLflow's authentication
+    for manifest, name in (("mlflow.yaml", "mlflow"), ("postgres.yaml", "postgres")):
+        service = one(load_docs(CLUSTER / "tracking/k8s" / manifest), "Service", name)
+        assert service["spec"].get("type", "ClusterIP") == "ClusterIP", manifest
+
+
 def test_local_up_without_rays_dashboard_says_what_to_install():
     if _dashboard_deps():
         pytest.skip("ray[default] is installed here: the dashboard starts")
