@@ -9,20 +9,30 @@ lock, so two runs never pretrain the same model: the second waits and reuses.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
+import os
+import socket
+import time
 from pathlib import Path
+from typing import Callable
 
 from comod.config import config_to_dict
 
 DETERMINING = ("seed", "precision", "data", "model", "modulation", "pretrain")
 """Sections of the config that determine the pretrained weights."""
 
+PRETRAIN_CODE_VERSION = 2
+"""Part of every key: raise it when a change to the code makes pretraining produce other weights from the
+same settings (the mechanism, the data pipeline, the optimiser), so that old entries are not reused."""
+
 
 def pretrain_key(cfg) -> str:
     raw = config_to_dict(cfg)
     relevant = {k: raw[k] for k in DETERMINING}
+    relevant["code_version"] = PRETRAIN_CODE_VERSION
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -31,13 +41,53 @@ def entry_path(cache_dir: str | Path, cfg) -> Path:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive advisory lock on ``path.lock`` (works across processes on one
-    file system, including NFS with lockd)."""
+def file_lock(path: Path, on_wait: Callable[[str], None] | None = None, timeout: float | None = None,
+              poll: float = 1.0):
+    """An exclusive advisory lock on ``path.lock`` (works across processes on one file system, including
+    NFS with lockd). While another process holds it, ``on_wait`` gets, every ``poll`` s, a line naming what
+    is waited for and who holds it (pid, host, since); after ``timeout`` s (None: no limit) a
+    :class:`TimeoutError` says the same."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(path.suffix + ".lock"), "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    lock = path.with_suffix(path.suffix + ".lock")
+    started = time.monotonic()
+    with open(lock, "a+") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as err:
+                if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise
+            waited = time.monotonic() - started
+            line = f"waiting {waited:.0f} s for {path.name}, being made by {_holder(lock)}"
+            if timeout is not None and waited > timeout:
+                raise TimeoutError(f"gave up after {timeout:.0f} s {line[len('waiting '):]}; if that process "
+                                   f"is gone, delete {lock}")
+            if on_wait:
+                on_wait(line)
+            time.sleep(poll)
+        handle.truncate(0)
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        handle.flush()
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _holder(lock: Path) -> str:
+    try:
+        who = json.loads(lock.read_text() or "{}")
+    except (OSError, ValueError):
+        who = {}
+    if not who:
+        return "another process"
+    return f"pid {who.get('pid')} on {who.get('host')} (since {who.get('since')})"
+
+
+def set_aside(entry: Path) -> Path:
+    """Move a damaged entry out of the way (kept for a look, never read again); returns its new path."""
+    aside = entry.with_name(f"{entry.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(entry, aside)
+    return aside

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -26,7 +27,7 @@ from comod.data import load_data
 from comod.data.taskdata import IGNORE, Split, TaskData, normalise
 from comod.metrics import selection_score, summarise, task_metrics
 from comod.model import MultiTaskModel, build_model
-from comod.pretrain_cache import entry_path, file_lock
+from comod.pretrain_cache import entry_path, file_lock, set_aside
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = 1
@@ -55,6 +56,8 @@ class Callbacks:
     on_eval: Callable[[str, int, dict], None] | None = None
     """(phase, global_step, metrics) for a validation point between epoch ends: fine-tuning's step 0
     (the pretrained model) and every ``finetune.eval_interval_steps`` steps (learning curves)."""
+    on_wait: Callable[[str], None] | None = None
+    """(what) about every second while the run waits for another run's pretraining (the cache's lock)."""
 
 
 @dataclass
@@ -249,22 +252,55 @@ def means(metrics: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if "/mean_" in k}
 
 
-def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+class DamagedFile(TrainingError):
+    """A checkpoint or cache entry that does not load (a write cut short, a full disk, another format)."""
+
+
+def load_checkpoint(path: Path, fix: str = "delete it, or start the run again with --restart") -> dict:
+    """A checkpoint written by :func:`_save_atomic`; a damaged one raises :class:`DamagedFile` naming the file."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a truncated or foreign file
+        raise DamagedFile(f"{path} is damaged and cannot be read ({type(err).__name__}: "
+                          f"{str(err).strip().splitlines()[0][:160] if str(err).strip() else 'no detail'}); "
+                          f"{fix}") from None
+    if not isinstance(saved, dict):
+        raise DamagedFile(f"{path} is not a comod checkpoint; {fix}")
+    return saved
 
 
 PHASES = ("pretrain", "finetune")
 
 
+def _cached(entry: Path) -> dict | None:
+    """A pretraining cache entry, or None when it is damaged: then it is set aside (kept, renamed) and the
+    caller pretrains again, once, in its place."""
+    try:
+        cached = load_checkpoint(entry)
+        if not {"model", "step", "history", "rng"} <= set(cached):
+            raise DamagedFile(f"{entry} lacks the parts of a pretrained model")
+        return cached
+    except DamagedFile as err:
+        aside = set_aside(entry)
+        warnings.warn(f"{err}: set aside as {aside.name}; pretraining again", RuntimeWarning, stacklevel=2)
+        return None
+
+
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, data: TaskData | None = None,
                    callbacks: Callbacks | None = None, resume: bool = True,
-                   pretrain_cache: str | Path | None = None) -> dict[str, float]:
+                   pretrain_cache: str | Path | None = None, cache_wait_s: float | None = None
+                   ) -> dict[str, float]:
     """Run (or resume) one experiment in ``out_dir``; returns the final metrics.
 
     Writes ``config.yaml``, ``checkpoint.pt`` (every epoch) and ``metrics.json``.
     ``data`` may be passed in by a caller that shares one loaded dataset.
     ``pretrain_cache`` (a folder) shares pretrained models between runs whose
-    pretraining settings are equal (see :mod:`comod.pretrain_cache`).
+    pretraining settings are equal (see :mod:`comod.pretrain_cache`); a run waits at most ``cache_wait_s``
+    (None: no limit) for another run that is making the entry it needs, saying so through
+    ``callbacks.on_wait``. A damaged checkpoint raises :class:`DamagedFile`; a damaged cache entry is
+    set aside and pretrained again.
     """
     callbacks = callbacks or Callbacks()
     out = Path(out_dir)
@@ -366,8 +402,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, data: TaskData | 
             if callbacks.on_epoch:
                 callbacks.on_epoch(phase, epoch + 1, state.step, metrics)
 
-    def pretrain_from_cache(entry: Path) -> None:
-        cached = torch.load(entry, map_location="cpu", weights_only=True)
+    def pretrain_from_cache(entry: Path, cached: dict) -> None:
         model.load_state_dict(cached["model"])
         state.step, state.history = cached["step"], list(cached["history"])
         _set_rng_state(cached["rng"], gen)
@@ -384,9 +419,10 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, data: TaskData | 
             run_phase(0)
         else:
             entry = entry_path(pretrain_cache, cfg)
-            with file_lock(entry):
-                if entry.exists() and state.epochs_done == 0:
-                    pretrain_from_cache(entry)
+            with file_lock(entry, on_wait=callbacks.on_wait, timeout=cache_wait_s):
+                cached = _cached(entry) if entry.exists() and state.epochs_done == 0 else None
+                if cached is not None:
+                    pretrain_from_cache(entry, cached)
                 else:
                     run_phase(0)
                     _save_atomic({"model": _cpu_state(model), "step": state.step, "history": state.history,
