@@ -1,0 +1,162 @@
+"""The MLflow writer of a search's driver: calls run in order on a thread of their own, and outages wait.
+
+No Ray here: the search's callbacks (:mod:`tune_callbacks`), ``comod train``'s run and the parent
+run's set-up all reach MLflow through :class:`Writer` or :func:`retry_call`. What counts as a
+passing failure (:func:`transient`: an unreachable server, a failing one, a locked, full or
+vanished database, also when MLflow wraps it) is retried until it passes or the flush timeout is
+spent; anything else is the call's own fault, retried a few times and then dropped with a warning
+that names it. Nothing is dropped silently.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+
+log = logging.getLogger(__name__)
+
+
+def transient(err: Exception) -> bool:
+    """Whether an MLflow call failed because the server could not be reached or was failing
+    (worth retrying until it is back), rather than because the call itself was refused."""
+    if isinstance(err, (ConnectionError, TimeoutError, OSError)):
+        return True
+    try:
+        import requests
+
+        if isinstance(err, requests.exceptions.RequestException):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    if any(type(e).__name__ == "OperationalError" for e in _chain(err)):
+        return True  # SQLAlchemy's or sqlite3's: a locked, unreachable or full database, maybe wrapped
+    text = str(err)
+    if any(sign in text for sign in TRANSIENT_DATABASE_SIGNS):  # MLflow's wrapping of the same, as text
+        return True
+    return "API request to" in text and any(
+        sign in text for sign in ("failed with exception", "timeout", "failed with error code 5"))
+
+
+TRANSIENT_DATABASE_SIGNS = ("OperationalError", "database is locked", "database table is locked", "disk I/O error",
+                            "database or disk is full", "No space left on device", "could not connect to server",
+                            "server closed the connection unexpectedly")
+"""What MLflow's stores leave of a database error they wrap (an MlflowException with the driver's message):
+a lock held past SQLite's busy timeout, a full disk, a database server that went away. Retried, not dropped."""
+
+
+def _chain(err: BaseException):
+    """``err`` and the exceptions it was raised from or during (``__cause__``, ``__context__``)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+class Writer:
+    """A background thread that runs MLflow calls in order.
+
+    While the tracking server is unreachable, writes wait in the queue (in
+    order) and the head one is retried with a growing pause (at most
+    ``max_pause`` s), so nothing is dropped. A call the server refuses is
+    tried ``retries`` times, then dropped with a warning."""
+
+    def __init__(self, retries: int = 5, max_pause: float = 15.0, describe: str = "MLflow"):
+        self.queue: queue.Queue = queue.Queue()
+        self.retries, self.max_pause, self.describe = retries, max_pause, describe
+        self.outage_since: float | None = None
+        self.dropped = 0
+        self.thread = threading.Thread(target=self._loop, name="comod-mlflow-writer", daemon=True)
+        self.thread.start()
+
+    def submit(self, fn, *args, **kwargs) -> None:
+        self.queue.put((fn, args, kwargs))
+
+    def _loop(self) -> None:
+        while True:
+            fn, args, kwargs = self.queue.get()
+            refused = waits = 0
+            while True:
+                try:
+                    fn(*args, **kwargs)
+                    if self.outage_since is not None:
+                        log.warning("%s reachable again after %.0f s; %d buffered writes follow", self.describe,
+                                    time.time() - self.outage_since, self.queue.qsize())
+                        self.outage_since = None
+                    break
+                except Exception as err:  # noqa: BLE001 - tracking must never kill the search
+                    if transient(err):
+                        if self.outage_since is None:
+                            self.outage_since = time.time()
+                            log.warning("%s unreachable (%s); buffering writes and retrying", self.describe,
+                                        str(err).splitlines()[0][:200])
+                        waits += 1
+                    else:
+                        refused += 1
+                        if refused >= self.retries:
+                            self.dropped += 1
+                            log.warning("MLflow call %s refused %d times, dropped: %s", fn.__name__, refused, err)
+                            break
+                    time.sleep(min(0.5 * 2 ** min(waits + refused, 6), self.max_pause))
+            self.queue.task_done()
+
+    def pending(self) -> int:
+        return self.queue.unfinished_tasks
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every write went out (True), or ``timeout`` s passed (False)."""
+        if timeout is None:
+            self.queue.join()
+            return True
+        deadline = time.time() + timeout
+        announced = 0.0
+        while self.pending():
+            if time.time() > deadline:
+                return False
+            if self.outage_since is not None and time.time() - announced > 30:
+                print(f"[search] waiting for {self.describe}: {self.pending()} writes buffered "
+                      f"(up to {deadline - time.time():.0f} s more)", file=sys.stderr, flush=True)
+                announced = time.time()
+            time.sleep(0.1)
+        return True
+
+
+def retry_call(fn, *args, timeout: float | None = None, **kwargs):
+    """``fn(*args, **kwargs)``, retried while the tracking server is unreachable (up to the flush timeout)."""
+    deadline = time.time() + (timeout if timeout is not None else float(os.environ.get(FLUSH_TIMEOUT_ENV, 900)))
+    pause = 0.5
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001
+            if not transient(err) or time.time() + pause > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 15.0)
+
+
+FLUSH_TIMEOUT_ENV = "COMOD_MLFLOW_FLUSH_TIMEOUT"
+"""Seconds the end of a search waits for an unreachable tracking server (default 900)."""
+
+
+class RetryingClient:
+    """An MLflow client whose every call is :func:`retry_call`'s: a passing failure (:func:`transient`) is
+    waited out up to the flush timeout, anything else raises at once. For the writes that are made where
+    they are needed (``comod train``'s run, a search's parent run), not queued."""
+
+    def __init__(self, client, timeout: float | None = None):
+        self._client, self._timeout = client, timeout
+
+    def __getattr__(self, name: str):
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args, **kwargs):
+            return retry_call(attribute, *args, timeout=self._timeout, **kwargs)
+
+        call.__name__ = name
+        return call
