@@ -13,9 +13,11 @@ import gc
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from comod_platform.errors import EXIT_FAILED, EXIT_USAGE, UserError  # noqa: F401 - re-exported
@@ -67,15 +69,54 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except UserError as err:
-        print(f"comod: error: {err}", file=sys.stderr)
+        from comod_platform.credentials import redact_all
+
+        print(f"comod: error: {redact_all(str(err))}", file=sys.stderr)  # a URL's password is never echoed
         return err.code
     except KeyboardInterrupt:
         print("comod: interrupted; run the same command again (with the same --out) to resume",
               file=sys.stderr)
-        return 130
+        return 143 if _terminated and _terminated[0] == signal.SIGTERM else 130
+
+
+_terminated: list[int] = []
+_training: list[bool] = [False]
+
+
+def _stop_signal(signum, frame):
+    """Ctrl-C and SIGTERM (``kill``, a scheduler's stop) end ``comod train`` alike (exit 130 or 143). While
+    the run trains, the stop waits for the next optimisation step (:func:`_stop_at_step`), so that it never
+    lands inside a database write or a garbage collector's callback; before that, it is immediate."""
+    _terminated.append(signum)
+    if not _training[0]:
+        raise KeyboardInterrupt
+
+
+def _stop_at_step(*_) -> None:
+    if _terminated:
+        raise KeyboardInterrupt
+
+
+def check_writable(folder: Path, what: str) -> None:
+    from comod_platform.paths import unwritable
+
+    problem = unwritable(folder, what)
+    if problem:
+        raise UserError(problem, EXIT_FAILED)
 
 
 def cmd_train(args) -> int:
+    previous = {sig: signal.signal(sig, _stop_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    _terminated.clear()
+    try:
+        return _train(args)
+    finally:
+        _training[0] = False
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _train(args) -> int:
     from comod.config import ConfigError, config_to_dict, load_config
 
     try:
@@ -92,6 +133,7 @@ def cmd_train(args) -> int:
     from comod_platform.tracking import RUN_FILE, RunLogger, TrackingError, check_reachable, tracking_uri
 
     out = args.out or default_train_dir(cfg.name)
+    check_writable(out, "--out" if args.out else "COMOD_HOME")
     saved = None
     if args.restart:
         # only what a run writes: --out may be a folder that holds other files
@@ -99,7 +141,11 @@ def cmd_train(args) -> int:
             (out / name).unlink(missing_ok=True)
     elif (out / CHECKPOINT).exists():
         # checked before the MLflow run is touched, so a mismatch changes nothing recorded
-        saved = load_checkpoint(out / CHECKPOINT)
+        try:
+            saved = load_checkpoint(out / CHECKPOINT, fix="pass --restart to discard it and start over, or "
+                                                          "choose another --out")
+        except TrainingError as err:
+            raise UserError(str(err), EXIT_FAILED) from None
         diff = config_difference(saved["config"], config_to_dict(cfg))
         if diff is not None:
             raise UserError(f"{out} holds a run of another config ({diff}); pass --restart to discard it "
@@ -125,14 +171,22 @@ def cmd_train(args) -> int:
         if saved is not None:
             logger.backfill(saved["history"])
         callbacks = ProgressCallbacks(logger, enabled=not args.no_progress)
+        show_step = callbacks.on_step
+        callbacks.on_step = lambda *step: (show_step(*step), _stop_at_step())
         status = "FAILED"
         try:
+            _training[0] = True
+            _stop_at_step()  # a signal that came while the run was being set up
             metrics = run_experiment(cfg, out, data=data, callbacks=callbacks)
             status = "FINISHED"
         except DatasetNotFoundError as err:
             raise UserError(str(err), EXIT_FAILED) from None
         except (TrainingError, ValueError, FileNotFoundError) as err:
             raise UserError(str(err), EXIT_FAILED) from None
+        except OSError as err:  # a full disk, a folder made read-only under the run
+            from comod_platform.paths import disk_message
+
+            raise UserError(disk_message(err, out), EXIT_FAILED) from None
         except KeyboardInterrupt:
             status = "KILLED"  # the run is ended below, once this handler has let go of the interrupted frames
         finally:
@@ -153,7 +207,7 @@ def cmd_train(args) -> int:
         logger.finish("FINISHED")
     summary = {k: round(v, 4) for k, v in metrics.items() if k.startswith("test/mean_")}
     print(json.dumps(summary, indent=2))
-    print(f"outputs in {out}; MLflow run {logger.run_id} (browse with: comod ui)")
+    print(f"outputs in {out}; MLflow run {logger.run_id} (browse with: comod ui {shlex.quote(args.experiment)} --open)")
     return 0
 
 
@@ -245,9 +299,9 @@ def cmd_ui(args) -> int:
     if root:
         command += ["--default-artifact-root", root]
     print(f"MLflow UI of {uri} on {base} (runs folder {runs_home()}); Ctrl-C stops it", flush=True)
-    # in this command's process group, as before: Ctrl-C in the terminal (or a signal to the group)
-    # reaches the server too; a SIGTERM to this process alone stops the server below
-    proc = subprocess.Popen(command, env={**os.environ, **UI_ENV})
+    # in a session of its own: the server and the uvicorn workers it starts are one process group, which
+    # _stop ends as a whole when this command ends (Ctrl-C, SIGTERM, or the server's own exit)
+    proc = subprocess.Popen(command, env={**os.environ, **UI_ENV}, start_new_session=True)
 
     def _terminate(signum, frame):
         raise KeyboardInterrupt
@@ -269,15 +323,44 @@ def cmd_ui(args) -> int:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """End the server (which ends its workers), waiting a little for a clean stop."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    """End the server and its workers (its process group): SIGTERM, a little time for a clean stop, then
+    SIGKILL to whatever is left, so that no worker keeps the port."""
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and _group_alive(proc.pid):
+            if proc.poll() is None:
+                try:
+                    proc.wait(0.2)
+                except subprocess.TimeoutExpired:
+                    pass
+            else:
+                time.sleep(0.2)
+        if not _group_alive(proc.pid):
+            break
+    if proc.poll() is None:
         proc.wait(5)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of group ``pgid`` is still running (zombies awaiting their parent do not count)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
 
 
 def run() -> None:

@@ -64,10 +64,15 @@ def _user_errors():
     from comod.data.taskdata import DatasetNotFoundError
     from comod_platform.results import ResultsError
     from comod_platform.runner import SearchError
-    from comod_platform.search_state import SearchNotFound
+    from comod_platform.search_state import BadName, SearchBusy, SearchNotFound
     from comod_platform.tracking import TrackingError
 
-    return ConfigError, DatasetNotFoundError, SearchError, SearchNotFound, TrackingError, ResultsError
+    return ConfigError, BadName, DatasetNotFoundError, SearchError, SearchNotFound, SearchBusy, TrackingError, \
+        ResultsError
+
+
+USAGE_ERRORS = 2
+"""The first two of :func:`_user_errors` are the user's input (exit status 2), the rest a failure (1)."""
 
 
 def cmd_search(args) -> int:
@@ -103,16 +108,38 @@ def cmd_search(args) -> int:
 
             print("\n".join(known_searches()) or "no searches yet")
             return 0
+    except KeyboardInterrupt:  # a signal before the search's trials started: nothing ran yet
+        name = getattr(args, "name", None)
+        again = f"comod search resume {name}" if name and _exists(name) else "the same command again"
+        print(f"comod: interrupted before any trial ran; start it with {again}", file=sys.stderr, flush=True)
+        from comod_platform.interrupts import EXIT_CODES, requested
+
+        return EXIT_CODES.get(requested(), 130)
+    except OSError as err:
+        import errno
+
+        if err.errno not in (errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT):
+            raise
+        from comod_platform.paths import disk_message, runs_home
+
+        raise UserError(disk_message(err, runs_home(), "COMOD_HOME (the runs folder)"), EXIT_FAILED) from None
     except Exception as err:
         errors = _user_errors()  # imported here, not before: a search starts Ray while torch loads
         if not isinstance(err, errors):
             raise
-        code = EXIT_USAGE if isinstance(err, errors[0]) else EXIT_FAILED
+        code = EXIT_USAGE if isinstance(err, errors[:USAGE_ERRORS]) else EXIT_FAILED
         raise UserError(str(err), code) from None
     if getattr(args, "json", False):
         print(json.dumps(summary, indent=2))
     else:
         print(format_summary(summary), flush=True)
+    if summary.get("stopped_by"):
+        import signal
+
+        from comod_platform.interrupts import EXIT_CODES
+
+        print(f"interrupted: continue with comod search resume {summary['name']}", file=sys.stderr, flush=True)
+        return EXIT_CODES.get(getattr(signal, summary["stopped_by"]), 130)
     if summary["completed"] == 0:
         print("comod: no trial completed; see `comod search status` and the failed runs in the UI",
               file=sys.stderr)
@@ -133,13 +160,25 @@ def _number(value) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) and value == value else "-"
 
 
+def _exists(name: str) -> bool:
+    from comod_platform.search_state import BadName, SearchPaths
+
+    try:
+        return SearchPaths(name).exists()
+    except BadName:
+        return False
+
+
 def format_summary(summary: dict) -> str:
     """The end of ``comod search run`` / ``resume`` for a person: trials by state, the best trial of each kind
     with the search metric and its test F1, recall and precision, failed trials' errors, the next commands."""
     name, metric = summary.get("name") or "SEARCH", summary.get("metric", "val/mean_f1")
     states = [f"{summary.get('completed', 0)} completed", f"{summary.get('pruned', 0)} stopped early",
               f"{summary.get('failed', 0)} failed"]
-    others = summary.get("trials", 0) - sum(summary.get(k, 0) for k in ("completed", "pruned", "failed"))
+    if summary.get("stopped_by") or summary.get("interrupted"):
+        states.insert(2, f"{summary.get('interrupted', 0)} interrupted")
+    others = summary.get("trials", 0) - sum(summary.get(k, 0) for k in ("completed", "pruned", "failed",
+                                                                       "interrupted"))
     if others > 0:
         states.append(f"{others} not finished")
     lines = [f"search {name}: {summary.get('trials', 0)} trials: {', '.join(states)}"]
@@ -161,7 +200,7 @@ def format_summary(summary: dict) -> str:
         lines += ["", "failed trials (the error's last line; the whole one is in the trial's MLflow run):"]
         lines += [f"  {f.get('trial_id')}: {f.get('error')}" for f in failures]
     lines += ["", "next:"]
-    lines += _table([["comod ui", f"browse the runs in MLflow (experiment search/{name})"],
+    lines += _table([[f"comod ui {name} --open", f"the runs in MLflow's UI (experiment search/{name})"],
                      [f"comod search status {name}", "the table of trials"],
                      [f"comod export best {name} --out best.yaml", "the best trial's config, for comod train"],
                      [f"comod compare {name}", "stochastic vs deterministic vs none, and what mattered"],

@@ -19,20 +19,25 @@ TAG_SEARCH = "comod.search"
 TAG_ROLE = "comod.role"                # "search" (parent) or "trial" (child)
 TAG_TRIAL_ID = "comod.ray_trial_id"
 TAG_KIND = "comod.modulation_kind"
-TAG_STATE = "comod.state"              # running, completed, pruned, failed
+TAG_STATE = "comod.state"              # running, completed, pruned, interrupted, failed
 TAG_STOPPED_EPOCH = "comod.stopped_epoch"  # epochs reported when the trial ended (its rung if pruned)
 TAG_ERROR = "comod.error"
 TAG_NODE = "comod.node"                # the Ray node the trial runs (ran) on
 TAG_GPUS = "comod.gpu_ids"             # the GPU ids Ray assigned to it (a fraction shares one)
 TAG_RETRIES = "comod.retries"          # times the trial was restarted from its last checkpoint
 TAG_PARENT = "mlflow.parentRunId"
+TAG_SEARCH_ID = "comod.search_id"      # on a search's experiment and (a user attribute) its Optuna study:
+                                       # the search folder that made them (names are unique per team store)
 
-STATES = ("running", "completed", "pruned", "failed")
+STATES = ("running", "completed", "pruned", "interrupted", "failed")
+INTERRUPTED = "interrupted"
+"""The state of a trial that a stopped search (Ctrl-C, SIGTERM) left unfinished; a resume continues it."""
 
 FINAL_FLAG = "comod/final"
 """Present (1) only in a trial's last report, which carries its final metrics."""
 DIVERGED_FLAG = "comod/diverged"
-"""Present (1) in the last report of a trial whose loss diverged; ``REASON`` says how."""
+"""Present (1) in the last report of a trial that ended with a recorded failure, not a crash (its loss
+diverged, it timed out or stalled): ``REASON`` says which. Ray does not retry such a trial."""
 REASON = "comod/reason"
 NODE = "comod/node"
 """In every report: the Ray node id of the trial's worker, and ``GPUS`` its assigned GPU ids."""
@@ -60,3 +65,17 @@ def param_value(text: str) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+
+
+def better(a: float, b: float, mode: str) -> bool:
+    """Whether ``a`` beats ``b`` for a metric of ``mode`` (``max`` or ``min``)."""
+    return a > b if mode == "max" else a < b
+
+
+def outcome(last: dict | None, errored: bool = False) -> str:
+    """A trial's state from its last report: ``failed`` (it raised, or ended with a recorded failure),
+    ``completed`` (its last report carries the final flag) or ``pruned`` (stopped before its end)."""
+    last = last or {}
+    if errored or last.get(DIVERGED_FLAG):
+        return "failed"
+    return "completed" if last.get(FINAL_FLAG) else "pruned"

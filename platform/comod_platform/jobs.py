@@ -45,7 +45,6 @@ FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "COMOD_OPTUNA_STORAGE", "COMOD_STORAGE")
 SHIP_CHOICES = ("wheel", "image")
 PROGRESS_PREFIX = "[search]"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -137,10 +136,30 @@ def parse_env(pairs: Iterable[str]) -> dict[str, str]:
     return env
 
 
-def job_env(extra: dict[str, str], storage: str | None) -> dict[str, str]:
+def job_env(extra: dict[str, str], storage: str | None, notes: list[str] | None = None) -> dict[str, str]:
     """The job's environment variables: the submitter's MLflow, Optuna and storage settings, then
-    ``--env`` pairs, then ``--storage``."""
-    env = {key: os.environ[key] for key in FORWARDED_ENV if os.environ.get(key)}
+    ``--env`` pairs, then ``--storage``. Ray's dashboard shows a job's runtime environment, so no secret
+    goes there: a forwarded URL with a password is left to the cluster's own environment (said in
+    ``notes``), and an ``--env`` secret is refused (:mod:`credentials`)."""
+    from comod_platform.credentials import is_secret, redact
+
+    env = {}
+    for key in FORWARDED_ENV:
+        value = os.environ.get(key)
+        if not value:
+            continue
+        if is_secret(key, value):
+            if notes is not None:
+                notes.append(f"{key} ({redact(value)}) holds a password, so it is not put in the job's environment "
+                             f"(Ray's dashboard shows it): the job uses the cluster's own {key}")
+            continue
+        env[key] = value
+    for key, value in extra.items():
+        if is_secret(key, value):
+            raise JobsError(f"--env {key}=...: a secret in a Ray job's runtime environment is shown on the "
+                            f"cluster's dashboard; give it to the cluster by reference instead: in the nodes' "
+                            f"own environment (cluster/ray/comod.env, a Kubernetes secret) or a file they mount "
+                            f"(PGPASSFILE, AWS_SHARED_CREDENTIALS_FILE); see docs/guides/cluster.md", EXIT_USAGE)
     env.update(extra)
     if storage:
         env["COMOD_STORAGE"] = storage
@@ -150,28 +169,11 @@ def job_env(extra: dict[str, str], storage: str | None) -> dict[str, str]:
     return env
 
 
-def _run_accepts(option: str) -> bool:
-    """Whether ``comod search run`` has ``option`` (the entrypoint passes it when it does)."""
-    import argparse
-
-    from comod_platform.cli import _parser
-
-    def subparser(parser, name):
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction) and name in action.choices:
-                return action.choices[name]
-        return None
-
-    search = subparser(_parser()[0], "search")
-    run = search and subparser(search, "run")
-    return bool(run) and option in run._option_string_actions
-
-
 def entrypoint(name: str, ship: str, storage: str | None) -> str:
     """The job's shell command. A shipped wheel is on ``PYTHONPATH``, not ``PATH``: it runs as a module."""
     command = "python -m comod_platform.cli" if ship == "wheel" else "comod"
     line = f"{command} search run search.yaml --name {shlex.quote(name)} --or-resume"
-    if storage and _run_accepts("--storage"):
+    if storage:
         line += f" --storage {shlex.quote(storage)}"
     return line
 
@@ -295,10 +297,13 @@ class Submission:
 
 
 def check_name(name: str) -> str:
-    if not _NAME.match(name):
-        raise JobsError(f"--name {name!r}: a search's name is letters, digits, '.', '_' and '-' (at most 100, "
-                        f"starting with a letter or digit), e.g. --name tiny-lr-sweep", EXIT_USAGE)
-    return name
+    """``name`` when it can name a search (:func:`search_state.check_name`), else a usage error."""
+    from comod_platform.search_state import BadName, check_name as check
+
+    try:
+        return check(name)
+    except BadName as err:
+        raise JobsError(str(err), EXIT_USAGE) from None
 
 
 def _loopback(url: str) -> bool:
@@ -322,11 +327,14 @@ def submit(search: str | Path, address: str | None = None, name: str | None = No
     source = Path(search)
     if not source.is_file():
         source = Path("search_spaces") / f"{search}.yaml"
-    name = check_name(name or f"{sf.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    from comod_platform.search_state import default_name
+
+    name = check_name(name) if name else default_name(sf.name)
     if ship not in SHIP_CHOICES:
         raise JobsError(f"--ship {ship!r}: choose wheel (build and ship this project) or image (the cluster's "
                         f"image has comod)", EXIT_USAGE)
-    env = job_env(parse_env(env_pairs), storage)
+    notes: list[str] = []
+    env = job_env(parse_env(env_pairs), storage, notes)
     url = dashboard_address(address)
     client = connect(url)
 
@@ -343,7 +351,6 @@ def submit(search: str | Path, address: str | None = None, name: str | None = No
                         f"({_value(running[0].status)}); two jobs of one search would overwrite each other: follow "
                         f"it (`comod search logs {name} --address {url} --follow`), or stop it first "
                         f"(`comod search stop {name} --address {url}`)", EXIT_USAGE)
-    notes = []
     tracking = env.get("MLFLOW_TRACKING_URI", "")
     if tracking.startswith(("http://", "https://")) and _loopback(tracking) and not _loopback(url):
         notes.append(f"MLFLOW_TRACKING_URI {tracking} is this machine's loopback; on the cluster it names the "
@@ -470,6 +477,7 @@ def run_or_resume(search: str | Path, name: str, address: str | None = None, sto
 
     from comod_platform.paths import runs_home
 
+    check_name(name)
     load_search(search)  # a broken file fails the same way in both cases
     source = Path(search) if Path(search).is_file() else Path("search_spaces") / f"{search}.yaml"
     search = source = source.resolve()

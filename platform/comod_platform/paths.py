@@ -6,6 +6,7 @@ outputs (``train/NAME-TIME/``).
 """
 from __future__ import annotations
 
+import errno
 import os
 import time
 from pathlib import Path
@@ -17,3 +18,34 @@ def runs_home() -> Path:
 
 def default_train_dir(name: str) -> Path:
     return runs_home() / "train" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def disk_message(err: OSError, where: Path, what: str = "--out") -> str:
+    """One line for a write that failed: the file, why, and what to change (``what``: the setting)."""
+    path = err.filename or where
+    if err.errno == errno.ENOSPC:
+        return (f"no space left on the disk writing {path}; free space there (or choose another {what}), then "
+                f"run the same command again: it resumes from the last checkpoint")
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {path} ({err.strerror}); choose a writable {what}"
+    return f"cannot write {path} ({err.strerror or err}); check the disk and {what}"
+
+
+def unwritable(folder: Path, what: str) -> str | None:
+    """Why ``folder`` cannot take a file, in one line; None when it can. Leaves nothing behind: folders it
+    had to make for the probe are removed again."""
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # what the probe makes, it removes
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".comod-write-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        return disk_message(err, folder, what)
+    finally:
+        for path in made:  # deepest first
+            try:
+                path.rmdir()
+            except OSError:
+                break
+    return None

@@ -115,7 +115,7 @@ class TrialRecord:
     trial_id: str
     run_id: str
     state: str
-    """completed, pruned, failed or running (conventions.STATES)."""
+    """completed, pruned, interrupted, failed or running (conventions.STATES)."""
     kind: str | None
     stopped_epoch: int | None
     """Epochs reported when the trial ended (its rung if pruned), from the comod.stopped_epoch tag."""
@@ -168,7 +168,7 @@ class SearchResults:
         return self.search.search.mode
 
     def counts(self) -> dict[str, int]:
-        out = {s: 0 for s in ("completed", "pruned", "failed", "running")}
+        out = {s: 0 for s in ("completed", "pruned", "interrupted", "failed", "running")}
         for t in self.trials:
             out[t.state] = out.get(t.state, 0) + 1
         return out
@@ -184,10 +184,6 @@ class SearchResults:
 def guess_mode(metric: str) -> str:
     """Error and calibration error are better low; everything else reported is better high."""
     return "min" if re.search(r"(error|ece|loss|wall_seconds)$", metric) else "max"
-
-
-def better(a: float, b: float, mode: str) -> bool:
-    return a > b if mode == "max" else a < b
 
 
 def open_search(name: str, home: Path | None = None) -> tuple[SearchPaths, SearchMeta, SearchFile]:
@@ -304,5 +300,4 @@ def _record(client, run, metric: str, mode: str, paths: SearchPaths) -> TrialRec
 
 
 __all__ = ["KINDS", "CURVE_METRICS", "ResultsError", "TrialRecord", "SearchResults", "load_results", "open_search",
-           "fine_tuning_curve", "config_fields", "config_from_params", "typed_param", "unwrap_optional", "guess_mode",
-           "better"]
+           "fine_tuning_curve", "config_fields", "config_from_params", "typed_param", "unwrap_optional", "guess_mode"]

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import shutil
+import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,10 +23,13 @@ import yaml
 
 from comod.config import flatten
 from comod.schema import to_dict
+from comod_platform import interrupts
 from comod_platform import storage as storage_mod
-from comod_platform.conventions import (DIVERGED_FLAG, EPOCH, FINAL_FLAG, REASON, TAG_ROLE, TAG_SEARCH,
-                                        experiment_name, param_text)
-from comod_platform.search_state import SearchMeta, SearchPaths
+from comod_platform.conventions import (EPOCH, REASON, TAG_ROLE, TAG_SEARCH, TAG_SEARCH_ID, better,
+                                        experiment_name, outcome, param_text)
+from comod_platform.credentials import redact, redact_all
+from comod_platform.search_state import (SearchMeta, SearchPaths, check_name, default_name,
+                                         first_difference, search_hash, versions)
 from comod_platform.searchfile import SearchFile, parse_search, read_search
 
 log = logging.getLogger(__name__)
@@ -54,7 +59,7 @@ def check_optuna_storage(url: str) -> None:
 
         shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - a URL SQLAlchemy cannot parse
-        raise SearchError(f"Optuna storage {url!r} (COMOD_OPTUNA_STORAGE) is not a database URL; use e.g. "
+        raise SearchError(f"Optuna storage {redact(url)!r} (COMOD_OPTUNA_STORAGE) is not a database URL; use e.g. "
                           f"postgresql+psycopg2://USER:PASSWORD@HOST:5432/optuna, or unset it to keep the study "
                           f"in SQLite in the search folder") from None
     try:
@@ -66,7 +71,7 @@ def check_optuna_storage(url: str) -> None:
         raise SearchError(f"Optuna storage {shown} (COMOD_OPTUNA_STORAGE) needs the driver {err.name}: "
                           f"pip install 'comod[cluster]'") from None
     except Exception as err:  # noqa: BLE001
-        first = str(getattr(err, "orig", None) or err).strip().splitlines()[0][:300]
+        first = redact_all(str(getattr(err, "orig", None) or err).strip().splitlines()[0][:300])
         raise SearchError(f"Optuna storage {shown} (COMOD_OPTUNA_STORAGE) cannot be used: {first}; start the "
                           f"database or fix the URL, or unset COMOD_OPTUNA_STORAGE to keep the study in SQLite "
                           f"in the search folder") from None
@@ -217,7 +222,8 @@ def _callbacks(sf: SearchFile, paths: SearchPaths, meta: SearchMeta):
             ProgressCallback(sf.search.metric, sf.search.mode, sf.search.num_trials)]
 
 
-def _start_tracking(sf: SearchFile, name: str, data: dict | None = None) -> tuple[str, str, str]:
+def _start_tracking(sf: SearchFile, name: str, data: dict | None = None, search_id: str | None = None
+                    ) -> tuple[str, str, str]:
     """The search's experiment (tagged as model training, with comod's saved view sorted by the search's
     metric) and its parent run: the search settings and the space as params, the base experiment's
     dataset (``data``, loaded once by the driver) as its dataset input, which the trials' runs share."""
@@ -225,9 +231,13 @@ def _start_tracking(sf: SearchFile, name: str, data: dict | None = None) -> tupl
 
     from comod_platform.tracking import describe_dataset, log_dataset, log_params, setup, tracking_uri
 
-    experiment_id = setup(experiment_name(name), metric=sf.search.metric, mode=sf.search.mode)
+    from comod_platform.writer import RetryingClient, retry_call
+
+    experiment_id = retry_call(setup, experiment_name(name), metric=sf.search.metric, mode=sf.search.mode)
     uri = tracking_uri()
-    client = MlflowClient(tracking_uri=uri)
+    client = RetryingClient(MlflowClient(tracking_uri=uri))  # a locked store or a server's blip is waited out
+    if search_id:
+        client.set_experiment_tag(experiment_id, TAG_SEARCH_ID, search_id)
     parent = client.create_run(experiment_id, run_name=name, tags={TAG_SEARCH: name, TAG_ROLE: "search"})
     settings = {key: param_text(value) for key, value in flatten(to_dict(sf.search), "search.").items()}
     settings.update({f"space.{key}": param_text(to_dict(dist)) for key, dist in sf.space.items()})
@@ -236,10 +246,103 @@ def _start_tracking(sf: SearchFile, name: str, data: dict | None = None) -> tupl
     return uri, experiment_id, parent.info.run_id
 
 
-def _refuse_existing(paths: SearchPaths) -> None:
+def _refuse_existing(paths: SearchPaths, locked: bool = False) -> None:
+    """A name taken in this runs folder is refused: by a live driver (named; unless ``locked``, this process
+    holds the lock), or by a search that exists."""
+    if not locked:
+        paths.check_not_busy()
     if paths.exists():
         raise SearchError(f"a search named {paths.name!r} exists already ({paths.root}); continue it with "
                           f"`comod search resume {paths.name}`, or choose another --name")
+
+
+def _claim_stores(name: str, search_id: str, optuna_url: str, tracking: str) -> None:
+    """A new search's name must be free in the tracking store and in the Optuna database too, which a team
+    may share: an experiment ``search/NAME`` or a study ``NAME`` made by another search folder (another
+    runs folder, another user who chose the same --name) is refused before anything is created. One made
+    by this folder (a start that failed half-way) is this search's."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from comod_platform.writer import retry_call
+
+    found = retry_call(MlflowClient(tracking_uri=tracking).get_experiment_by_name, experiment_name(name))
+    if found is not None and found.tags.get(TAG_SEARCH_ID) != search_id:
+        deleted = " (deleted, and its name stays taken)" if found.lifecycle_stage == "deleted" else ""
+        raise SearchError(f"the tracking store {redact(tracking)} has an experiment {experiment_name(name)!r} "
+                          f"already{deleted}, made by another search of that name (another runs folder or "
+                          f"another user): names are unique per tracking store; choose another --name")
+    if optuna_url.startswith("sqlite:") and not Path(optuna_url.removeprefix("sqlite:///")).exists():
+        return  # the search folder's own, new database
+    storage = optuna.storages.RDBStorage(optuna_url)
+    try:
+        study_id = storage.get_study_id_from_name(name)
+    except KeyError:
+        return
+    if storage.get_study_user_attrs(study_id).get(TAG_SEARCH_ID) != search_id:
+        raise SearchError(f"the Optuna database {redact(optuna_url)} has a study {name!r} already, made by "
+                          f"another search of that name: names are unique per Optuna database; choose another "
+                          f"--name")
+
+
+def _check_owned(meta: SearchMeta) -> None:
+    """On resume: the experiment and the study of the search's name are still the ones it made."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from comod_platform.writer import retry_call
+
+    found = retry_call(MlflowClient(tracking_uri=meta.tracking_uri).get_experiment_by_name,
+                       experiment_name(meta.name))
+    if found is None or found.experiment_id != meta.experiment_id \
+            or (meta.search_id and found.tags.get(TAG_SEARCH_ID) != meta.search_id):
+        what = "has none" if found is None else f"has one (id {found.experiment_id}) of another search"
+        raise SearchError(f"search {meta.name!r} recorded to experiment {meta.experiment_id} "
+                          f"({experiment_name(meta.name)}) of {redact(meta.tracking_uri)}, which now {what}: "
+                          f"the tracking store was replaced or another search took the name; set "
+                          f"MLFLOW_TRACKING_URI to the search's store, or run it again under another --name")
+    if meta.search_id is None:
+        return  # a search from before ids were recorded
+    storage = optuna.storages.RDBStorage(meta.optuna_storage)
+    try:
+        owner = storage.get_study_user_attrs(storage.get_study_id_from_name(meta.study_name)).get(TAG_SEARCH_ID)
+    except KeyError:
+        owner = None
+    if owner != meta.search_id:
+        what = "has no study of that name" if owner is None else "has one of another search"
+        raise SearchError(f"search {meta.name!r} made study {meta.study_name!r} in {redact(meta.optuna_storage)}, "
+                          f"which now {what}: set COMOD_OPTUNA_STORAGE to the search's database, or run it again "
+                          f"under another --name")
+
+
+RESTORE_PINNED = ("ray",)
+"""Packages whose version a resume must match: Ray Tune's experiment state is a pickle of Ray's classes.
+The Optuna and MLflow stores are versioned databases and comod's own state is plain files, so a resume
+after upgrading those works (with a note)."""
+
+
+def _check_unchanged(paths: SearchPaths, meta: SearchMeta) -> None:
+    """On resume: the search file is the one the search started with, and Ray's version is its version."""
+    current = yaml.safe_load(paths.search_file.read_text())
+    if meta.search_sha256 is not None and search_hash(current) != meta.search_sha256:
+        changed = first_difference(meta.search_settings or {}, current) or "its contents"
+        raise SearchError(f"the search file of {meta.name!r} ({paths.search_file}) was edited after the search "
+                          f"started ({changed}); a resumed search must sample and score as it started: undo the "
+                          f"edit, or run the edited file as a new search (comod search run FILE --name NEW)")
+    now = versions()
+    pinned = [p for p in RESTORE_PINNED if meta.versions.get(p) not in (None, now[p])]
+    if pinned:
+        started = ", ".join(f"{p} {meta.versions[p]}" for p in pinned)
+        here = ", ".join(f"{p} {now[p]}" for p in pinned)
+        raise SearchError(f"search {meta.name!r} was started with {started}, and this is {here}: Ray Tune's "
+                          f"saved experiment state is read only by the version that wrote it; resume with that "
+                          f"version (pip install 'ray[default,tune]=={meta.versions['ray']}'), or run the "
+                          f"search again under another --name")
+    changed = [f"{p} {meta.versions[p]} -> {now[p]}" for p in now
+               if p not in RESTORE_PINNED and meta.versions.get(p) not in (None, now[p])]
+    if changed:
+        print(f"comod: resuming {meta.name} with other versions than it started with ({', '.join(changed)})",
+              file=sys.stderr, flush=True)
 
 
 def _prepare_in_background(raw: dict, stem: str) -> tuple[SearchFile, dict]:
@@ -267,8 +370,13 @@ def run_search(search_path: str | Path, name: str | None = None, address: str | 
     file, the names, the Optuna database and the storage have all passed."""
     source = Path(search_path) if Path(search_path).is_file() else Path("search_spaces") / f"{search_path}.yaml"
     source = source.resolve()  # joining a Ray job's cluster may change the working folder
+    from comod_platform.paths import runs_home, unwritable
+
+    problem = unwritable(runs_home(), "COMOD_HOME (the runs folder)")
+    if problem:
+        raise SearchError(problem)
     if name is not None:
-        _refuse_existing(SearchPaths(name))  # at once, before Ray starts
+        _refuse_existing(SearchPaths(check_name(name)))  # at once, before Ray starts
     raw, stem = read_search(search_path)  # a missing file or broken YAML stops here, before Ray starts
     _service_defaults()
     with ThreadPoolExecutor(1, thread_name_prefix="comod-prepare") as pool:
@@ -277,59 +385,126 @@ def run_search(search_path: str | Path, name: str | None = None, address: str | 
             _init_ray(address, verbose)
         finally:
             sf, data = prepared.result()  # its error (a bad file, a missing dataset) comes first
-    name = name or f"{sf.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    paths = SearchPaths(name)
+    paths = SearchPaths(name or default_name(sf.name))
     _refuse_existing(paths)
-    check_optuna_storage(optuna_storage_url(paths))
-    ray_storage = storage_mod.resolve(storage, str(paths.ray_storage))
-    _check_storage(ray_storage)  # before anything is made: a refused storage leaves no trace
-    paths.root.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, paths.search_file)
-    uri, experiment_id, parent_run_id = _start_tracking(sf, name, data)
-    meta = SearchMeta(name=name, study_name=name, optuna_storage=optuna_storage_url(paths), tracking_uri=uri,
-                      experiment_id=experiment_id, parent_run_id=parent_run_id,
-                      ray_storage=ray_storage, created=time.time())
-    paths.write_meta(meta)
-    return _fit(sf, paths, meta, address, restore=False, data=data)
+    made_folder = not paths.root.exists()
+    lock = paths.lock(f"comod search run {paths.name}")  # a second driver of this name is refused from here
+    try:
+        _refuse_existing(paths, locked=True)  # a driver that made a search of the name while this one started
+        optuna_url = optuna_storage_url(paths)
+        check_optuna_storage(optuna_url)
+        search_id = paths.search_id()
+        _claim_stores(paths.name, search_id, optuna_url, _tracking_uri())
+        _check_resources(sf, address)
+        ray_storage = storage_mod.resolve(storage, str(paths.ray_storage))
+        _check_storage(ray_storage)  # before anything is made: a refused search leaves no trace
+    except BaseException:
+        lock.release()
+        if made_folder:
+            shutil.rmtree(paths.root, ignore_errors=True)
+        raise
+    with lock:
+        shutil.copyfile(source, paths.search_file)
+        _create_study(sf, paths.name, optuna_url, search_id)
+        uri, experiment_id, parent_run_id = _start_tracking(sf, paths.name, data, search_id)
+        meta = SearchMeta(name=paths.name, study_name=paths.name, optuna_storage=optuna_url, tracking_uri=uri,
+                          experiment_id=experiment_id, parent_run_id=parent_run_id, ray_storage=ray_storage,
+                          created=time.time(), search_id=search_id, versions=versions(),
+                          search_sha256=search_hash(raw), search_settings=raw)
+        paths.write_meta(meta)
+        return _fit(sf, paths, meta, address, restore=False, data=data)
+
+
+def _tracking_uri() -> str:
+    from comod_platform.tracking import tracking_uri
+
+    return tracking_uri()
+
+
+def _create_study(sf: SearchFile, name: str, url: str, search_id: str) -> None:
+    """The search's Optuna study, made here with the search's id (Ray's OptunaSearch loads it)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=name, storage=optuna.storages.RDBStorage(url), load_if_exists=True,
+                                direction="minimize" if sf.search.mode == "min" else "maximize")
+    study.set_user_attr(TAG_SEARCH_ID, search_id)
 
 
 def resume_search(name: str, address: str | None = None, storage: str | None = None,
                   verbose: bool | None = None) -> dict:
     """Continue an interrupted search where it stopped."""
-    paths = SearchPaths(name)
+    paths = SearchPaths(check_name(name))
     meta = paths.read_meta()
-    if storage and storage_mod.resolve(storage, meta.ray_storage) != meta.ray_storage:
-        raise SearchError(f"search {name!r} keeps its experiment in {meta.ray_storage}; resume it there "
-                          f"(leave --storage out)")
-    sf = parse_search(yaml.safe_load(paths.search_file.read_text()), name)
-    check_optuna_storage(meta.optuna_storage)
-    return _fit(sf, paths, meta, address, restore=True, verbose=verbose)
+    with paths.lock(f"comod search resume {name}"):  # refused while another driver runs it
+        if storage and storage_mod.resolve(storage, meta.ray_storage) != meta.ray_storage:
+            raise SearchError(f"search {name!r} keeps its experiment in {meta.ray_storage}; resume it there "
+                              f"(leave --storage out)")
+        _check_unchanged(paths, meta)
+        sf = parse_search(yaml.safe_load(paths.search_file.read_text()), name)
+        if "***" in meta.optuna_storage:
+            raise SearchError(f"search {name!r} keeps its study in {meta.optuna_storage}, whose password is not "
+                              f"recorded: set COMOD_OPTUNA_STORAGE to that URL with its password, or give the "
+                              f"password to the driver by reference (PGPASSWORD, or a PGPASSFILE)")
+        check_optuna_storage(meta.optuna_storage)
+        _check_owned(meta)
+        return _fit(sf, paths, meta, address, restore=True, verbose=verbose)
 
 
 def _fit(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, address: str | None, restore: bool,
          data: dict | None = None, verbose: bool | None = None) -> dict:
     from mlflow.tracking import MlflowClient
 
-    from comod_platform.tune_callbacks import retry_call
+    from comod_platform.writer import retry_call
 
     if restore:
         _prepare_cluster(address, meta.ray_storage, verbose)
+        _check_resources(sf, address)
     experiment_path = storage_mod.join(meta.ray_storage, meta.name)
     client = MlflowClient(tracking_uri=meta.tracking_uri)
     retry_call(client.update_run, meta.parent_run_id, status="RUNNING")
-    status = "FAILED"
+    status = "KILLED"
+    with interrupts.StopOnSignal(meta.name):
+        try:
+            trainable = _trainable(sf, paths, data)
+            grid = _tuner(sf, paths, meta, trainable, experiment_path, restore).fit()
+            status = "KILLED" if interrupts.requested() else "FINISHED"
+        except Exception:
+            status = "FAILED"
+            raise
+        finally:
+            if status != "FINISHED":
+                _close_running_study_trials(meta)
+            retry_call(client.set_terminated, meta.parent_run_id, status=status)
+    summary = {"name": meta.name, **summarise_grid(grid, sf, interrupts.unfinished if interrupts.requested()
+                                                     else ())}
+    if interrupts.requested():
+        summary["stopped_by"] = signal.Signals(interrupts.requested()).name
+    return summary
+
+
+def _close_running_study_trials(meta: SearchMeta) -> None:
+    """A stopped search leaves no Optuna trial RUNNING: each is closed as failed and marked interrupted,
+    and a resume continues it as a new trial of the same parameters (:class:`PruneAwareOptunaSearch`)."""
+    import optuna
+
+    from comod_platform.searcher import INTERRUPTED_ATTR
+
     try:
-        trainable = _trainable(sf, paths, data)
-        grid = _tuner(sf, paths, meta, trainable, experiment_path, restore).fit()
-        status = "FINISHED"
-    finally:
-        retry_call(client.set_terminated, meta.parent_run_id, status=status if status == "FINISHED" else "KILLED")
-    return {"name": meta.name, **summarise_grid(grid, sf)}
+        storage = optuna.storages.RDBStorage(meta.optuna_storage)
+        study_id = storage.get_study_id_from_name(meta.study_name)
+        for frozen in storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            storage.set_trial_user_attr(frozen._trial_id, INTERRUPTED_ATTR, "1")
+            storage.set_trial_state_values(frozen._trial_id, optuna.trial.TrialState.FAIL)
+    except Exception as err:  # noqa: BLE001 - the stop goes on; a resume closes what is left
+        log.warning("the Optuna trials of %s that were running stay RUNNING (%s); `comod search resume %s` "
+                    "closes them", meta.name, redact_all(_last_line(str(err))), meta.name)
 
 
 def _service_defaults() -> None:
     """Environment defaults of the driver (and of the workers it starts); a value already set is kept."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our progress line instead of Ray's tables
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Ctrl-C and SIGTERM take comod's one path (interrupts)
     # Ray's CSV and TensorBoard result files cost ~30 ms a result in the driver loop and nothing
     # reads them; the JSON one stays (added in _callbacks): the result grid reads it
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
@@ -351,6 +526,28 @@ def _prepare_cluster(address: str | None, storage: str, verbose: bool | None = N
     _check_storage(storage)
 
 
+def _check_resources(sf: SearchFile, address: str | None) -> None:
+    """A trial's request (``search.resources``) must fit on one node: on a Ray this driver started, one that
+    fits nowhere is refused at once (it would wait forever); on a cluster, which an autoscaler may grow, it
+    is said once and the trials wait for such a node."""
+    from comod_platform.storage import alive_nodes
+
+    r = sf.search.resources
+    wanted = {"CPU": float(r.cpu), "GPU": float(r.gpu)}
+    nodes = alive_nodes()
+    have = [{k: float((n.get("Resources") or {}).get(k, 0.0)) for k in wanted} for n in nodes]
+    if any(all(node[k] >= v for k, v in wanted.items()) for node in have):
+        return
+    asked = f"{r.cpu:g} CPU and {r.gpu:g} GPU per trial (search.resources)"
+    largest = ", ".join(f"{node['CPU']:g} CPU + {node['GPU']:g} GPU" for node in have) or "no live node"
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        raise SearchError(f"no node can run a trial: it asks {asked}, and this machine's Ray has {largest}; "
+                          f"lower search.resources (gpu: 0 on a machine without a GPU), or run the search on a "
+                          f"cluster that has such nodes (--address)")
+    print(f"comod: no node of the cluster has {asked} now (it has {largest}); the trials wait until the "
+          f"cluster's autoscaler adds one", file=sys.stderr, flush=True)
+
+
 def _check_storage(storage: str) -> None:
     """Every node of the (started) Ray cluster must read what the driver writes to ``storage``."""
     try:
@@ -367,8 +564,16 @@ def _tuner(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, trainable, expe
 
     failures = tune.FailureConfig(max_failures=sf.search.max_retries)
     if restore and tune.Tuner.can_restore(experiment_path):
-        tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=False,
-                                   restart_errored=False)
+        try:
+            tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=False,
+                                       restart_errored=False)
+        except (ImportError, AttributeError, TypeError, ValueError, EOFError, pickle.UnpicklingError
+                ) as err:
+            started = ", ".join(f"{k} {v}" for k, v in meta.versions.items()) or "unrecorded versions"
+            raise SearchError(f"cannot read the Ray Tune state of search {meta.name!r} in {experiment_path} "
+                              f"({type(err).__name__}: {_last_line(str(err), 200)}); it was written with "
+                              f"{started}: resume with those versions, or run the search again under another "
+                              f"--name") from None
     else:
         s = sf.search
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -392,14 +597,16 @@ SUMMARY_METRICS = ("test/mean_f1", "test/mean_recall", "test/mean_precision")
 """Test metrics of each kind's best trial in a search's summary, besides the search metric."""
 
 
-def summarise_grid(grid, sf: SearchFile) -> dict:
+def summarise_grid(grid, sf: SearchFile, interrupted=()) -> dict:
     """A finished (or stopped) search in numbers: trials by state, the best trial overall and of each kind.
 
-    Keys: ``trials``, ``completed``, ``pruned`` (stopped early), ``failed``, ``best`` (``{value, trial_id}`` or
+    ``interrupted``: the ids of trials a stopped search left unfinished (counted apart from the pruned).
+    Keys: ``trials``, ``completed``, ``pruned`` (stopped early), ``interrupted``, ``failed``, ``best`` (``{value, trial_id}`` or
     None), ``metric``; ``best_per_kind``: ``{kind: {trial_id, value, test/mean_f1, test/mean_recall,
     test/mean_precision} or None}`` for every kind the search's trials used (a kind with no completed trial:
     None); ``failures``: ``[{trial_id, error}]``, each error's last line."""
-    completed = pruned = failed = 0
+    completed = pruned = failed = stopped = 0
+    interrupted = set(interrupted)
     metric, mode = sf.search.metric, sf.search.mode
     best = None
     base_kind = sf.base_config().modulation.kind
@@ -411,27 +618,30 @@ def summarise_grid(grid, sf: SearchFile) -> dict:
         kind = config.get("modulation.kind", base_kind)
         per_kind.setdefault(kind, None)
         trial_id = metrics.get("trial_id") or _trial_id_of(result)
-        if result.error is not None or metrics.get(DIVERGED_FLAG):
+        state = outcome(metrics, errored=result.error is not None)
+        if state == "failed":
             failed += 1
             error = result.error if result.error is not None else metrics.get(REASON, "the loss diverged")
             failures.append({"trial_id": trial_id, "error": _last_line(str(error)) or type(error).__name__})
             continue
-        if metrics.get(FINAL_FLAG):
+        if state == "completed":
             completed += 1
             value = metrics.get(metric)
             if value is None:
                 continue
-            if best is None or (value > best[0] if mode == "max" else value < best[0]):
+            if best is None or better(value, best[0], mode):
                 best = (value, trial_id)
             top = per_kind[kind]
-            if top is None or (value > top["value"] if mode == "max" else value < top["value"]):
+            if top is None or better(value, top["value"], mode):
                 per_kind[kind] = {"trial_id": trial_id, "value": value,
                                   **{k: metrics.get(k) for k in SUMMARY_METRICS}}
+        elif trial_id in interrupted:
+            stopped += 1
         else:
             pruned += 1
     order = {k: i for i, k in enumerate(("none", "deterministic", "stochastic"))}
     per_kind = dict(sorted(per_kind.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
-    return {"trials": len(grid), "completed": completed, "pruned": pruned, "failed": failed,
+    return {"trials": len(grid), "completed": completed, "pruned": pruned, "interrupted": stopped, "failed": failed,
             "best": {"value": best[0], "trial_id": best[1]} if best else None, "metric": metric,
             "best_per_kind": per_kind, "failures": failures}
 

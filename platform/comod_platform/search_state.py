@@ -1,18 +1,25 @@
 """Where a search keeps its state in the runs folder, and how it is found again.
 
 ``<runs>/searches/NAME/``: ``search.yaml`` (the search file as run),
-``meta.json`` (study, storage and MLflow ids), ``optuna.db`` (the Optuna
+``meta.json`` (study, storage and MLflow ids, the versions and the search file's hash it
+was started with; URLs only in their redacted form, see :mod:`credentials`),
+``driver.lock`` (held by the one driver of the search while it runs), ``optuna.db`` (the Optuna
 study, embedded default), ``ray/`` (Ray Tune's experiment), ``trials/ID/``
 (each trial's outputs, from which an interrupted trial resumes) and
 ``pretrain_cache/`` (pretrained models shared by trials).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
-from dataclasses import asdict, dataclass
+import re
+import socket
+import time
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from comod_platform.credentials import redact, restore
 from comod_platform.paths import runs_home
 
 
@@ -20,16 +27,66 @@ class SearchNotFound(LookupError):
     pass
 
 
+class SearchBusy(RuntimeError):
+    """Another driver holds the search; the message names it (pid, host, since when)."""
+
+
+class BadName(ValueError):
+    """A search name that cannot be a folder and an experiment name; the message says what is allowed."""
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def check_name(name: str) -> str:
+    """``name`` when it can name a search (a folder, an MLflow experiment, an Optuna study, a Ray job);
+    else :class:`BadName`: no path separators, no ``..``, no control characters."""
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        raise BadName(f"--name {name!r}: a search's name is letters, digits, '.', '_' and '-' (at most 100, "
+                      f"starting with a letter or digit, no '..'), e.g. --name tiny-lr-sweep")
+    return name
+
+
+def default_name(stem: str) -> str:
+    """A new search's name when none is given: the search file's name, the time to the second and a random
+    suffix, so two searches started in the same second never share a name."""
+    stem = re.sub(r"\.{2,}", ".", re.sub(r"[^A-Za-z0-9._-]", "-", stem)).strip(".-_") or "search"
+    return check_name(f"{stem[:70]}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}")
+
+
+def versions() -> dict[str, str]:
+    """The versions of what a search's stored state depends on (recorded at its start, checked on resume)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("comod", "ray", "optuna", "mlflow", "torch"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "unknown"
+    return found
+
+
 @dataclass
 class SearchMeta:
     name: str
     study_name: str
     optuna_storage: str
+    """The study's database URL, redacted (:func:`credentials.redact`); :meth:`SearchPaths.read_meta`
+    puts the password back from ``COMOD_OPTUNA_STORAGE`` when that variable names the same database."""
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
     ray_storage: str
     created: float
+    search_id: str | None = None
+    """A random id of this search, also tagged on its MLflow experiment and set on its Optuna study: a store
+    shared by a team may hold another search of the same name, and a resume checks that both are this one's."""
+    versions: dict[str, str] = field(default_factory=dict)
+    search_sha256: str | None = None
+    """The hash of the search file as run (its parsed settings, see :func:`search_hash`)."""
+    search_settings: dict | None = None
+    """The search file as run, parsed: a resume names the first setting an edit changed."""
 
 
 class SearchPaths:
@@ -55,13 +112,134 @@ class SearchPaths:
             known = known_searches()
             hint = f"; searches here: {', '.join(known)}" if known else "; none has been run here yet"
             raise SearchNotFound(f"no search named {self.name!r} in {self.root.parent}{hint}")
-        return SearchMeta(**json.loads(self.meta_file.read_text()))
+        try:
+            raw = json.loads(self.meta_file.read_text())
+            known = {f.name for f in fields(SearchMeta)}
+            meta = SearchMeta(**{k: v for k, v in raw.items() if k in known})
+        except (ValueError, TypeError) as err:
+            raise SearchNotFound(f"the search {self.name!r} has an unreadable {self.meta_file} ({err}); restore "
+                                 f"it from a backup, or run the search again under another --name") from None
+        meta.optuna_storage = restore(meta.optuna_storage, os.environ.get("COMOD_OPTUNA_STORAGE"))
+        meta.tracking_uri = restore(meta.tracking_uri, os.environ.get("MLFLOW_TRACKING_URI"))
+        return meta
 
     def write_meta(self, meta: SearchMeta) -> None:
+        """Write ``meta`` atomically, its URLs redacted: no password reaches the disk."""
         self.root.mkdir(parents=True, exist_ok=True)
+        record = {**asdict(meta), "optuna_storage": redact(meta.optuna_storage),
+                  "tracking_uri": redact(meta.tracking_uri)}
         tmp = self.meta_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(meta), indent=2))
+        tmp.write_text(json.dumps(record, indent=2))
         os.replace(tmp, self.meta_file)
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / "driver.lock"
+
+    @property
+    def id_file(self) -> Path:
+        return self.root / "search.id"
+
+    def search_id(self) -> str:
+        """This folder's search id: made once when the search starts (kept by a start that failed half-way,
+        so that running it again finds its own experiment and study)."""
+        if self.id_file.exists():
+            return self.id_file.read_text().strip()
+        made = os.urandom(8).hex()
+        self.id_file.write_text(made)
+        return made
+
+    def check_not_busy(self) -> None:
+        """Raise :class:`SearchBusy` when a live driver holds the search's lock (creates nothing)."""
+        import fcntl
+
+        try:
+            fd = os.open(self.lock_file, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            raise SearchBusy(DriverLock(self, "").busy_message()) from None
+        finally:
+            os.close(fd)
+
+    def lock(self, command: str) -> "DriverLock":
+        """Take the search's driver lock (:class:`DriverLock`), or raise :class:`SearchBusy`."""
+        return DriverLock(self, command).acquire()
+
+
+class DriverLock:
+    """The one driver of a search: an exclusive ``flock`` on ``driver.lock`` in the search's folder, held
+    for the driver's lifetime and released by the kernel when its process ends, however it ends. The file
+    says who holds it (pid, host, command, since), for the message a second driver gets."""
+
+    def __init__(self, paths: SearchPaths, command: str):
+        self.paths, self.command, self.fd = paths, command, None
+
+    def acquire(self) -> "DriverLock":
+        import fcntl
+
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.paths.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            raise SearchBusy(self.busy_message()) from None
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
+                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        self.fd = fd
+        return self
+
+    def busy_message(self) -> str:
+        try:
+            holder = json.loads(self.paths.lock_file.read_text() or "{}")
+        except (OSError, ValueError):
+            holder = {}
+        who = (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} "
+               f"({holder.get('command', 'a driver')}, since {holder.get('since', '?')})")
+        return (f"search {self.paths.name!r} is being driven by {who}; two drivers of one search would "
+                f"overwrite each other's trials: wait for it to end, or stop it (Ctrl-C in its terminal, or "
+                f"kill -INT {holder.get('pid', 'PID')} on {holder.get('host', 'its host')}), then "
+                f"`comod search resume {self.paths.name}`")
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
+
+    def __enter__(self) -> "DriverLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def search_hash(settings: dict) -> str:
+    """A stable hash of a search file's parsed settings (key order and formatting do not count)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def first_difference(old: dict, new: dict, prefix: str = "") -> str | None:
+    """The first dotted path at which two parsed search files differ, with both values; None when equal."""
+    for key in sorted(set(old) | set(new), key=str):
+        a, b, path = old.get(key, "<absent>"), new.get(key, "<absent>"), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = first_difference(a, b, path + ".")
+            if found:
+                return found
+        elif a != b:
+            return f"{path}: {a!r} when the search started, {b!r} now"
+    return None
 
 
 def known_searches(home: Path | None = None) -> list[str]:

@@ -14,6 +14,11 @@ from ray.tune.search.optuna import OptunaSearch
 
 from comod_platform.conventions import DIVERGED_FLAG, EPOCH, FINAL_FLAG, REASON
 
+INTERRUPTED_ATTR = "comod.interrupted"
+"""User attribute ("1") of an Optuna trial closed as failed because its search was stopped."""
+CONTINUES_ATTR = "comod.continues"
+"""User attribute of the trial a resume opened for an interrupted one: that trial's number."""
+
 SAMPLERS = {
     "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed),
     "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
@@ -68,6 +73,10 @@ class PruneAwareOptunaSearch(OptunaSearch):
 
     def restore(self, checkpoint_path: str):
         super().restore(checkpoint_path)
+        try:
+            self._reopen_interrupted()
+        except Exception as exc:  # noqa: BLE001 - Ray would start the whole search over on a restore error
+            optuna.logging.get_logger(__name__).warning(f"interrupted Optuna trials not continued: {exc}")
         self._restored_ids = set(self._ot_trials)
         known = {t._trial_id for t in self._ot_trials.values()}
         for frozen in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -75,6 +84,24 @@ class PruneAwareOptunaSearch(OptunaSearch):
                 self._ot_study._storage.set_trial_user_attr(frozen._trial_id, "comod.closed",
                                                             "asked before the driver was lost; never run")
                 self._ot_study.tell(frozen.number, state=TrialState.FAIL)
+
+    def _reopen_interrupted(self) -> None:
+        """A stopped search closed its running Optuna trials as failed, marked interrupted (no trial stays
+        RUNNING while no driver runs it). The Ray trials go on after a restore: each gets a new RUNNING
+        Optuna trial with the same parameters and intermediate values, and the closed one says which."""
+        storage = self._ot_study._storage
+        for trial_id, ot_trial in list(self._ot_trials.items()):
+            frozen = storage.get_trial(ot_trial._trial_id)
+            if frozen.state != TrialState.FAIL or frozen.user_attrs.get(INTERRUPTED_ATTR) != "1":
+                continue
+            attrs = {k: v for k, v in frozen.user_attrs.items() if k != INTERRUPTED_ATTR}
+            template = optuna.trial.FrozenTrial(
+                number=-1, state=TrialState.RUNNING, value=None, values=None, datetime_start=None,
+                datetime_complete=None, params=frozen.params, distributions=frozen.distributions,
+                user_attrs={**attrs, CONTINUES_ATTR: frozen.number}, system_attrs={},
+                intermediate_values=frozen.intermediate_values, trial_id=-1)
+            new_id = storage.create_new_trial(self._ot_study._study_id, template_trial=template)
+            self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, new_id)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         if trial_id in self._completed_trials or trial_id not in self._ot_trials \

@@ -113,9 +113,18 @@ class SearchSettings:
     long has passed since the trial's last one (0: every epoch). The final report always carries one.
     Short trials thus persist only their end, and the experiment snapshots this forces stay rare."""
     seed: int = 0
+    trial_timeout_s: float | None = None
+    """Wall seconds a trial may take (None: no limit); a trial past it is failed with that reason (not
+    retried) and the search goes on."""
+    stall_timeout_s: float | None = None
+    """Seconds a trial may go without progress, an optimisation step or a report (None: no check): a
+    hung trial is failed with that reason. Waiting for another trial's pretraining is not a stall."""
 
     def validate(self, path: str):
         check(self.num_trials >= 1, f"{path}.num_trials", self.num_trials, "an integer >= 1")
+        for key in ("trial_timeout_s", "stall_timeout_s"):
+            value = getattr(self, key)
+            check(value is None or value > 0, f"{path}.{key}", value, "a number of seconds > 0, or null (no limit)")
         check(self.max_concurrent >= 1, f"{path}.max_concurrent", self.max_concurrent, "an integer >= 1")
         check(self.max_retries >= 0, f"{path}.max_retries", self.max_retries, "an integer >= 0")
         check(self.checkpoint_interval_s >= 0, f"{path}.checkpoint_interval_s", self.checkpoint_interval_s,

@@ -20,9 +20,8 @@ import sys
 import uuid
 
 ENV = "COMOD_STORAGE"
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                 "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "GOOGLE_APPLICATION_CREDENTIALS",
-                 "COMOD_DOWNLOAD")
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_DEFAULT_REGION",
+                 "AWS_REGION", "AWS_SHARED_CREDENTIALS_FILE", "GOOGLE_APPLICATION_CREDENTIALS", "COMOD_DOWNLOAD")
 """Driver settings that trials on a remote cluster need too (storage credentials, offline mode)."""
 
 
@@ -143,8 +142,12 @@ def check_shared(storage: str) -> int:
 
 
 def worker_env() -> dict[str, str]:
-    """The forwarded settings this driver has, for a remote cluster's workers."""
-    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    """The forwarded settings this driver has, for a remote cluster's workers, secrets left out: Ray's
+    dashboard shows a driver's runtime environment, so the cluster's nodes must have the secret keys in
+    their own environment (or a credentials file they mount, ``AWS_SHARED_CREDENTIALS_FILE``)."""
+    from comod_platform.credentials import is_secret
+
+    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k) and not is_secret(k, os.environ[k])}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -333,8 +333,10 @@ class RunLogger:
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
+        from comod_platform.writer import RetryingClient
+
         self.experiment_id = setup(experiment)
-        self.client = MlflowClient()
+        self.client = RetryingClient(MlflowClient())  # a locked SQLite store or a server's blip is waited out
         self.out_dir = Path(out_dir)
         run_file = self.out_dir / RUN_FILE
         run_id = None

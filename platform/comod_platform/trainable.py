@@ -4,8 +4,10 @@ Every epoch is reported with its validation metrics under the search's
 names (``pretrain/val/mean_f1`` also as ``val/mean_f1``, so a scheduler sees
 one curve across both phases) and the trial's own epoch count, which the
 scheduler uses as its clock (Ray's iteration count restarts when a trial is
-restored; the epoch count does not). The last report carries the final
-metrics and the final flag. The trial works in the search's ``trials/ID``
+restored; the epoch count does not). The last report carries the last
+epoch's metrics, the final (test) metrics and the final flag together, so a
+scheduler that decides at the last epoch cannot stop a trial before its test
+metrics are recorded. The trial works in the search's ``trials/ID``
 folder; an epoch's checkpoint (with the config) goes to Ray Tune as the
 trial's checkpoint, which Ray persists to the search's storage (a shared
 mount or S3 on a cluster), whenever ``search.checkpoint_interval_s`` has
@@ -13,8 +15,10 @@ passed since the last one. A trial restarted (after a crash, on another
 node after a node was lost, or after the driver was lost) continues from
 that last persisted epoch. The final checkpoint also holds the final metrics and
 the plots, which the driver logs to MLflow from there. Plots are drawn here,
-on the trial's reserved CPU, not in the driver. A diverging loss ends the
-trial with a report carrying the diverged flag and the reason.
+on the trial's reserved CPU, not in the driver. A diverging loss, or a trial
+past ``search.trial_timeout_s`` or ``search.stall_timeout_s`` (:mod:`watchdog`),
+ends the trial with a report carrying the diverged flag (a recorded failure,
+not retried) and the reason.
 
 Reports go to Ray Tune from a thread of the trial's own (:mod:`reporter`),
 so training does not wait while the driver handles each epoch; a trial the
@@ -44,6 +48,7 @@ from comod.train import Callbacks, DivergedError, run_experiment
 from comod_platform.conventions import CURVE, DIVERGED_FLAG, EPOCH, FINAL_FLAG, GPUS, NODE, REASON, STEP
 from comod_platform.reporter import EpochReporter
 from comod_platform.search_state import SearchPaths
+from comod_platform.watchdog import TrialTimeout, Watchdog
 
 
 def data_key(cfg) -> str:
@@ -181,24 +186,70 @@ def run_trial(config: dict, search=None, search_name: str = "", home: str = "", 
     def report(phase: str, epoch: int, step: int, metrics: dict) -> None:
         state["epochs"] = epoch + (cfg.pretrain.epochs if phase == "finetune" else 0)
         state["step"] = step
+        last = epoch == getattr(cfg, phase).epochs
+        if last and phase == "finetune":
+            # the last epoch goes out with the final report: a scheduler deciding at this epoch (an ASHA
+            # rung on the last epoch) must not stop a trial between its training and its test metrics
+            state["last"] = {**_with_aliases(metrics), STEP: step, EPOCH: state["epochs"], **where}
+            return
         row = with_curve({**_with_aliases(metrics), STEP: step, EPOCH: state["epochs"], **where})
         fresh, state["fresh"] = state["fresh"], False
         # a replayed epoch (pretrained model from the cache) has nothing new to keep; an epoch soon after
         # the last persisted one is kept locally only (the next persisted one, or the final, covers it)
-        if not fresh or time.monotonic() - state["persisted"] < interval:
-            reporter.submit(row)
+        folder = None
+        if fresh and time.monotonic() - state["persisted"] >= interval:
+            state["persisted"] = time.monotonic()
+            folder = _stage(out, CHECKPOINT_FILES)
+        if last:  # pretraining's last epoch: the trial's last too when fine-tuning has no epochs (phase())
+            state["held"] = (row, folder)
             return
-        state["persisted"] = time.monotonic()
-        reporter.submit(row, _stage(out, CHECKPOINT_FILES))
+        reporter.submit(row, folder)
 
-    callbacks = Callbacks(on_epoch=report, on_checkpoint=on_checkpoint, on_step=lambda *_: reporter.check(),
+    def phase(name: str, first_epoch: int, epochs: int) -> None:
+        """Fine-tuning starts: pretraining's last epoch goes out now, unless fine-tuning has nothing to
+        train (the kind without couplings), which makes it the trial's last epoch, sent with the final."""
+        held = state.pop("held", None) if name == "finetune" else None
+        if held is None:
+            return
+        if epochs > first_epoch:
+            reporter.submit(*held)
+        else:
+            row, folder = held
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+            state["last"] = {k: v for k, v in row.items() if k != CURVE}
+            if CURVE in row:
+                curve[:0] = json.loads(row[CURVE])
+
+    watchdog = Watchdog(search.search.trial_timeout_s, search.search.stall_timeout_s)
+    said = {"at": 0.0}
+
+    def waiting(line: str) -> None:  # another trial is making the pretrained model this one needs
+        watchdog.alive()
+        if time.monotonic() - said["at"] > 60:
+            print(f"comod: trial {trial_id} {line}", flush=True)
+            said["at"] = time.monotonic()
+
+    def stepped(*_) -> None:
+        watchdog.alive()
+        reporter.check()
+
+    def reported(phase: str, epoch: int, step: int, metrics: dict) -> None:
+        watchdog.alive()
+        report(phase, epoch, step, metrics)
+
+    callbacks = Callbacks(on_epoch=reported, on_checkpoint=on_checkpoint, on_step=stepped, on_wait=waiting,
+                          on_phase=phase,
                           on_eval=lambda phase, step, metrics: curve.append([step, metrics]))
     try:
-        metrics = run_experiment(cfg, out, data=shared, callbacks=callbacks, resume=resumed,
-                                 pretrain_cache=paths.pretrain_cache)
-    except DivergedError as err:  # a recorded end, not a crash: retrying would diverge again
+        with watchdog:
+            metrics = run_experiment(cfg, out, data=shared, callbacks=callbacks, resume=resumed,
+                                     pretrain_cache=paths.pretrain_cache,
+                                     cache_wait_s=search.search.trial_timeout_s)
+    except (DivergedError, TrialTimeout, TimeoutError) as err:  # recorded ends, not crashes: not retried
         reporter.close()
-        tune.report({DIVERGED_FLAG: 1, REASON: str(err), search.search.metric: float("nan"), STEP: state["step"],
+        reason = watchdog.reason if isinstance(err, TrialTimeout) and watchdog.reason else str(err)
+        tune.report({DIVERGED_FLAG: 1, REASON: reason, search.search.metric: float("nan"), STEP: state["step"],
                      EPOCH: state["epochs"], **where})
         return
     except BaseException:
@@ -208,7 +259,7 @@ def run_trial(config: dict, search=None, search_name: str = "", home: str = "", 
     if not state["epochs"]:  # a finished run read back: its epochs were reported before
         state["epochs"] = cfg.pretrain.epochs + cfg.finetune.epochs
     plot_run(out)
-    final = with_curve({**metrics, FINAL_FLAG: 1, STEP: int(metrics.get("steps", 0)), EPOCH: state["epochs"],
-                        **where})
+    final = with_curve({**state.get("last", {}), **metrics, FINAL_FLAG: 1, STEP: int(metrics.get("steps", 0)),
+                        EPOCH: state["epochs"], **where})
     with _staged(out, FINAL_FILES) as folder:
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(folder))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import sys
 import threading
 import time
@@ -25,11 +24,15 @@ from pathlib import Path
 
 from ray.tune import Callback
 
+from comod_platform import interrupts
+from comod_platform.writer import FLUSH_TIMEOUT_ENV, Writer, retry_call, transient  # noqa: F401 - re-exported
+
 from comod_platform.tracking import (dataset_input, dataset_settings, describe_dataset, log_dataset, log_params,
                                      params_of)
-from comod_platform.conventions import (CURVE, DIVERGED_FLAG, EPOCH, FINAL_FLAG, GPUS, NODE, REASON, STEP, TAG_ERROR,
+from comod_platform.conventions import (CURVE, DIVERGED_FLAG, EPOCH, FINAL_FLAG, GPUS, INTERRUPTED, NODE, REASON,
+                                        STEP, TAG_ERROR,
                                         TAG_GPUS, TAG_KIND, TAG_NODE, TAG_PARENT, TAG_RETRIES, TAG_ROLE, TAG_SEARCH, TAG_STATE,
-                                        TAG_STOPPED_EPOCH, TAG_TRIAL_ID)
+                                        TAG_STOPPED_EPOCH, TAG_TRIAL_ID, better, outcome)
 
 log = logging.getLogger(__name__)
 SKIP = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "iterations_since_restore",
@@ -45,110 +48,6 @@ def numeric_metrics(result: dict) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in SKIP
             and ("/" in k or k in OWN_PLAIN)}
 
-
-def transient(err: Exception) -> bool:
-    """Whether an MLflow call failed because the server could not be reached or was failing
-    (worth retrying until it is back), rather than because the call itself was refused."""
-    if isinstance(err, (ConnectionError, TimeoutError, OSError)):
-        return True
-    try:
-        import requests
-
-        if isinstance(err, requests.exceptions.RequestException):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    if type(err).__name__ == "OperationalError":  # SQLAlchemy: a locked or unreachable database
-        return True
-    text = str(err)
-    return "API request to" in text and any(
-        sign in text for sign in ("failed with exception", "timeout", "failed with error code 5"))
-
-
-class _Writer:
-    """A background thread that runs MLflow calls in order.
-
-    While the tracking server is unreachable, writes wait in the queue (in
-    order) and the head one is retried with a growing pause (at most
-    ``max_pause`` s), so nothing is dropped. A call the server refuses is
-    tried ``retries`` times, then dropped with a warning."""
-
-    def __init__(self, retries: int = 5, max_pause: float = 15.0, describe: str = "MLflow"):
-        self.queue: queue.Queue = queue.Queue()
-        self.retries, self.max_pause, self.describe = retries, max_pause, describe
-        self.outage_since: float | None = None
-        self.dropped = 0
-        self.thread = threading.Thread(target=self._loop, name="comod-mlflow-writer", daemon=True)
-        self.thread.start()
-
-    def submit(self, fn, *args, **kwargs) -> None:
-        self.queue.put((fn, args, kwargs))
-
-    def _loop(self) -> None:
-        while True:
-            fn, args, kwargs = self.queue.get()
-            refused = waits = 0
-            while True:
-                try:
-                    fn(*args, **kwargs)
-                    if self.outage_since is not None:
-                        log.warning("%s reachable again after %.0f s; %d buffered writes follow", self.describe,
-                                    time.time() - self.outage_since, self.queue.qsize())
-                        self.outage_since = None
-                    break
-                except Exception as err:  # noqa: BLE001 - tracking must never kill the search
-                    if transient(err):
-                        if self.outage_since is None:
-                            self.outage_since = time.time()
-                            log.warning("%s unreachable (%s); buffering writes and retrying", self.describe,
-                                        str(err).splitlines()[0][:200])
-                        waits += 1
-                    else:
-                        refused += 1
-                        if refused >= self.retries:
-                            self.dropped += 1
-                            log.warning("MLflow call %s refused %d times, dropped: %s", fn.__name__, refused, err)
-                            break
-                    time.sleep(min(0.5 * 2 ** min(waits + refused, 6), self.max_pause))
-            self.queue.task_done()
-
-    def pending(self) -> int:
-        return self.queue.unfinished_tasks
-
-    def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every write went out (True), or ``timeout`` s passed (False)."""
-        if timeout is None:
-            self.queue.join()
-            return True
-        deadline = time.time() + timeout
-        announced = 0.0
-        while self.pending():
-            if time.time() > deadline:
-                return False
-            if self.outage_since is not None and time.time() - announced > 30:
-                print(f"[search] waiting for {self.describe}: {self.pending()} writes buffered "
-                      f"(up to {deadline - time.time():.0f} s more)", file=sys.stderr, flush=True)
-                announced = time.time()
-            time.sleep(0.1)
-        return True
-
-
-def retry_call(fn, *args, timeout: float | None = None, **kwargs):
-    """``fn(*args, **kwargs)``, retried while the tracking server is unreachable (up to the flush timeout)."""
-    deadline = time.time() + (timeout if timeout is not None else float(os.environ.get(FLUSH_TIMEOUT_ENV, 900)))
-    pause = 0.5
-    while True:
-        try:
-            return fn(*args, **kwargs)
-        except Exception as err:  # noqa: BLE001
-            if not transient(err) or time.time() + pause > deadline:
-                raise
-            time.sleep(pause)
-            pause = min(pause * 2, 15.0)
-
-
-FLUSH_TIMEOUT_ENV = "COMOD_MLFLOW_FLUSH_TIMEOUT"
-"""Seconds the end of a search waits for an unreachable tracking server (default 900)."""
 
 TAG_BEST_TRIAL = "comod.best_trial"
 """On the parent run: the Ray trial id of the best completed trial so far (by the search's metric)."""
@@ -169,6 +68,8 @@ class MlflowTrialCallback(Callback):
         self._client = self._writer = None
         self._runs: dict[str, str] = {}
         self._closed: set[str] = set()
+        self._started: set[str] = set()  # trials started, and trials ended, by this driver
+        self._ended: set[str] = set()
         self._where: dict[str, tuple] = {}
         self._logged_step: dict[str, int] = {}
         self._curve_step: dict[str, int] = {}
@@ -180,13 +81,14 @@ class MlflowTrialCallback(Callback):
 
     def __getstate__(self):  # pickled with the Tuner's state: no client, thread or cache
         state = self.__dict__.copy()
-        state.update(_client=None, _writer=None, _runs={}, _closed=set(), _where={}, _logged_step={},
+        state.update(_client=None, _writer=None, _runs={}, _closed=set(), _started=set(), _ended=set(), _where={},
+                     _logged_step={},
                      _curve_step={}, _buffered={}, _scheduled=set(), _buffer_lock=None, _reconciled=False,
                      _base_input=None, _best=None)
         return state
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
+        self.__dict__.update({"_started": set(), "_ended": set(), **state})  # a callback pickled before these
         self._buffer_lock = threading.Lock()
 
     @property
@@ -198,9 +100,9 @@ class MlflowTrialCallback(Callback):
         return self._client
 
     @property
-    def writer(self) -> _Writer:
+    def writer(self) -> Writer:
         if self._writer is None:
-            self._writer = _Writer(describe=f"MLflow at {self.tracking_uri}")
+            self._writer = Writer(describe=f"MLflow at {self.tracking_uri}")
         return self._writer
 
     def run_id(self, trial) -> str:
@@ -211,10 +113,13 @@ class MlflowTrialCallback(Callback):
             [self.experiment_id], filter_string=f"tags.`{TAG_TRIAL_ID}` = '{trial.trial_id}'", max_results=1)
         if found:
             run_id = found[0].info.run_id
-            if found[0].info.status in ("FINISHED", "KILLED", "FAILED"):
+            if found[0].info.status in ("FINISHED", "KILLED", "FAILED") \
+                    and found[0].data.tags.get(TAG_STATE) != INTERRUPTED:
                 self._closed.add(trial.trial_id)  # ended before the driver was lost: keep it as it is
-            else:
+            else:  # running when the driver was lost, or interrupted: the trial goes on in this run
                 self.client.update_run(run_id, status="RUNNING")
+                if found[0].data.tags.get(TAG_STATE) == INTERRUPTED:
+                    self.client.set_tag(run_id, TAG_STATE, "running")
                 self._logged_step[trial.trial_id] = max(  # the epochs it logged before the driver was lost
                     [m.step for key in ("pretrain/train_loss", "finetune/train_loss")
                      for m in self.client.get_metric_history(run_id, key)], default=-1)
@@ -313,6 +218,7 @@ class MlflowTrialCallback(Callback):
         self._end(trial, state, reason, trial.checkpoint)
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        self._started.add(trial.trial_id)
         self.writer.submit(self.run_id, trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -339,17 +245,18 @@ class MlflowTrialCallback(Callback):
     def _outcome(trial) -> tuple[str, str | None]:
         """(state, reason) of a trial that ended."""
         last = trial.last_result or {}
+        state = outcome(last, errored=trial.status == "ERROR")
         if trial.status == "ERROR":
-            return "failed", _error_line(trial)
-        if last.get(DIVERGED_FLAG):
-            return "failed", str(last.get(REASON, "diverged"))[:500]
-        return ("completed" if last.get(FINAL_FLAG) else "pruned"), None
+            return state, _error_line(trial)
+        return state, (str(last.get(REASON, "diverged"))[:500] if state == "failed" else None)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self._ended.add(trial.trial_id)
         state, reason = self._outcome(trial)
         self.writer.submit(self._end, trial, state, reason, trial.checkpoint)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._ended.add(trial.trial_id)
         self.writer.submit(self._end, trial, "failed", _error_line(trial), trial.checkpoint)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
@@ -360,6 +267,14 @@ class MlflowTrialCallback(Callback):
 
     def on_experiment_end(self, trials, **info):
         self._consider_best(trials)  # a restored search whose trials had all ended: its parent gets them too
+        if interrupts.requested():  # Ctrl-C or SIGTERM: the trials that had not ended end as interrupted
+            for trial in trials:  # (Ray's clean-up has marked them TERMINATED by now: their own end counts)
+                last = trial.last_result or {}
+                alive = trial.trial_id in self._started and trial.trial_id not in self._ended
+                if (alive or trial.status in ("PENDING", "PAUSED")) and not last.get(FINAL_FLAG) \
+                        and not last.get(DIVERGED_FLAG):
+                    interrupts.unfinished.add(trial.trial_id)
+                    self.writer.submit(self._end_interrupted, trial)
         best = sorted((t for t in trials if (t.last_result or {}).get(FINAL_FLAG)),
                       key=self._score, reverse=True)[:self.keep_checkpoints]
         for trial in best:
@@ -481,6 +396,12 @@ class MlflowTrialCallback(Callback):
         if trial.trial_id not in self._closed:
             self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
+    def _end_interrupted(self, trial) -> None:
+        """The run of a trial the stopped search left unfinished (none if it never started): KILLED and
+        tagged interrupted; a resume re-opens it."""
+        if trial.trial_id in self._runs:
+            self._end(trial, "interrupted", None)
+
     def _end(self, trial, state: str, error: str | None, checkpoint=None) -> None:
         run_id = self.run_id(trial)
         if trial.trial_id in self._closed:
@@ -503,7 +424,7 @@ class MlflowTrialCallback(Callback):
                 if transient(err):
                     raise  # retried by the writer: the server is away, the files are not
                 log.warning("artifacts of trial %s not logged: %s", trial.trial_id, err)
-        status = {"completed": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}[state]
+        status = {"completed": "FINISHED", "pruned": "KILLED", "interrupted": "KILLED", "failed": "FAILED"}[state]
         self.client.set_terminated(run_id, status=status)
 
 
@@ -532,9 +453,7 @@ class ProgressCallback(Callback):
         return state
 
     def _better(self, value: float) -> bool:
-        if self.best is None:
-            return True
-        return value > self.best[0] if self.mode == "max" else value < self.best[0]
+        return self.best is None or better(value, self.best[0], self.mode)
 
     def _print(self, trials) -> None:
         counts = {"RUNNING": 0, "TERMINATED": 0, "ERROR": 0, "PENDING": 0, "PAUSED": 0}
@@ -567,7 +486,8 @@ class ProgressCallback(Callback):
         self._print(trials)
 
     def on_experiment_end(self, trials, **info):
-        self._print(trials)
+        if not interrupts.requested():  # a stopped search's trials all read TERMINATED now: its summary counts
+            self._print(trials)
 
 
 __all__ = ["MlflowTrialCallback", "ProgressCallback", "numeric_metrics"]

@@ -58,7 +58,7 @@ def test_summary_text_has_states_best_per_kind_failures_and_next_commands():
     assert rows["deterministic"][1:] == ["a_00000", "0.8000", "0.7500", "0.7000", "0.8100"]
     assert rows["none"][1:3] == ["none", "completed"]
     assert "  a_00003: ValueError: no_such_task is not a task" in lines
-    for command in ("comod ui", "comod search status demo", "comod export best demo --out best.yaml",
+    for command in ("comod ui demo --open", "comod search status demo", "comod export best demo --out best.yaml",
                     "comod compare demo", "comod dashboard demo"):
         assert any(line.strip().startswith(command) for line in lines), command
 
@@ -248,7 +248,7 @@ def test_search_run_ends_with_a_summary_and_ray_stays_quiet(searched):
         assert [float(f1), float(recall), float(precision)] == pytest.approx(
             [final["test/mean_f1"], final["test/mean_recall"], final["test/mean_precision"]], abs=5e-5)
     assert {line.split()[0] for line in lines[header + 1:header + 3]} == {"deterministic", "stochastic"}
-    for command in ("comod ui", f"comod search status {NAME}", f"comod export best {NAME} --out best.yaml",
+    for command in (f"comod ui {NAME} --open", f"comod search status {NAME}", f"comod export best {NAME} --out best.yaml",
                     f"comod compare {NAME}"):
         assert any(line.strip().startswith(command) for line in lines), command
     # nothing of Ray's own on the terminal: its notices, log lines and workers' output

@@ -280,7 +280,7 @@ def interrupt_after_next_checkpoint(args: list, env: dict, ckpt: Path, sig: int)
 
 
 def test_interrupted_run_resumes_into_the_same_mlflow_run(home, tmp_path, capsys, one_thread):
-    """Ctrl-C, then a hard kill of the resumed run (both real processes and
+    """Ctrl-C, then SIGTERM, then a hard kill of the resumed run (all real processes and
     signals), then the same command again to the end (in-process, to spare
     a third start-up): one MLflow run throughout, every epoch logged once."""
     out = tmp_path / "out"
@@ -294,6 +294,11 @@ def test_interrupted_run_resumes_into_the_same_mlflow_run(home, tmp_path, capsys
     assert "run the same command again" in stderr and "Traceback" not in stderr
     (run,) = runs_of(c)
     assert run.info.status == "KILLED"
+
+    code, stderr = interrupt_after_next_checkpoint(args, env, ckpt, signal.SIGTERM)  # kill PID, a scheduler
+    assert code == 143, stderr  # the same clean stop as Ctrl-C, with SIGTERM's status
+    assert "run the same command again" in stderr and "Traceback" not in stderr
+    assert [(r.info.run_id, r.info.status) for r in runs_of(c)] == [(run.info.run_id, "KILLED")]
 
     code, stderr = interrupt_after_next_checkpoint(args, env, ckpt, signal.SIGKILL)
     assert code == -signal.SIGKILL, stderr

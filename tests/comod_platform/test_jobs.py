@@ -141,7 +141,12 @@ def test_the_job_environment_and_entrypoint(monkeypatch):
     assert "AWS_SECRET_ACCESS_KEY" not in env
     line = jobs.entrypoint("my-search", "wheel", "s3://bucket/p")
     assert line.startswith("python -m comod_platform.cli search run search.yaml --name my-search --or-resume")
-    assert ("--storage s3://bucket/p" in line) == jobs._run_accepts("--storage")
+    import shlex
+
+    from comod_platform.cli import _parser
+
+    parsed = _parser()[0].parse_args(shlex.split(line)[3:])  # the job's command, as comod reads it
+    assert parsed.storage == "s3://bucket/p" and parsed.or_resume and parsed.name == "my-search"
     assert jobs.entrypoint("my-search", "image", None) == "comod search run search.yaml --name my-search --or-resume"
 
 

@@ -215,8 +215,10 @@ class FakeServer:
 
     started: list = []
 
+    pid = 2 ** 22 + 1  # above Linux's largest pid: a process group that does not exist
+
     def __init__(self, command, env=None, **kwargs):
-        self.command, self.env, self.returncode = command, env, None
+        self.command, self.env, self.returncode, self.kwargs = command, env, None, kwargs
         FakeServer.started.append(self)
 
     def poll(self):
@@ -250,6 +252,7 @@ def test_ui_name_prints_and_opens_the_searchs_runs_page_with_telemetry_off(home,
     (server,) = FakeServer.started
     assert server.command[1:4] == ["-m", "mlflow", "server"] and uri in server.command
     assert server.env["MLFLOW_DISABLE_TELEMETRY"] == "true" and server.env["DO_NOT_TRACK"] == "true"
+    assert server.kwargs.get("start_new_session") is True  # its workers are one group, stopped together
     experiment = client.get_experiment(experiment_id)
     assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == tracking.EXPERIMENT_KIND
     assert view_of(experiment)["orderByKey"] == "metrics.`val/mean_f1`"  # the search's metric, from its parent

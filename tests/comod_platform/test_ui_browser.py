@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -129,6 +130,65 @@ def ui(searched, tmp_path):
     finally:
         _stop_group(proc)
         assert proc.poll() is not None
+
+
+def test_comod_ui_serves_with_mlflow_telemetry_off(ui):
+    """The server `comod ui` starts tells the UI to send nothing and accepts no usage records."""
+    base = f"http://127.0.0.1:{ui.port}/ajax-api/3.0/mlflow/ui-telemetry"
+    with urllib.request.urlopen(base, timeout=30) as response:
+        assert json.load(response)["disable_ui_telemetry"] is True
+    posted = urllib.request.Request(base, data=json.dumps({"records": []}).encode(), method="POST",
+                                    headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(posted, timeout=30) as response:
+        assert json.load(response) == {"status": "disabled"}
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _mentioning(text: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT])
+def test_stopping_comod_ui_stops_its_server_and_frees_the_port(searched, tmp_path, how):
+    """A signal to `comod ui` alone (kill PID, a scheduler's stop; SIGINT as a terminal's Ctrl-C sends it)
+    ends the MLflow server it started and the server's uvicorn worker: the port is free again."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "comod_platform.cli", "ui", NAME, "--port", str(port)],
+                            env=searched.env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    marker = f"--port {port}"
+    try:
+        deadline = time.monotonic() + 240
+        while not _listening(port) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.25)
+        assert _listening(port), "the UI did not start"
+        assert len(_mentioning(marker)) >= 2  # comod ui and the server (and its worker)
+        proc.send_signal(how)
+        assert proc.wait(60) == 0
+        deadline = time.monotonic() + 30
+        while (_listening(port) or len(_mentioning(marker)) > 0) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert not _listening(port), "a server process still holds the port"
+        assert not _mentioning(marker), _mentioning(marker)
+    finally:
+        _stop_group(proc)
+        for pid in _mentioning(marker):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _dump_dom(url: str, profile: Path, budget_ms: int) -> str:

@@ -1,0 +1,62 @@
+"""Credentials are passed by reference and never written, printed or shipped in clear.
+
+A database or server URL may carry a password (``postgresql://USER:PASSWORD@HOST/DB``,
+``http://USER:PASSWORD@HOST``). comod keeps only its redacted form (``USER:***@``) in a
+search's ``meta.json`` and in every message, and takes the password back from the
+environment that has it (``COMOD_OPTUNA_STORAGE``, ``MLFLOW_TRACKING_URI``) when a command
+needs the connection. Better still, leave it out of the URL: libpq reads ``PGPASSWORD`` or a
+``PGPASSFILE``, MLflow reads ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``, boto3
+reads ``AWS_SHARED_CREDENTIALS_FILE`` or the instance's role.
+
+A Ray job's runtime environment is shown by Ray's dashboard, so secret-bearing variables
+(:func:`is_secret`) are never put there: the cluster's own environment (its nodes' variables,
+a Kubernetes secret, a credentials file every node mounts) provides them.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+MASK = "***"
+_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:@/]*):(?P<password>[^@/]*)@")
+_SECRET_KEY = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL|PRIVATE_KEY|API_KEY|ACCESS_KEY)", re.I)
+_NOT_SECRET = {"AWS_ACCESS_KEY_ID", "GOOGLE_APPLICATION_CREDENTIALS", "AWS_SHARED_CREDENTIALS_FILE", "PGPASSFILE"}
+"""Names that match :data:`_SECRET_KEY` but hold an identifier or a path, not a secret."""
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of a URL at its start (``scheme://user:password@``) replaced by ``***``."""
+    return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@" if m["password"] else m[0], str(text))
+
+
+def redact_all(text: str) -> str:
+    """Every ``scheme://user:password@`` in a message, redacted."""
+    return re.sub(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"]+", lambda m: redact(m[0]), str(text))
+
+
+def is_redacted(url: str) -> bool:
+    return redact(url) == url and f":{MASK}@" in url
+
+
+def restore(url: str, *candidates: str | None) -> str:
+    """``url`` as recorded (maybe redacted), with its password from the first candidate (a URL from the
+    environment) whose redacted form is the same; ``url`` itself when none matches."""
+    if not is_redacted(url):
+        return url
+    for candidate in candidates:
+        if candidate and redact(candidate) == url:
+            return candidate
+    return url
+
+
+def is_secret(key: str, value: str = "") -> bool:
+    """Whether an environment variable holds a secret: its name says so, or its value is a URL with a
+    password."""
+    return (key not in _NOT_SECRET and bool(_SECRET_KEY.search(key))) or redact(value) != value
+
+
+def env_url(key: str) -> str | None:
+    return os.environ.get(key) or None
+
+
+__all__ = ["MASK", "env_url", "is_redacted", "is_secret", "redact", "redact_all", "restore"]

@@ -1,0 +1,73 @@
+"""Ctrl-C and SIGTERM in a search's driver: a clean stop first, an immediate one on a second signal.
+
+The first SIGINT (Ctrl-C) or SIGTERM (``kill``, ``comod search stop``, Kubernetes) asks Ray Tune to
+end its loop the way its own SIGUSR1 does: the trials stop, the experiment state is saved, the
+callbacks flush what MLflow has not yet received and end the unfinished trials' runs as
+interrupted, and the driver closes the parent run and the study's running trials, then exits 130
+(SIGINT) or 143 (SIGTERM) with the command that continues the search. A second signal ends the
+process at once, saying what may be left RUNNING (a resume repairs it).
+
+Ray Tune's own SIGINT handler is switched off (``TUNE_DISABLE_SIGINT_HANDLER``), so that both
+signals take this one path; the handlers are Python's, installed after ``ray.init``, so Ray's
+native fatal-signal handler (which prints a C++ stack dump) never sees them in the driver.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+_requested: list[int] = []
+unfinished: set[str] = set()
+"""The Ray trial ids an interrupted search left unfinished (its MLflow callback fills it at the end)."""
+
+
+def requested() -> int | None:
+    """The signal that asked the running search to stop, or None."""
+    return _requested[0] if _requested else None
+
+
+class StopOnSignal:
+    """While active (a ``with`` block in the main thread), SIGINT and SIGTERM stop the search cleanly
+    once (``on_first``: what to tell the user) and at once the second time."""
+
+    def __init__(self, name: str, stream=None):
+        self.name, self.stream = name, stream
+        self._previous: dict[int, object] = {}
+
+    def _say(self, text: str) -> None:
+        print(f"comod: {text}", file=self.stream or sys.stderr, flush=True)
+
+    def _handle(self, signum: int, frame) -> None:
+        if _requested:
+            self._say(f"second {signal.Signals(signum).name}: ending at once. Trials, their MLflow runs and "
+                      f"Optuna trials may be left RUNNING; `comod search resume {self.name}` repairs and "
+                      f"continues them")
+            sys.stderr.flush()
+            os._exit(EXIT_CODES.get(signum, 128 + signum))
+        _requested.append(signum)
+        ray_stop = signal.getsignal(signal.SIGUSR1)  # Ray Tune's graceful stop, installed by its loop
+        if not callable(ray_stop):
+            raise KeyboardInterrupt  # before Ray Tune's loop started: nothing runs yet to stop cleanly
+        self._say(f"{signal.Signals(signum).name}: stopping the search's trials and saving its state "
+                  f"(again to end at once)")
+        ray_stop(signal.SIGUSR1, frame)
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signals reach the main thread only: a search driven from another thread
+        _requested.clear()
+        unfinished.clear()
+        for signum in EXIT_CODES:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+
+__all__ = ["EXIT_CODES", "StopOnSignal", "requested", "unfinished"]

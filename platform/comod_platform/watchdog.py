@@ -1,0 +1,74 @@
+"""A trial's time limits: ``search.trial_timeout_s`` (its whole run) and ``search.stall_timeout_s`` (no
+progress: no optimisation step, no report, no word from the pretraining cache's wait).
+
+A thread of the trial's own process watches the clock. Past a limit it raises :class:`TrialTimeout` in
+the thread that runs the trial (Python delivers it at that thread's next bytecode), which the trial
+reports as its recorded end, with the reason, so Ray does not retry it and the search goes on. A trial
+stuck inside native code never gets there: ``grace_s`` later the watchdog ends the worker process, and
+Ray records the trial as failed.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import threading
+import time
+
+
+class TrialTimeout(Exception):
+    """Raised in a trial that passed one of its time limits; the message is the reason."""
+
+
+class Watchdog:
+    def __init__(self, trial_timeout_s: float | None, stall_timeout_s: float | None, grace_s: float = 60.0,
+                 poll_s: float = 1.0):
+        self.total, self.stall, self.grace, self.poll = trial_timeout_s, stall_timeout_s, grace_s, poll_s
+        self.started = self.last = time.monotonic()
+        self.reason: str | None = None
+        self._target = threading.get_ident()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.total is not None or self.stall is not None
+
+    def alive(self, *_) -> None:
+        """Progress: a step, a report, a line from a wait."""
+        self.last = time.monotonic()
+
+    def __enter__(self) -> "Watchdog":
+        if self.active:
+            self._target = threading.get_ident()  # the thread that runs the trial
+            self._thread = threading.Thread(target=self._watch, name="comod-watchdog", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+
+    def _overdue(self) -> str | None:
+        now = time.monotonic()
+        if self.total is not None and now - self.started > self.total:
+            return f"timed out: the trial ran {now - self.started:.0f} s, over search.trial_timeout_s ({self.total:g})"
+        if self.stall is not None and now - self.last > self.stall:
+            return (f"stalled: no progress (no step, no report) for {now - self.last:.0f} s, over "
+                    f"search.stall_timeout_s ({self.stall:g})")
+        return None
+
+    def _watch(self) -> None:
+        while not self._done.wait(self.poll):
+            reason = self._overdue()
+            if reason is None:
+                continue
+            self.reason = reason
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._target), ctypes.py_object(TrialTimeout))
+            if self._done.wait(self.grace):
+                return
+            print(f"comod: trial {reason}; it did not stop within {self.grace:g} s (stuck in native code): "
+                  f"ending its worker", file=sys.stderr, flush=True)
+            os._exit(1)
+
+
+__all__ = ["TrialTimeout", "Watchdog"]
