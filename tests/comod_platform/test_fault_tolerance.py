@@ -78,12 +78,13 @@ def _trial_workers(ray_tmp: str) -> list[int]:
 
 
 def _epochs_in_ray_results(storage: Path, name: str) -> dict[str, list[int]]:
-    """Each trial's reported epochs, in order, from Ray Tune's own result log (every report, raw)."""
+    """Each trial's reported epochs, in order, from Ray Tune's own result log (every report, raw; the last
+    epoch's report is the final one)."""
     out = {}
     for result in (storage / name).glob("*/result.json"):
         rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
         if rows:
-            out[rows[0]["trial_id"]] = [int(r["comod/epoch"]) for r in rows if not r.get("comod/final")]
+            out[rows[0]["trial_id"]] = [int(r["comod/epoch"]) for r in rows]
     return out
 
 
