@@ -4,6 +4,7 @@ edited search file or another Ray on resume, names already taken in a shared sto
 node can satisfy."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,7 +14,6 @@ import time
 from pathlib import Path
 
 import optuna
-import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -80,6 +80,17 @@ def _finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> tuple[in
     return code, log.read_text()
 
 
+@contextlib.contextmanager
+def _cleaned_up(proc: subprocess.Popen, ray_tmp: str):
+    """Whatever the test asserts: the driver's whole session, and every Ray process it started, end."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        kill_processes_mentioning(ray_tmp)
+
+
 def _records(home: Path, name: str):
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(f"search/{name}")
@@ -108,7 +119,7 @@ def test_ctrl_c_stops_cleanly_a_second_driver_is_refused_and_resume_checks_what_
     path = _slow_search(tmp_path, name)
     log = tmp_path / "driver.log"
     driver = _start(path, name, env, log)
-    try:
+    with _cleaned_up(driver, ray_tmp):
         _wait_until_trials_run(driver, log, home, name)
         # a second driver of the same search, while the first runs: refused, naming it
         seconds = [subprocess.Popen([sys.executable, "-m", "comod_platform.cli", *args], env=env, cwd=REPO,
@@ -121,10 +132,6 @@ def test_ctrl_c_stops_cleanly_a_second_driver_is_refused_and_resume_checks_what_
         assert driver.poll() is None, "the search ended before the second drivers were refused"
         os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C in the terminal: the whole foreground group
         code, out = _finish(driver, log)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-        kill_processes_mentioning(ray_tmp)
     assert code == 130, out[-3000:]
     assert f"interrupted: continue with comod search resume {name}" in out
     assert "interrupted" in out.split(f"search {name}:", 1)[1].splitlines()[0]  # counted as such, not pruned
@@ -172,14 +179,10 @@ def test_sigterm_stops_cleanly_and_a_second_signal_ends_at_once(tmp_path, ray_tm
     env = _env(home, ray_tmp)
     log = tmp_path / "driver.log"
     driver = _start(_slow_search(tmp_path, name), name, env, log)
-    try:
+    with _cleaned_up(driver, ray_tmp):
         _wait_until_trials_run(driver, log, home, name)
         driver.send_signal(signal.SIGTERM)  # what `kill`, `comod search stop` and Kubernetes send: the driver only
         code, out = _finish(driver, log)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-        kill_processes_mentioning(ray_tmp)
     assert code == 143, out[-3000:]
     assert f"interrupted: continue with comod search resume {name}" in out
     assert not any(sign in out for sign in NATIVE_DUMP) and "Traceback" not in out, out[-3000:]
@@ -189,7 +192,7 @@ def test_sigterm_stops_cleanly_and_a_second_signal_ends_at_once(tmp_path, ray_tm
     log2 = tmp_path / "driver2.log"
     again = subprocess.Popen([sys.executable, "-m", "comod_platform.cli", "search", "resume", name], env=env,
                              cwd=REPO, stdout=open(log2, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    with _cleaned_up(again, ray_tmp):
         deadline = time.time() + 300
         while "running" not in log2.read_text() and time.time() < deadline:
             assert again.poll() is None, log2.read_text()[-3000:]
@@ -198,10 +201,6 @@ def test_sigterm_stops_cleanly_and_a_second_signal_ends_at_once(tmp_path, ray_tm
         time.sleep(0.3)
         os.killpg(again.pid, signal.SIGINT)
         code, out = _finish(again, log2, timeout=60)
-    finally:
-        if again.poll() is None:
-            os.killpg(again.pid, signal.SIGKILL)
-        kill_processes_mentioning(ray_tmp)
     assert code == 130 and "second SIGINT: ending at once" in out and f"comod search resume {name}" in out
     done = _comod(["search", "resume", name, "--json"], env)
     assert done.returncode == 0, done.stderr[-3000:]
