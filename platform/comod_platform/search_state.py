@@ -129,7 +129,7 @@ class SearchPaths:
         record = {**asdict(meta), "optuna_storage": redact(meta.optuna_storage),
                   "tracking_uri": redact(meta.tracking_uri)}
         tmp = self.meta_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=2))
+        tmp.write_text(json.dumps(record, indent=2, default=str))  # a YAML date in the settings: as text
         os.replace(tmp, self.meta_file)
 
     @property
