@@ -17,7 +17,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from comod_platform.errors import EXIT_FAILED, EXIT_USAGE, UserError  # noqa: F401 - re-exported
@@ -323,44 +322,20 @@ def cmd_ui(args) -> int:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """End the server and its workers (its process group): SIGTERM, a little time for a clean stop, then
-    SIGKILL to whatever is left, so that no worker keeps the port."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+    """End the server and its workers (its process group): SIGTERM and a little time for a clean stop,
+    then SIGKILL to whatever is left of the group, so that no worker keeps the port."""
+    if proc.poll() is None:
         try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            break
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and _group_alive(proc.pid):
-            if proc.poll() is None:
-                try:
-                    proc.wait(0.2)
-                except subprocess.TimeoutExpired:
-                    pass
-            else:
-                time.sleep(0.2)
-        if not _group_alive(proc.pid):
-            break
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
     if proc.poll() is None:
         proc.wait(5)
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether any process of group ``pgid`` is still running (zombies awaiting their parent do not count)."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            return True
-    return False
 
 
 def run() -> None:

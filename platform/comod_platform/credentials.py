@@ -14,7 +14,6 @@ a Kubernetes secret, a credentials file every node mounts) provides them.
 """
 from __future__ import annotations
 
-import os
 import re
 
 MASK = "***"
@@ -55,8 +54,4 @@ def is_secret(key: str, value: str = "") -> bool:
     return (key not in _NOT_SECRET and bool(_SECRET_KEY.search(key))) or redact(value) != value
 
 
-def env_url(key: str) -> str | None:
-    return os.environ.get(key) or None
-
-
-__all__ = ["MASK", "env_url", "is_redacted", "is_secret", "redact", "redact_all", "restore"]
+__all__ = ["MASK", "is_redacted", "is_secret", "redact", "redact_all", "restore"]

@@ -394,7 +394,9 @@ def run_search(search_path: str | Path, name: str | None = None, address: str | 
         optuna_url = optuna_storage_url(paths)
         check_optuna_storage(optuna_url)
         search_id = paths.search_id()
-        _claim_stores(paths.name, search_id, optuna_url, _tracking_uri())
+        from comod_platform.tracking import tracking_uri
+
+        _claim_stores(paths.name, search_id, optuna_url, tracking_uri())
         _check_resources(sf, address)
         ray_storage = storage_mod.resolve(storage, str(paths.ray_storage))
         _check_storage(ray_storage)  # before anything is made: a refused search leaves no trace
@@ -413,12 +415,6 @@ def run_search(search_path: str | Path, name: str | None = None, address: str | 
                           search_sha256=search_hash(raw), search_settings=raw)
         paths.write_meta(meta)
         return _fit(sf, paths, meta, address, restore=False, data=data)
-
-
-def _tracking_uri() -> str:
-    from comod_platform.tracking import tracking_uri
-
-    return tracking_uri()
 
 
 def _create_study(sf: SearchFile, name: str, url: str, search_id: str) -> None:

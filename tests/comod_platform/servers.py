@@ -54,10 +54,10 @@ class MlflowServer:
                 self.proc.wait(5)
 
 
-def kill_processes_mentioning(text: str) -> int:
-    """Kill every process whose command line mentions ``text`` (a Ray temp dir), or that has a file
-    open under it."""
-    killed = 0
+def processes_mentioning(text: str) -> list[int]:
+    """The pids of the processes (other than this one) whose command line mentions ``text`` (a Ray temp
+    dir, a port), or that have a file open under it."""
+    found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
@@ -72,9 +72,39 @@ def kill_processes_mentioning(text: str) -> int:
                     continue
             except OSError:
                 continue
+        found.append(int(proc.name))
+    return found
+
+
+def kill_processes_mentioning(text: str) -> int:
+    """Kill every process :func:`processes_mentioning` ``text``; returns how many."""
+    killed = 0
+    for pid in processes_mentioning(text):
         try:
-            os.kill(int(proc.name), signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
             killed += 1
         except OSError:
             pass
     return killed
+
+
+def stop_group(proc, first: int = signal.SIGTERM, timeout: float = 20.0) -> None:
+    """Stop a process started with ``start_new_session``: ``first`` to its group, then SIGKILL to what is
+    left of it (a server's workers)."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, first)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if proc.poll() is None:
+        proc.wait(10)

@@ -23,7 +23,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from servers import free_port
+from servers import free_port, stop_group
 
 DUMMY_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 """Credentials moto accepts; given only to the processes that talk to S3 themselves."""
@@ -37,27 +37,6 @@ PG_USER = "postgres"
 def without_storage_env(env: dict) -> dict:
     """``env`` less every variable that grants or points at object storage."""
     return {k: v for k, v in env.items() if not k.startswith(STORAGE_ENV_PREFIXES)}
-
-
-def _stop_group(proc: subprocess.Popen | None, first: int = signal.SIGTERM, timeout: float = 20.0) -> None:
-    """Stop a process started with ``start_new_session``: ``first`` to its group, then SIGKILL."""
-    if proc is None:
-        return
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, first)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-    try:  # children left in the group (a server's workers) go too
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    if proc.poll() is None:
-        proc.wait(10)
 
 
 def _tail(path: Path, n: int = 3000) -> str:
@@ -203,7 +182,7 @@ class PostgresServer:
 
     def stop(self) -> None:
         # SIGINT is PostgreSQL's fast shutdown: clients are disconnected, no waiting on them
-        _stop_group(self.proc, signal.SIGINT)
+        stop_group(self.proc, signal.SIGINT)
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
 
@@ -258,7 +237,7 @@ class MotoServer:
         return {**DUMMY_AWS, "AWS_ENDPOINT_URL": self.endpoint}
 
     def stop(self) -> None:
-        _stop_group(self.proc)
+        stop_group(self.proc)
 
 
 # ------------------------------------------------------------------ MLflow
@@ -298,7 +277,7 @@ class TeamMlflowServer:
         return self
 
     def stop(self) -> None:
-        _stop_group(self.proc)
+        stop_group(self.proc)
 
 
 def start_team_mlflow(root: Path, postgres: PostgresServer, s3: MotoServer,

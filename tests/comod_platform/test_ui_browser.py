@@ -31,26 +31,11 @@ from mlflow.tracking import MlflowClient
 from comod_platform import tracking
 from comod_platform.conventions import TAG_PARENT, TAG_ROLE, TAG_STATE
 from comod_platform.tune_callbacks import TAG_BEST_RUN, TAG_BEST_TRIAL
-from servers import free_port, kill_processes_mentioning
+from servers import free_port, kill_processes_mentioning, processes_mentioning, stop_group
 
 REPO = Path(__file__).resolve().parents[2]
 NAME = "browsed"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to ``proc``'s process group (its own session), then SIGKILL to what is left."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        if proc.poll() is not None and sig == signal.SIGTERM:
-            sig = signal.SIGKILL  # the leader ended: its children (server workers) may not have
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +113,7 @@ def ui(searched, tmp_path):
         assert url, "comod ui printed no URL:\n" + "".join(lines)[-3000:]
         yield SimpleNamespace(url=url, port=port, lines=lines)
     finally:
-        _stop_group(proc)
+        stop_group(proc)
         assert proc.poll() is not None
 
 
@@ -151,17 +136,6 @@ def _listening(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _mentioning(text: str) -> list[int]:
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if text in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                found.append(int(cmdline.parent.name))
-        except OSError:
-            continue
-    return found
-
-
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT])
 def test_stopping_comod_ui_stops_its_server_and_frees_the_port(searched, tmp_path, how):
     """A signal to `comod ui` alone (kill PID, a scheduler's stop; SIGINT as a terminal's Ctrl-C sends it)
@@ -177,17 +151,17 @@ def test_stopping_comod_ui_stops_its_server_and_frees_the_port(searched, tmp_pat
             assert proc.poll() is None, proc.stdout.read()[-3000:]
             time.sleep(0.25)
         assert _listening(port), "the UI did not start"
-        assert len(_mentioning(marker)) >= 2  # comod ui and the server (and its worker)
+        assert len(processes_mentioning(marker)) >= 2  # comod ui and the server (and its worker)
         proc.send_signal(how)
         assert proc.wait(60) == 0
         deadline = time.monotonic() + 30
-        while (_listening(port) or len(_mentioning(marker)) > 0) and time.monotonic() < deadline:
+        while (_listening(port) or len(processes_mentioning(marker)) > 0) and time.monotonic() < deadline:
             time.sleep(0.25)
         assert not _listening(port), "a server process still holds the port"
-        assert not _mentioning(marker), _mentioning(marker)
+        assert not processes_mentioning(marker), processes_mentioning(marker)
     finally:
-        _stop_group(proc)
-        for pid in _mentioning(marker):
+        stop_group(proc)
+        for pid in processes_mentioning(marker):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -202,7 +176,7 @@ def _dump_dom(url: str, profile: Path, budget_ms: int) -> str:
         out, _ = proc.communicate(timeout=120 + budget_ms / 1000)
         return out
     finally:
-        _stop_group(proc)
+        stop_group(proc)
 
 
 @pytest.fixture
