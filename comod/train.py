@@ -1,8 +1,11 @@
 """One experiment: pretrain, fine-tune (task adaptation), evaluate.
 
 Plain functions in the torchvision-references style: ``train_one_epoch``,
-``evaluate`` and ``run_experiment``. Every epoch ends with an atomic
-checkpoint (loadable with ``weights_only=True``) holding the model, the
+``evaluate`` and ``run_experiment``, whose steps (set up, resume, pretrain
+or take the pretrained model from the cache, start fine-tuning, fine-tune,
+finish) are the methods of one private ``_Run``, called in that order. Every
+epoch ends with an atomic checkpoint (loadable with ``weights_only=True``;
+its keys: :class:`comod.checkpoint.Checkpoint`) holding the model, the
 optimiser, every random state and the history, so an interrupted run
 resumes where it stopped and reaches the same metrics as an uninterrupted
 one. Progress and per-epoch metrics go to callbacks; the core itself logs
@@ -22,15 +25,14 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from comod.checkpoint import (CHECKPOINT, FORMAT, Best, Checkpoint, PretrainedModel, cpu_state, rng_state,
+                              set_rng_state)
 from comod.config import ExperimentConfig, config_to_dict, save_config
 from comod.data import load_data
 from comod.data.taskdata import IGNORE, Split, TaskData, normalise
 from comod.metrics import selection_score, summarise, task_metrics
 from comod.model import MultiTaskModel, build_model
 from comod.pretrain_cache import entry_path, file_lock, set_aside
-
-CHECKPOINT = "checkpoint.pt"
-FORMAT = 1
 
 
 class TrainingError(RuntimeError):
@@ -51,8 +53,8 @@ class Callbacks:
     """(phase, step_in_epoch, steps_per_epoch) after every optimisation step."""
     on_phase: Callable[[str, int, int], None] | None = None
     """(phase, first_epoch, epochs) when a phase starts or resumes."""
-    on_checkpoint: Callable[[Path, dict], None] | None = None
-    """(path, state) after every checkpoint write."""
+    on_checkpoint: Callable[[Path, Checkpoint], None] | None = None
+    """(path, payload) after every checkpoint write (the payload: :class:`comod.checkpoint.Checkpoint`)."""
     on_eval: Callable[[str, int, dict], None] | None = None
     """(phase, global_step, metrics) for a validation point between epoch ends: fine-tuning's step 0
     (the pretrained model) and every ``finetune.eval_interval_steps`` steps (learning curves)."""
@@ -62,12 +64,13 @@ class Callbacks:
 
 @dataclass
 class RunState:
+    """A run's progress: what its checkpoint keeps besides the config, the weights and the random states."""
+
     phase_index: int = 0
     epochs_done: int = 0
     step: int = 0
     history: list = field(default_factory=list)
-    best: dict | None = None
-    metrics: dict | None = None
+    best: Best | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -212,28 +215,10 @@ def _build_optimizer(model: MultiTaskModel, phase_cfg) -> torch.optim.Optimizer 
     return torch.optim.AdamW(groups, weight_decay=phase_cfg.weight_decay)
 
 
-def _rng_state(gen: torch.Generator) -> dict:
-    state = {"torch": torch.get_rng_state(), "sampler": gen.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict, gen: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    gen.set_state(state["sampler"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _save_atomic(obj: Any, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
-
-
-def _cpu_state(model: torch.nn.Module) -> dict:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def config_difference(a: Any, b: Any, path: str = "") -> str | None:
@@ -247,6 +232,14 @@ def config_difference(a: Any, b: Any, path: str = "") -> str | None:
     return None if a == b else f"{path}: {a!r} in the checkpoint, {b!r} now"
 
 
+def check_same_config(saved: Checkpoint, cfg: ExperimentConfig, out: Path, fix: str) -> None:
+    """Refuse to resume ``saved`` (the checkpoint in ``out``) with another config: the error names the
+    first setting that differs, then ``fix``."""
+    diff = config_difference(saved["config"], config_to_dict(cfg))
+    if diff:
+        raise TrainingError(f"{out} holds a run of another config ({diff}); {fix}")
+
+
 def means(metrics: dict[str, float]) -> dict[str, float]:
     """The means over tasks of summarised metrics (what is reported per epoch)."""
     return {k: v for k, v in metrics.items() if "/mean_" in k}
@@ -256,7 +249,7 @@ class DamagedFile(TrainingError):
     """A checkpoint or cache entry that does not load (a write cut short, a full disk, another format)."""
 
 
-def load_checkpoint(path: Path, fix: str = "delete it, or start the run again with --restart") -> dict:
+def load_checkpoint(path: Path, fix: str = "delete it, or start the run again with --restart") -> Checkpoint:
     """A checkpoint written by :func:`_save_atomic`; a damaged one raises :class:`DamagedFile` naming the file."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -274,18 +267,192 @@ def load_checkpoint(path: Path, fix: str = "delete it, or start the run again wi
 PHASES = ("pretrain", "finetune")
 
 
-def _cached(entry: Path) -> dict | None:
+def _cached(entry: Path) -> PretrainedModel | None:
     """A pretraining cache entry, or None when it is damaged: then it is set aside (kept, renamed) and the
     caller pretrains again, once, in its place."""
     try:
         cached = load_checkpoint(entry)
-        if not {"model", "step", "history", "rng"} <= set(cached):
+        if not PretrainedModel.__required_keys__ <= set(cached):
             raise DamagedFile(f"{entry} lacks the parts of a pretrained model")
         return cached
     except DamagedFile as err:
         aside = set_aside(entry)
-        warnings.warn(f"{err}: set aside as {aside.name}; pretraining again", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"{err}: set aside as {aside.name}; pretraining again", RuntimeWarning, stacklevel=3)
         return None
+
+
+class _Run:
+    """One experiment's fixed parts (config, data, model, device) and its progress (``state``), with the
+    steps :func:`run_experiment` takes, in its order: set up, resume, pretrain (or take the pretrained model
+    from the cache), start fine-tuning from the pretrained model, fine-tune, finish."""
+
+    def __init__(self, cfg: ExperimentConfig, out: Path, data: TaskData | None, callbacks: Callbacks):
+        self.cfg, self.callbacks, self.ckpt_path = cfg, callbacks, out / CHECKPOINT
+        self.cfg_dict = config_to_dict(cfg)
+        self.device = device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.data = data = data if data is not None else load_data(cfg)
+        on_device = cfg.data.on_device == "yes" or (cfg.data.on_device == "auto" and device.type == "cuda")
+        self.splits = {name: getattr(data, name) for name in ("train", "val", "test")}
+        if on_device:
+            self.splits = {name: s.to(device) for name, s in self.splits.items()}
+        self.model = build_model(cfg, data.tasks, data.image_shape[0]).to(device)
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+        self.eval_tasks = task_indices(data, cfg.finetune.tasks, "finetune.tasks")
+        self.steps_of = {phase: getattr(cfg, phase).steps_per_epoch
+                         or max(1, math.ceil(len(data.train) / getattr(cfg, phase).batch_size))
+                         for phase in PHASES}
+        pretrain_steps = cfg.pretrain.epochs * self.steps_of["pretrain"]
+        warmup = cfg.modulation.readout.warmup_steps
+        if cfg.modulation.kind == "stochastic" and warmup and warmup >= pretrain_steps:
+            raise TrainingError(f"modulation.readout.warmup_steps: got {warmup}; expected fewer than the "
+                                f"{pretrain_steps} pretraining steps, else fine-tuning runs inside the warm-up "
+                                f"and the couplings get no gradient")
+        self.state = RunState()
+        # (phase index, state) of the optimiser in the checkpoint resumed from, for that phase to load
+        self.saved_optimizer: tuple[int, dict] | None = None
+
+    # -- checkpoints ------------------------------------------------------
+    def resume(self, saved: Checkpoint) -> None:
+        self.model.load_state_dict(saved["model"])
+        self.state = RunState(saved["phase_index"], saved["epochs_done"], saved["step"], saved["history"],
+                              saved["best"])
+        if saved["optimizer"] is not None:
+            self.saved_optimizer = (saved["phase_index"], saved["optimizer"])
+        set_rng_state(saved["rng"], self.gen)
+
+    def checkpoint(self, optimizer: torch.optim.Optimizer | None,
+                   metrics: dict[str, float] | None = None) -> None:
+        state = self.state
+        payload: Checkpoint = {
+            "format": FORMAT, "config": self.cfg_dict, "phase_index": state.phase_index,
+            "epochs_done": state.epochs_done, "step": state.step, "model": cpu_state(self.model),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "rng": rng_state(self.gen), "history": state.history, "best": state.best, "metrics": metrics,
+            "task_names": self.data.task_names}
+        _save_atomic(payload, self.ckpt_path)
+        if self.callbacks.on_checkpoint:
+            self.callbacks.on_checkpoint(self.ckpt_path, payload)
+
+    # -- evaluation -------------------------------------------------------
+    def measure(self, split: str, tasks: list[int], prefix: str) -> dict[str, float]:
+        """The summarised metrics of ``tasks`` on ``split`` (train, val or test), named ``prefix/...``."""
+        cfg = self.cfg
+        metrics = evaluate(self.model, self.splits[split], tasks, self.data, self.device, cfg.eval.batch_size,
+                           self.autocast, cfg.eval.ece_bins, cfg.model.channels_last)
+        return summarise(metrics, prefix)
+
+    def curve_point(self, tasks: list[int], step: int, finetune_step: int, val: dict | None = None) -> None:
+        """A fine-tuning validation point between epoch ends (learning curves)."""
+        point = means(val if val is not None else self.measure("val", tasks, "finetune/val"))
+        self.state.history.append({"phase": "curve", "step": step, "finetune_step": finetune_step, **point})
+        if self.callbacks.on_eval:
+            self.callbacks.on_eval("finetune", step, point)
+
+    # -- phases -----------------------------------------------------------
+    def pretrain(self, cache: str | Path | None, wait_s: float | None) -> None:
+        """Pretraining, or its result from the cache (``cache`` None: no cache), which then holds it."""
+        if cache is None:
+            self.train_phase(0)
+            return
+        entry = entry_path(cache, self.cfg)
+        with file_lock(entry, on_wait=self.callbacks.on_wait, timeout=wait_s):
+            cached = _cached(entry) if entry.exists() and self.state.epochs_done == 0 else None
+            if cached is not None:
+                self.pretrained_from(cached)
+            else:
+                self.train_phase(0)
+                entry_state: PretrainedModel = {"model": cpu_state(self.model), "step": self.state.step,
+                                                "history": self.state.history, "rng": rng_state(self.gen)}
+                _save_atomic(entry_state, entry)
+
+    def pretrained_from(self, cached: PretrainedModel) -> None:
+        """Take the pretrained model from a cache entry; its epochs are replayed to the callbacks, so that
+        every run reports the same epochs."""
+        state, callbacks, epochs = self.state, self.callbacks, self.cfg.pretrain.epochs
+        self.model.load_state_dict(cached["model"])
+        state.step, state.history = cached["step"], list(cached["history"])
+        set_rng_state(cached["rng"], self.gen)
+        if callbacks.on_phase:
+            callbacks.on_phase("pretrain", epochs, epochs)
+        for entry in state.history:
+            if callbacks.on_epoch:
+                metrics = {k: v for k, v in entry.items() if k not in ("phase", "epoch", "step")}
+                callbacks.on_epoch("pretrain", entry["epoch"], entry["step"], metrics)
+
+    def start_finetuning(self) -> None:
+        """The pretrained model is fine-tuning's epoch 0: selection keeps it unless an epoch beats it. Its
+        test metrics are kept (``pretrained/test/...``) and its validation is the curve's step 0."""
+        state, cfg = self.state, self.cfg
+        state.phase_index, state.epochs_done = 1, 0
+        val = self.measure("val", self.eval_tasks, "finetune/val")
+        state.best = {"score": selection_score(val, "finetune/val", cfg.eval.select_metric), "epoch": 0,
+                      "model": cpu_state(self.model)}
+        pre = self.measure("test", self.eval_tasks, "pretrained/test")
+        state.history.append({"phase": "pretrained", "step": state.step, **means(pre)})
+        self.curve_point(self.eval_tasks, state.step, 0, val)
+        self.checkpoint(None)
+
+    def train_phase(self, phase_index: int) -> None:
+        """The phase's epochs (from where a resumed run stopped), each validated, checkpointed, reported."""
+        cfg, state, callbacks = self.cfg, self.state, self.callbacks
+        phase = PHASES[phase_index]
+        pcfg = getattr(cfg, phase)
+        finetuning = phase == "finetune"
+        tasks = task_indices(self.data, pcfg.tasks, f"{phase}.tasks")
+        optimizer = _build_optimizer(self.model, pcfg)
+        first_epoch = state.epochs_done if phase_index == state.phase_index else 0
+        saved, self.saved_optimizer = self.saved_optimizer, None
+        if optimizer is not None and saved is not None and saved[0] == phase_index:
+            optimizer.load_state_dict(saved[1])
+        state.phase_index, state.epochs_done = phase_index, first_epoch
+        epochs = pcfg.epochs if optimizer is not None else 0
+        if callbacks.on_phase:
+            callbacks.on_phase(phase, first_epoch, epochs)
+        batcher = Batcher(self.splits["train"], tasks, self.data, self.device, self.gen,
+                          cfg.model.channels_last,
+                          samples_per_task=cfg.finetune.samples_per_task if finetuning else None,
+                          subset_seed=cfg.data.split_seed)
+        steps = self.steps_of[phase]
+        for epoch in range(first_epoch, epochs):
+            loss = train_one_epoch(self.model, optimizer, batcher, steps, pcfg.batch_size, self.autocast, phase,
+                                   callbacks, every=cfg.finetune.eval_interval_steps if finetuning else None,
+                                   on_interval=lambda i: self.curve_point(tasks, state.step + i, epoch * steps + i),
+                                   offset=epoch * steps)
+            state.step += steps
+            val = self.measure("val", tasks, f"{phase}/val")
+            metrics = {f"{phase}/train_loss": loss, **means(val)}
+            state.epochs_done = epoch + 1
+            state.history.append({"phase": phase, "epoch": epoch + 1, "step": state.step, **metrics})
+            if finetuning:
+                score = selection_score(val, f"{phase}/val", cfg.eval.select_metric)
+                if state.best is None or score > state.best["score"]:
+                    state.best = {"score": score, "epoch": epoch + 1, "model": cpu_state(self.model)}
+            self.checkpoint(optimizer)
+            if callbacks.on_epoch:
+                callbacks.on_epoch(phase, epoch + 1, state.step, metrics)
+
+    def finish(self, out: Path, wall_seconds: float) -> dict[str, float]:
+        """The selected model's validation and test metrics, with the pretrained model's, the selected epoch
+        (0 when no fine-tuning epoch beat the pretrained model), the steps and the wall time; written to
+        ``metrics.json`` and into the last checkpoint."""
+        state = self.state
+        if state.best is not None:
+            self.model.load_state_dict(state.best["model"])
+        final: dict[str, float] = {}
+        final.update(self.measure("val", self.eval_tasks, "val"))
+        final.update(self.measure("test", self.eval_tasks, "test"))
+        for entry in state.history:
+            if entry["phase"] == "pretrained":
+                final.update({k: v for k, v in entry.items() if k.startswith("pretrained/")})
+        final["finetune/best_epoch"] = float(state.best["epoch"]) if state.best else 0.0
+        final["steps"] = float(state.step)
+        final["wall_seconds"] = wall_seconds
+        (out / "metrics.json").write_text(json.dumps(final, indent=2, sort_keys=True))
+        state.best = None  # the selected weights are the model's now; keep the checkpoint small
+        self.checkpoint(None, metrics=final)
+        return final
 
 
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, data: TaskData | None = None,
@@ -302,155 +469,21 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, data: TaskData | 
     ``callbacks.on_wait``. A damaged checkpoint raises :class:`DamagedFile`; a damaged cache entry is
     set aside and pretrained again.
     """
-    callbacks = callbacks or Callbacks()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / CHECKPOINT
-    cfg_dict = config_to_dict(cfg)
-    saved = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
+    saved = load_checkpoint(out / CHECKPOINT) if resume and (out / CHECKPOINT).exists() else None
     if saved is not None:
-        diff = config_difference(saved["config"], cfg_dict)
-        if diff:
-            raise TrainingError(f"{out} holds a run of another config ({diff}); "
-                                f"choose another output folder, or restart it from scratch")
+        check_same_config(saved, cfg, out, "choose another output folder, or restart it from scratch")
         if saved.get("metrics") is not None:
             return saved["metrics"]
     save_config(cfg, out / "config.yaml")
 
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    if data is None:
-        data = load_data(cfg)
-    on_device = cfg.data.on_device == "yes" or (cfg.data.on_device == "auto" and device.type == "cuda")
-    splits = {name: getattr(data, name) for name in ("train", "val", "test")}
-    if on_device:
-        splits = {name: s.to(device) for name, s in splits.items()}
-    model = build_model(cfg, data.tasks, data.image_shape[0]).to(device)
-    cl = cfg.model.channels_last
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    eval_tasks = task_indices(data, cfg.finetune.tasks, "finetune.tasks")
-    steps_of = {phase: getattr(cfg, phase).steps_per_epoch
-                or max(1, math.ceil(len(data.train) / getattr(cfg, phase).batch_size)) for phase in PHASES}
-    warmup = cfg.modulation.readout.warmup_steps
-    if cfg.modulation.kind == "stochastic" and warmup and warmup >= cfg.pretrain.epochs * steps_of["pretrain"]:
-        raise TrainingError(f"modulation.readout.warmup_steps: got {warmup}; expected fewer than the "
-                            f"{cfg.pretrain.epochs * steps_of['pretrain']} pretraining steps, else fine-tuning "
-                            f"runs inside the warm-up and the couplings get no gradient")
-
-    state = RunState()
+    run = _Run(cfg, out, data, callbacks or Callbacks())
     if saved is not None:
-        model.load_state_dict(saved["model"])
-        state = RunState(saved["phase_index"], saved["epochs_done"], saved["step"], saved["history"],
-                         saved["best"])
-        _set_rng_state(saved["rng"], gen)
-
-    def checkpoint(optimizer, metrics=None):
-        payload = {"format": FORMAT, "config": cfg_dict, "phase_index": state.phase_index,
-                   "epochs_done": state.epochs_done, "step": state.step, "model": _cpu_state(model),
-                   "optimizer": optimizer.state_dict() if optimizer is not None else None,
-                   "rng": _rng_state(gen), "history": state.history, "best": state.best, "metrics": metrics,
-                   "task_names": data.task_names}
-        _save_atomic(payload, ckpt_path)
-        if callbacks.on_checkpoint:
-            callbacks.on_checkpoint(ckpt_path, payload)
-
-    def measure(split: str, tasks: list[int], prefix: str) -> dict[str, float]:
-        return summarise(evaluate(model, splits[split], tasks, data, device, cfg.eval.batch_size, autocast,
-                                  cfg.eval.ece_bins, cl), prefix)
-
-    def curve_point(tasks: list[int], step: int, finetune_step: int, val: dict | None = None) -> None:
-        """A fine-tuning validation point between epoch ends (learning curves)."""
-        point = means(val if val is not None else measure("val", tasks, "finetune/val"))
-        state.history.append({"phase": "curve", "step": step, "finetune_step": finetune_step, **point})
-        if callbacks.on_eval:
-            callbacks.on_eval("finetune", step, point)
-
-    def run_phase(phase_index: int) -> None:
-        phase = PHASES[phase_index]
-        pcfg = getattr(cfg, phase)
-        tasks = task_indices(data, pcfg.tasks, f"{phase}.tasks")
-        optimizer = _build_optimizer(model, pcfg)
-        first_epoch = state.epochs_done if phase_index == state.phase_index else 0
-        if saved is not None and phase_index == saved["phase_index"] and optimizer is not None \
-                and saved["optimizer"] is not None:
-            optimizer.load_state_dict(saved["optimizer"])
-        state.phase_index, state.epochs_done = phase_index, first_epoch
-        epochs = pcfg.epochs if optimizer is not None else 0
-        if callbacks.on_phase:
-            callbacks.on_phase(phase, first_epoch, epochs)
-        finetuning = phase == "finetune"
-        batcher = Batcher(splits["train"], tasks, data, device, gen, cl,
-                          samples_per_task=cfg.finetune.samples_per_task if finetuning else None,
-                          subset_seed=cfg.data.split_seed)
-        steps = steps_of[phase]
-        for epoch in range(first_epoch, epochs):
-            loss = train_one_epoch(model, optimizer, batcher, steps, pcfg.batch_size, autocast, phase, callbacks,
-                                   every=cfg.finetune.eval_interval_steps if finetuning else None,
-                                   on_interval=lambda i: curve_point(tasks, state.step + i, epoch * steps + i),
-                                   offset=epoch * steps)
-            state.step += steps
-            val = measure("val", tasks, f"{phase}/val")
-            metrics = {f"{phase}/train_loss": loss, **means(val)}
-            state.epochs_done = epoch + 1
-            state.history.append({"phase": phase, "epoch": epoch + 1, "step": state.step, **metrics})
-            if phase == "finetune":
-                score = selection_score(val, f"{phase}/val", cfg.eval.select_metric)
-                if state.best is None or score > state.best["score"]:
-                    state.best = {"score": score, "epoch": epoch + 1, "model": _cpu_state(model)}
-            checkpoint(optimizer)
-            if callbacks.on_epoch:
-                callbacks.on_epoch(phase, epoch + 1, state.step, metrics)
-
-    def pretrain_from_cache(entry: Path, cached: dict) -> None:
-        model.load_state_dict(cached["model"])
-        state.step, state.history = cached["step"], list(cached["history"])
-        _set_rng_state(cached["rng"], gen)
-        if callbacks.on_phase:
-            callbacks.on_phase("pretrain", cfg.pretrain.epochs, cfg.pretrain.epochs)
-        for entry_metrics in state.history:  # replayed, so every run reports the same epochs
-            if callbacks.on_epoch:
-                metrics = {k: v for k, v in entry_metrics.items() if k not in ("phase", "epoch", "step")}
-                callbacks.on_epoch("pretrain", entry_metrics["epoch"], entry_metrics["step"], metrics)
-
+        run.resume(saved)
     started = time.perf_counter()
-    if state.phase_index == 0:
-        if pretrain_cache is None:
-            run_phase(0)
-        else:
-            entry = entry_path(pretrain_cache, cfg)
-            with file_lock(entry, on_wait=callbacks.on_wait, timeout=cache_wait_s):
-                cached = _cached(entry) if entry.exists() and state.epochs_done == 0 else None
-                if cached is not None:
-                    pretrain_from_cache(entry, cached)
-                else:
-                    run_phase(0)
-                    _save_atomic({"model": _cpu_state(model), "step": state.step, "history": state.history,
-                                  "rng": _rng_state(gen)}, entry)
-        state.phase_index, state.epochs_done = 1, 0
-        # the pretrained model is fine-tuning's epoch 0: selection keeps it unless an epoch beats it
-        val = measure("val", eval_tasks, "finetune/val")
-        state.best = {"score": selection_score(val, "finetune/val", cfg.eval.select_metric), "epoch": 0,
-                      "model": _cpu_state(model)}
-        pre = measure("test", eval_tasks, "pretrained/test")
-        state.history.append({"phase": "pretrained", "step": state.step, **means(pre)})
-        curve_point(eval_tasks, state.step, 0, val)  # fine-tuning's step 0
-        checkpoint(None)
-    run_phase(1)
-
-    if state.best is not None:
-        model.load_state_dict(state.best["model"])
-    final: dict[str, float] = {}
-    final.update(measure("val", eval_tasks, "val"))
-    final.update(measure("test", eval_tasks, "test"))
-    for entry in state.history:
-        if entry["phase"] == "pretrained":
-            final.update({k: v for k, v in entry.items() if k.startswith("pretrained/")})
-    # 0 when no fine-tuning epoch beat the pretrained model on validation
-    final["finetune/best_epoch"] = float(state.best["epoch"]) if state.best else 0.0
-    final["steps"] = float(state.step)
-    final["wall_seconds"] = time.perf_counter() - started
-    (out / "metrics.json").write_text(json.dumps(final, indent=2, sort_keys=True))
-    state.best = None  # the selected weights are the model's now; keep the checkpoint small
-    checkpoint(None, metrics=final)
-    return final
+    if run.state.phase_index == 0:
+        run.pretrain(pretrain_cache, cache_wait_s)
+        run.start_finetuning()
+    run.train_phase(1)
+    return run.finish(out, time.perf_counter() - started)
