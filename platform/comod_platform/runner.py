@@ -451,6 +451,7 @@ def _fit(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, address: str | No
          data: dict | None = None, verbose: bool | None = None) -> dict:
     from mlflow.tracking import MlflowClient
 
+    from comod_platform.study_storage import flush_all as flush_study_writes
     from comod_platform.writer import retry_call
 
     if restore:
@@ -469,6 +470,7 @@ def _fit(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, address: str | No
             status = "FAILED"
             raise
         finally:
+            flush_study_writes()  # the study's last writes are in its database before anyone reads it
             if status != "FINISHED":
                 _close_running_study_trials(meta)
             retry_call(client.set_terminated, meta.parent_run_id, status=status)
@@ -557,6 +559,7 @@ def _tuner(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, trainable, expe
     from ray import tune
 
     from comod_platform.searcher import PruneAwareOptunaSearch, create_sampler, points_to_evaluate
+    from comod_platform.study_storage import WriteBehindStorage
 
     failures = tune.FailureConfig(max_failures=sf.search.max_retries)
     if restore and tune.Tuner.can_restore(experiment_path):
@@ -577,7 +580,9 @@ def _tuner(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, trainable, expe
             space=sf.suggest, metric=s.metric, mode=s.mode, sampler=create_sampler(sf),
             points_to_evaluate=points_to_evaluate(sf),
             report_intermediate=s.scheduler.type != "fifo",
-            study_name=meta.study_name, storage=optuna.storages.RDBStorage(meta.optuna_storage))
+            study_name=meta.study_name, storage=WriteBehindStorage(
+                optuna.storages.RDBStorage(meta.optuna_storage), meta.study_name,
+                ["minimize" if s.mode == "min" else "maximize"]))
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(sf), num_samples=s.num_trials,

@@ -1,7 +1,8 @@
-"""The MLflow writer of a search's driver: calls run in order on a thread of their own, and outages wait.
+"""The writers of a search's driver: calls run in order on a thread of their own, and outages wait.
 
 No Ray here: the search's callbacks (:mod:`tune_callbacks`), ``comod train``'s run and the parent
-run's set-up all reach MLflow through :class:`Writer` or :func:`retry_call`. What counts as a
+run's set-up all reach MLflow through :class:`Writer` or :func:`retry_call`; the Optuna study's
+writes go to its database through a :class:`Writer` too (:mod:`study_storage`). What counts as a
 passing failure (:func:`transient`: an unreachable server, a failing one, a locked, full or
 vanished database, also when MLflow wraps it) is retried until it passes or the flush timeout is
 spent; anything else is the call's own fault, retried a few times and then dropped with a warning
@@ -57,19 +58,20 @@ def _chain(err: BaseException):
 
 
 class Writer:
-    """A background thread that runs MLflow calls in order.
+    """A background thread that runs calls to a store (MLflow, the Optuna study's database) in order.
 
-    While the tracking server is unreachable, writes wait in the queue (in
+    While the store is unreachable, writes wait in the queue (in
     order) and the head one is retried with a growing pause (at most
     ``max_pause`` s), so nothing is dropped. A call the server refuses is
     tried ``retries`` times, then dropped with a warning."""
 
-    def __init__(self, retries: int = 5, max_pause: float = 15.0, describe: str = "MLflow"):
+    def __init__(self, retries: int = 5, max_pause: float = 15.0, describe: str = "MLflow",
+                 name: str = "comod-mlflow-writer"):
         self.queue: queue.Queue = queue.Queue()
         self.retries, self.max_pause, self.describe = retries, max_pause, describe
         self.outage_since: float | None = None
         self.dropped = 0
-        self.thread = threading.Thread(target=self._loop, name="comod-mlflow-writer", daemon=True)
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.thread.start()
 
     def submit(self, fn, *args, **kwargs) -> None:
@@ -98,7 +100,7 @@ class Writer:
                         refused += 1
                         if refused >= self.retries:
                             self.dropped += 1
-                            log.warning("MLflow call %s refused %d times, dropped: %s", fn.__name__, refused, err)
+                            log.warning("%s: call %s refused %d times, dropped: %s", self.describe, fn.__name__, refused, err)
                             break
                     time.sleep(min(0.5 * 2 ** min(waits + refused, 6), self.max_pause))
             self.queue.task_done()
