@@ -116,7 +116,7 @@ def cmd_train(args) -> int:
 
 
 def _train(args) -> int:
-    from comod.config import ConfigError, config_to_dict, load_config
+    from comod.config import ConfigError, load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -125,7 +125,7 @@ def _train(args) -> int:
     # imported once the config is good: a config error need not wait for MLflow's import
     from comod.data import load_data
     from comod.data.taskdata import DatasetNotFoundError
-    from comod.train import (CHECKPOINT, TrainingError, config_difference, load_checkpoint, run_experiment,
+    from comod.train import (CHECKPOINT, TrainingError, check_same_config, load_checkpoint, run_experiment,
                              task_indices)
     from comod_platform.paths import default_train_dir
     from comod_platform.progress import ProgressCallbacks
@@ -140,15 +140,15 @@ def _train(args) -> int:
             (out / name).unlink(missing_ok=True)
     elif (out / CHECKPOINT).exists():
         # checked before the MLflow run is touched, so a mismatch changes nothing recorded
+        fix = "pass --restart to discard it and start over, or choose another --out"
         try:
-            saved = load_checkpoint(out / CHECKPOINT, fix="pass --restart to discard it and start over, or "
-                                                          "choose another --out")
+            saved = load_checkpoint(out / CHECKPOINT, fix=fix)
         except TrainingError as err:
             raise UserError(str(err), EXIT_FAILED) from None
-        diff = config_difference(saved["config"], config_to_dict(cfg))
-        if diff is not None:
-            raise UserError(f"{out} holds a run of another config ({diff}); pass --restart to discard it "
-                            f"and start over, or choose another --out")
+        try:
+            check_same_config(saved, cfg, out, fix)
+        except TrainingError as err:
+            raise UserError(str(err)) from None
     finished = saved is not None and saved.get("metrics") is not None
     data = None
     try:
