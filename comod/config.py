@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from comod.names import SITE_CHOICES, decoder_layer, is_site_name
+from comod.names import KINDS, SITE_CHOICES, decoder_layer, is_site_name
 from comod.schema import ConfigError, check, from_dict, to_dict
 
 GROUPS = ("backbone", "decoder", "heads", "controller")
@@ -139,7 +139,8 @@ class ReadoutConfig:
 
 @dataclass
 class ModulationConfig:
-    kind: Literal["none", "deterministic", "stochastic"] = "stochastic"
+    kind: Literal[KINDS] = "stochastic"
+    """The mechanism: a name of :data:`comod.names.KINDS` (:data:`comod.mechanisms.MECHANISMS` holds its class)."""
     sites: list[str] = field(default_factory=lambda: ["layer3"])
     """Where gains act: backbone stages stem, layer1 .. layer4 (per channel), the pooled backbone output
     pool and the decoder's hidden layers decoder1 .. decoderN (per unit)."""

@@ -7,15 +7,20 @@ pooled features ``pool`` and the decoder's hidden layers ``decoder1`` ..
 once (``prefix``), then lets the mechanism run the rest (``suffix``) as many
 times as it needs: once for none and deterministic, twice (label and
 unperturbed) for stochastic comodulation. A frozen prefix runs without autograd.
+What the mechanism learned per task (its couplings, its readout gains) is read
+with :func:`task_gains`, from a model or from a checkpoint's state dict.
 """
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from comod.backbones import Backbone
 from comod.data.taskdata import TaskSpec
-from comod.mechanisms import Mechanism, build_mechanism
+from comod.mechanisms import Mechanism, build_mechanism, coupling_map
 from comod.names import BACKBONE_SITES, POOL_SITE, decoder_layer, site_names
 
 
@@ -169,3 +174,37 @@ def build_model(cfg, tasks: list[TaskSpec], in_channels: int) -> MultiTaskModel:
     if m.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+COUPLING_TABLE = "mechanism.controller.table."
+"""State-dict prefix of the controller's free parameters, one ``[T, C]`` table per site
+(``MultiTaskModel.mechanism.controller.table``)."""
+READOUT_GAIN = "mechanism.running_gain"
+"""State-dict key of the stochastic kind's running readout gains, ``[T, D]``."""
+
+
+@dataclass
+class TaskGains:
+    """What a model's mechanism learned, per task, as float32 tensors on the CPU."""
+
+    couplings: dict[str, torch.Tensor]
+    """``{site: [T, C]}``: the couplings ``c_k`` of every task at each site (empty for the none kind)."""
+    readout: torch.Tensor | None
+    """``[T, D]``: the running readout gain of every task over the decoder's units (stochastic kind only)."""
+
+
+def task_gains(source: MultiTaskModel | Mapping[str, torch.Tensor], coupling: str | None = None) -> TaskGains:
+    """The couplings and readout gains per task of a model, or of its state dict (a checkpoint's
+    ``model``); a state dict holds the controller's free parameters, so it needs ``coupling``, the map
+    that made couplings of them (the config's ``modulation.coupling``)."""
+    if isinstance(source, MultiTaskModel):
+        controller = source.mechanism.controller
+        coupling = controller.coupling if controller is not None else coupling
+        source = source.state_dict()
+    tables = {key[len(COUPLING_TABLE):]: raw for key, raw in source.items() if key.startswith(COUPLING_TABLE)}
+    if tables and coupling is None:
+        raise ValueError("task_gains: a state dict's couplings need their coupling map; pass coupling= "
+                         "(the config's modulation.coupling: softplus or square)")
+    couplings = {site: coupling_map(raw.detach().float().cpu(), coupling) for site, raw in tables.items()}
+    readout = source.get(READOUT_GAIN)
+    return TaskGains(couplings, readout.detach().float().cpu() if readout is not None else None)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import re
 
 KINDS = ("none", "deterministic", "stochastic")
-"""Modulation kinds; :data:`comod.mechanisms.MECHANISMS` maps each to its class."""
+"""Modulation kinds, the choices of the config's ``modulation.kind``; :data:`comod.mechanisms.MECHANISMS`
+maps each to its class, in the same order."""
 
 BACKBONE_SITES = ("stem", "layer1", "layer2", "layer3", "layer4")
 POOL_SITE = "pool"

@@ -1,9 +1,8 @@
 """The interface every gain-modulation mechanism implements.
 
 A new kind is one file with a subclass (its ``kind`` name, ``from_config``,
-``forward``, ``sample_gains``, ``expected_gain``) plus one line in
-:data:`comod.mechanisms.MECHANISMS`; its name goes in :data:`comod.names.KINDS`
-and ``ModulationConfig.kind``. The contract suite
+``forward``, ``sample_gains``, ``expected_gain``), registered as the
+:mod:`comod.mechanisms` docstring says. The contract suite
 (tests/comod/test_mechanism_contract.py) runs every registered kind.
 
 A mechanism turns the activity ``h0`` at the first modulation site into the

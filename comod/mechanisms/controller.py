@@ -14,6 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
+COUPLINGS = ("softplus", "square")
+
+
+def coupling_map(raw: torch.Tensor, coupling: str) -> torch.Tensor:
+    """Couplings from the controller's free parameters ``raw``: ``softplus(raw)`` or ``raw ** 2``."""
+    return F.softplus(raw) if coupling == "softplus" else raw * raw
+
+
 def _inverse(coupling: str, value: float) -> float:
     if coupling == "softplus":
         return value + math.log(-math.expm1(-value))  # log(exp(v) - 1), stable for large v
@@ -24,7 +32,7 @@ class Controller(nn.Module):
     def __init__(self, num_tasks: int, site_channels: dict[str, int], coupling: str = "softplus",
                  init: float = 0.5):
         super().__init__()
-        if coupling not in ("softplus", "square"):
+        if coupling not in COUPLINGS:
             raise ValueError(f"unknown coupling map {coupling!r}; choose softplus or square")
         self.coupling = coupling
         raw = _inverse(coupling, init)
@@ -34,14 +42,11 @@ class Controller(nn.Module):
 
     def forward(self, task: int) -> dict[str, torch.Tensor]:
         """Couplings ``c_k`` of ``task``: ``{site: [C]}``, all >= 0."""
-        return {site: self._map(raw[task]) for site, raw in self.table.items()}
+        return {site: coupling_map(raw[task], self.coupling) for site, raw in self.table.items()}
 
     def all_tasks(self) -> dict[str, torch.Tensor]:
         """Couplings of every task: ``{site: [T, C]}`` (for plots and reports)."""
-        return {site: self._map(raw) for site, raw in self.table.items()}
-
-    def _map(self, raw: torch.Tensor) -> torch.Tensor:
-        return F.softplus(raw) if self.coupling == "softplus" else raw * raw
+        return {site: coupling_map(raw, self.coupling) for site, raw in self.table.items()}
 
     def extra_repr(self) -> str:
         shapes = ", ".join(f"{s}={tuple(p.shape)}" for s, p in self.table.items())

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
+from comod.checkpoint import CHECKPOINT
+from comod.model import task_gains
 from comod.train import load_checkpoint
 
 # Figures are made without pyplot (no global figure registry, no GUI backend) and laid out with fixed
@@ -52,29 +54,22 @@ def _heatmap(matrix: torch.Tensor, title: str, xlabel: str, path: Path, task_nam
     return path
 
 
-def _softplus_or_square(raw: torch.Tensor, coupling: str) -> torch.Tensor:
-    return torch.nn.functional.softplus(raw) if coupling == "softplus" else raw * raw
-
-
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Write the run's plots (PNG) next to its checkpoint (or into ``out_dir``); returns their paths."""
     run_dir = Path(run_dir)
-    ckpt_path = run_dir / "checkpoint.pt"
+    ckpt_path = run_dir / CHECKPOINT
     if not ckpt_path.exists():
         return []
     out = Path(out_dir or run_dir / "plots")
     out.mkdir(parents=True, exist_ok=True)
     ckpt = load_checkpoint(ckpt_path)
     written = [_learning_curves(ckpt["history"], out / "learning_curves.png")]
-    state, cfg = ckpt["model"], ckpt["config"]
     task_names = list(ckpt.get("task_names", []))
-    coupling = cfg["modulation"]["coupling"]
-    for key, raw in state.items():
-        if key.startswith("mechanism.controller.table."):
-            site = key.rsplit(".", 1)[-1]
-            written.append(_heatmap(_softplus_or_square(raw.float(), coupling), f"couplings at {site}",
-                                    "channel", out / f"couplings_{site}.png", task_names))
-    if "mechanism.running_gain" in state:
-        written.append(_heatmap(state["mechanism.running_gain"].float(), "readout gain per task",
-                                "decoder unit", out / "readout_gains.png", task_names))
+    gains = task_gains(ckpt["model"], coupling=ckpt["config"]["modulation"]["coupling"])
+    for site, couplings in gains.couplings.items():
+        written.append(_heatmap(couplings, f"couplings at {site}", "channel", out / f"couplings_{site}.png",
+                                task_names))
+    if gains.readout is not None:
+        written.append(_heatmap(gains.readout, "readout gain per task", "decoder unit", out / "readout_gains.png",
+                                task_names))
     return [p for p in written if p is not None]

@@ -298,3 +298,30 @@ def test_forward_tasks_equals_one_forward_per_task(kind, modulator_mean):
     together = model.forward_tasks(_x(), [0, 1, 2])
     for k in range(3):
         assert torch.allclose(together[k], model(_x(), k), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("coupling", ["softplus", "square"])
+def test_task_gains_read_the_same_from_a_model_and_from_its_state_dict(kind, coupling):
+    from comod.model import task_gains
+
+    torch.manual_seed(0)
+    model = tiny_model(kind, sites=("layer1", "decoder1"), coupling=coupling)
+    model.train()
+    model(_x(), 0), model(_x(), 2)  # moves the stochastic kind's running gains of tasks 0 and 2
+    gains = task_gains(model)
+    saved = task_gains(copy.deepcopy(model.state_dict()), coupling=coupling)
+    controller = model.mechanism.controller
+    expected = {} if controller is None else {s: c.detach() for s, c in controller.all_tasks().items()}
+    assert gains.couplings.keys() == saved.couplings.keys() == expected.keys()
+    for site, c in expected.items():
+        assert c.shape == (len(TASKS), model.mechanism.site_channels[site]) and (c >= 0).all()
+        assert torch.equal(gains.couplings[site], c) and torch.equal(saved.couplings[site], c)
+    if kind == "stochastic":
+        assert torch.equal(gains.readout, model.mechanism.running_gain) and torch.equal(saved.readout, gains.readout)
+        assert not torch.equal(gains.readout[0], torch.ones_like(gains.readout[0]))
+    else:
+        assert gains.readout is None and saved.readout is None
+    if controller is not None:
+        with pytest.raises(ValueError, match="coupling="):
+            task_gains(model.state_dict())  # raw parameters: the map is not in the state dict
