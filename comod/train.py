@@ -287,7 +287,10 @@ class _Run:
     from the cache), start fine-tuning from the pretrained model, fine-tune, finish."""
 
     def __init__(self, cfg: ExperimentConfig, out: Path, data: TaskData | None, callbacks: Callbacks):
-        self.cfg, self.callbacks, self.ckpt_path = cfg, callbacks, out / CHECKPOINT
+        """Set up: the device, the seeds, the data (``data``, when the caller shares one), the model, the
+        phases' lengths; settings that cannot work together fail here, before any training."""
+        self.cfg, self.out, self.callbacks = cfg, out, callbacks
+        self.ckpt_path = out / CHECKPOINT
         self.cfg_dict = config_to_dict(cfg)
         self.device = device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
@@ -433,7 +436,7 @@ class _Run:
             if callbacks.on_epoch:
                 callbacks.on_epoch(phase, epoch + 1, state.step, metrics)
 
-    def finish(self, out: Path, wall_seconds: float) -> dict[str, float]:
+    def finish(self, wall_seconds: float) -> dict[str, float]:
         """The selected model's validation and test metrics, with the pretrained model's, the selected epoch
         (0 when no fine-tuning epoch beat the pretrained model), the steps and the wall time; written to
         ``metrics.json`` and into the last checkpoint."""
@@ -449,7 +452,7 @@ class _Run:
         final["finetune/best_epoch"] = float(state.best["epoch"]) if state.best else 0.0
         final["steps"] = float(state.step)
         final["wall_seconds"] = wall_seconds
-        (out / "metrics.json").write_text(json.dumps(final, indent=2, sort_keys=True))
+        (self.out / "metrics.json").write_text(json.dumps(final, indent=2, sort_keys=True))
         state.best = None  # the selected weights are the model's now; keep the checkpoint small
         self.checkpoint(None, metrics=final)
         return final
@@ -486,4 +489,4 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, data: TaskData | 
         run.pretrain(pretrain_cache, cache_wait_s)
         run.start_finetuning()
     run.train_phase(1)
-    return run.finish(out, time.perf_counter() - started)
+    return run.finish(time.perf_counter() - started)
