@@ -12,8 +12,8 @@ back with :func:`comod.train.load_checkpoint`.
 meaning, and keep reading the formats before it; a key added later is
 ``NotRequired``, since checkpoints written before it lack it.
 """
-from __future__ import annotations
-
+# no ``from __future__ import annotations``: a TypedDict tells its NotRequired keys only from evaluated
+# annotations
 from typing import Any, NotRequired, TypedDict
 
 import torch
