@@ -28,6 +28,8 @@ TAG_RETRIES = "comod.retries"          # times the trial was restarted from its 
 TAG_PARENT = "mlflow.parentRunId"
 TAG_SEARCH_ID = "comod.search_id"      # on a search's experiment and (a user attribute) its Optuna study:
                                        # the search folder that made them (names are unique per team store)
+TAG_BEST_TRIAL = "comod.best_trial"    # on the parent run: the Ray trial id of the best completed trial so far
+TAG_BEST_RUN = "comod.best_run_id"     # on the parent run: the MLflow run id of that trial
 
 STATES = ("running", "completed", "pruned", "interrupted", "failed")
 INTERRUPTED = "interrupted"

@@ -27,7 +27,7 @@ def test_a_resume_drops_the_runs_of_trials_the_lost_driver_never_snapshotted(tmp
 
     callback = MlflowTrialCallback(load_search(REPO / "search_spaces" / "tiny.yaml"), "lost", uri, experiment,
                                    parent, str(tmp_path / "trials"))
-    callback._drop_lost_runs({"kept", "done"})  # the trials the restored experiment knows
+    callback.runs._drop_lost_runs({"kept", "done"})  # the trials the restored experiment knows
 
     active = {r.data.tags[TAG_TRIAL_ID] for r in client.search_runs([experiment]) if TAG_TRIAL_ID in r.data.tags}
     assert active == {"kept", "done", "elsewhere"}  # another search's runs are not this one's to drop
