@@ -6,6 +6,8 @@ import os
 import sys
 from pathlib import Path
 
+from comod_platform.conventions import COMPLETED, FAILED, INTERRUPTED, PRUNED
+
 
 def add_commands(sub) -> dict:
     """Register the commands on ``sub`` (argparse subparsers); returns name -> handler."""
@@ -140,7 +142,7 @@ def cmd_search(args) -> int:
 
         print(f"interrupted: continue with comod search resume {summary['name']}", file=sys.stderr, flush=True)
         return EXIT_CODES.get(getattr(signal, summary["stopped_by"]), 130)
-    if summary["completed"] == 0:
+    if summary[COMPLETED] == 0:
         print("comod: no trial completed; see `comod search status` and the failed runs in the UI",
               file=sys.stderr)
         return EXIT_FAILED
@@ -173,12 +175,11 @@ def format_summary(summary: dict) -> str:
     """The end of ``comod search run`` / ``resume`` for a person: trials by state, the best trial of each kind
     with the search metric and its test F1, recall and precision, failed trials' errors, the next commands."""
     name, metric = summary.get("name") or "SEARCH", summary.get("metric", "val/mean_f1")
-    states = [f"{summary.get('completed', 0)} completed", f"{summary.get('pruned', 0)} stopped early",
-              f"{summary.get('failed', 0)} failed"]
-    if summary.get("stopped_by") or summary.get("interrupted"):
-        states.insert(2, f"{summary.get('interrupted', 0)} interrupted")
-    others = summary.get("trials", 0) - sum(summary.get(k, 0) for k in ("completed", "pruned", "failed",
-                                                                       "interrupted"))
+    states = [f"{summary.get(COMPLETED, 0)} completed", f"{summary.get(PRUNED, 0)} stopped early",
+              f"{summary.get(FAILED, 0)} failed"]
+    if summary.get("stopped_by") or summary.get(INTERRUPTED):
+        states.insert(2, f"{summary.get(INTERRUPTED, 0)} interrupted")
+    others = summary.get("trials", 0) - sum(summary.get(k, 0) for k in (COMPLETED, PRUNED, FAILED, INTERRUPTED))
     if others > 0:
         states.append(f"{others} not finished")
     lines = [f"search {name}: {summary.get('trials', 0)} trials: {', '.join(states)}"]

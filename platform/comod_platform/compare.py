@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from comod_platform.conventions import (COMPLETED, FAILED, PRUNED, RUNNING, best_of, better, direction,
+                                        reaches)
 from comod_platform.results import KINDS, TrialRecord, guess_mode, load_results
 
 log = logging.getLogger(__name__)
@@ -129,9 +131,8 @@ def _difference(diffs: list[float], mode: str, resamples: int, seed: int, seeds:
     bootstrapped over seeds. Groups that share a seed share its pretraining (e.g. the arms of a few-shot
     sweep fine-tune one pretrained model), so they are not independent: the seed is the unit."""
     ci = bootstrap_ci(diffs, resamples, seed)
-    sign = 1 if mode == "max" else -1
     out = {"n": len(diffs), "differences": diffs, "mean": float(np.mean(diffs)) if diffs else None,
-           "ci95": list(ci) if ci else None, "a_better": sum(sign * d > 0 for d in diffs),
+           "ci95": list(ci) if ci else None, "a_better": sum(better(d, 0, mode) for d in diffs),
            "ties": sum(d == 0 for d in diffs)}
     if seeds is not None and len(set(map(str, seeds))) < len(diffs):
         per: dict[str, list[float]] = {}
@@ -140,7 +141,7 @@ def _difference(diffs: list[float], mode: str, resamples: int, seed: int, seeds:
         means = [float(np.mean(v)) for _, v in sorted(per.items())]
         seed_ci = bootstrap_ci(means, resamples, seed)
         out["by_seed"] = {"n": len(means), "differences": means, "mean": float(np.mean(means)),
-                          "ci95": list(seed_ci) if seed_ci else None, "a_better": sum(sign * d > 0 for d in means)}
+                          "ci95": list(seed_ci) if seed_ci else None, "a_better": sum(better(d, 0, mode) for d in means)}
     return out
 
 
@@ -287,7 +288,7 @@ def mean_curve(curves: list[list[tuple[int, float]]]) -> dict | None:
 
 def steps_to_reach(curve: list[tuple[int, float]], target: float, mode: str = "max") -> int | None:
     """First fine-tuning step at which the curve reaches ``target`` (>= for max, <= for min); None if never."""
-    return next((int(s) for s, v in curve if (v >= target if mode == "max" else v <= target)), None)
+    return next((int(s) for s, v in curve if reaches(v, target, mode)), None)
 
 
 def reach_target(final: float, fraction: float, mode: str = "max") -> float:
@@ -424,7 +425,7 @@ def pretraining(trials: list[TrialRecord], metric: str, mode: str) -> dict:
             if len(gains) > 1 else None
         ci = [mean - half, mean + half] if half is not None else None
         out["plateau"][kind] = {"pretrainings": len(gains), "gain": mean, "ci95": ci}
-        improving = ci is not None and (ci[0] > 0 if mode == "max" else ci[1] < 0)
+        improving = ci is not None and all(better(bound, 0, mode) for bound in ci)  # the whole interval
         if improving:
             out["notes"].append(f"{kind} was still improving when pretraining ended ({metric} "
                                 f"{mean:+.4f} over its last {PLATEAU_WINDOW} epochs against the {PLATEAU_WINDOW} "
@@ -564,14 +565,14 @@ def importances(results, metric: str | None = None, min_trials: int = IMPORTANCE
     except Exception as err:  # noqa: BLE001 - the rest of the report stands without them
         out["notes"].append(f"The search's Optuna study cannot be read, so no importances: {err}")
         return out
-    direction = "maximize" if results.mode == "max" else "minimize"
+    objective = direction(results.mode)
     by_kind: dict[str, list] = {}
     for t in trials:
         by_kind.setdefault(str(t.params.get("modulation.kind", base_kind)), []).append(t)
     for kind in [k for k in KINDS if k in by_kind] + sorted(k for k in by_kind if k not in KINDS):
-        out["kinds"][kind] = param_importances(by_kind[kind], min_trials, seed, direction)
+        out["kinds"][kind] = param_importances(by_kind[kind], min_trials, seed, objective)
     if len(by_kind) > 1:
-        out["all"] = param_importances(trials, min_trials, seed, direction)
+        out["all"] = param_importances(trials, min_trials, seed, objective)
     if not trials:
         out["notes"].append("The search's Optuna study has no trial yet.")
     return out
@@ -607,9 +608,10 @@ def build_report(name: str, trials: list[TrialRecord], metric: str, mode: str, r
                  seed: int = BOOTSTRAP_SEED) -> dict:
     """The comparison of ``trials`` (a search's records, any state) as a JSON-ready dict: what
     :func:`compare` writes, without MLflow or files (``out_dir`` None)."""
-    counts = {k: {s: 0 for s in ("completed", "pruned", "failed", "running")} for k in KINDS}
+    counted = (COMPLETED, PRUNED, FAILED, RUNNING)  # interrupted only where there are some
+    counts = {k: {s: 0 for s in counted} for k in KINDS}
     for t in trials:
-        counts.setdefault(t.kind or "unknown", {s: 0 for s in ("completed", "pruned", "failed", "running")})
+        counts.setdefault(t.kind or "unknown", {s: 0 for s in counted})
         counts[t.kind or "unknown"][t.state] = counts[t.kind or "unknown"].get(t.state, 0) + 1
     usable = _usable(trials, metric)
     by_kind = {k: [t for t in usable if t.kind == k] for k in KINDS}
@@ -619,8 +621,7 @@ def build_report(name: str, trials: list[TrialRecord], metric: str, mode: str, r
         if not members:
             best[kind] = None
             continue
-        pick = max if mode == "max" else min
-        top = pick(members, key=lambda t: t.value(metric))
+        top = best_of(members, mode, key=lambda t: t.value(metric))
         best[kind] = {"trial_id": top.trial_id, "run_id": top.run_id, "value": top.value(metric),
                       "test": {k: v for k, v in sorted(top.final.items()) if k.startswith("test/mean_")}}
     distribution = {k: _summary([t.value(metric) for t in members]) for k, members in by_kind.items()}
@@ -657,10 +658,10 @@ def build_report(name: str, trials: list[TrialRecord], metric: str, mode: str, r
 
 def _notes(trials: list[TrialRecord], usable, by_kind, paired) -> list[str]:
     notes = []
-    c = {s: sum(t.state == s for t in trials) for s in ("pruned", "failed", "running")}
+    c = {s: sum(t.state == s for t in trials) for s in (PRUNED, FAILED, RUNNING)}
     if not usable:
-        notes.append(f"No completed trial has the metric ({len(trials)} trials: {c['pruned']} pruned, "
-                     f"{c['failed']} failed, {c['running']} running); nothing to compare yet.")
+        notes.append(f"No completed trial has the metric ({len(trials)} trials: {c[PRUNED]} pruned, "
+                     f"{c[FAILED]} failed, {c[RUNNING]} running); nothing to compare yet.")
     for kind, members in by_kind.items():
         if 0 < len(members) < 2:
             notes.append(f"Only one completed {kind} trial: its spread (std) is undefined.")

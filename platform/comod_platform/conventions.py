@@ -31,9 +31,17 @@ TAG_SEARCH_ID = "comod.search_id"      # on a search's experiment and (a user at
 TAG_BEST_TRIAL = "comod.best_trial"    # on the parent run: the Ray trial id of the best completed trial so far
 TAG_BEST_RUN = "comod.best_run_id"     # on the parent run: the MLflow run id of that trial
 
-STATES = ("running", "completed", "pruned", "interrupted", "failed")
+RUNNING = "running"
+COMPLETED = "completed"
+PRUNED = "pruned"
+"""The state of a trial stopped before its end (the scheduler stopped it early)."""
 INTERRUPTED = "interrupted"
 """The state of a trial that a stopped search (Ctrl-C, SIGTERM) left unfinished; a resume continues it."""
+FAILED = "failed"
+STATES = (COMPLETED, PRUNED, INTERRUPTED, FAILED, RUNNING)
+"""Every state of a trial (tag ``TAG_STATE``), in the order reports count them."""
+ENDED = (COMPLETED, PRUNED, FAILED)
+"""The states a trial ends in: its end-of-trial tags were written."""
 
 FINAL_FLAG = "comod/final"
 """Present (1) only in a trial's last report, which carries its final metrics."""
@@ -74,10 +82,39 @@ def better(a: float, b: float, mode: str) -> bool:
     return a > b if mode == "max" else a < b
 
 
+def sort_key(value: float, mode: str) -> float:
+    """A key that sorts values of a metric of ``mode`` best first (``sorted`` keeps ties in order)."""
+    return -value if mode == "max" else value
+
+
+def best_of(values, mode: str, key=None):
+    """The best of ``values`` (by ``key``) for ``mode``: the first of them on a tie, as ``max``/``min``."""
+    return (max if mode == "max" else min)(values, key=key)
+
+
+def reaches(value: float, target: float, mode: str) -> bool:
+    """Whether ``value`` is at least as good as ``target`` for ``mode`` (>= for max, <= for min)."""
+    return value >= target if mode == "max" else value <= target
+
+
+def direction(mode: str) -> str:
+    """Optuna's study direction for a metric of ``mode``: ``maximize`` or ``minimize``."""
+    return "maximize" if mode == "max" else "minimize"
+
+
 def outcome(last: dict | None, errored: bool = False) -> str:
     """A trial's state from its last report: ``failed`` (it raised, or ended with a recorded failure),
     ``completed`` (its last report carries the final flag) or ``pruned`` (stopped before its end)."""
     last = last or {}
     if errored or last.get(DIVERGED_FLAG):
-        return "failed"
-    return "completed" if last.get(FINAL_FLAG) else "pruned"
+        return FAILED
+    return COMPLETED if last.get(FINAL_FLAG) else PRUNED
+
+
+def recorded_state(tags: dict, metrics: dict) -> str:
+    """A trial's state from its MLflow run's tags and metrics: its state tag (``running`` without one), or
+    ``completed`` when it has not ended but its final report arrived (only the end-of-trial tags are missing)."""
+    state = tags.get(TAG_STATE, RUNNING)
+    if state not in ENDED and metrics.get(FINAL_FLAG):
+        return COMPLETED
+    return state

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from comod.config import ConfigError, apply_overrides, config_to_dict, flatten, parse_config, save_config
-from comod_platform.conventions import WALL
+from comod_platform.conventions import FAILED, PRUNED, RUNNING, WALL, sort_key
 from comod_platform.results import SearchResults, TrialRecord, unwrap_optional, config_fields, load_results
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ def export_best(name: str, out: str | Path, top_k: int = 1, reeval_seeds: list[i
     if not ranked:
         c = results.counts()
         raise ExportError(f"search {name!r} has no completed trial with {metric} ({len(results.trials)} trials: "
-                          f"{c['pruned']} pruned, {c['failed']} failed, {c['running']} running); nothing to "
+                          f"{c[PRUNED]} pruned, {c[FAILED]} failed, {c[RUNNING]} running); nothing to "
                           f"export: let it finish or continue it with `comod search resume {name}`")
     candidates = _distinct(ranked, int(top_k))
     if not candidates:
@@ -276,7 +276,7 @@ def _reevaluate(results: SearchResults, candidates: list[TrialRecord], seeds: li
     scored = [r for r in rows if r["mean"] is not None]
     if not scored:
         raise ExportError(f"re-evaluation reported no {metric} for any candidate; see the runs under {root}/reeval")
-    ranked = sorted(scored, key=lambda r: -r["mean"] if mode == "max" else r["mean"])
+    ranked = sorted(scored, key=lambda r: sort_key(r["mean"], mode))
     ranked += [r for r in rows if r["mean"] is None]
     return {"metric": metric, "mode": mode, "seeds": seeds, "chosen": ranked[0]["trial_id"],
             "candidates": ranked}

@@ -320,13 +320,11 @@ def submit(search: str | Path, address: str | None = None, name: str | None = No
     cluster of several nodes without shared storage, or a search whose job is still running there,
     is refused before anything is uploaded.
     """
-    from comod_platform.searchfile import load_search
+    from comod_platform.searchfile import load_search, resolve_search_path
 
     log = log or (lambda line: print(line, file=sys.stderr))
     sf = load_search(search)  # raises comod.config.ConfigError: the caller's exit status 2
-    source = Path(search)
-    if not source.is_file():
-        source = Path("search_spaces") / f"{search}.yaml"
+    source = resolve_search_path(search)
     from comod_platform.search_state import default_name
 
     name = check_name(name) if name else default_name(sf.name)
@@ -473,14 +471,13 @@ def run_or_resume(search: str | Path, name: str, address: str | None = None, sto
 
     from comod_platform import runner
     from comod_platform.search_state import SearchPaths
-    from comod_platform.searchfile import load_search
+    from comod_platform.searchfile import load_search, resolve_search_path
 
     from comod_platform.paths import runs_home
 
     check_name(name)
     load_search(search)  # a broken file fails the same way in both cases
-    source = Path(search) if Path(search).is_file() else Path("search_spaces") / f"{search}.yaml"
-    search = source = source.resolve()
+    search = source = resolve_search_path(search).resolve()
     # the job's working folder is Ray's to clean up: work from the runs folder instead
     home = runs_home().resolve()
     home.mkdir(parents=True, exist_ok=True)

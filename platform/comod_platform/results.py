@@ -29,14 +29,15 @@ from typing import Any, Literal, Union
 import yaml
 
 from comod.config import ConfigError, ExperimentConfig, flatten, parse_config, set_path
-from comod_platform.conventions import (EPOCH, FINAL_FLAG, TAG_ERROR, TAG_KIND, TAG_PARENT, TAG_ROLE, TAG_STATE,
-                                        TAG_STOPPED_EPOCH, TAG_TRIAL_ID, WALL, param_value)
+from comod.names import KINDS
+from comod_platform.conventions import (COMPLETED, EPOCH, STATES, TAG_ERROR, TAG_KIND, TAG_PARENT, TAG_ROLE,
+                                        TAG_STOPPED_EPOCH, TAG_TRIAL_ID, WALL, best_of, param_value,
+                                        recorded_state, sort_key)
 from comod_platform.search_state import SearchMeta, SearchPaths
 from comod_platform.searchfile import SearchFile, parse_search
 
 log = logging.getLogger(__name__)
 
-KINDS = ("none", "deterministic", "stochastic")
 _PER_EPOCH = re.compile(r"^(pretrain|finetune)/(train_loss$|val/)|^comod/")
 """Metric names reported every epoch (the rest of a completed trial's metrics are its final ones)."""
 CURVE_METRICS = ("val/mean_f1", "val/mean_recall", "val/mean_precision", "val/mean_ece")
@@ -144,7 +145,7 @@ class TrialRecord:
 
     @property
     def completed(self) -> bool:
-        return self.state == "completed"
+        return self.state == COMPLETED
 
     def value(self, metric: str) -> float | None:
         v = self.final.get(metric)
@@ -168,7 +169,7 @@ class SearchResults:
         return self.search.search.mode
 
     def counts(self) -> dict[str, int]:
-        out = {s: 0 for s in ("completed", "pruned", "interrupted", "failed", "running")}
+        out = {s: 0 for s in STATES}
         for t in self.trials:
             out[t.state] = out.get(t.state, 0) + 1
         return out
@@ -178,7 +179,7 @@ class SearchResults:
         metric = metric or self.metric
         mode = mode or (self.mode if metric == self.metric else guess_mode(metric))
         done = [t for t in self.trials if t.completed and t.value(metric) is not None]
-        return sorted(done, key=lambda t: -t.value(metric) if mode == "max" else t.value(metric))
+        return sorted(done, key=lambda t: sort_key(t.value(metric), mode))
 
 
 def guess_mode(metric: str) -> str:
@@ -246,11 +247,9 @@ def _record(client, run, metric: str, mode: str, paths: SearchPaths) -> TrialRec
     run_id = run.info.run_id
     trial_id = tags.get(TAG_TRIAL_ID, run_id)
     cfg, flat, config_error = config_from_params(dict(run.data.params))
-    state = tags.get(TAG_STATE, "running")
-    if state not in ("completed", "pruned", "failed") and metrics.get(FINAL_FLAG):
-        state = "completed"  # the final report arrived; only the end-of-trial tags are missing
+    state = recorded_state(tags, metrics)
     final: dict[str, float] = {}
-    if state == "completed":
+    if state == COMPLETED:
         final = {k: float(v) for k, v in metrics.items() if not _PER_EPOCH.search(k)}
         local = paths.trial_dir(trial_id) / "metrics.json"
         if local.is_file():  # fills what the run lacks (e.g. wall_seconds); MLflow's values win
@@ -267,7 +266,7 @@ def _record(client, run, metric: str, mode: str, paths: SearchPaths) -> TrialRec
     if not series and metric in metrics:
         series = [m.value for m in _history(client, run_id, metric)]
     series = [v for v in series if not math.isnan(v)]
-    best = (max(series) if mode == "max" else min(series)) if series else None
+    best = best_of(series, mode) if series else None
     epochs_seen = _history(client, run_id, EPOCH)
     epochs = int(max(m.value for m in epochs_seen)) if epochs_seen else None
     stopped = tags.get(TAG_STOPPED_EPOCH)
@@ -279,7 +278,7 @@ def _record(client, run, metric: str, mode: str, paths: SearchPaths) -> TrialRec
     if wall is None and run.info.end_time and run.info.start_time:
         wall = (run.info.end_time - run.info.start_time) / 1000.0
     curves: dict[str, list[tuple[int, float]]] = {}
-    if state == "completed":
+    if state == COMPLETED:
         for key in dict.fromkeys([f"finetune/{metric}"] + [f"finetune/{m}" for m in CURVE_METRICS]):
             if key == f"finetune/{metric}":
                 points = tuned

@@ -22,15 +22,16 @@ from pathlib import Path
 import yaml
 
 from comod.config import flatten
+from comod.names import KINDS
 from comod.schema import to_dict
 from comod_platform import interrupts
 from comod_platform import storage as storage_mod
-from comod_platform.conventions import (EPOCH, REASON, TAG_ROLE, TAG_SEARCH, TAG_SEARCH_ID, better,
-                                        experiment_name, outcome, param_text)
+from comod_platform.conventions import (COMPLETED, EPOCH, FAILED, INTERRUPTED, PRUNED, REASON, TAG_ROLE, TAG_SEARCH,
+                                        TAG_SEARCH_ID, better, experiment_name, outcome, param_text)
 from comod_platform.credentials import redact, redact_all
 from comod_platform.search_state import (SearchMeta, SearchPaths, check_name, default_name,
                                          first_difference, search_hash, versions)
-from comod_platform.searchfile import SearchFile, parse_search, read_search
+from comod_platform.searchfile import SearchFile, parse_search, read_search, resolve_search_path
 
 log = logging.getLogger(__name__)
 
@@ -368,8 +369,7 @@ def run_search(search_path: str | Path, name: str | None = None, address: str | 
     loads the dataset and opens the tracking store, so the driver's start-up
     costs the longer of the two, not their sum. Nothing is recorded until the
     file, the names, the Optuna database and the storage have all passed."""
-    source = Path(search_path) if Path(search_path).is_file() else Path("search_spaces") / f"{search_path}.yaml"
-    source = source.resolve()  # joining a Ray job's cluster may change the working folder
+    source = resolve_search_path(search_path).resolve()  # joining a Ray job's cluster may change the working folder
     from comod_platform.paths import runs_home, unwritable
 
     problem = unwritable(runs_home(), "COMOD_HOME (the runs folder)")
@@ -620,12 +620,12 @@ def summarise_grid(grid, sf: SearchFile, interrupted=()) -> dict:
         per_kind.setdefault(kind, None)
         trial_id = metrics.get("trial_id") or _trial_id_of(result)
         state = outcome(metrics, errored=result.error is not None)
-        if state == "failed":
+        if state == FAILED:
             failed += 1
             error = result.error if result.error is not None else metrics.get(REASON, "the loss diverged")
             failures.append({"trial_id": trial_id, "error": _last_line(str(error)) or type(error).__name__})
             continue
-        if state == "completed":
+        if state == COMPLETED:
             completed += 1
             value = metrics.get(metric)
             if value is None:
@@ -640,9 +640,9 @@ def summarise_grid(grid, sf: SearchFile, interrupted=()) -> dict:
             stopped += 1
         else:
             pruned += 1
-    order = {k: i for i, k in enumerate(("none", "deterministic", "stochastic"))}
+    order = {k: i for i, k in enumerate(KINDS)}
     per_kind = dict(sorted(per_kind.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
-    return {"trials": len(grid), "completed": completed, "pruned": pruned, "interrupted": stopped, "failed": failed,
+    return {"trials": len(grid), COMPLETED: completed, PRUNED: pruned, INTERRUPTED: stopped, FAILED: failed,
             "best": {"value": best[0], "trial_id": best[1]} if best else None, "metric": metric,
             "best_per_kind": per_kind, "failures": failures}
 

@@ -28,6 +28,8 @@ from comod.metric_names import METRICS as _METRIC_NAMES
 from comod.schema import check, from_dict
 
 METRICS = tuple(f"val/mean_{m}" for m in _METRIC_NAMES)
+SEARCH_SPACES = Path("search_spaces")
+"""Where a search named without a path is found (``NAME`` -> search_spaces/NAME.yaml), from the working folder."""
 
 
 @dataclass
@@ -288,14 +290,21 @@ def load_search(path: str | Path) -> SearchFile:
     return parse_search(*read_search(path))
 
 
+def resolve_search_path(name_or_path: str | Path) -> Path:
+    """The search file that ``name_or_path`` means: that path, or search_spaces/NAME.yaml for a ``NAME``
+    (no suffix) that is no path here. Not checked: :func:`read_search` says when it is no file."""
+    path = Path(name_or_path)
+    if not path.exists() and not path.suffix and (SEARCH_SPACES / f"{path}.yaml").exists():
+        return SEARCH_SPACES / f"{path}.yaml"
+    return path
+
+
 def read_search(path: str | Path) -> tuple[dict, str]:
     """A search file's YAML and its name, unchecked: a missing file or broken YAML fails here, without
     torch (``parse_search`` checks the contents)."""
-    path = Path(path)
-    if not path.exists() and not path.suffix and (Path("search_spaces") / f"{path}.yaml").exists():
-        path = Path("search_spaces") / f"{path}.yaml"
+    path = resolve_search_path(path)
     if not path.is_file():
-        known = sorted(p.stem for p in Path("search_spaces").glob("*.yaml"))
+        known = sorted(p.stem for p in SEARCH_SPACES.glob("*.yaml"))
         hint = f"; searches in search_spaces/: {', '.join(known)}" if known else ""
         raise ConfigError(f"{path}: no such search file{hint}")
     return read_yaml(path), path.stem
