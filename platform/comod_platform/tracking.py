@@ -309,13 +309,27 @@ def log_dataset(client, run_id: str, dataset_or_input) -> None:
     client.log_inputs(run_id, datasets=[entry])
 
 
+METRICS_PER_CALL, PARAMS_PER_CALL, TAGS_PER_CALL, ENTITIES_PER_CALL = 1000, 100, 100, 1000
+"""MLflow's limits on one ``log_batch`` call: metrics, params, tags, and all three together."""
+
+
+def log_batch_chunked(client, run_id: str, metrics=(), params=(), tags=()) -> None:
+    """``client.log_batch`` of any number of MLflow ``Metric``s, ``Param``s and ``RunTag``s, in as few calls
+    as MLflow's per-call limits allow (one when they fit; none when there is nothing), in their order."""
+    metrics, params, tags = list(metrics), list(params), list(tags)
+    while metrics or params or tags:
+        p, params = params[:PARAMS_PER_CALL], params[PARAMS_PER_CALL:]
+        t, tags = tags[:TAGS_PER_CALL], tags[TAGS_PER_CALL:]
+        room = min(METRICS_PER_CALL, ENTITIES_PER_CALL - len(p) - len(t))
+        m, metrics = metrics[:room], metrics[room:]
+        client.log_batch(run_id, metrics=m, params=p, tags=t)
+
+
 def log_params(client, run_id: str, params: dict[str, str]) -> None:
-    """Log params in batches of MLflow's limit (100), values cut to its 6000 characters."""
+    """Log params, values cut to MLflow's 6000 characters."""
     from mlflow.entities import Param
 
-    batch = [Param(k, v[:6000]) for k, v in params.items()]
-    for i in range(0, len(batch), 100):
-        client.log_batch(run_id, params=batch[i:i + 100])
+    log_batch_chunked(client, run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
 
 
 def params_of(cfg: ExperimentConfig) -> dict[str, str]:
@@ -388,8 +402,7 @@ class RunLogger:
             metrics = {k: v for k, v in metrics.items() if step not in done.get(k, ())}
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        for i in range(0, len(batch), 1000):
-            self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
+        log_batch_chunked(self.client, self.run_id, metrics=batch)
 
     def backfill(self, history: list[dict]) -> None:
         """Log the epochs of a checkpoint's ``history`` that the run lacks: a
@@ -403,8 +416,7 @@ class RunLogger:
                  for entry in history if entry.get("phase") in ("pretrain", "finetune", "curve")
                  for k, v in entry.items() if k not in ("phase", "epoch", "step", "finetune_step")
                  and entry["step"] not in done.get(k, ())]
-        for i in range(0, len(batch), 1000):
-            self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
+        log_batch_chunked(self.client, self.run_id, metrics=batch)
 
     def log_artifacts(self, paths: list[Path], artifact_path: str | None = None) -> None:
         for path in paths:
