@@ -25,8 +25,8 @@ from pathlib import Path
 
 from comod_platform.conventions import (EPOCH, FINAL_FLAG, INTERRUPTED, TAG_BEST_RUN, TAG_BEST_TRIAL, TAG_ERROR, TAG_KIND, TAG_PARENT,
                                         TAG_ROLE, TAG_SEARCH, TAG_STATE, TAG_STOPPED_EPOCH, TAG_TRIAL_ID)
-from comod_platform.tracking import (dataset_input, dataset_settings, describe_dataset, log_dataset, log_params,
-                                     params_of)
+from comod_platform.tracking import (dataset_input, dataset_settings, describe_dataset, log_batch_chunked,
+                                     log_dataset, log_params, params_of)
 from comod_platform.writer import Writer, transient
 
 log = logging.getLogger(__name__)
@@ -44,13 +44,18 @@ def numeric_metrics(result: dict) -> dict[str, float]:
             and ("/" in k or k in OWN_PLAIN)}
 
 
+COALESCE_S = 1.0
+"""Seconds a trial's metrics and tags wait for more before one write sends them all: each write is a
+database commit, and a short trial reports its epochs within a second; the end of a trial, and of the
+search, sends what waits at once."""
 RUN_STATUS = {"completed": "FINISHED", "pruned": "KILLED", "interrupted": "KILLED", "failed": "FAILED"}
 """The MLflow status a trial's run ends with, by the trial's state."""
 
 
 class TrialRuns:
-    def __init__(self, search, search_name: str, tracking_uri: str, experiment_id: str, parent_run_id: str):
-        self.search, self.search_name = search, search_name
+    def __init__(self, search, search_name: str, tracking_uri: str, experiment_id: str, parent_run_id: str,
+                 coalesce_s: float = COALESCE_S):
+        self.search, self.search_name, self.coalesce_s = search, search_name, coalesce_s
         self.tracking_uri, self.experiment_id, self.parent_run_id = tracking_uri, experiment_id, parent_run_id
         self._reset()
 
@@ -59,17 +64,18 @@ class TrialRuns:
         self._runs: dict[str, str] = {}
         self._closed: set[str] = set()      # runs that had ended before this driver: left as they are
         self._logged_step: dict[str, int] = {}
-        self._buffered: dict[str, list] = {}
-        self._scheduled: set[str] = set()
+        self._buffered: dict[str, list] = {}   # per trial: (Metric, per_epoch) waiting to be sent
+        self._tag_buffer: dict[str, dict] = {}  # per trial: tags waiting to be sent with them
+        self._scheduled: dict[str, object] = {}  # trials with a send on its way: the trial
         self._buffer_lock = threading.Lock()
         self._base_input = None
 
     def __getstate__(self):  # pickled with the Tuner's state: no client, thread or cache
         return {k: self.__dict__[k] for k in
-                ("search", "search_name", "tracking_uri", "experiment_id", "parent_run_id")}
+                ("search", "search_name", "tracking_uri", "experiment_id", "parent_run_id", "coalesce_s")}
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
+        self.__dict__.update({"coalesce_s": COALESCE_S, **state})
         self._reset()
 
     @property
@@ -168,21 +174,41 @@ class TrialRuns:
         self.writer.submit(self.run_id, trial)
 
     def queue_metrics(self, trial, metrics: dict, step: int, per_epoch: bool = False) -> None:
-        """Buffer a result's metrics; one write sends everything buffered for the trial by then, so a
-        busy writer (or a server away) coalesces epochs into fewer batches (each a database commit)."""
+        """Buffer a result's metrics; one write, ``coalesce_s`` later, sends everything buffered for the
+        trial by then (with its tags), so epochs that come close together (or pile up while the server is
+        away) go out in one batch, one database commit."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         with self._buffer_lock:
             self._buffered.setdefault(trial.trial_id, []).extend(
                 (Metric(k, v, now, step), per_epoch) for k, v in metrics.items())
-            if trial.trial_id in self._scheduled:
-                return  # the write already queued will take these too
-            self._scheduled.add(trial.trial_id)
-        self.writer.submit(self._send_buffered, trial)
+        self._schedule(trial)
 
     def queue_tags(self, trial, tags: dict[str, str]) -> None:
-        self.writer.submit(self._tags, trial, tags)
+        """Set ``tags`` on the trial's run with its next batch of metrics."""
+        with self._buffer_lock:
+            self._tag_buffer.setdefault(trial.trial_id, {}).update(tags)
+        self._schedule(trial)
+
+    def _schedule(self, trial) -> None:
+        with self._buffer_lock:
+            if trial.trial_id in self._scheduled:
+                return  # the write on its way takes these too
+            self._scheduled[trial.trial_id] = trial
+        if self.coalesce_s <= 0:
+            self.writer.submit(self._send_buffered, trial)
+            return
+        timer = threading.Timer(self.coalesce_s, self.writer.submit, (self._send_buffered, trial))
+        timer.daemon = True
+        timer.start()
+
+    def _send_waiting(self) -> None:
+        """Queue the sends that wait for their coalescing time now (the end of the search)."""
+        with self._buffer_lock:
+            waiting = list(self._scheduled.values())
+        for trial in waiting:
+            self.writer.submit(self._send_buffered, trial)
 
     def end(self, trial, state: str, error: str | None, last: dict | None, checkpoint=None) -> None:
         """End the trial's run with ``state`` (its tags, its artifacts from ``checkpoint``, its status)."""
@@ -208,17 +234,23 @@ class TrialRuns:
         self.writer.submit(self._log_checkpoint, trial, checkpoint)
 
     def flush(self, timeout: float | None = None) -> bool:
+        """Send everything buffered and wait until every write went out (True), or ``timeout`` s passed."""
+        self._send_waiting()
         return self._writer is None or self._writer.flush(timeout)
 
     def pending(self) -> int:
         return 0 if self._writer is None else self._writer.pending()
 
     # -- writes (the writer's thread) -------------------------------------------
-    def _send_buffered(self, trial) -> None:
+    def _send_buffered(self, trial, tags: dict[str, str] | None = None) -> None:
+        """One write of the trial's buffered metrics and tags (and ``tags``), if there are any."""
+        from mlflow.entities import RunTag
+
         run_id = self.run_id(trial)
         with self._buffer_lock:
             batch = self._buffered.pop(trial.trial_id, [])
-            self._scheduled.discard(trial.trial_id)
+            waiting = {**self._tag_buffer.pop(trial.trial_id, {}), **(tags or {})}
+            self._scheduled.pop(trial.trial_id, None)
         try:
             if trial.trial_id not in self._closed:
                 # a trial restarted from an older checkpoint (or from scratch) reports some epochs again:
@@ -226,14 +258,13 @@ class TrialRuns:
                 done = self._logged_step.get(trial.trial_id, -1)
                 send = [m for m, per_epoch in batch if not per_epoch or m.step > done]
                 steps = [m.step for m, per_epoch in batch if per_epoch]
-                for i in range(0, len(send), 1000):
-                    self.client.log_batch(run_id, metrics=send[i:i + 1000])
+                log_batch_chunked(self.client, run_id, metrics=send, tags=[RunTag(k, v) for k, v in waiting.items()])
                 if steps:
                     self._logged_step[trial.trial_id] = max(done, *steps)
         except Exception:
             with self._buffer_lock:  # back in front, in order: the writer retries this call
                 self._buffered[trial.trial_id] = batch + self._buffered.get(trial.trial_id, [])
-                self._scheduled.add(trial.trial_id)
+                self._tag_buffer[trial.trial_id] = {**waiting, **self._tag_buffer.get(trial.trial_id, {})}
             raise
 
     def _log_metrics(self, trial, metrics: dict, step: int) -> None:
@@ -243,9 +274,7 @@ class TrialRuns:
         if trial.trial_id in self._closed:
             return
         now = int(time.time() * 1000)
-        batch = [Metric(k, v, now, step) for k, v in metrics.items()]
-        for i in range(0, len(batch), 1000):
-            self.client.log_batch(run_id, metrics=batch[i:i + 1000])
+        log_batch_chunked(self.client, run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
 
     def _reconcile(self, trial, state, error, last, checkpoint, step) -> None:
         self.run_id(trial)  # finds the run, and whether it ended already
@@ -308,7 +337,7 @@ class TrialRuns:
 
         run_id = self.run_id(trial)
         if trial.trial_id not in self._closed:
-            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            log_batch_chunked(self.client, run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def _end_interrupted(self, trial, last: dict) -> None:
         if trial.trial_id in self._runs:
@@ -321,7 +350,7 @@ class TrialRuns:
         tags = {TAG_STATE: state, TAG_STOPPED_EPOCH: str(int(last.get(EPOCH, 0)))}
         if error:
             tags[TAG_ERROR] = error
-        self._tags(trial, tags)
+        self._send_buffered(trial, tags)  # with the metrics and tags still waiting: one write
         if checkpoint is not None:  # the trial's last persisted checkpoint (on the search's storage)
             try:
                 with checkpoint.as_directory() as folder:

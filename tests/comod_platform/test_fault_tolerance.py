@@ -18,8 +18,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from comod_platform.conventions import (TAG_ERROR, TAG_GPUS, TAG_NODE, TAG_RETRIES, TAG_STATE, TAG_TRIAL_ID)
+from searches import REPO, TINY, search_env, search_runs, search_study
 from servers import MlflowServer, kill_processes_mentioning
-from test_search_run import REPO, TINY, _children, _env, _study
 
 LONGER = {**TINY["experiment"], "pretrain": {"epochs": 3, "steps_per_epoch": 8, "batch_size": 16},
           "finetune": {"epochs": 3, "steps_per_epoch": 8, "batch_size": 16}}
@@ -98,7 +98,7 @@ def test_crash_outage_and_divergence_lose_nothing(tmp_path, ray_tmp):
     path = _write_search(tmp_path, "ft", experiment=LONGER, space=space, search={
         **TINY["search"], "sampler": "grid", "num_trials": 4, "scheduler": {"type": "fifo"}, "max_retries": 2,
         "checkpoint_interval_s": 0})
-    env = {**_env(home, ray_tmp, server.uri), "COMOD_STORAGE": str(storage)}
+    env = {**search_env(home, ray_tmp, server.uri), "COMOD_STORAGE": str(storage)}
     log = tmp_path / "search"
     proc = _start(["search", "run", str(path), "--name", "ft", "--json"], env, log)
     try:
@@ -130,7 +130,7 @@ def test_crash_outage_and_divergence_lose_nothing(tmp_path, ray_tmp):
     server.start()
     try:
         client = MlflowClient(server.uri)
-        parents, children = _children(client, "ft")
+        parents, children = search_runs(client, "ft")
         assert len(parents) == 1 and parents[0].info.status == "FINISHED"
         assert len(children) == 4 and all(c.info.status != "RUNNING" for c in children)
         diverged = [c for c in children if c.data.params["pretrain.lr.backbone"] == "1e+30"]
@@ -156,7 +156,7 @@ def test_crash_outage_and_divergence_lose_nothing(tmp_path, ray_tmp):
     for child in restarted:
         reported = epochs[child.data.tags[TAG_TRIAL_ID]]
         assert reported == sorted(set(reported)) == list(range(1, 7)), reported
-    study = _study(home, "ft")
+    study = search_study(home, "ft")
     states = [t.state for t in study.trials]
     assert len(states) == 4 and states.count(optuna.trial.TrialState.FAIL) == 2
     assert states.count(optuna.trial.TrialState.COMPLETE) == 2
@@ -184,7 +184,7 @@ def test_a_node_lost_mid_search(tmp_path, ray_tmp, monkeypatch):
         path = _write_search(tmp_path, "nodes", experiment=LONGER, space=TINY["space"], search={
             **TINY["search"], "num_trials": 6, "scheduler": {"type": "fifo"}, "max_concurrent": 4,
             "resources": {"cpu": 1, "gpu": 0.5}, "max_retries": 3, "checkpoint_interval_s": 0})
-        env = _env(home, ray_tmp)
+        env = search_env(home, ray_tmp)
         log = tmp_path / "search"
         proc = _start(["search", "run", str(path), "--name", "nodes", "--address", cluster.address,
                        "--storage", str(storage), "--json"], env, log)
@@ -193,7 +193,7 @@ def test_a_node_lost_mid_search(tmp_path, ray_tmp, monkeypatch):
 
         def running_on_doomed():
             try:
-                _, children = _children(MlflowClient(store), "nodes")
+                _, children = search_runs(MlflowClient(store), "nodes")
             except Exception:  # noqa: BLE001 - the experiment is not there yet
                 return []
             return [c for c in children if c.data.tags.get(TAG_NODE) == doomed and c.info.status == "RUNNING"]
@@ -207,7 +207,7 @@ def test_a_node_lost_mid_search(tmp_path, ray_tmp, monkeypatch):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
         assert summary["trials"] == 6 and summary["completed"] == 6 and summary["failed"] == 0, summary
-        _, children = _children(MlflowClient(store), "nodes")
+        _, children = search_runs(MlflowClient(store), "nodes")
         assert len(children) == 6 and all(c.info.status == "FINISHED" for c in children)
         nodes = {c.data.tags[TAG_NODE] for c in children}
         assert workers[0].node_id in nodes and cluster.head_node.node_id not in nodes  # only GPU nodes
@@ -216,7 +216,7 @@ def test_a_node_lost_mid_search(tmp_path, ray_tmp, monkeypatch):
         assert {v.data.tags[TAG_TRIAL_ID] for v in victims} <= set(moved)
         for child in moved.values():
             assert child.data.tags[TAG_NODE] == workers[0].node_id  # finished on the surviving node
-        study = _study(home, "nodes")
+        study = search_study(home, "nodes")
         assert len(study.trials) == 6
         assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     finally:

@@ -18,7 +18,7 @@ from comod_platform.conventions import FINAL_FLAG, STEP, TAG_ROLE, TAG_TRIAL_ID
 from comod_platform.search_state import SearchMeta, SearchPaths
 from comod_platform.searchfile import load_search
 from comod_platform.tune_callbacks import TAG_BEST_RUN, TAG_BEST_TRIAL, MlflowTrialCallback
-from test_search_run import REPO
+from searches import REPO
 
 TINY_SEARCH = REPO / "search_spaces" / "tiny.yaml"
 

@@ -16,21 +16,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from comod.config import flatten, load_config
-from comod_platform.conventions import (TAG_KIND, TAG_PARENT, TAG_ROLE, TAG_SEARCH, TAG_STATE, TAG_TRIAL_ID,
-                                        param_value)
+from comod_platform.conventions import TAG_KIND, TAG_PARENT, TAG_SEARCH, TAG_STATE, TAG_TRIAL_ID, param_value
+from searches import REPO, TINY, search_env, search_runs, search_study
 from servers import MlflowServer, kill_processes_mentioning
-
-REPO = Path(__file__).resolve().parents[2]
-TINY = yaml.safe_load((REPO / "search_spaces" / "tiny.yaml").read_text())
-
-
-def _env(home: Path, ray_tmp: str, tracking_uri: str | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    env.update(COMOD_HOME=str(home), COMOD_DOWNLOAD="0", RAY_TMPDIR=ray_tmp, PYTHONUNBUFFERED="1")
-    if tracking_uri:
-        env["MLFLOW_TRACKING_URI"] = tracking_uri
-    return env
-
 
 def _comod(args, env, timeout=900, **kwargs):
     return subprocess.run([sys.executable, "-m", "comod_platform.cli", *args], env=env, capture_output=True,
@@ -49,18 +37,6 @@ def _write_search(tmp_path: Path, name: str, **changes) -> Path:
     return path
 
 
-def _children(client: MlflowClient, search: str):
-    exp = client.get_experiment_by_name(f"search/{search}")
-    runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if r.data.tags.get(TAG_ROLE) == "search"]
-    return parents, [r for r in runs if r.data.tags.get(TAG_ROLE) == "trial"]
-
-
-def _study(home: Path, search: str):
-    meta = json.loads((home / "searches" / search / "meta.json").read_text())
-    return optuna.load_study(study_name=meta["study_name"], storage=meta["optuna_storage"])
-
-
 def test_search_end_to_end_with_an_mlflow_server(tmp_path, ray_tmp):
     server = MlflowServer(tmp_path / "mlflow").start()
     try:
@@ -68,7 +44,7 @@ def test_search_end_to_end_with_an_mlflow_server(tmp_path, ray_tmp):
         # trials far shorter than the checkpoint interval persist their final checkpoint only
         path = _write_search(tmp_path, "e2e", search={**TINY["search"], "num_trials": 4,
                                                       "checkpoint_interval_s": 3600})
-        done = _comod(["search", "run", str(path), "--name", "e2e", "--json"], _env(home, ray_tmp, server.uri))
+        done = _comod(["search", "run", str(path), "--name", "e2e", "--json"], search_env(home, ray_tmp, server.uri))
         assert done.returncode == 0, done.stderr[-3000:]
         # the command ends its local Ray, agents included, before its quick exit
         time.sleep(1)
@@ -79,7 +55,7 @@ def test_search_end_to_end_with_an_mlflow_server(tmp_path, ray_tmp):
         assert "[search]" in done.stderr and "best val/mean_f1" in done.stderr
 
         client = MlflowClient(server.uri)
-        parents, children = _children(client, "e2e")
+        parents, children = search_runs(client, "e2e")
         assert len(parents) == 1 and parents[0].info.status == "FINISHED"
         assert parents[0].data.params["search.metric"] == "val/mean_f1"
         assert len(children) == 4
@@ -113,7 +89,7 @@ def test_search_end_to_end_with_an_mlflow_server(tmp_path, ray_tmp):
                 assert len(persisted) == 1 and (persisted[0] / "metrics.json").exists(), persisted
             else:
                 assert persisted == []
-        study = _study(home, "e2e")
+        study = search_study(home, "e2e")
         counted = {s: sum(t.state == s for t in study.trials) for s in optuna.trial.TrialState}
         assert len(study.trials) == 4
         assert counted[optuna.trial.TrialState.COMPLETE] == states["completed"]
@@ -121,14 +97,14 @@ def test_search_end_to_end_with_an_mlflow_server(tmp_path, ray_tmp):
         for trial in study.trials:
             assert ("modulation.noise_scale" in trial.params) == (trial.params["modulation.kind"] == "stochastic")
 
-        status = _comod(["search", "status", "e2e"], _env(home, ray_tmp, server.uri))
+        status = _comod(["search", "status", "e2e"], search_env(home, ray_tmp, server.uri))
         assert status.returncode == 0, status.stderr
         assert "4 trials of 4" in status.stdout and "modulation.kind" in status.stdout
-        listed = _comod(["search", "list"], _env(home, ray_tmp, server.uri))
+        listed = _comod(["search", "list"], search_env(home, ray_tmp, server.uri))
         assert listed.returncode == 0 and listed.stdout.split() == ["e2e"]
 
         # export, then train the exported config as it is: the round trip users make
-        env = _env(home, ray_tmp, server.uri)
+        env = search_env(home, ray_tmp, server.uri)
         best = _comod(["export", "best", "e2e", "--out", str(tmp_path / "best.yaml"), "--set",
                        "finetune.epochs=1"], env)
         assert best.returncode == 0, best.stderr
@@ -157,18 +133,18 @@ def test_a_trial_that_raises_is_recorded_failed_and_the_search_goes_on(tmp_path,
     space = {"finetune.tasks": {"type": "categorical", "choices": [["pattern_0"], ["no_such_task"]]}}
     path = _write_search(tmp_path, "fails", space=space,
                          search={**TINY["search"], "num_trials": 6, "scheduler": {"type": "fifo"}})
-    done = _comod(["search", "run", str(path), "--name", "fails", "--json"], _env(home, ray_tmp))
+    done = _comod(["search", "run", str(path), "--name", "fails", "--json"], search_env(home, ray_tmp))
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout[done.stdout.index("{"):])
     assert summary["failed"] >= 1 and summary["completed"] >= 1
     assert summary["failed"] + summary["completed"] == 6
-    _, children = _children(MlflowClient(f"sqlite:///{home / 'mlflow.db'}"), "fails")
+    _, children = search_runs(MlflowClient(f"sqlite:///{home / 'mlflow.db'}"), "fails")
     failed = [c for c in children if c.data.tags[TAG_STATE] == "failed"]
     assert len(failed) == summary["failed"] and len(children) == 6
     for child in failed:
         assert child.info.status == "FAILED"
         assert "no_such_task" in child.data.tags["comod.error"]
-    study = _study(home, "fails")
+    study = search_study(home, "fails")
     assert sum(t.state == optuna.trial.TrialState.FAIL for t in study.trials) == summary["failed"]
 
 
@@ -177,7 +153,7 @@ def test_killed_driver_resumes_to_completion_without_duplicates(tmp_path, ray_tm
     experiment = {**TINY["experiment"], "pretrain": {"epochs": 2, "steps_per_epoch": 12, "batch_size": 16}}
     path = _write_search(tmp_path, "killed", experiment=experiment,
                          search={**TINY["search"], "num_trials": 4, "scheduler": {"type": "fifo"}})
-    env = _env(home, ray_tmp)
+    env = search_env(home, ray_tmp)
     log = open(tmp_path / "driver.log", "w")
     driver = subprocess.Popen([sys.executable, "-m", "comod_platform.cli", "search", "run", str(path), "--name",
                                "killed"], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
@@ -202,7 +178,7 @@ def test_killed_driver_resumes_to_completion_without_duplicates(tmp_path, ray_tm
     summary = json.loads(done.stdout[done.stdout.index("{"):])
     assert summary["trials"] == 4 and summary["completed"] == 4
 
-    _, children = _children(MlflowClient(f"sqlite:///{home / 'mlflow.db'}"), "killed")
+    _, children = search_runs(MlflowClient(f"sqlite:///{home / 'mlflow.db'}"), "killed")
     ids = [c.data.tags[TAG_TRIAL_ID] for c in children]
     assert len(ids) == 4 == len(set(ids)), ids  # re-attached, not duplicated
     for child in children:
@@ -217,7 +193,7 @@ def test_killed_driver_resumes_to_completion_without_duplicates(tmp_path, ray_tm
     dropped = client.search_runs([exp.experiment_id], run_view_type=ViewType.DELETED_ONLY)
     assert all(r.data.tags.get(TAG_STATE) == "lost" and r.info.status != "RUNNING" for r in dropped), dropped
     assert not {r.data.tags.get(TAG_TRIAL_ID) for r in dropped} & set(ids)
-    study = _study(home, "killed")
+    study = search_study(home, "killed")
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 4
     lost = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
@@ -226,7 +202,7 @@ def test_killed_driver_resumes_to_completion_without_duplicates(tmp_path, ray_tm
 
 
 def test_bad_search_inputs(tmp_path, ray_tmp):
-    env = _env(tmp_path / "runs", ray_tmp)
+    env = search_env(tmp_path / "runs", ray_tmp)
     missing = _comod(["search", "run", "no_such_search"], env)
     assert missing.returncode == 2 and "no such search file" in missing.stderr and "tiny" in missing.stderr
 

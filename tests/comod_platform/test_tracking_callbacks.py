@@ -71,3 +71,44 @@ def test_a_run_found_again_gets_the_params_it_lost(tmp_path):
     params = {k: param_value(v) for k, v in client.get_run(created).data.params.items()}
     assert params == flatten(search.config_for(trial.config))
     assert params["finetune.lr.controller"] == 0.01
+
+
+def test_a_short_trials_epochs_tags_and_end_go_out_in_one_write(tmp_path):
+    """A short trial's epochs, its node tags, its final metrics and its end tags, all within the coalescing
+    time: one log_batch, one database commit (each its own would be six), and every value arrives."""
+    from types import SimpleNamespace
+
+    from comod_platform.conventions import EPOCH, TAG_NODE
+    from comod_platform.trial_runs import TrialRuns
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("search/c", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(experiment, tags={TAG_ROLE: "search"}).info.run_id
+    runs = TrialRuns(load_search(REPO / "search_spaces" / "tiny.yaml"), "c", uri, experiment, parent, coalesce_s=2.0)
+    batches = []
+
+    class Counting:  # the real client, with its log_batch calls counted
+        def __getattr__(self, name):
+            return getattr(client, name)
+
+        def log_batch(self, run_id, **entities):
+            batches.append({k: len(v or ()) for k, v in entities.items()})
+            return client.log_batch(run_id, **entities)
+
+    runs._client = Counting()
+    trial = SimpleNamespace(trial_id="t1", config={"modulation.kind": "deterministic", "finetune.lr.controller": 0.01})
+    runs.start(trial)
+    assert runs.flush(30)
+    batches.clear()  # the run's creation and params
+    for epoch in (1, 2, 3):
+        runs.queue_metrics(trial, {"pretrain/train_loss": 1.0 / epoch}, step=10 * epoch, per_epoch=True)
+    runs.queue_tags(trial, {TAG_NODE: "n1"})
+    runs.queue_metrics(trial, {"test/mean_f1": 0.5}, step=30)
+    runs.end(trial, "completed", None, {EPOCH: 3})
+    assert runs.flush(30)
+    run = client.get_run(runs.run_id(trial))
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "pretrain/train_loss")] == [1.0, 0.5, 1 / 3]
+    assert run.data.metrics["test/mean_f1"] == 0.5 and run.data.tags[TAG_NODE] == "n1"
+    assert run.data.tags[TAG_STATE] == "completed" and run.info.status == "FINISHED"
+    assert len(batches) == 1 and batches[0]["metrics"] == 4 and batches[0]["tags"] == 3, batches
