@@ -11,12 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import optuna
@@ -26,10 +21,8 @@ import yaml
 from comod_platform.cli_search import format_summary
 from comod_platform.search_state import SearchMeta, SearchPaths
 from comod_platform.searchfile import parse_search
+from searches import TINY, run_comod
 
-REPO = Path(__file__).resolve().parents[2]
-COMOD = Path(sys.executable).parent / "comod"
-TINY = yaml.safe_load((REPO / "search_spaces" / "tiny.yaml").read_text())
 NAME = "summary"
 SEEDS = 4
 OLD_KEYS = {"name", "trials", "completed", "pruned", "failed", "best", "metric"}
@@ -183,42 +176,14 @@ def test_importances_note_too_few_trials_no_variation_and_an_unreadable_study(tm
 
 # ------------------------------------------------------------------- one real search through the CLI
 
-def _env(home: Path, ray_tmp: str) -> dict:
-    drop = ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "COMOD_VERBOSE", "RAY_AUTH_MODE", "COMOD_OPTUNA_STORAGE",
-            "COMOD_STORAGE")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(COMOD_HOME=str(home), COMOD_DOWNLOAD="0", RAY_TMPDIR=ray_tmp, PYTHONUNBUFFERED="1")
-    return env
-
-
-def _comod(args, env, timeout=900):
-    return subprocess.run([str(COMOD), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-
-
 def _ray_lines(stderr: str) -> list[str]:
     """Lines of a local search's stderr that are not comod's own ([search] status lines, comod: messages)."""
     return [line for line in stderr.splitlines() if line.strip() and not line.startswith(("[search]", "comod:"))]
 
 
 @pytest.fixture(scope="module")
-def searched(tmp_path_factory, empty_store):
-    from servers import kill_processes_mentioning
-
-    tmp = tmp_path_factory.mktemp("summary")
-    home = tmp / "runs"
-    home.mkdir()
-    shutil.copy(empty_store, home / "mlflow.db")
-    ray_tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Ray's socket paths are length-limited
-    path = tmp / f"{NAME}.yaml"
-    path.write_text(yaml.safe_dump(_grid_search_file(), sort_keys=False))
-    env = _env(home, ray_tmp)
-    try:
-        done = _comod(["search", "run", str(path), "--name", NAME], env)
-        assert done.returncode == 0, done.stderr[-3000:]
-        yield {"home": home, "env": env, "done": done, "tmp": tmp}
-    finally:
-        kill_processes_mentioning(ray_tmp)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+def searched(finished_search):
+    return finished_search(_grid_search_file(), NAME)
 
 
 def _finals(home: Path) -> dict[str, tuple[dict, dict]]:
@@ -257,7 +222,7 @@ def test_search_run_ends_with_a_summary_and_ray_stays_quiet(searched):
 
 
 def test_status_leaves_a_setting_the_trial_did_not_sample_blank(searched):
-    done = _comod(["search", "status", NAME], searched["env"])
+    done = run_comod(["search", "status", NAME], searched["env"])
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     header = lines[0]
@@ -278,7 +243,7 @@ def test_compare_reports_and_logs_parameter_importances(searched, tmp_path):
     from mlflow.tracking import MlflowClient
 
     out = tmp_path / "cmp"
-    done = _comod(["compare", NAME, "--out", str(out)], searched["env"])
+    done = run_comod(["compare", NAME, "--out", str(out)], searched["env"])
     assert done.returncode == 0, done.stderr[-2000:]
     assert "## Parameter importances" in done.stdout and "## Paired differences" in done.stdout
     report = json.loads((out / "compare.json").read_text())
@@ -301,7 +266,7 @@ def test_compare_reports_and_logs_parameter_importances(searched, tmp_path):
 
 
 def test_resume_json_keeps_the_keys_scripts_read(searched):
-    done = _comod(["search", "resume", NAME, "--json"], searched["env"])
+    done = run_comod(["search", "resume", NAME, "--json"], searched["env"])
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)  # only the JSON on stdout
     assert OLD_KEYS <= set(summary)
@@ -314,7 +279,7 @@ def test_resume_json_keeps_the_keys_scripts_read(searched):
 
 
 def test_verbose_lets_rays_output_through(searched):
-    done = _comod(["search", "resume", NAME, "--verbose"], searched["env"])
+    done = run_comod(["search", "resume", NAME, "--verbose"], searched["env"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith(f"search {NAME}: 8 trials: 8 completed")
     assert _ray_lines(done.stderr), done.stderr  # Ray's own lines, asked for
@@ -327,7 +292,7 @@ def test_a_search_file_that_fails_its_checks_prints_only_the_error(searched, tmp
     raw["search"].update(sampler="random", num_trials=2)
     path = tmp_path / "broken.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    done = _comod(["search", "run", str(path)], searched["env"])
+    done = run_comod(["search", "run", str(path)], searched["env"])
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.splitlines() == ["comod: error: space.modulation.noise_scal: not a setting of the "
                                         "experiment; did you mean modulation.noise_scale?"], done.stderr

@@ -1,67 +1,37 @@
 """`comod dashboard N`: a real optuna-dashboard server on a real search's Optuna study.
 
-One module-scoped tiny search (search_spaces/tiny.yaml, two trials: a real local Ray, Optuna in SQLite, MLflow
-on SQLite, through `.venv/bin/comod`); the dashboard runs as `.venv/bin/comod dashboard N --port P` and is read
-through optuna-dashboard's own JSON API.
+The session's tiny search (search_spaces/tiny.yaml as it is, four trials: a real local Ray, Optuna in SQLite,
+MLflow on SQLite, through `.venv/bin/comod`; the conftest's ``tiny_search``, which the UI test reads too); the
+dashboard runs as `.venv/bin/comod dashboard N --port P` and is read through optuna-dashboard's own JSON API.
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
-import optuna
 import pytest
-import yaml
 
-from servers import free_port, kill_processes_mentioning
+from searches import COMOD, REPO, TINY, search_env, search_study
+from servers import free_port
 
-REPO = Path(__file__).resolve().parents[2]
-COMOD = Path(sys.executable).parent / "comod"
-NAME = "dash"
-TRIALS = 2
-
-
-def _env(home: Path, ray_tmp: str | None = None) -> dict:
-    drop = ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "COMOD_VERBOSE", "COMOD_OPTUNA_STORAGE", "COMOD_STORAGE")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(COMOD_HOME=str(home), COMOD_DOWNLOAD="0", PYTHONUNBUFFERED="1")
-    if ray_tmp:
-        env["RAY_TMPDIR"] = ray_tmp
-    return env
+NAME = "tiny"
+TRIALS = TINY["search"]["num_trials"]
 
 
 @pytest.fixture(scope="module")
-def search(tmp_path_factory, empty_store):
-    tmp = tmp_path_factory.mktemp("dashboard")
-    home = tmp / "runs"
-    home.mkdir()
-    shutil.copy(empty_store, home / "mlflow.db")
-    raw = yaml.safe_load((REPO / "search_spaces" / "tiny.yaml").read_text())
-    raw["search"].update(num_trials=TRIALS)
-    path = tmp / "tiny.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    ray_tmp = tempfile.mkdtemp(prefix="rd", dir="/tmp")  # short: Ray's socket paths are length-limited
-    try:
-        done = subprocess.run([str(COMOD), "search", "run", str(path), "--name", NAME, "--json"],
-                              env=_env(home, ray_tmp), capture_output=True, text=True, timeout=900, cwd=REPO)
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert json.loads(done.stdout)["trials"] == TRIALS
-    finally:
-        kill_processes_mentioning(ray_tmp)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+def search(tiny_search):
+    assert tiny_search["name"] == NAME
+    assert json.loads(tiny_search["done"].stdout)["trials"] == TRIALS
+    home = tiny_search["home"]
     meta = json.loads((home / "searches" / NAME / "meta.json").read_text())
-    study = optuna.load_study(study_name=meta["study_name"], storage=meta["optuna_storage"])
-    return {"home": home, "env": _env(home), "meta": meta, "trials": len(study.trials)}
+    return {"home": home, "env": search_env(home), "meta": meta, "trials": len(search_study(home, NAME).trials)}
 
 
 def _get(url: str, timeout: float = 5.0):
@@ -196,7 +166,7 @@ def test_a_search_whose_study_database_is_gone_is_one_clear_message(search, tmp_
     meta = json.loads(meta_file.read_text())
     meta["optuna_storage"] = f"sqlite:///{home / 'searches' / NAME / 'optuna.db'}"
     meta_file.write_text(json.dumps(meta))
-    done = subprocess.run([str(COMOD), "dashboard", NAME], env=_env(home), cwd=REPO, capture_output=True,
+    done = subprocess.run([str(COMOD), "dashboard", NAME], env=search_env(home), cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()

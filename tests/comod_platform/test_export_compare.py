@@ -1,6 +1,7 @@
 """`export trials|best` and `compare` on one real search.
 
-One module-scoped search (a real local Ray, Optuna, MLflow on SQLite) of
+One module-scoped search (`comod search run`, the conftest's
+``finished_search``: a real local Ray, Optuna, MLflow on SQLite) of
 the tiny synthetic experiment over ``modulation.kind`` x ``seed``: with the
 random sampler seeded as below its six trials are the six combinations, so
 every seed gives a stochastic/deterministic/none triple of trials that
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -33,15 +33,13 @@ SAMPLER_SEED = 35
 """Optuna's RandomSampler(seed=35) draws the 6 (kind, seed) combinations in its first 6 trials."""
 
 
-def _search_file(tmp: Path) -> Path:
+def _search_file() -> dict:
     raw = yaml.safe_load((REPO / "search_spaces" / "tiny.yaml").read_text())
     raw["space"] = {"modulation.kind": {"type": "categorical", "choices": ["none", "deterministic", "stochastic"]},
                     "seed": {"type": "categorical", "choices": [0, 1]}}
     raw["search"].update(num_trials=6, sampler="random", seed=SAMPLER_SEED, scheduler={"type": "fifo"},
                          max_concurrent=2)
-    path = tmp / f"{NAME}.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
+    return raw
 
 
 def _add_incomplete_runs(home: Path) -> dict[str, str]:
@@ -70,29 +68,10 @@ def _add_incomplete_runs(home: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def search(tmp_path_factory, empty_store):
-    import ray
-
-    from comod_platform.runner import run_search
-
-    tmp = tmp_path_factory.mktemp("export")
-    home = tmp / "runs"
-    home.mkdir()
-    shutil.copy(empty_store, home / "mlflow.db")
-    ray_tmp = tempfile.mkdtemp(prefix="rx", dir="/tmp")  # short: Ray's socket paths are length-limited
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("COMOD_HOME", str(home))
-        mp.setenv("COMOD_DOWNLOAD", "0")
-        mp.setenv("RAY_TMPDIR", ray_tmp)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")  # undone afterwards, as MLflow sets it
-        mp.delenv("RAY_ADDRESS", raising=False)
-        try:
-            summary = run_search(_search_file(tmp), name=NAME)
-        finally:
-            ray.shutdown()
-            shutil.rmtree(ray_tmp, ignore_errors=True)
-        synthetic = _add_incomplete_runs(home)
-        yield {"home": home, "summary": summary, "synthetic": synthetic}
+def search(finished_search):
+    searched = finished_search(_search_file(), NAME, "--json")
+    synthetic = _add_incomplete_runs(searched["home"])
+    return {"home": searched["home"], "summary": json.loads(searched["done"].stdout), "synthetic": synthetic}
 
 
 @pytest.fixture

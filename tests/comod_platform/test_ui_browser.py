@@ -1,7 +1,8 @@
 """The MLflow UI as a researcher opens it, in a real headless browser.
 
 A real `comod search run` of search_spaces/tiny.yaml (local Ray, Optuna,
-the embedded SQLite store in a temporary runs folder), then `comod ui NAME`
+the embedded SQLite store in a temporary runs folder: the session's, which
+the dashboard test reads too), then `comod ui NAME`
 serving that store on 127.0.0.1, and Debian's chromium (`make chromium`)
 loading the page `comod ui` prints: the DOM must hold the parent run's name,
 every trial's run name and the key metric columns, on the runs table (not
@@ -18,7 +19,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -31,29 +31,18 @@ from mlflow.tracking import MlflowClient
 from comod_platform import tracking
 from comod_platform.conventions import TAG_PARENT, TAG_ROLE, TAG_STATE
 from comod_platform.tune_callbacks import TAG_BEST_RUN, TAG_BEST_TRIAL
-from servers import free_port, kill_processes_mentioning, processes_mentioning, stop_group
+from servers import free_port, processes_mentioning, stop_group
 
-REPO = Path(__file__).resolve().parents[2]
-NAME = "browsed"
+NAME = "tiny"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
-def searched(tmp_path_factory):
-    """The tiny search, run by the command in a fresh runs folder; its MLflow records."""
-    root = tmp_path_factory.mktemp("browsed")
-    home = root / "runs"
-    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and k != "RAY_ADDRESS"}
-    env.update(COMOD_HOME=str(home), COMOD_DOWNLOAD="0", RAY_TMPDIR=ray_tmp, PYTHONUNBUFFERED="1")
-    try:
-        done = subprocess.run([sys.executable, "-m", "comod_platform.cli", "search", "run",
-                               str(REPO / "search_spaces" / "tiny.yaml"), "--name", NAME],
-                              env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
-    finally:
-        kill_processes_mentioning(ray_tmp)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+def searched(tiny_search):
+    """The session's tiny search (search_spaces/tiny.yaml run by the command in a fresh runs folder, the
+    conftest's ``tiny_search``); its MLflow records."""
+    assert tiny_search["name"] == NAME
+    home, env = tiny_search["home"], tiny_search["env"]
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(f"search/{NAME}")
     runs = client.search_runs([experiment.experiment_id])
