@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ import yaml
 
 from comod.config import flatten, load_config
 from comod_platform import cli
+from servers import free_port, stop_group
 
 EXPERIMENT = "comod-train"
 OVERRIDES = ["modulation.kind=deterministic", "modulation.noise_scale=0.2"]
@@ -39,12 +39,6 @@ TINY_STEPS = 3  # steps_per_epoch of both phases in configs/tiny.yaml
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
 COMMAND = [sys.executable, "-m", "comod_platform.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli_env(home: Path, **extra: str) -> dict[str, str]:
@@ -66,27 +60,6 @@ def start_cli(args: list, env: dict, cwd: Path | None = None, **kwargs) -> subpr
     """`comod ARGS` in its own process group (so a kill reaches its children)."""
     return subprocess.Popen([*COMMAND, *map(str, args)], env=env, cwd=cwd or REPO, start_new_session=True,
                             text=True, **kwargs)
-
-
-def stop_group(proc: subprocess.Popen, timeout: float = 10) -> None:
-    """Terminate ``proc``'s whole process group, then kill what is left."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-    try:  # children (uvicorn workers) may outlive the leader
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path | None = None) -> None:
