@@ -57,7 +57,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import shutil
 import signal
@@ -65,7 +64,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from datetime import datetime
@@ -73,8 +71,10 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (REPO, RESULTS, LoadSampler, clean_env, code_version, kill_processes_mentioning,  # noqa: E402
+                     machine, results_folder, versions, wait_for_load, write_results)
+
 SEARCH_NAME = "scale"
 OBJECT_STORE_BYTES = 150 * 1024 * 1024  # per node (Ray's minimum is 75 MiB; the dataset is a few KB)
 
@@ -116,100 +116,10 @@ def slots_per_node(args) -> int:
 
 
 # -- helpers --------------------------------------------------------------------
-class LoadSampler:
-    """Samples the 1-minute load average every ``every`` seconds while running."""
-
-    def __init__(self, every: float = 2.0):
-        self.every, self.samples = every, []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self):
-        while True:
-            self.samples.append(os.getloadavg()[0])
-            if self._stop.wait(self.every):
-                return
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.samples.append(os.getloadavg()[0])
-
-    def summary(self) -> dict:
-        s = self.samples
-        return {"min": round(min(s), 2), "mean": round(statistics.fmean(s), 2), "max": round(max(s), 2)}
-
-
-def wait_for_load(limit: float, max_wait: float) -> dict:
-    start = time.time()
-    first = os.getloadavg()[0]
-    while os.getloadavg()[0] >= limit and time.time() - start < max_wait:
-        time.sleep(10)
-    waited = time.time() - start
-    now = os.getloadavg()[0]
-    if waited > 1:
-        print(f"waited {waited:.0f} s for the load: 1-min load average {first:.2f} -> {now:.2f} "
-              f"({'below' if now < limit else 'still above'} {limit})", flush=True)
-    return {"limit": limit, "waited_s": round(waited, 1), "load_at_start": round(now, 2), "reached": now < limit}
-
-
-def kill_processes_mentioning(text: str) -> int:
-    """Kill (by pid) every process whose command line or environment mentions ``text``
-    (the private Ray temp dir: Ray's daemons name it, its workers inherit it)."""
-    killed = 0
-    me = os.getpid()
-    needle = text.encode()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == me:
-            continue
-        try:
-            blob = (proc / "cmdline").read_bytes() + b"\0" + (proc / "environ").read_bytes()
-        except OSError:
-            continue
-        if needle in blob:
-            try:
-                os.kill(int(proc.name), signal.SIGKILL)
-                killed += 1
-            except OSError:
-                pass
-    return killed
-
-
 def folder_bytes(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
-
-
-def versions() -> dict:
-    import mlflow
-    import optuna
-    import ray
-    import torch
-
-    return {"ray": ray.__version__, "mlflow": mlflow.__version__, "optuna": optuna.__version__,
-            "torch": torch.__version__, "python": sys.version.split()[0]}
-
-
-def code_version() -> dict:
-    """The checkout measured: its commit, and files of the core and the platform changed since (git, read-only)."""
-    def git(*cmd: str) -> str:
-        try:
-            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    changed = [line[3:] for line in git("status", "--porcelain", "--", "comod", "platform").splitlines()]
-    return {"commit": git("rev-parse", "--short", "HEAD") or None, "changed_since": changed}
-
-
-def machine() -> dict:
-    return {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "platform": platform.platform()}
 
 
 def write_search(path: Path, args, max_concurrent: int) -> Path:
@@ -221,14 +131,6 @@ def write_search(path: Path, args, max_concurrent: int) -> Path:
                          max_concurrent=max_concurrent, resources={"cpu": args.cpu, "gpu": args.gpu})
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
-
-
-def _clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "COMOD_OPTUNA_STORAGE", "COMOD_STORAGE",
-                        "OMP_NUM_THREADS")}
-    env.update(PYTHONUNBUFFERED="1", **extra)
-    return env
 
 
 # -- what the search left behind --------------------------------------------------
@@ -372,7 +274,7 @@ def run(args, work: Path) -> dict:
         print(f"cluster up in {cluster_start_s:.1f} s: head ({args.head_cpus:g} CPUs, no GPU) + {args.nodes} "
               f"workers ({args.cpus_per_node:g} CPUs, 1 GPU each) at {cluster.address}; {slots} slots "
               f"({per_node} per node), max_concurrent {max_concurrent}", flush=True)
-        env = _clean_env(COMOD_HOME=str(home), COMOD_DOWNLOAD="0", RAY_TMPDIR=ray_tmp)
+        env = clean_env(COMOD_HOME=str(home), COMOD_DOWNLOAD="0", RAY_TMPDIR=ray_tmp)
         cmd = [sys.executable, "-m", "comod_platform.cli", "search", "run", str(search_file), "--name", SEARCH_NAME,
                "--address", cluster.address, "--storage", str(storage), "--json"]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -717,13 +619,9 @@ def main(argv=None) -> int:
     print(f"checks: {'all passed' if not failed else 'FAILED: ' + ', '.join(failed)}")
     if failed and r.get("log_tail"):
         print(r["log_tail"])
-    if args.out is None and args.quick:
-        return 1 if failed else 0
-    args.out = args.out or RESULTS
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "scale.md").write_text(markdown(result))
-    print(f"wrote {args.out / 'scale'}.json and .md")
+    out = results_folder(args.out, args.quick)
+    if out is not None:
+        write_results(out, "scale", result, markdown(result))
     return 1 if failed else 0
 
 

@@ -36,9 +36,7 @@ an extra CUDA row uses bf16 autocast and channels_last). Results go to
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -52,10 +50,12 @@ from comod.data.taskdata import TaskSpec
 from comod.model import build_model
 from comod.train import task_loss
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, machine, write_results  # noqa: E402
+
 KINDS = ("none", "deterministic", "stochastic")
 TARGET_SITE = "layer3"
 TARGET_RATIO = 1.15
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -203,9 +203,7 @@ def machine_info(device: torch.device) -> dict:
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "threads": torch.get_num_threads(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
+        **machine(),
         "load_average": list(os.getloadavg()),
     }
     if device.type == "cuda":
@@ -310,8 +308,9 @@ def markdown(result: dict, seconds: float) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
+    where = machine()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", flush=True)
+          f"{where['processor']}, {where['cpu_count']} CPUs", flush=True)
     print("'none' has no controller to train: its time is forward + loss only (no backward, no step).")
     gen = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch, 3, args.size, args.size, generator=gen)
@@ -334,9 +333,7 @@ def main(argv=None) -> int:
         for line in target_lines(result):
             print(line)
         failed |= not all(c["pass"] for c in result["target"])
-        (args.out / f"step_cost_{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-        (args.out / f"step_cost_{name}.md").write_text(markdown(result, seconds))
-        print(f"wrote {args.out / f'step_cost_{name}.json'} and .md")
+        write_results(args.out, f"step_cost_{name}", result, markdown(result, seconds))
     print(f"total {time.perf_counter() - start:.0f} s")
     print(result_line(first))
     return 1 if failed else 0
