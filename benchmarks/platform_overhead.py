@@ -25,9 +25,9 @@ concurrency (``--concurrency``, default 2):
   run in its own process: a ``Tuner`` over a function trainable that calls
   ``run_experiment``, the data loaded once and shared through the object
   store, actor reuse and the same concurrency, but no Optuna, no MLflow, no
-  checkpoints and no callbacks. It is what Ray Tune itself costs here: if
-  floor / plain is above the target, no platform built on Ray Tune meets it
-  on this machine, and platform / floor is what comod adds on top.
+  checkpoints and no callbacks. It is what Ray Tune itself costs here:
+  floor / plain is a bound no platform built on Ray Tune beats on this
+  machine, and platform / floor is what comod adds on top.
 
 All are timed end to end (wall clock of the whole command: interpreter
 start, imports, Ray start, MLflow and Optuna set-up, shut-down). From the
@@ -36,10 +36,18 @@ starts, the final ``checkpoint.pt`` when it ends) each side's time is split
 into start-up (command start to first trial start), the trials' window
 (first trial start to last trial end) and tail (last trial end to command
 end); the window is further split into the mean time inside a trial and the
-mean idle gap a trial slot spends between two trials. The ratio
-platform / plain of the whole commands is the headline (target: at most
-1.15); the per-trial overhead is reported in ms both amortised over the
-whole command and in the trials' window only (start-up and tail excluded).
+mean idle gap a trial slot spends between two trials. The per-trial
+overhead is reported in ms both amortised over the whole command and in the
+trials' window only (start-up and tail excluded).
+
+Targets: the whole command at most 1.05x the bare Ray Tune run (what comod
+adds on top of Ray Tune: the ratio of the mean walls over the repeats); the
+trials' window at most 1.10x the plain loop's; comod's idle gap at most 70 ms
+per trial slot. The whole command platform / plain is reported too, but is
+not a target here: it cannot reach 1.15 where Ray's own start-up and
+shut-down make the floor itself, bare Ray Tune / plain, far above 1.15 (the
+report says which holds). The last line printed is ``RESULT
+platform/bare_ray=X.XXX window_platform/plain=Y.YYY idle_gap_ms=Z``.
 
 With ``--repeats`` > 1 the two sides alternate order (platform first, then
 plain first, ...) so that load from other processes hits both alike. The
@@ -53,23 +61,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import platform
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "results"
-TARGET_RATIO = 1.15
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (REPO, RESULTS, LoadSampler, clean_env, kill_processes_mentioning, machine,  # noqa: E402
+                     results_folder, versions, wait_for_load, write_results)
+
+TARGET_OVER_FLOOR = 1.05
+"""Whole command: comod's `search run` at most this times the bare Ray Tune run of the same configs."""
+TARGET_WINDOW = 1.10
+"""Trials' window: comod's at most this times the plain loop's."""
+TARGET_GAP_MS = 70
+"""comod's idle gap per trial slot between two trials, at most (ms)."""
+WHOLE_COMMAND_RATIO = 1.15
+"""Whole command platform / plain: reported, not a target here (see ``whole_command_note``)."""
 SEARCH_NAME = "overhead"
 
 
@@ -191,76 +207,6 @@ def floor_main(configs_json: str, out_dir: str, concurrency: int) -> int:
 
 
 # -- helpers --------------------------------------------------------------------
-class LoadSampler:
-    """Samples the 1-minute load average every ``every`` seconds while running."""
-
-    def __init__(self, every: float = 2.0):
-        self.every, self.samples = every, []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self):
-        while True:
-            self.samples.append(os.getloadavg()[0])
-            if self._stop.wait(self.every):
-                return
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.samples.append(os.getloadavg()[0])
-
-    def summary(self) -> dict:
-        s = self.samples
-        return {"min": round(min(s), 2), "mean": round(statistics.fmean(s), 2), "max": round(max(s), 2)}
-
-
-def kill_processes_of(ray_tmp: str) -> int:
-    """Kill (by pid) every process whose command line or environment names ``ray_tmp`` (the private
-    RAY_TMPDIR: Ray's daemons name it, its workers inherit it), or that holds a file under it (Ray's agents)."""
-    killed = 0
-    me = os.getpid()
-    needle = ray_tmp.encode()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == me:
-            continue
-        try:
-            text = (proc / "cmdline").read_bytes() + b"\0" + (proc / "environ").read_bytes()
-        except OSError:
-            continue
-        if needle not in text:
-            # Ray's agents rewrite their command line; they still hold files under the temp dir
-            try:
-                if not any(ray_tmp in os.readlink(fd) for fd in (proc / "fd").iterdir()):
-                    continue
-            except OSError:
-                continue
-        try:
-            os.kill(int(proc.name), signal.SIGKILL)
-            killed += 1
-        except OSError:
-            pass
-    return killed
-
-
-def wait_for_load(limit: float, max_wait: float) -> dict:
-    start = time.time()
-    first = os.getloadavg()[0]
-    while os.getloadavg()[0] >= limit and time.time() - start < max_wait:
-        time.sleep(10)
-    waited = time.time() - start
-    now = os.getloadavg()[0]
-    if waited > 1:
-        print(f"waited {waited:.0f} s for the load: 1-min load average {first:.2f} -> {now:.2f} "
-              f"({'below' if now < limit else 'still above'} {limit})", flush=True)
-    return {"limit": limit, "waited_s": round(waited, 1), "load_at_start": round(now, 2),
-            "reached": now < limit}
-
-
 def write_search(path: Path, args) -> Path:
     raw = yaml.safe_load((REPO / "search_spaces" / "tiny.yaml").read_text())
     for phase in ("pretrain", "finetune"):
@@ -272,11 +218,8 @@ def write_search(path: Path, args) -> Path:
 
 
 def _clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "COMOD_OPTUNA_STORAGE", "OMP_NUM_THREADS")}
     # the warm cluster, its drivers and the embedded Ray alike run without Ray's token authentication
-    env.update(PYTHONUNBUFFERED="1", RAY_AUTH_MODE="disabled", **extra)
-    return env
+    return clean_env(RAY_AUTH_MODE="disabled", **extra)
 
 
 def trial_spans(run_dirs: list[Path]) -> list[dict]:
@@ -331,7 +274,7 @@ class WarmCluster:
         return self
 
     def __exit__(self, *exc):
-        kill_processes_of(self.tmp)
+        kill_processes_mentioning(self.tmp)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -365,7 +308,7 @@ def run_platform(search_file: Path, work: Path, args) -> dict:
                 rc = "timeout"
             t1 = time.time()
     finally:
-        leftovers = 0 if args.cluster else kill_processes_of(ray_tmp)
+        leftovers = 0 if args.cluster else kill_processes_mentioning(ray_tmp)
         if not args.cluster:
             shutil.rmtree(ray_tmp, ignore_errors=True)
     if rc != 0:
@@ -422,28 +365,13 @@ def run_floor(configs: list[str], work: Path, args) -> dict:
             t1 = time.time()
     finally:
         if not args.cluster:
-            kill_processes_of(ray_tmp)
+            kill_processes_mentioning(ray_tmp)
             shutil.rmtree(ray_tmp, ignore_errors=True)
     if done.returncode != 0:
         raise SystemExit(f"the bare Ray Tune run failed ({done.returncode}); log {log}:\n{log.read_text()[-4000:]}")
     spans = trial_spans(sorted(p for p in out.iterdir() if p.name.startswith("run")))
     pretrained = len(list((out / "pretrain_cache").glob("*.pt")))
     return {**breakdown(t0, t1, spans, args.concurrency), "load": load.summary(), "pretrained_models": pretrained}
-
-
-def versions() -> dict:
-    import mlflow
-    import optuna
-    import ray
-    import torch
-
-    return {"ray": ray.__version__, "mlflow": mlflow.__version__, "optuna": optuna.__version__,
-            "torch": torch.__version__, "python": sys.version.split()[0]}
-
-
-def machine() -> dict:
-    return {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "platform": platform.platform()}
 
 
 def summarise(pairs: list[dict], args) -> dict:
@@ -453,7 +381,7 @@ def summarise(pairs: list[dict], args) -> dict:
     win_q = sum(p["plain"]["window_s"] for p in pairs)
     n = args.trials * len(pairs)
     mean = lambda side, key: round(statistics.fmean(p[side][key] for p in pairs), 4)  # noqa: E731
-    return {
+    summary = {
         "ratio": round(wall_p / wall_q, 3),
         "ratios_per_repeat": [round(p["platform"]["wall_s"] / p["plain"]["wall_s"], 3) for p in pairs],
         "window_ratio": round(win_p / win_q, 3),
@@ -464,10 +392,57 @@ def summarise(pairs: list[dict], args) -> dict:
         "tail_extra_s": round(mean("platform", "tail_s") - mean("plain", "tail_s"), 3),
         "in_trial_extra_ms": round((mean("platform", "mean_trial_s") - mean("plain", "mean_trial_s")) * 1000, 1),
         "gap_extra_ms": round((mean("platform", "mean_gap_s") - mean("plain", "mean_gap_s")) * 1000, 1),
-        "target": TARGET_RATIO,
-        "pass": wall_p / wall_q <= TARGET_RATIO,
+        "idle_gap_ms": round(mean("platform", "mean_gap_s") * 1000),
         **_floor_summary(pairs, wall_p, wall_q),
     }
+    return {**summary, **checks(summary)}
+
+
+def checks(s: dict) -> dict:
+    """The targets and whether each is met (None: not measured, the floor skipped)."""
+    over_floor = s.get("platform_over_floor")
+    met = {"platform_over_floor": None if over_floor is None else over_floor <= TARGET_OVER_FLOOR,
+           "window_ratio": s["window_ratio"] <= TARGET_WINDOW,
+           "idle_gap_ms": s["idle_gap_ms"] <= TARGET_GAP_MS}
+    return {"targets": {"platform_over_floor": TARGET_OVER_FLOOR, "window_ratio": TARGET_WINDOW,
+                        "idle_gap_ms": TARGET_GAP_MS},
+            "checks": met, "pass": all(v is True for v in met.values())}
+
+
+def target_lines(s: dict) -> list[str]:
+    """One line per target, PASS or MISS (or not measured), then the whole-command ratio to the plain loop
+    with why it is not a target."""
+    def verdict(key: str) -> str:
+        return {True: "PASS", False: "MISS", None: "NOT MEASURED"}[s["checks"][key]]
+
+    over_floor = s.get("platform_over_floor")
+    lines = [f"{verdict('platform_over_floor')}: whole command platform / bare Ray Tune = "
+             + (f"{over_floor:.3f}" if over_floor is not None else "- (--no-floor)")
+             + f" (target <= {TARGET_OVER_FLOOR})",
+             f"{verdict('window_ratio')}: trials' window platform / plain = {s['window_ratio']:.3f} "
+             f"(target <= {TARGET_WINDOW})",
+             f"{verdict('idle_gap_ms')}: idle gap per trial slot = {s['idle_gap_ms']} ms (target <= {TARGET_GAP_MS})"]
+    return lines + [whole_command_note(s)]
+
+
+def whole_command_note(s: dict) -> str:
+    text = f"whole command platform / plain = {s['ratio']:.3f}, reported"
+    floor = s.get("floor_ratio")
+    if floor is None:
+        return text + " (without the floor, run without --no-floor to see what Ray Tune itself costs)"
+    if floor > WHOLE_COMMAND_RATIO:
+        return (text + f", not a target: it cannot reach {WHOLE_COMMAND_RATIO} here, since the floor itself, "
+                f"bare Ray Tune / plain, is {floor:.3f} (Ray's own start-up and shut-down, paid once per command)")
+    return text + f"; the floor, bare Ray Tune / plain, is {floor:.3f} here"
+
+
+def result_line(s: dict) -> str:
+    """``RESULT platform/bare_ray=X.XXX window_platform/plain=Y.YYY idle_gap_ms=Z``: the whole command over
+    the bare Ray Tune run (ratio of the mean walls over the repeats; nan without the floor), the trials'
+    window over the plain loop's, and comod's mean idle gap per trial slot."""
+    over_floor = s.get("platform_over_floor")
+    return (f"RESULT platform/bare_ray={over_floor if over_floor is not None else math.nan:.3f} "
+            f"window_platform/plain={s['window_ratio']:.3f} idle_gap_ms={s['idle_gap_ms']}")
 
 
 def _floor_summary(pairs: list[dict], wall_p: float, wall_q: float) -> dict:
@@ -540,10 +515,11 @@ def markdown(result: dict) -> str:
             f"{', '.join(f'{r:.3f}' for r in s['floor_ratios_per_repeat'])}); platform / bare Ray Tune = "
             f"**{s['platform_over_floor']:.3f}**",
         ]
-    lines += [
-        "",
-        f"**{'PASS' if s['pass'] else 'MISS'}: platform / plain = {s['ratio']:.3f} (target <= {s['target']})**",
-    ]
+    lines += ["", "Targets: the whole command at most "
+              f"{TARGET_OVER_FLOOR}x the bare Ray Tune run (what comod adds to Ray Tune), the trials' window at "
+              f"most {TARGET_WINDOW}x the plain loop's, an idle gap of at most {TARGET_GAP_MS} ms per trial slot.",
+              ""]
+    lines += [f"**{line}**" for line in target_lines(s)[:-1]] + ["", f"- {target_lines(s)[-1]}"]
     return "\n".join(lines) + "\n"
 
 
@@ -600,8 +576,8 @@ def main(argv=None) -> int:
               "total_s": round(time.time() - started, 1), "pairs": pairs}
     result["summary"] = summarise(pairs, args)
     s = result["summary"]
-    print(f"platform / plain = {s['ratio']:.3f} (target <= {TARGET_RATIO}; per repeat "
-          f"{s['ratios_per_repeat']}); trials' window only {s['window_ratio']:.3f}")
+    print(f"platform / plain = {s['ratio']:.3f} (per repeat {s['ratios_per_repeat']}); trials' window only "
+          f"{s['window_ratio']:.3f}")
     print(f"per-trial overhead {s['per_trial_overhead_ms']:.0f} ms amortised, "
           f"{s['per_trial_overhead_window_ms']:.0f} ms in the trials' window; start-up +{s['startup_extra_s']:.1f} s, "
           f"tail +{s['tail_extra_s']:.1f} s, in a trial {s['in_trial_extra_ms']:+.0f} ms, "
@@ -609,15 +585,11 @@ def main(argv=None) -> int:
     if "floor_ratio" in s:
         print(f"floor: bare Ray Tune / plain = {s['floor_ratio']:.3f}; platform / bare Ray Tune = "
               f"{s['platform_over_floor']:.3f}")
-    print(f"{'PASS' if s['pass'] else 'MISS'}: platform / plain = {s['ratio']:.3f} (target <= {TARGET_RATIO})")
-    if args.out is None and args.quick:
-        return 0
-    args.out = args.out or RESULTS
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "platform_overhead_warm" if args.warm else "platform_overhead"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(result))
-    print(f"wrote {args.out / stem}.json and .md")
+    print("\n".join(target_lines(s)))
+    out = results_folder(args.out, args.quick)
+    if out is not None:
+        write_results(out, "platform_overhead_warm" if args.warm else "platform_overhead", result, markdown(result))
+    print(result_line(s))
     return 0
 
 
