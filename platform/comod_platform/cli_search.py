@@ -1,4 +1,4 @@
-"""``comod search ...``, ``comod export ...`` and ``comod compare``: the search commands."""
+"""``comod search ...``, ``comod export ...``, ``comod compare`` and ``comod dashboard``: the search commands."""
 from __future__ import annotations
 
 import json
@@ -56,9 +56,12 @@ def add_commands(sub) -> dict:
     compare.add_argument("name")
     compare.add_argument("--metric", help="metric to compare (default: the search's)")
     compare.add_argument("--out", type=Path, help="folder for compare.md and plots (default: the search's)")
-    from comod_platform.dashboard import add_command as add_dashboard
+    from comod_platform.dashboard import DEFAULT_PORT
 
-    return {"search": cmd_search, "export": cmd_export, "compare": cmd_compare, **add_dashboard(sub)}
+    dash = sub.add_parser("dashboard", help="serve optuna-dashboard on 127.0.0.1 for a search's Optuna study")
+    dash.add_argument("name", help="the search (see comod search list)")
+    dash.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port on 127.0.0.1 (default {DEFAULT_PORT})")
+    return {"search": cmd_search, "export": cmd_export, "compare": cmd_compare, "dashboard": cmd_dashboard}
 
 
 def _user_errors():
@@ -363,3 +366,16 @@ def cmd_compare(args) -> int:
         print(Path(report).read_text())
         print(f"written: {', '.join(result['files'])}", file=sys.stderr)
     return 0
+
+
+def cmd_dashboard(args) -> int:
+    from comod_platform.dashboard import DashboardError, serve
+    from comod_platform.errors import EXIT_FAILED, EXIT_USAGE, UserError
+    from comod_platform.search_state import SearchNotFound
+
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port {args.port}: expected a port number from 1 to 65535", EXIT_USAGE)
+    try:
+        return serve(args.name, args.port)
+    except (SearchNotFound, DashboardError) as err:
+        raise UserError(str(err), EXIT_FAILED) from None

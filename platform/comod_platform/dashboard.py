@@ -1,14 +1,15 @@
-"""``comod dashboard N``: optuna-dashboard on the Optuna study of search ``N``.
+"""optuna-dashboard on the Optuna study of a search (``comod dashboard N``, registered by :mod:`cli_search`).
 
 Every search keeps its study in a real database: the search folder's
 ``optuna.db`` (SQLite) or the team database of ``COMOD_OPTUNA_STORAGE``;
 ``meta.json`` records which, and the study's name (see
-:mod:`comod_platform.search_state`). This command serves optuna-dashboard
+:mod:`comod_platform.search_state`). :func:`serve` runs optuna-dashboard
 (the ``dashboard`` extra: ``pip install 'comod[dashboard]'``) for that
 storage on 127.0.0.1, in this process, on a threaded ``wsgiref`` server:
 the study's history, intermediate values, parameter importances and the
 other Optuna plots, live while the search runs. Ctrl-C or SIGTERM stop it
-and free the port.
+and free the port. :func:`open_study_storage` opens a search's study for
+reading (the comparison's parameter importances read it too).
 """
 from __future__ import annotations
 
@@ -23,14 +24,6 @@ INSTALL = "pip install 'comod[dashboard]' (in this checkout: .venv/bin/pip insta
 
 class DashboardError(RuntimeError):
     """The dashboard cannot be served; the message says why and what to do."""
-
-
-def add_command(sub) -> dict:
-    """Register ``comod dashboard`` on ``sub`` (argparse subparsers); returns name -> handler."""
-    dash = sub.add_parser("dashboard", help="serve optuna-dashboard on 127.0.0.1 for a search's Optuna study")
-    dash.add_argument("name", help="the search (see comod search list)")
-    dash.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port on 127.0.0.1 (default {DEFAULT_PORT})")
-    return {"dashboard": cmd_dashboard}
 
 
 def shown_url(url: str) -> str:
@@ -139,18 +132,5 @@ def serve(name: str, port: int = DEFAULT_PORT, home: Path | None = None, out=Non
     return 0
 
 
-def cmd_dashboard(args) -> int:
-    from comod_platform.errors import EXIT_FAILED, EXIT_USAGE, UserError
-    from comod_platform.search_state import SearchNotFound
-
-    if not 0 < args.port < 65536:
-        raise UserError(f"--port {args.port}: expected a port number from 1 to 65535", EXIT_USAGE)
-    try:
-        return serve(args.name, args.port)
-    except (SearchNotFound, DashboardError) as err:
-        raise UserError(str(err), EXIT_FAILED) from None
-
-
-__all__ = ["DEFAULT_PORT", "DashboardError", "HOST", "add_command", "cmd_dashboard", "open_study_storage", "serve",
-           "shown_url"]
+__all__ = ["DEFAULT_PORT", "DashboardError", "HOST", "open_study_storage", "serve", "shown_url"]
 
