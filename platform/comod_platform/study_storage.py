@@ -51,8 +51,14 @@ class WriteBehindStorage(BaseStorage):
         except KeyError:
             self._backend_study = backend.create_new_study(self._directions, self.study_name)
         self.memory = InMemoryStorage()
-        self._study = self.memory.create_new_study(backend.get_study_directions(self._backend_study),
-                                                   self.study_name)
+        optuna_log = logging.getLogger("optuna")
+        level = optuna_log.level
+        optuna_log.setLevel(max(level, logging.WARNING))  # the copy in memory is ours, not news to the user
+        try:
+            self._study = self.memory.create_new_study(backend.get_study_directions(self._backend_study),
+                                                       self.study_name)
+        finally:
+            optuna_log.setLevel(level)
         for key, value in backend.get_study_user_attrs(self._backend_study).items():
             self.memory.set_study_user_attr(self._study, key, value)
         for key, value in backend.get_study_system_attrs(self._backend_study).items():
