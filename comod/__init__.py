@@ -8,6 +8,23 @@ shared random modulator (Boeshertz, Haimerl & Savin, 2023).
 The public names below are imported on first use (PEP 562), so reading and
 checking a config (``comod.config``) does not import torch: a search driver
 starts Ray while torch loads, and a bad config is reported at once.
+
+Where to add:
+
+- a mechanism kind: ``comod/mechanisms/NAME.py``, its line in
+  ``comod.mechanisms.MECHANISMS`` and its name in ``comod.names.KINDS`` (the
+  steps are in :mod:`comod.mechanisms`); ``comod/names.py`` holds the kind and
+  site names, without torch, for the config to check;
+- a dataset: ``comod/data/NAME.py`` exporting ``TASK_SETS`` and ``load`` (the
+  contract is in :mod:`comod.data.registry`), its line in ``DATASETS`` there,
+  and its name in the choices of the config's ``data.dataset``;
+- a backbone: a ResNet depth is a line in ``comod.backbones.ARCHS`` and its
+  name in the choices of the config's ``model.backbone``; another family is a
+  module with the surface of :class:`comod.backbones.Backbone` (``stages``
+  named by ``comod.names.BACKBONE_SITES``, ``channels``, ``out_features``,
+  ``forward_stage``), built in ``comod.model.build_model``;
+- a setting: a field with its docstring and its check in ``comod.config``;
+  its dotted path is also its search-space key and its MLflow param.
 """
 from __future__ import annotations
 

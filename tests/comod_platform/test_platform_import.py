@@ -3,6 +3,7 @@ import; the repo's `platform/` folder must never shadow it (docs/architecture.md
 checks run from the repo root, where `python -c` puts the folder on sys.path."""
 from __future__ import annotations
 
+import ast
 import os
 import platform
 import subprocess
@@ -10,6 +11,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+PACKAGE = REPO / "platform" / "comod_platform"
+COMMANDS = {"cli", "cli_search"}
+"""The command layer (comod_platform's docstring): the only modules that may import cli_search."""
 
 
 def python(code: str) -> subprocess.CompletedProcess:
@@ -72,3 +76,66 @@ def test_version_is_the_installed_package_version():
     comod = Path(sys.executable).parent / "comod"
     done = subprocess.run([str(comod), "--version"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == f"comod {version('comod')}"
+
+
+def imports_of(source: str, modules: set[str]) -> set[str]:
+    """The modules of ``modules`` (comod_platform's) that ``source`` imports, at the top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("comod_platform.")}
+        elif isinstance(node, ast.ImportFrom):
+            parts = (node.module or "").split(".")
+            if node.level == 0 and parts[0] != "comod_platform":
+                continue
+            inner = parts[1:] if node.level == 0 else [p for p in parts if p]
+            found |= {inner[0]} if inner else {a.name for a in node.names}
+    return found & modules
+
+
+def package_imports() -> dict[str, set[str]]:
+    modules = {p.stem for p in PACKAGE.glob("*.py")}
+    return {p.stem: imports_of(p.read_text(), modules) - {p.stem} for p in sorted(PACKAGE.glob("*.py"))}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One circle of imports (``[a, b, ..., a]``), or None."""
+    state: dict[str, str] = {}
+    path: list[str] = []
+
+    def visit(module: str) -> list[str] | None:
+        state[module] = "open"
+        path.append(module)
+        for dep in sorted(graph.get(module, ())):
+            if state.get(dep) == "open":
+                return path[path.index(dep):] + [dep]
+            if dep not in state and (cycle := visit(dep)):
+                return cycle
+        path.pop()
+        state[module] = "done"
+        return None
+
+    return next((c for m in sorted(graph) if m not in state for c in [visit(m)] if c), None)
+
+
+def test_import_checks_see_local_and_relative_imports_and_circles():
+    modules = {"cli", "runner", "storage", "writer"}
+    source = ("from comod_platform.runner import run_search\nimport comod_platform.writer\n"
+              "def f():\n    from comod_platform import storage as s, nothing\n    from .cli import main\n"
+              "from comod.config import flatten\nimport json\n")
+    assert imports_of(source, modules) == {"runner", "writer", "storage", "cli"}
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_platform_imports_run_one_way():
+    """Commands -> operations -> machinery -> leaves -> comod, as comod_platform's docstring draws it."""
+    graph = package_imports()
+    assert COMMANDS | {"runner", "conventions", "tracking"} <= set(graph), sorted(graph)
+    assert graph["cli"] >= {"cli_search"} and graph["cli_search"] >= {"runner"}, graph  # the parse sees imports
+    cycle = find_cycle(graph)
+    assert cycle is None, f"an import circle: {' -> '.join(cycle)}"
+    importers = {target: sorted(m for m, deps in graph.items() if target in deps) for target in COMMANDS}
+    assert importers["cli"] == [], f"only the console script imports cli, not {importers['cli']}"
+    assert set(importers["cli_search"]) <= COMMANDS, \
+        f"modules below the command layer import cli_search: {sorted(set(importers['cli_search']) - COMMANDS)}"
