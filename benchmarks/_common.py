@@ -122,12 +122,13 @@ def code_version() -> dict:
     """The checkout measured: its commit, and files of the core and the platform changed since (git, read-only)."""
     def git(*cmd: str) -> str:
         try:
-            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
+            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=30).stdout
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    changed = [line[3:] for line in git("status", "--porcelain", "--", "comod", "platform").splitlines()]
-    return {"commit": git("rev-parse", "--short", "HEAD") or None, "changed_since": changed}
+    # porcelain lines are "XY path": the status columns may start with a space, so nothing is stripped first
+    changed = [line[3:] for line in git("status", "--porcelain", "--", "comod", "platform").splitlines() if line]
+    return {"commit": git("rev-parse", "--short", "HEAD").strip() or None, "changed_since": changed}
 
 
 def results_folder(out: Path | None, quick: bool) -> Path | None:
