@@ -1,0 +1,264 @@
+"""The benchmarks' pure parts, without running a benchmark: benchmarks/_common.py's helpers, the targets
+and RESULT line of platform_overhead.py, and vs_hand_written.py's hand-written search space (the same
+Optuna trials as comod's translation of the search file) and report."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from comod.config import flatten
+from comod_platform.searchfile import load_search, parse_search
+
+REPO = Path(__file__).resolve().parents[2]
+BENCHMARKS = REPO / "benchmarks"
+
+
+def _load(name: str):
+    """benchmarks/NAME.py as a module (the scripts put their folder on sys.path: undone here)."""
+    saved = list(sys.path)
+    try:
+        spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved
+    return module
+
+
+@pytest.fixture(scope="module")
+def common():
+    return _load("_common")
+
+
+@pytest.fixture(scope="module")
+def overhead():
+    return _load("platform_overhead")
+
+
+@pytest.fixture(scope="module")
+def vs():
+    return _load("vs_hand_written")
+
+
+# ------------------------------------------------------------------- _common
+
+def test_results_go_to_out_or_the_results_folder_and_nowhere_for_a_quick_check(common, tmp_path, capsys):
+    assert common.results_folder(None, quick=True) is None
+    assert common.results_folder(None, quick=False) == BENCHMARKS / "results" == common.RESULTS
+    assert common.results_folder(tmp_path, quick=True) == tmp_path
+    common.write_results(tmp_path / "new", "bench", {"ratio": 0.25}, "# bench\n")
+    assert json.loads((tmp_path / "new" / "bench.json").read_text()) == {"ratio": 0.25}
+    assert (tmp_path / "new" / "bench.md").read_text() == "# bench\n"
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'new' / 'bench'}.json and .md\n"
+
+
+def test_clean_env_drops_the_callers_stores_and_threads(common, monkeypatch):
+    for name in common.CALLER_SETTINGS:
+        monkeypatch.setenv(name, "from-the-shell")
+    monkeypatch.setenv("COMOD_BENCH_KEPT", "1")
+    env = common.clean_env(RAY_TMPDIR="/tmp/x")
+    assert not set(common.CALLER_SETTINGS) & set(env)
+    assert env["COMOD_BENCH_KEPT"] == "1" and env["RAY_TMPDIR"] == "/tmp/x" and env["PYTHONUNBUFFERED"] == "1"
+
+
+def test_processes_naming_a_temp_dir_in_their_environment_or_command_line_are_killed(common, tmp_path):
+    marker = str(tmp_path / f"ray-{uuid.uuid4().hex[:8]}")
+    by_env = subprocess.Popen(["sleep", "60"], env={**os.environ, "RAY_TMPDIR": marker})
+    by_cmdline = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", marker])
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        time.sleep(0.5)  # exec'd: their /proc entries show their own command lines and environments
+        assert common.kill_processes_mentioning(marker) == 2
+        assert by_env.wait(10) == -9 and by_cmdline.wait(10) == -9
+        assert other.poll() is None
+    finally:
+        for proc in (by_env, by_cmdline, other):
+            proc.kill()
+            proc.wait()
+
+
+def test_load_is_sampled_and_not_waited_for_when_low_enough(common):
+    with common.LoadSampler(every=0.05) as load:
+        time.sleep(0.12)
+    summary = load.summary()
+    assert len(load.samples) >= 2 and summary["min"] <= summary["mean"] <= summary["max"]
+    waited = common.wait_for_load(limit=1e9, max_wait=60)
+    assert waited["waited_s"] < 1 and waited["reached"] and waited["limit"] == 1e9
+
+
+# ------------------------------------------------------------------- platform_overhead
+
+def _overhead_summary(**changes) -> dict:
+    s = {"ratio": 1.62, "window_ratio": 1.07, "idle_gap_ms": 41, "floor_ratio": 1.55, "platform_over_floor": 1.045}
+    s.update(changes)
+    return {k: v for k, v in s.items() if v is not None}
+
+
+def test_platform_overhead_targets_and_its_result_line(overhead):
+    s = _overhead_summary()
+    s.update(overhead.checks(s))
+    assert s["targets"] == {"platform_over_floor": 1.05, "window_ratio": 1.10, "idle_gap_ms": 70}
+    assert s["checks"] == {"platform_over_floor": True, "window_ratio": True, "idle_gap_ms": True} and s["pass"]
+    assert overhead.result_line(s) == "RESULT platform/bare_ray=1.045 window_platform/plain=1.070 idle_gap_ms=41"
+    lines = overhead.target_lines(s)
+    assert lines[:3] == ["PASS: whole command platform / bare Ray Tune = 1.045 (target <= 1.05)",
+                         "PASS: trials' window platform / plain = 1.070 (target <= 1.1)",
+                         "PASS: idle gap per trial slot = 41 ms (target <= 70)"]
+    # the whole command against the plain loop: reported, and why it is no target here
+    assert lines[3].startswith("whole command platform / plain = 1.620, reported, not a target")
+    assert "bare Ray Tune / plain, is 1.550" in lines[3] and "1.15" in lines[3]
+
+    slow = _overhead_summary(window_ratio=1.2, idle_gap_ms=71)
+    slow.update(overhead.checks(slow))
+    assert slow["checks"] == {"platform_over_floor": True, "window_ratio": False, "idle_gap_ms": False}
+    assert not slow["pass"] and overhead.target_lines(slow)[2].startswith("MISS: idle gap")
+
+
+def test_platform_overhead_without_the_floor(overhead):
+    s = _overhead_summary(floor_ratio=None, platform_over_floor=None)
+    s.update(overhead.checks(s))
+    assert s["checks"]["platform_over_floor"] is None and not s["pass"]  # the headline was not measured
+    assert overhead.result_line(s) == "RESULT platform/bare_ray=nan window_platform/plain=1.070 idle_gap_ms=41"
+    assert overhead.target_lines(s)[0].startswith("NOT MEASURED: whole command platform / bare Ray Tune = -")
+
+
+# ------------------------------------------------------------------- vs_hand_written
+
+SITES_SPACE = {
+    "modulation.kind": {"type": "categorical", "choices": ["none", "deterministic", "stochastic"]},
+    "modulation.noise_scale": {"type": "float", "low": 0.1, "high": 1.0, "log": True,
+                               "when": {"modulation.kind": "stochastic"}},
+    "modulation.sites": {"type": "categorical", "choices": [["layer2"], ["layer3"], ["layer2", "layer3"]]},
+    "seed": {"type": "int", "low": 0, "high": 4, "step": 2},
+    "finetune.lr.controller": {"type": "float", "low": 1.0e-3, "high": 1.0e-1, "step": 1.0e-3},
+}
+
+
+def _trials(suggest, sampler_seed: int, n: int = 12):
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=sampler_seed), direction="maximize")
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        out.append((suggest(trial), trial.distributions))
+        study.tell(trial, 0.0)
+    return out
+
+
+@pytest.mark.parametrize("source", ["quickstart", "tiny", "sites"])
+def test_the_hand_written_space_asks_optuna_what_comod_asks(vs, source):
+    """The same seeded sampler draws the same trials from both: same paths, distributions and values,
+    conditional paths only where their condition holds."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if source == "sites":
+        raw = yaml.safe_load((REPO / "search_spaces" / "tiny.yaml").read_text())
+        raw["space"] = SITES_SPACE
+        search = parse_search(raw, "sites")
+    else:
+        raw = yaml.safe_load((REPO / "search_spaces" / f"{source}.yaml").read_text())
+        search = load_search(REPO / "search_spaces" / f"{source}.yaml")
+    hand = vs.define_by_run(raw["space"], flatten(search.base_config()))
+    ours, theirs = _trials(hand, 7), _trials(search.suggest, 7)
+    assert ours == theirs
+    kinds = {values.get("modulation.kind") for values, _ in ours}
+    assert len(kinds) > 1  # the draws cover more than one kind: the condition was exercised
+    for values, _ in ours:
+        assert ("modulation.noise_scale" in values) == (values.get("modulation.kind", "stochastic") == "stochastic"
+                                                       and "modulation.noise_scale" in raw["space"])
+    if source == "sites":
+        assert {tuple(v["modulation.sites"]) for v, _ in ours} <= {("layer2",), ("layer3",), ("layer2", "layer3")}
+
+
+def _side(wall: float, **changes) -> dict:
+    side = {"wall_s": wall, "completed": 3, "stopped_early": 3, "optuna_states": {"COMPLETE": 6},
+            "mlflow_runs": 6, "mlflow_child_runs": 0, "mlflow_parent_runs": 0, "plots": 0, "pretrainings": 6,
+            "pretrainings_note": "one per trial", "pretrainings_finished": 6,
+            "load": {"min": 0.5, "mean": 1.0, "max": 1.5}}
+    side.update(changes)
+    return side
+
+
+def test_the_comparison_report_and_its_result_line(vs):
+    comod = _side(100.0, optuna_states={"COMPLETE": 3, "PRUNED": 3}, mlflow_runs=7, mlflow_child_runs=6,
+                  mlflow_parent_runs=1, plots=24, pretrainings=2, pretrainings_note="cache entries")
+    hand = _side(250.0)
+    result = {"comod": comod, "hand_written": hand, "ratio": vs.ratio(comod, hand)}
+    assert result["ratio"] == 0.4 and vs.result_line(result["ratio"]) == "RESULT comod/hand_written=0.400"
+    assert vs.result_line(1 / 3) == "RESULT comod/hand_written=0.333"
+    assert vs.verdict(result) == "PASS: comod / hand-written = 0.400 (target <= 0.5)"
+    assert vs.verdict({**result, "ratio": 0.51}).startswith("MISS")
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in vs.report_lines(result)}
+    assert rows["wall time of the command"] == "| wall time of the command | 100.0 s | 250.0 s |"
+    assert rows["stopped early, told to Optuna as PRUNED"].endswith("| 3 of 3 | 0 of 3 |")
+    assert rows["Optuna trial states"].endswith("| COMPLETE 3, PRUNED 3 | COMPLETE 6 |")
+    assert "| 7 (6 under 1 parent) | 6 (0 under 0 parent) |" in rows["MLflow runs (child runs nested under a parent)"]
+    assert rows["plots logged as artifacts"] == "| plots logged as artifacts | 24 | 0 |"
+    assert rows["pretrainings"] == "| pretrainings | 2: cache entries | 6: one per trial, 6 to their end |"
+
+
+def test_platform_overhead_report_from_measured_runs(overhead):
+    """summarise and markdown on runs of 4 trials, 2 at a time: what the report says of the targets."""
+    from types import SimpleNamespace
+
+    def side(t0: float, first: float, trial_s: float, gap_s: float, t1_after: float) -> dict:
+        spans, slot_free = [], [first, first]
+        for i in range(4):
+            start = slot_free[i % 2]
+            spans.append({"start": start, "end": start + trial_s, "wall_seconds": trial_s - 0.01})
+            slot_free[i % 2] = start + trial_s + gap_s
+        t1 = max(s["end"] for s in spans) + t1_after
+        return {**overhead.breakdown(t0, t1, spans, 2), "load": {"min": 0.1, "mean": 0.2, "max": 0.3},
+                "pretrained_models": 3}
+
+    pairs = [{"platform": side(0.0, 10.0, 1.0, 0.05, 1.5), "floor": side(0.0, 9.8, 1.0, 0.04, 1.5),
+              "plain": side(0.0, 2.0, 1.0, 0.0, 0.1)}]
+    args = SimpleNamespace(trials=4, concurrency=2)
+    s = overhead.summarise(pairs, args)
+    assert s["idle_gap_ms"] == 25 and s["window_ratio"] == pytest.approx(2.05 / 2.0, abs=1e-3)
+    assert s["checks"] == {"platform_over_floor": True, "window_ratio": True, "idle_gap_ms": True}
+    result = {"summary": s, "pairs": pairs, "total_s": 40.0,
+              "settings": {"trials": 4, "concurrency": 2, "steps_per_epoch": 30, "epochs": 2, "repeats": 1,
+                           "quick": False, "warm": False},
+              "machine": {"processor": "x86_64", "cpu_count": 2, "platform": "Linux"},
+              "versions": {"ray": "r", "mlflow": "m", "optuna": "o", "torch": "t", "python": "p"},
+              "load_wait": {"limit": 2.5, "waited_s": 0.0, "load_at_start": 0.2, "reached": True}}
+    md = overhead.markdown(result)
+    assert "| 1: bare Ray Tune |" in md and "Targets: the whole command at most 1.05x the bare Ray Tune run" in md
+    assert f"**PASS: whole command platform / bare Ray Tune = {s['platform_over_floor']:.3f} (target <= 1.05)**" in md
+    assert "**PASS: idle gap per trial slot = 25 ms (target <= 70)**" in md
+    assert f"- whole command platform / plain = {s['ratio']:.3f}, reported, not a target" in md
+
+
+def test_the_comparison_markdown(vs):
+    comod, hand = _side(100.0, plots=24), _side(250.0)
+    result = {"comod": comod, "hand_written": hand, "ratio": vs.ratio(comod, hand), "total_s": 400.0,
+              "settings": {"search_file": "search_spaces/quickstart.yaml", "trials": 6, "quick": False,
+                           "search": {"metric": "val/mean_f1", "mode": "max", "sampler": "tpe", "seed": 0,
+                                      "scheduler": {"type": "asha", "grace_period": 11, "reduction_factor": 2},
+                                      "max_concurrent": 2, "resources": {"cpu": 1, "gpu": 0}}},
+              "machine": {"processor": "x86_64", "cpu_count": 2, "platform": "Linux"},
+              "versions": {"ray": "r", "mlflow": "m", "optuna": "o", "torch": "t", "python": "p"},
+              "code": {"commit": "abc1234", "changed_since": []},
+              "load_wait": {"limit": 2.5, "waited_s": 0.0, "load_at_start": 0.2, "reached": True}}
+    md = vs.markdown(result)
+    assert md.startswith("# comod search run vs the same search written by hand on Ray Tune\n")
+    assert "`search_spaces/quickstart.yaml`: 6 trials, sampler tpe (seed 0)" in md
+    assert "commit abc1234 (comod/ and platform/ unchanged)" in md
+    assert "| plots logged as artifacts | 24 | 0 |" in md
+    assert md.rstrip().endswith("**PASS: comod / hand-written = 0.400 (target <= 0.5)**")
+
+
+def test_the_checkout_measured_names_changed_files_whole(common):
+    code = common.code_version()
+    assert code["commit"] and len(code["commit"]) >= 7
+    # git's porcelain lines start with a status column that may be a space: no path loses its first letter
+    assert all(path.startswith(("comod/", "platform/")) for path in code["changed_since"]), code
