@@ -67,6 +67,9 @@ class TrialRuns:
         self._buffered: dict[str, list] = {}   # per trial: (Metric, per_epoch) waiting to be sent
         self._tag_buffer: dict[str, dict] = {}  # per trial: tags waiting to be sent with them
         self._scheduled: dict[str, object] = {}  # trials with a send on its way: the trial
+        self._due: list[tuple[float, object]] = []  # (when, trial): sends waiting for their coalescing time
+        self._due_lock = threading.Condition()
+        self._timer: threading.Thread | None = None
         self._buffer_lock = threading.Lock()
         self._base_input = None
 
@@ -199,9 +202,25 @@ class TrialRuns:
         if self.coalesce_s <= 0:
             self.writer.submit(self._send_buffered, trial)
             return
-        timer = threading.Timer(self.coalesce_s, self.writer.submit, (self._send_buffered, trial))
-        timer.daemon = True
-        timer.start()
+        with self._due_lock:
+            self._due.append((time.monotonic() + self.coalesce_s, trial))
+            if self._timer is None:  # one thread hands due sends to the writer (a thread per send costs)
+                self._timer = threading.Thread(target=self._hand_over, name="comod-mlflow-coalesce", daemon=True)
+                self._timer.start()
+            self._due_lock.notify()
+
+    def _hand_over(self) -> None:
+        while True:
+            with self._due_lock:
+                while not self._due:
+                    self._due_lock.wait()
+                due, trial = self._due[0]  # appended in time order: the first is the earliest
+                wait = due - time.monotonic()
+                if wait > 0:
+                    self._due_lock.wait(wait)
+                    continue
+                self._due.pop(0)
+            self.writer.submit(self._send_buffered, trial)
 
     def _send_waiting(self) -> None:
         """Queue the sends that wait for their coalescing time now (the end of the search)."""
