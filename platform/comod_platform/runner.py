@@ -27,7 +27,7 @@ from comod.schema import to_dict
 from comod_platform import interrupts
 from comod_platform import storage as storage_mod
 from comod_platform.conventions import (COMPLETED, EPOCH, FAILED, INTERRUPTED, PRUNED, REASON, TAG_ROLE, TAG_SEARCH,
-                                        TAG_SEARCH_ID, better, experiment_name, outcome, param_text)
+                                        TAG_SEARCH_ID, better, direction, experiment_name, outcome, param_text)
 from comod_platform.credentials import redact, redact_all
 from comod_platform.search_state import (SearchMeta, SearchPaths, check_name, default_name,
                                          first_difference, search_hash, versions)
@@ -423,7 +423,7 @@ def _create_study(sf: SearchFile, name: str, url: str, search_id: str) -> None:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=name, storage=optuna.storages.RDBStorage(url), load_if_exists=True,
-                                direction="minimize" if sf.search.mode == "min" else "maximize")
+                                direction=direction(sf.search.mode))
     study.set_user_attr(TAG_SEARCH_ID, search_id)
 
 
@@ -582,7 +582,7 @@ def _tuner(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, trainable, expe
             report_intermediate=s.scheduler.type != "fifo",
             study_name=meta.study_name, storage=WriteBehindStorage(
                 optuna.storages.RDBStorage(meta.optuna_storage), meta.study_name,
-                ["minimize" if s.mode == "min" else "maximize"]))
+                [direction(s.mode)]))
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(sf), num_samples=s.num_trials,

@@ -48,6 +48,9 @@ COALESCE_S = 1.0
 """Seconds a trial's metrics and tags wait for more before one write sends them all: each write is a
 database commit, and a short trial reports its epochs within a second; the end of a trial, and of the
 search, sends what waits at once."""
+WRITER_NICE = 10
+"""How much lower than the driver's the MLflow writer thread's CPU priority is: where the trials take every
+core, the writes wait for the gaps instead of slowing the trials (they are not on any trial's path)."""
 RUN_STATUS = {"completed": "FINISHED", "pruned": "KILLED", "interrupted": "KILLED", "failed": "FAILED"}
 """The MLflow status a trial's run ends with, by the trial's state."""
 
@@ -92,7 +95,7 @@ class TrialRuns:
     @property
     def writer(self) -> Writer:
         if self._writer is None:
-            self._writer = Writer(describe=f"MLflow at {self.tracking_uri}")
+            self._writer = Writer(describe=f"MLflow at {self.tracking_uri}", nice=WRITER_NICE)
         return self._writer
 
     def closed(self, trial_id: str) -> bool:

@@ -66,8 +66,9 @@ class Writer:
     tried ``retries`` times, then dropped with a warning."""
 
     def __init__(self, retries: int = 5, max_pause: float = 15.0, describe: str = "MLflow",
-                 name: str = "comod-mlflow-writer"):
+                 name: str = "comod-mlflow-writer", nice: int = 0):
         self.queue: queue.Queue = queue.Queue()
+        self.nice = nice
         self.retries, self.max_pause, self.describe = retries, max_pause, describe
         self.outage_since: float | None = None
         self.dropped = 0
@@ -78,6 +79,12 @@ class Writer:
         self.queue.put((fn, args, kwargs))
 
     def _loop(self) -> None:
+        if self.nice:
+            try:  # this thread only (a Linux thread is its own task): the trials' processes come first
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0)
+                               + self.nice)
+            except (AttributeError, OSError):  # not Linux, or not allowed: the writes run as they are
+                pass
         while True:
             fn, args, kwargs = self.queue.get()
             refused = waits = 0

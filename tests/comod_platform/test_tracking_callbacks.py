@@ -10,7 +10,7 @@ from comod_platform import runner
 from comod_platform.conventions import TAG_PARENT, TAG_ROLE, TAG_STATE, TAG_TRIAL_ID
 from comod_platform.searchfile import load_search
 from comod_platform.tune_callbacks import MlflowTrialCallback
-from test_search_run import REPO
+from searches import REPO
 
 
 def test_a_resume_drops_the_runs_of_trials_the_lost_driver_never_snapshotted(tmp_path):

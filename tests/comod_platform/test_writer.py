@@ -110,3 +110,20 @@ def test_what_is_not_transient():
     wrapped = MlflowException("write failed")
     wrapped.__cause__ = type("OperationalError", (Exception,), {})("disk I/O error")
     assert transient(wrapped)
+
+
+def test_a_nice_writer_runs_below_the_driver_s_priority():
+    """The MLflow writer's thread yields the CPU to the trials (Linux: per-thread nice); the driver's own
+    threads keep their priority."""
+    import os
+    import threading
+
+    from comod_platform.writer import Writer
+
+    seen = []
+    writer = Writer(nice=5, name="test-nice-writer")
+    writer.submit(lambda: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+    assert writer.flush(10)
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert seen == [min(base + 5, 19)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
