@@ -39,7 +39,7 @@ _HOMES = {
     "comod.mechanisms": ("MECHANISMS", "Controller", "DeterministicGain", "Mechanism", "NoModulation",
                          "StochasticComodulation", "build_mechanism", "create_mechanism", "readout_gain"),
     "comod.metrics": ("summarise", "task_metrics"),
-    "comod.model": ("MultiTaskModel", "build_model"),
+    "comod.model": ("MultiTaskModel", "TaskGains", "build_model", "task_gains"),
     "comod.train": ("Callbacks", "TrainingError", "evaluate", "load_checkpoint", "run_experiment"),
 }
 _WHERE = {name: module for module, names in _HOMES.items() for name in names}

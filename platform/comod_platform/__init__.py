@@ -32,6 +32,12 @@ imports have no circle.
 
 Where to add:
 
+- a mechanism kind, a dataset or a backbone: in the core (``comod``'s package
+  docstring says where); a search space reaches the new choice by its dotted
+  path, with no platform code;
+- a plot of each trial: ``plots.plot_run``, drawn with ``charts`` (SVG from the
+  numbers, a few ms at the trial's end); the MLflow adapter logs every file in
+  the checkpoint's ``plots/``;
 - a sampler: a line in ``searcher.SAMPLERS`` (name -> a function of the
   seed) and its name in the choices of ``searchfile.SearchSettings.sampler``;
 - a scheduler: its settings in ``searchfile.Scheduler`` (``type`` names it)
