@@ -191,8 +191,12 @@ class TrialRuns:
                 (Metric(k, v, now, step), per_epoch) for k, v in metrics.items())
         self._schedule(trial)
 
-    def queue_tags(self, trial, tags: dict[str, str]) -> None:
-        """Set ``tags`` on the trial's run with its next batch of metrics."""
+    def queue_tags(self, trial, tags: dict[str, str], now: bool = False) -> None:
+        """Set ``tags`` on the trial's run with its next batch of metrics, or in a write of their own when
+        ``now`` (where a trial runs, and its restarts, are news while it runs)."""
+        if now:
+            self.writer.submit(self._tags, trial, tags)
+            return
         with self._buffer_lock:
             self._tag_buffer.setdefault(trial.trial_id, {}).update(tags)
         self._schedule(trial)

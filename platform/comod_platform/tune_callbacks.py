@@ -111,7 +111,7 @@ class MlflowTrialCallback(Callback):
         where = (result.get(NODE), result.get(GPUS))
         if where[0] and self._where.get(trial.trial_id) != where:  # first report, or restarted elsewhere
             self._where[trial.trial_id] = where
-            self.runs.queue_tags(trial, {TAG_NODE: str(where[0]), TAG_GPUS: str(where[1] or "")})
+            self.runs.queue_tags(trial, {TAG_NODE: str(where[0]), TAG_GPUS: str(where[1] or "")}, now=True)
 
     @staticmethod
     def _outcome(trial) -> tuple[str, str | None]:
@@ -135,7 +135,7 @@ class MlflowTrialCallback(Callback):
         # restarted from its last checkpoint (Ray's FailureConfig); the run goes on
         retries = getattr(trial.run_metadata, "num_failures", None)
         self.runs.queue_tags(trial, {TAG_RETRIES: str(retries if retries is not None else "?"),
-                                     TAG_ERROR: f"restarted after: {_error_line(trial)}"})
+                                     TAG_ERROR: f"restarted after: {_error_line(trial)}"}, now=True)
 
     def on_experiment_end(self, trials, **info):
         self._consider_best(trials)  # a restored search whose trials had all ended: its parent gets them too

@@ -23,6 +23,8 @@ from servers import MlflowServer, kill_processes_mentioning
 
 LONGER = {**TINY["experiment"], "pretrain": {"epochs": 3, "steps_per_epoch": 8, "batch_size": 16},
           "finetune": {"epochs": 3, "steps_per_epoch": 8, "batch_size": 16}}
+# fine-tuning long enough (a few seconds a trial) that a trial is seen running on a node before the search ends
+SLOWER = {**LONGER, "finetune": {"epochs": 3, "steps_per_epoch": 40, "batch_size": 16}}
 
 
 def _write_search(folder: Path, name: str, experiment: dict, space: dict, search: dict) -> Path:
@@ -181,7 +183,7 @@ def test_a_node_lost_mid_search(tmp_path, ray_tmp, monkeypatch):
         workers = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
         cluster.wait_for_nodes()
         home, storage = tmp_path / "runs", tmp_path / "storage"
-        path = _write_search(tmp_path, "nodes", experiment=LONGER, space=TINY["space"], search={
+        path = _write_search(tmp_path, "nodes", experiment=SLOWER, space=TINY["space"], search={
             **TINY["search"], "num_trials": 6, "scheduler": {"type": "fifo"}, "max_concurrent": 4,
             "resources": {"cpu": 1, "gpu": 0.5}, "max_retries": 3, "checkpoint_interval_s": 0})
         env = search_env(home, ray_tmp)
