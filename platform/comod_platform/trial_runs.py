@@ -281,8 +281,15 @@ class TrialRuns:
             if trial.trial_id not in self._closed:
                 # a trial restarted from an older checkpoint (or from scratch) reports some epochs again:
                 # each epoch's step is logged once
+                # (also within one batch: a restart can report an epoch again before the first report went out)
                 done = self._logged_step.get(trial.trial_id, -1)
-                send = [m for m, per_epoch in batch if not per_epoch or m.step > done]
+                send, seen = [], set()
+                for m, per_epoch in batch:
+                    if per_epoch:
+                        if m.step <= done or (m.key, m.step) in seen:
+                            continue
+                        seen.add((m.key, m.step))
+                    send.append(m)
                 steps = [m.step for m, per_epoch in batch if per_epoch]
                 log_batch_chunked(self.client, run_id, metrics=send, tags=[RunTag(k, v) for k, v in waiting.items()])
                 if steps:

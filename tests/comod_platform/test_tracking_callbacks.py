@@ -112,3 +112,25 @@ def test_a_short_trials_epochs_tags_and_end_go_out_in_one_write(tmp_path):
     assert run.data.metrics["test/mean_f1"] == 0.5 and run.data.tags[TAG_NODE] == "n1"
     assert run.data.tags[TAG_STATE] == "completed" and run.info.status == "FINISHED"
     assert len(batches) == 1 and batches[0]["metrics"] == 4 and batches[0]["tags"] == 3, batches
+
+
+def test_an_epoch_reported_again_before_its_first_report_went_out_is_logged_once(tmp_path):
+    """A trial restarted from an older checkpoint reports an epoch again; when both reports wait in the
+    same coalesced batch, the epoch's step is still logged once, with the first report's value."""
+    from types import SimpleNamespace
+
+    from comod_platform.trial_runs import TrialRuns
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("search/r", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(experiment, tags={TAG_ROLE: "search"}).info.run_id
+    runs = TrialRuns(load_search(REPO / "search_spaces" / "tiny.yaml"), "r", uri, experiment, parent, coalesce_s=2.0)
+    trial = SimpleNamespace(trial_id="t1", config={"modulation.kind": "deterministic", "finetune.lr.controller": 0.01})
+    runs.start(trial)
+    for value in (0.5, 0.4):  # epoch 1, then epoch 1 again after the restart, then epoch 2
+        runs.queue_metrics(trial, {"finetune/val/mean_f1": value}, step=8, per_epoch=True)
+    runs.queue_metrics(trial, {"finetune/val/mean_f1": 0.6}, step=16, per_epoch=True)
+    assert runs.flush(30)
+    history = client.get_metric_history(runs.run_id(trial), "finetune/val/mean_f1")
+    assert [(m.step, m.value) for m in history] == [(8, 0.5), (16, 0.6)]
