@@ -54,6 +54,20 @@ class LoadSampler:
         return {"min": round(min(s), 2), "mean": round(statistics.fmean(s), 2), "max": round(max(s), 2)}
 
 
+def add_run_options(p, max_wait: float, timeout: float, what: str = "one side") -> None:
+    """The options every measuring script takes: waiting for a quiet machine, a time limit, where results
+    go (``--quick`` writes nothing unless ``--out`` is given), and keeping the temporary folders."""
+    p.add_argument("--wait-load", type=float, default=2.5,
+                   help="before measuring, wait until the 1-minute load average is below this (default 2.5)")
+    p.add_argument("--max-wait", type=float, default=max_wait,
+                   help=f"seconds to wait for the load at most (default {max_wait:g})")
+    p.add_argument("--timeout", type=float, default=timeout,
+                   help=f"seconds {what} may run at most (default {timeout:g})")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"results folder (default {RESULTS}; with --quick nothing is written unless --out is given)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folders (printed) for inspection")
+
+
 def wait_for_load(limit: float, max_wait: float) -> dict:
     """Wait (at most ``max_wait`` s) until the 1-minute load average is below ``limit``; what happened."""
     start = time.time()

@@ -75,7 +75,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (REPO, RESULTS, LoadSampler, clean_env, kill_processes_mentioning, machine,  # noqa: E402
+from _common import (REPO, LoadSampler, add_run_options, clean_env, kill_processes_mentioning, machine,  # noqa: E402
                      results_folder, versions, wait_for_load, write_results)
 
 TARGET_OVER_FLOOR = 1.05
@@ -100,13 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2,
                    help="platform/plain pairs, their order alternating (default 2)")
     p.add_argument("--quick", action="store_true", help="6 trials, one repeat, no waiting for load: a smoke check")
-    p.add_argument("--wait-load", type=float, default=2.5,
-                   help="before measuring, wait until the 1-minute load average is below this (default 2.5)")
-    p.add_argument("--max-wait", type=float, default=900.0, help="seconds to wait for the load at most (default 900)")
-    p.add_argument("--timeout", type=float, default=1800.0, help="seconds one side may run at most (default 1800)")
-    p.add_argument("--out", type=Path, default=None,
-                   help=f"results folder (default {RESULTS}; with --quick nothing is written unless --out is given)")
-    p.add_argument("--keep", action="store_true", help="keep the temporary folders (printed) for inspection")
+    add_run_options(p, max_wait=900.0, timeout=1800.0, what="one side")
     p.add_argument("--plain-worker", nargs=3, metavar=("CONFIGS_JSON", "OUT_DIR", "CONCURRENCY"),
                    help=argparse.SUPPRESS)  # internal: the plain side, run as its own command
     p.add_argument("--floor-worker", nargs=3, metavar=("CONFIGS_JSON", "OUT_DIR", "CONCURRENCY"),

@@ -72,8 +72,8 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (REPO, RESULTS, LoadSampler, clean_env, code_version, kill_processes_mentioning,  # noqa: E402
-                     machine, results_folder, versions, wait_for_load, write_results)
+from _common import (REPO, LoadSampler, add_run_options, clean_env, code_version,  # noqa: E402
+                     kill_processes_mentioning, machine, results_folder, versions, wait_for_load, write_results)
 
 SEARCH_NAME = "scale"
 OBJECT_STORE_BYTES = 150 * 1024 * 1024  # per node (Ray's minimum is 75 MiB; the dataset is a few KB)
@@ -94,13 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="optimisation steps per epoch, both phases (default 3, about 1 s per trial on one thread)")
     p.add_argument("--epochs", type=int, default=2, help="epochs of each phase (default 2)")
     p.add_argument("--quick", action="store_true", help="12 trials on 2 nodes, no waiting for load: a smoke check")
-    p.add_argument("--wait-load", type=float, default=2.5,
-                   help="before measuring, wait until the 1-minute load average is below this (default 2.5)")
-    p.add_argument("--max-wait", type=float, default=600.0, help="seconds to wait for the load at most (default 600)")
-    p.add_argument("--timeout", type=float, default=3600.0, help="seconds the search may run at most (default 3600)")
-    p.add_argument("--out", type=Path, default=None,
-                   help=f"results folder (default {RESULTS}; with --quick nothing is written unless --out is given)")
-    p.add_argument("--keep", action="store_true", help="keep the temporary folder (printed) for inspection")
+    add_run_options(p, max_wait=600.0, timeout=3600.0, what="the search")
     p.add_argument("--note", default="", help="a remark recorded with the results (e.g. why the size differs)")
     args = p.parse_args(argv)
     if args.quick:

@@ -48,8 +48,8 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (REPO, RESULTS, LoadSampler, clean_env, code_version, kill_processes_mentioning,  # noqa: E402
-                     machine, results_folder, versions, wait_for_load, write_results)
+from _common import (REPO, LoadSampler, add_run_options, clean_env, code_version,  # noqa: E402
+                     kill_processes_mentioning, machine, results_folder, versions, wait_for_load, write_results)
 
 TARGET_RATIO = 0.5
 """comod's wall time at most this share of the hand-written script's."""
@@ -66,13 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trials", type=int, default=None, help="trials of each side (default: the file's num_trials)")
     p.add_argument("--quick", action="store_true",
                    help="search_spaces/tiny.yaml, 3 trials, no waiting for load: a smoke check")
-    p.add_argument("--wait-load", type=float, default=2.5,
-                   help="before measuring, wait until the 1-minute load average is below this (default 2.5)")
-    p.add_argument("--max-wait", type=float, default=900.0, help="seconds to wait for the load at most (default 900)")
-    p.add_argument("--timeout", type=float, default=7200.0, help="seconds one side may run at most (default 7200)")
-    p.add_argument("--out", type=Path, default=None,
-                   help=f"results folder (default {RESULTS}; with --quick nothing is written unless --out is given)")
-    p.add_argument("--keep", action="store_true", help="keep the temporary folder (printed) for inspection")
+    add_run_options(p, max_wait=900.0, timeout=7200.0, what="one side")
     p.add_argument("--hand-written-worker", nargs=2, metavar=("SEARCH_YAML", "WORK_DIR"),
                    help=argparse.SUPPRESS)  # internal: the hand-written side, run as its own command
     args = p.parse_args(argv)
