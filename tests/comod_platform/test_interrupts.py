@@ -19,23 +19,12 @@ from mlflow.tracking import MlflowClient
 
 from comod_platform.conventions import TAG_ROLE, TAG_STATE, TAG_TRIAL_ID
 from comod_platform.searcher import CONTINUES_ATTR, INTERRUPTED_ATTR
+from searches import run_comod, search_env
 from servers import kill_processes_mentioning
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = yaml.safe_load((REPO / "search_spaces" / "tiny.yaml").read_text())
 NATIVE_DUMP = ("*** SIG", "PC: @", "*** Aborted", "Stack trace")
-
-
-def _env(home: Path, ray_tmp: str, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and k not in ("RAY_ADDRESS",
-                                                                                            "COMOD_OPTUNA_STORAGE")}
-    env.update(COMOD_HOME=str(home), COMOD_DOWNLOAD="0", RAY_TMPDIR=ray_tmp, PYTHONUNBUFFERED="1", **extra)
-    return env
-
-
-def _comod(args, env, timeout=900):
-    return subprocess.run([sys.executable, "-m", "comod_platform.cli", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO)
 
 
 def _slow_search(tmp_path: Path, name: str, trials: int = 2, **search) -> Path:
@@ -115,7 +104,7 @@ def _assert_stopped_cleanly(home: Path, name: str):
 
 def test_ctrl_c_stops_cleanly_a_second_driver_is_refused_and_resume_checks_what_changed(tmp_path, ray_tmp):
     name, home = "stopped", tmp_path / "runs"
-    env = _env(home, ray_tmp)
+    env = search_env(home, ray_tmp)
     path = _slow_search(tmp_path, name)
     log = tmp_path / "driver.log"
     driver = _start(path, name, env, log)
@@ -144,17 +133,17 @@ def test_ctrl_c_stops_cleanly_a_second_driver_is_refused_and_resume_checks_what_
     edited = yaml.safe_load(original)
     edited["search"]["num_trials"] = 5
     (folder / "search.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
-    refused = _comod(["search", "resume", name], env, timeout=300)
+    refused = run_comod(["search", "resume", name], env, timeout=300)
     assert refused.returncode == 1 and "search.num_trials: 2 when the search started, 5 now" in refused.stderr
     (folder / "search.yaml").write_text(original)
     meta = json.loads((folder / "meta.json").read_text())
     (folder / "meta.json").write_text(json.dumps({**meta, "versions": {**meta["versions"], "ray": "2.0.0"}}))
-    refused = _comod(["search", "resume", name], env, timeout=300)
+    refused = run_comod(["search", "resume", name], env, timeout=300)
     assert refused.returncode == 1 and "started with ray 2.0.0" in refused.stderr and "Traceback" not in refused.stderr
     # another comod (plain files and versioned databases): resumed, with a note
     (folder / "meta.json").write_text(json.dumps({**meta, "versions": {**meta["versions"], "comod": "0.0.1"}}))
 
-    done = _comod(["search", "resume", name, "--json"], env)
+    done = run_comod(["search", "resume", name, "--json"], env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "other versions than it started with (comod 0.0.1 ->" in done.stderr
     summary = json.loads(done.stdout[done.stdout.index("{"):])
@@ -176,7 +165,7 @@ def test_ctrl_c_stops_cleanly_a_second_driver_is_refused_and_resume_checks_what_
 
 def test_sigterm_stops_cleanly_and_a_second_signal_ends_at_once(tmp_path, ray_tmp):
     name, home = "termed", tmp_path / "runs"
-    env = _env(home, ray_tmp)
+    env = search_env(home, ray_tmp)
     log = tmp_path / "driver.log"
     driver = _start(_slow_search(tmp_path, name), name, env, log)
     with _cleaned_up(driver, ray_tmp):
@@ -202,7 +191,7 @@ def test_sigterm_stops_cleanly_and_a_second_signal_ends_at_once(tmp_path, ray_tm
         os.killpg(again.pid, signal.SIGINT)
         code, out = _finish(again, log2, timeout=60)
     assert code == 130 and "second SIGINT: ending at once" in out and f"comod search resume {name}" in out
-    done = _comod(["search", "resume", name, "--json"], env)
+    done = run_comod(["search", "resume", name, "--json"], env)
     assert done.returncode == 0, done.stderr[-3000:]
     parent, children, study = _records(home, name)
     assert parent.info.status == "FINISHED" and not [c for c in children if c.info.status == "RUNNING"]
@@ -216,21 +205,21 @@ def test_names_taken_in_a_shared_store_and_impossible_resources_are_refused_befo
     home = tmp_path / "runs"
     home.mkdir()
     shutil.copy(empty_store, home / "mlflow.db")
-    env = _env(home, ray_tmp)
+    env = search_env(home, ray_tmp)
     path = _slow_search(tmp_path, "shared", trials=1)
     # a name that is not a folder name: refused before Ray starts
-    bad = _comod(["search", "run", str(path), "--name", "../escape"], env, timeout=120)
+    bad = run_comod(["search", "run", str(path), "--name", "../escape"], env, timeout=120)
     assert bad.returncode == 2 and "a search's name is letters" in bad.stderr
     assert not (tmp_path / "escape").exists() and not list(Path(ray_tmp).rglob("session_*"))
     # a colleague's search of the same name in the team's tracking store
     MlflowClient(f"sqlite:///{home / 'mlflow.db'}").create_experiment("search/celeba-1")
-    taken = _comod(["search", "run", str(path), "--name", "celeba-1"], env, timeout=300)
+    taken = run_comod(["search", "run", str(path), "--name", "celeba-1"], env, timeout=300)
     assert taken.returncode == 1 and "has an experiment 'search/celeba-1' already" in taken.stderr
     assert not (home / "searches" / "celeba-1").exists()
     # ... and in the team's Optuna database
     team_db = f"sqlite:///{tmp_path / 'team-optuna.db'}"
     optuna.create_study(study_name="celeba-2", storage=team_db)
-    taken = _comod(["search", "run", str(path), "--name", "celeba-2"], {**env, "COMOD_OPTUNA_STORAGE": team_db},
+    taken = run_comod(["search", "run", str(path), "--name", "celeba-2"], {**env, "COMOD_OPTUNA_STORAGE": team_db},
                    timeout=300)
     assert taken.returncode == 1 and "has a study 'celeba-2' already" in taken.stderr
     assert not (home / "searches" / "celeba-2").exists()
@@ -238,7 +227,7 @@ def test_names_taken_in_a_shared_store_and_impossible_resources_are_refused_befo
     # 64 GPUs per trial, which no node here has: refused in seconds, not waited for
     gpu = _slow_search(tmp_path, "gpu", trials=1, resources={"cpu": 1, "gpu": 64})
     started = time.monotonic()
-    refused = _comod(["search", "run", str(gpu), "--name", "needs-gpu"], env, timeout=300)
+    refused = run_comod(["search", "run", str(gpu), "--name", "needs-gpu"], env, timeout=300)
     assert refused.returncode == 1 and "no node can run a trial: it asks 1 CPU and 64 GPU" in refused.stderr
     assert "this machine's Ray has" in refused.stderr and time.monotonic() - started < 120
     assert not (home / "searches" / "needs-gpu").exists()

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import optuna
@@ -23,7 +21,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from comod_platform.conventions import TAG_PARENT, TAG_ROLE, TAG_SEARCH, TAG_STATE, TAG_TRIAL_ID
-from servers import free_port, kill_processes_mentioning
+from servers import free_port
 from team_services import (MotoServer, PostgresServer, postgres_missing, start_team_mlflow,
                            without_storage_env)
 
@@ -55,15 +53,6 @@ def team(tmp_path_factory):
             mlflow.stop()
         s3.stop()
         postgres.stop()
-
-
-@pytest.fixture
-def ray_tmp():
-    """A private Ray temp dir; every Ray process started under it is killed afterwards."""
-    path = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    yield path
-    kill_processes_mentioning(path)
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _client_env(home: Path, ray_tmp: str, team: Team, **extra) -> dict:
