@@ -98,13 +98,6 @@ class TrialRuns:
             self._writer = Writer(describe=f"MLflow at {self.tracking_uri}", nice=WRITER_NICE)
         return self._writer
 
-    def closed(self, trial_id: str) -> bool:
-        return trial_id in self._closed
-
-    def known(self, trial_id: str) -> bool:
-        """Whether this driver has found or created the trial's run."""
-        return trial_id in self._runs
-
     # -- the run of a trial --------------------------------------------------
     def run_id(self, trial) -> str:
         """The trial's child run, created on first sight or found again by tag (on the writer's thread)."""
