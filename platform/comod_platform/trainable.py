@@ -173,6 +173,7 @@ def run_trial(config: dict, search=None, search_name: str = "", home: str = "", 
 
     def on_checkpoint(path, payload) -> None:
         state["fresh"] = True
+        state["payload"] = payload  # the last one is the final checkpoint, which the plots are drawn from
 
     reporter = EpochReporter(_report_to_tune, _stopping_signal())
     curve: list = []  # validation points between epoch ends, sent with the next report
@@ -258,7 +259,7 @@ def run_trial(config: dict, search=None, search_name: str = "", home: str = "", 
     reporter.close()  # every epoch's report went out before the final one
     if not state["epochs"]:  # a finished run read back: its epochs were reported before
         state["epochs"] = cfg.pretrain.epochs + cfg.finetune.epochs
-    plot_run(out)
+    plot_run(out, checkpoint=state.get("payload"))
     final = with_curve({**state.get("last", {}), **metrics, FINAL_FLAG: 1, STEP: int(metrics.get("steps", 0)),
                         EPOCH: state["epochs"], **where})
     with _staged(out, FINAL_FILES) as folder:

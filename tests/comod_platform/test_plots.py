@@ -70,3 +70,15 @@ def test_charts_ticks_span_the_data_and_skip_missing_values(tmp_path):
     assert min(labels) <= 0.2 and max(labels) >= 0.8 and max(labels) >= 20
     flat = heatmap(torch.full((2, 3), 0.5).numpy(), "t", "x", "y", tmp_path / "h.svg")
     assert _cells(ET.parse(flat).getroot()).size == (3, 2)  # a constant matrix still draws
+
+
+def test_plots_from_the_checkpoint_in_memory_are_the_plots_from_disk(run_dir, tmp_path):
+    """A trial passes its final checkpoint as it holds it (no second ``torch.load``): the same files."""
+    from_disk = {p.name: p.read_bytes() for p in plot_run(run_dir, tmp_path / "disk")}
+    held = load_checkpoint(run_dir / CHECKPOINT)
+    (run_dir / CHECKPOINT).rename(run_dir / "moved.pt")  # nothing can be read from the folder now
+    try:
+        from_memory = {p.name: p.read_bytes() for p in plot_run(run_dir, tmp_path / "memory", checkpoint=held)}
+    finally:
+        (run_dir / "moved.pt").rename(run_dir / CHECKPOINT)
+    assert from_memory == from_disk and len(from_memory) == 3
