@@ -16,7 +16,8 @@ modules where an arrow says so, and any layer below), with no circle:
    ``dashboard`` to read the Optuna study), ``dashboard`` (optuna-dashboard);
 4. the machinery: ``trainable`` (one trial on a Ray worker; -> ``plots``,
    ``search_state``), ``tune_callbacks`` (the Ray adapter; -> ``trial_runs``,
-   the runs' bookkeeping, -> ``tracking``, MLflow), ``searcher`` (Optuna in
+   the runs' bookkeeping, -> ``tracking``, MLflow, -> ``empty_store``, a new
+   embedded store as a copy of an empty one), ``searcher`` (Optuna in
    Ray Tune), ``study_storage`` (the study written behind), ``searchfile``,
    ``search_state`` (a search's folder), ``storage`` (Ray Tune's), ``plots``
    (a run's plots), ``progress`` (``comod train``'s terminal);

@@ -60,10 +60,17 @@ def embedded_uri() -> str:
 
 
 def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI``, else the embedded store, which a new runs folder gets as a copy of an
+    empty store (:mod:`comod_platform.empty_store`) before MLflow first opens it."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    runs_home().mkdir(parents=True, exist_ok=True)
+    home = runs_home()
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "mlflow.db").exists():
+        from comod_platform.empty_store import seed
+
+        seed(home / "mlflow.db", (home / "artifacts").as_uri())
     return embedded_uri()
 
 
