@@ -65,6 +65,8 @@ class TrialRuns:
     def _reset(self) -> None:
         self._client = self._writer = None
         self._runs: dict[str, str] = {}
+        self._artifact_uris: dict[str, str] = {}  # per run: where its artifacts go (known from its creation)
+        self._repos: dict[str, object] = {}       # per run: its artifact repository
         self._closed: set[str] = set()      # runs that had ended before this driver: left as they are
         self._logged_step: dict[str, int] = {}
         self._buffered: dict[str, list] = {}   # per trial: (Metric, per_epoch) waiting to be sent
@@ -114,12 +116,14 @@ class TrialRuns:
         run = self.client.create_run(self.experiment_id, run_name=f"{self.search_name}-{trial.trial_id}", tags={
             TAG_PARENT: self.parent_run_id, TAG_SEARCH: self.search_name, TAG_ROLE: "trial",
             TAG_TRIAL_ID: trial.trial_id, TAG_KIND: cfg.modulation.kind, TAG_STATE: "running"})
+        self._artifact_uris[run.info.run_id] = run.info.artifact_uri
         log_params(self.client, run.info.run_id, params_of(cfg))
         log_dataset(self.client, run.info.run_id, self._dataset_of(cfg))
         return run.info.run_id
 
     def _reattach(self, trial, found) -> str:
         run_id = found.info.run_id
+        self._artifact_uris[run_id] = found.info.artifact_uri
         if found.info.status in ("FINISHED", "KILLED", "FAILED") and found.data.tags.get(TAG_STATE) != INTERRUPTED:
             self._closed.add(trial.trial_id)  # ended before the driver was lost: keep it as it is
             return run_id
@@ -138,6 +142,18 @@ class TrialRuns:
         if not found.inputs.dataset_inputs:
             log_dataset(self.client, run_id, self._dataset_of(cfg))
         return run_id
+
+    def _artifacts(self, run_id: str):
+        """The run's artifact repository, from the artifact URI its creation (or the search that found it)
+        returned: ``client.log_artifact`` would read the whole run (all its metrics, params and tags) back
+        from the store to learn it."""
+        repo = self._repos.get(run_id)
+        if repo is None:
+            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+            uri = self._artifact_uris.get(run_id) or self.client.get_run(run_id).info.artifact_uri
+            repo = self._repos[run_id] = get_artifact_repository(uri, tracking_uri=self.tracking_uri)
+        return repo
 
     def _dataset_of(self, cfg):
         """The trial's dataset input: the parent run's (the base experiment's dataset, as the driver loaded
@@ -186,7 +202,7 @@ class TrialRuns:
 
     def queue_tags(self, trial, tags: dict[str, str], now: bool = False) -> None:
         """Set ``tags`` on the trial's run with its next batch of metrics, or in a write of their own when
-        ``now`` (where a trial runs, and its restarts, are news while it runs)."""
+        ``now`` (a trial's restart, and its move to another node, are news while it runs)."""
         if now:
             self.writer.submit(self._tags, trial, tags)
             return
@@ -355,7 +371,7 @@ class TrialRuns:
         with checkpoint.as_directory() as folder:
             path = Path(folder) / "checkpoint.pt"
             if path.exists():
-                self.client.log_artifact(self.run_id(trial), str(path))
+                self._artifacts(self.run_id(trial)).log_artifact(str(path))
 
     def _tags(self, trial, tags: dict[str, str]) -> None:
         """Set ``tags`` on the trial's run in one write."""
@@ -380,14 +396,15 @@ class TrialRuns:
         if checkpoint is not None:  # the trial's last persisted checkpoint (on the search's storage)
             try:
                 with checkpoint.as_directory() as folder:
-                    out = Path(folder)
+                    out, artifacts = Path(folder), self._artifacts(run_id)
                     for name in ("config.yaml", "metrics.json"):
                         if (out / name).exists():
-                            self.client.log_artifact(run_id, str(out / name))
+                            artifacts.log_artifact(str(out / name))
                     for plot in sorted(p for p in (out / "plots").glob("*") if p.is_file()):  # drawn by the trial
-                        self.client.log_artifact(run_id, str(plot), "plots")
+                        artifacts.log_artifact(str(plot), "plots")
             except Exception as err:  # noqa: BLE001
                 if transient(err):
                     raise  # retried by the writer: the server is away, the files are not
                 log.warning("artifacts of trial %s not logged: %s", trial.trial_id, err)
         self.client.set_terminated(run_id, status=RUN_STATUS[state])
+        self._repos.pop(run_id, None)  # a kept checkpoint, at the search's end, finds it again

@@ -110,8 +110,9 @@ class MlflowTrialCallback(Callback):
         self.runs.queue_metrics(trial, metrics, step, per_epoch)
         where = (result.get(NODE), result.get(GPUS))
         if where[0] and self._where.get(trial.trial_id) != where:  # first report, or restarted elsewhere
-            self._where[trial.trial_id] = where
-            self.runs.queue_tags(trial, {TAG_NODE: str(where[0]), TAG_GPUS: str(where[1] or "")}, now=True)
+            moved = trial.trial_id in self._where
+            self._where[trial.trial_id] = where  # first: with the trial's metrics; a move is news at once
+            self.runs.queue_tags(trial, {TAG_NODE: str(where[0]), TAG_GPUS: str(where[1] or "")}, now=moved)
 
     @staticmethod
     def _outcome(trial) -> tuple[str, str | None]:

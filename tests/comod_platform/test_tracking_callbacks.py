@@ -134,3 +134,52 @@ def test_an_epoch_reported_again_before_its_first_report_went_out_is_logged_once
     assert runs.flush(30)
     history = client.get_metric_history(runs.run_id(trial), "finetune/val/mean_f1")
     assert [(m.step, m.value) for m in history] == [(8, 0.5), (16, 0.6)]
+
+
+def test_a_trials_artifacts_go_out_without_reading_its_run_back(tmp_path, monkeypatch):
+    """A trial's end logs its config, final metrics and plots, and a kept checkpoint its checkpoint.pt, as
+    artifacts of its run, to the artifact location its creation returned: no get_run reads the run (all
+    its metrics, params and tags) back from the store for them."""
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from comod_platform.conventions import EPOCH
+    from comod_platform.trial_runs import TrialRuns
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("search/a", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(experiment, tags={TAG_ROLE: "search"}).info.run_id
+    runs = TrialRuns(load_search(REPO / "search_spaces" / "tiny.yaml"), "a", uri, experiment, parent, coalesce_s=0)
+    read_back = []
+    from mlflow.tracking._tracking_service.client import TrackingServiceClient
+
+    get_run = TrackingServiceClient.get_run
+
+    def noted(self, run_id):  # MLflow's own, with the runs read back noted
+        read_back.append(run_id)
+        return get_run(self, run_id)
+
+    monkeypatch.setattr(TrackingServiceClient, "get_run", noted)
+    folder = tmp_path / "checkpoint"
+    (folder / "plots").mkdir(parents=True)
+    for name, text in (("config.yaml", "seed: 1\n"), ("metrics.json", "{}"), ("checkpoint.pt", "x"),
+                       ("plots/gains.png", "png")):
+        (folder / name).write_text(text)
+
+    @contextmanager
+    def as_directory():
+        yield str(folder)
+
+    checkpoint = SimpleNamespace(as_directory=as_directory)
+    trial = SimpleNamespace(trial_id="t1", config={"modulation.kind": "deterministic", "finetune.lr.controller": 0.01})
+    runs.start(trial)
+    runs.end(trial, "completed", None, {EPOCH: 4}, checkpoint)
+    runs.log_checkpoint(trial, checkpoint)
+    assert runs.flush(30)
+    run_id = runs.run_id(trial)
+    assert run_id not in read_back, read_back
+    listed = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert listed == {"config.yaml", "metrics.json", "checkpoint.pt", "plots", "plots/gains.png"}
+    assert (tmp_path / "art").as_uri() in client.get_run(run_id).info.artifact_uri
+    assert client.get_run(run_id).info.status == "FINISHED"
