@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -122,6 +123,24 @@ def test_platform_overhead_targets_and_its_result_line(overhead):
     slow.update(overhead.checks(slow))
     assert slow["checks"] == {"platform_over_floor": True, "window_ratio": False, "idle_gap_ms": False}
     assert not slow["pass"] and overhead.target_lines(slow)[2].startswith("MISS: idle gap")
+
+
+def test_platform_overhead_says_what_bare_ray_tune_reaches_and_where_comods_extra_lies(overhead):
+    side = lambda wall, start, window, gap: {"wall_s": wall, "startup_s": start, "window_s": window,  # noqa: E731
+                                             "tail_s": wall - start - window, "mean_trial_s": 1.0,
+                                             "mean_gap_s": gap}
+    pairs = [{"platform": side(44.0, 15.0, 26.0, 0.15), "floor": side(40.0, 14.0, 24.0, 0.10),
+              "plain": side(27.0, 3.0, 23.8, 0.07)},
+             {"platform": side(42.0, 15.0, 25.0, 0.13), "floor": side(38.0, 13.0, 22.0, 0.08),
+              "plain": side(27.0, 3.0, 23.2, 0.07)}]
+    s = overhead.summarise(pairs, SimpleNamespace(trials=40, concurrency=2))
+    assert s["platform_over_floor_per_repeat"] == [1.1, 1.105] and s["floor_window_ratio"] == 0.979
+    assert s["floor_idle_gap_ms"] == 90 and s["over_floor_s"] == {"startup": 1.5, "window": 2.5, "tail": 0.0}
+    lines = overhead.target_lines(s)
+    assert lines[3] == ("bare Ray Tune itself: trials' window / plain = 0.979, idle gap 90 ms per trial slot; "
+                        "platform / bare Ray Tune per repeat [1.1, 1.105]; comod over bare Ray Tune: start-up "
+                        "+1.5 s, window +2.5 s, tail +0.0 s")
+    assert lines[4].startswith("whole command platform / plain")
 
 
 def test_platform_overhead_without_the_floor(overhead):
