@@ -17,8 +17,10 @@ modules where an arrow says so, and any layer below), with no circle:
 4. the machinery: ``trainable`` (one trial on a Ray worker; -> ``plots``,
    ``search_state``), ``tune_callbacks`` (the Ray adapter; -> ``trial_runs``,
    the runs' bookkeeping, -> ``tracking``, MLflow, -> ``empty_store``, a new
-   embedded store as a copy of an empty one), ``searcher`` (Optuna in
-   Ray Tune), ``study_storage`` (the study written behind), ``searchfile``,
+   embedded store as a copy of an empty one), ``sqlite_stores`` (the runs
+   folder's SQLite databases in WAL mode, for the driver; -> ``paths``),
+   ``searcher`` (Optuna in Ray Tune), ``study_storage`` (the study written
+   behind), ``searchfile``,
    ``search_state`` (a search's folder), ``storage`` (Ray Tune's), ``plots``
    (a run's plots), ``progress`` (``comod train``'s terminal);
 5. the leaves, which import no module of the package: ``conventions`` (the

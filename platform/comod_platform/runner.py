@@ -25,6 +25,7 @@ from comod.config import flatten
 from comod.names import KINDS
 from comod.schema import to_dict
 from comod_platform import interrupts
+from comod_platform import sqlite_stores
 from comod_platform import storage as storage_mod
 from comod_platform.conventions import (COMPLETED, EPOCH, FAILED, INTERRUPTED, PRUNED, REASON, TAG_ROLE, TAG_SEARCH,
                                         TAG_SEARCH_ID, better, direction, experiment_name, outcome, param_text)
@@ -515,6 +516,7 @@ def _service_defaults() -> None:
     # wraps every MLflow call and waits for its network at exit
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    sqlite_stores.install()  # the runs folder's MLflow store and study in WAL mode (COMOD_SQLITE_WAL=0: not)
 
 
 def _prepare_cluster(address: str | None, storage: str, verbose: bool | None = None) -> None:
