@@ -28,7 +28,7 @@ import optuna
 from optuna.storages import BaseStorage, InMemoryStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from comod_platform.writer import Writer
+from comod_platform.writer import BACKGROUND_NICE, Writer
 
 log = logging.getLogger(__name__)
 _LIVE: "weakref.WeakSet[WriteBehindStorage]" = weakref.WeakSet()
@@ -68,7 +68,8 @@ class WriteBehindStorage(BaseStorage):
             self.memory.create_new_trial(self._study, template_trial=frozen)
             self._distributions.update(frozen.distributions)
         self._ids: dict[int, int] = {}  # memory trial id -> database trial id, filled as writes go out
-        self.writer = Writer(describe=f"the Optuna study {self.study_name!r}", name="comod-optuna-writer")
+        self.writer = Writer(describe=f"the Optuna study {self.study_name!r}", name="comod-optuna-writer",
+                             nice=BACKGROUND_NICE)
         _LIVE.add(self)
 
     def _backend_trial(self, trial_id: int) -> int:

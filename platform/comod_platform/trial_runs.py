@@ -27,7 +27,7 @@ from comod_platform.conventions import (EPOCH, FINAL_FLAG, INTERRUPTED, TAG_BEST
                                         TAG_ROLE, TAG_SEARCH, TAG_STATE, TAG_STOPPED_EPOCH, TAG_TRIAL_ID)
 from comod_platform.tracking import (dataset_input, dataset_settings, describe_dataset, log_batch_chunked,
                                      log_dataset, log_params, params_of)
-from comod_platform.writer import Writer, transient
+from comod_platform.writer import BACKGROUND_NICE, Writer, transient
 
 log = logging.getLogger(__name__)
 RAY_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "iterations_since_restore",
@@ -48,9 +48,6 @@ COALESCE_S = 1.0
 """Seconds a trial's metrics and tags wait for more before one write sends them all: each write is a
 database commit, and a short trial reports its epochs within a second; the end of a trial, and of the
 search, sends what waits at once."""
-WRITER_NICE = 10
-"""How much lower than the driver's the MLflow writer thread's CPU priority is: where the trials take every
-core, the writes wait for the gaps instead of slowing the trials (they are not on any trial's path)."""
 RUN_STATUS = {"completed": "FINISHED", "pruned": "KILLED", "interrupted": "KILLED", "failed": "FAILED"}
 """The MLflow status a trial's run ends with, by the trial's state."""
 
@@ -97,7 +94,7 @@ class TrialRuns:
     @property
     def writer(self) -> Writer:
         if self._writer is None:
-            self._writer = Writer(describe=f"MLflow at {self.tracking_uri}", nice=WRITER_NICE)
+            self._writer = Writer(describe=f"MLflow at {self.tracking_uri}", nice=BACKGROUND_NICE)
         return self._writer
 
     # -- the run of a trial --------------------------------------------------

@@ -128,3 +128,19 @@ def test_a_missing_study_is_created_in_the_database(tmp_path):
     assert storage.flush(30)
     loaded = optuna.load_study(study_name="fresh", storage=url)
     assert loaded.direction == optuna.study.StudyDirection.MINIMIZE and len(loaded.trials) == 2
+
+
+def test_the_studys_writes_run_below_the_trials_priority(database):
+    """The study's writer thread runs at the lowest CPU priority, below Ray's workers (nice 15), so the
+    trials come first where they take every core; the driver's own threads keep theirs."""
+    import os
+    import threading
+
+    from comod_platform.writer import BACKGROUND_NICE
+
+    storage = WriteBehindStorage(optuna.storages.RDBStorage(database), "s", ["maximize"])
+    seen = []
+    storage.writer.submit(lambda: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+    assert storage.flush(30)
+    assert BACKGROUND_NICE > 15 and seen == [19]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == os.getpriority(os.PRIO_PROCESS, 0)

@@ -127,3 +127,16 @@ def test_a_nice_writer_runs_below_the_driver_s_priority():
     base = os.getpriority(os.PRIO_PROCESS, 0)
     assert seen == [min(base + 5, 19)]
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
+
+
+def test_the_mlflow_writer_of_a_search_runs_below_the_trials_priority(tmp_path):
+    """A search's MLflow writer thread runs at the lowest CPU priority, below Ray's workers (nice 15)."""
+    import os
+    import threading
+
+    from comod_platform.trial_runs import TrialRuns
+
+    runs = TrialRuns(None, "n", f"sqlite:///{tmp_path / 'mlflow.db'}", "0", "parent")
+    seen = []
+    runs.writer.submit(lambda: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+    assert runs.flush(10) and seen == [19]
