@@ -100,8 +100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="optimisation steps per epoch, both phases (default 30: about 1 s of work per trial on "
                         "one thread here)")
     p.add_argument("--epochs", type=int, default=2, help="epochs of each phase (default 2)")
-    p.add_argument("--repeats", type=int, default=2,
-                   help="platform/plain pairs, their order alternating (default 2)")
+    p.add_argument("--repeats", type=int, default=4,
+                   help="platform/plain pairs, their order alternating (default 4: on a shared 2-core machine the "
+                        "same trials' window varies by about 10%% from run to run)")
     p.add_argument("--quick", action="store_true", help="6 trials, one repeat, no waiting for load: a smoke check")
     add_run_options(p, max_wait=900.0, timeout=1800.0, what="one side")
     p.add_argument("--plain-worker", nargs=3, metavar=("CONFIGS_JSON", "OUT_DIR", "CONCURRENCY"),
@@ -397,6 +398,7 @@ def summarise(pairs: list[dict], args) -> dict:
         "ratio": round(wall_p / wall_q, 3),
         "ratios_per_repeat": [round(p["platform"]["wall_s"] / p["plain"]["wall_s"], 3) for p in pairs],
         "window_ratio": round(win_p / win_q, 3),
+        "window_ratios_per_repeat": [round(p["platform"]["window_s"] / p["plain"]["window_s"], 3) for p in pairs],
         "per_trial_overhead_ms": round((wall_p - wall_q) / n * 1000, 1),
         "per_trial_overhead_window_ms": round((win_p - win_q) / n * 1000, 1),
         "per_trial_overhead_slot_ms": round((win_p - win_q) / n * 1000 * args.concurrency, 1),
@@ -528,7 +530,8 @@ def markdown(result: dict) -> str:
         "idle gap = (window x concurrency - time in trials) / trials.",
         "",
         f"- ratio platform / plain (whole commands): **{s['ratio']:.3f}** (per repeat: "
-        f"{', '.join(f'{r:.3f}' for r in s['ratios_per_repeat'])}); trials' window only: {s['window_ratio']:.3f}",
+        f"{', '.join(f'{r:.3f}' for r in s['ratios_per_repeat'])}); trials' window only: {s['window_ratio']:.3f} "
+        f"(per repeat: {', '.join(f'{r:.3f}' for r in s.get('window_ratios_per_repeat', []))})",
         f"- per-trial overhead: {s['per_trial_overhead_ms']:.0f} ms of wall clock amortised over the whole "
         f"command; {s['per_trial_overhead_window_ms']:.0f} ms in the trials' window "
         f"({s['per_trial_overhead_slot_ms']:.0f} ms of a trial slot)",
