@@ -10,9 +10,16 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_configure(config):
+    import signal
+
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    # A suite started in the background of a script inherits SIGINT ignored (POSIX shells do that to
+    # background jobs), and so would every command a test starts: the tests that stop one with SIGINT,
+    # as a terminal's Ctrl-C does, would wait for nothing. The commands get a terminal's default.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -13,11 +13,17 @@ from comod_platform.tune_callbacks import MlflowTrialCallback
 from searches import REPO
 
 
-def test_a_resume_drops_the_runs_of_trials_the_lost_driver_never_snapshotted(tmp_path):
+def _search_store(tmp_path, name: str):
+    """A real SQLite tracking store holding a search's experiment and parent run: (uri, client, experiment
+    id, parent run id)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
-    experiment = client.create_experiment("search/lost", artifact_location=(tmp_path / "art").as_uri())
-    parent = client.create_run(experiment, tags={TAG_ROLE: "search"}).info.run_id
+    experiment = client.create_experiment(f"search/{name}", artifact_location=(tmp_path / "art").as_uri())
+    return uri, client, experiment, client.create_run(experiment, tags={TAG_ROLE: "search"}).info.run_id
+
+
+def test_a_resume_drops_the_runs_of_trials_the_lost_driver_never_snapshotted(tmp_path):
+    uri, client, experiment, parent = _search_store(tmp_path, "lost")
     other_parent = client.create_run(experiment, tags={TAG_ROLE: "search"}).info.run_id
     runs = {}
     for trial_id, parent_id in (("kept", parent), ("done", parent), ("lost", parent), ("elsewhere", other_parent)):
@@ -56,10 +62,7 @@ def test_a_run_found_again_gets_the_params_it_lost(tmp_path):
     from comod.config import flatten
     from comod_platform.conventions import param_value
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    experiment = client.create_experiment("search/p", artifact_location=(tmp_path / "art").as_uri())
-    parent = client.create_run(experiment, tags={TAG_ROLE: "search"}).info.run_id
+    uri, client, experiment, parent = _search_store(tmp_path, "p")
     search = load_search(REPO / "search_spaces" / "tiny.yaml")
     trial = SimpleNamespace(trial_id="t1", config={"modulation.kind": "deterministic",
                                                     "finetune.lr.controller": 0.01})
@@ -81,10 +84,7 @@ def test_a_short_trials_epochs_tags_and_end_go_out_in_one_write(tmp_path):
     from comod_platform.conventions import EPOCH, TAG_NODE
     from comod_platform.trial_runs import TrialRuns
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    experiment = client.create_experiment("search/c", artifact_location=(tmp_path / "art").as_uri())
-    parent = client.create_run(experiment, tags={TAG_ROLE: "search"}).info.run_id
+    uri, client, experiment, parent = _search_store(tmp_path, "c")
     runs = TrialRuns(load_search(REPO / "search_spaces" / "tiny.yaml"), "c", uri, experiment, parent, coalesce_s=2.0)
     batches = []
 
@@ -121,10 +121,7 @@ def test_an_epoch_reported_again_before_its_first_report_went_out_is_logged_once
 
     from comod_platform.trial_runs import TrialRuns
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    experiment = client.create_experiment("search/r", artifact_location=(tmp_path / "art").as_uri())
-    parent = client.create_run(experiment, tags={TAG_ROLE: "search"}).info.run_id
+    uri, client, experiment, parent = _search_store(tmp_path, "r")
     runs = TrialRuns(load_search(REPO / "search_spaces" / "tiny.yaml"), "r", uri, experiment, parent, coalesce_s=2.0)
     trial = SimpleNamespace(trial_id="t1", config={"modulation.kind": "deterministic", "finetune.lr.controller": 0.01})
     runs.start(trial)
@@ -146,10 +143,7 @@ def test_a_trials_artifacts_go_out_without_reading_its_run_back(tmp_path, monkey
     from comod_platform.conventions import EPOCH
     from comod_platform.trial_runs import TrialRuns
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    experiment = client.create_experiment("search/a", artifact_location=(tmp_path / "art").as_uri())
-    parent = client.create_run(experiment, tags={TAG_ROLE: "search"}).info.run_id
+    uri, client, experiment, parent = _search_store(tmp_path, "a")
     runs = TrialRuns(load_search(REPO / "search_spaces" / "tiny.yaml"), "a", uri, experiment, parent, coalesce_s=0)
     read_back = []
     from mlflow.tracking._tracking_service.client import TrackingServiceClient
