@@ -17,7 +17,9 @@ elsewhere (``MLFLOW_TRACKING_URI``, ``COMOD_OPTUNA_STORAGE``) keeps the
 settings its owner chose. ``COMOD_SQLITE_WAL=0`` leaves them all as they are
 (a runs folder on a network file system, where SQLite's WAL cannot work). A
 database in WAL mode keeps recent commits in ``NAME-wal`` beside it until a
-checkpoint: copy the runs folder, not ``mlflow.db`` alone.
+checkpoint, which SQLite also makes when the last connection closes: a file
+copied alone after a search holds it all; while a search runs (or after a
+killed one) ``NAME-wal`` is part of the database.
 """
 from __future__ import annotations
 
@@ -61,3 +63,4 @@ def _on_connect(connection, _record) -> None:
         connection.execute("PRAGMA synchronous=NORMAL")
     except sqlite3.Error:
         pass  # a database that cannot switch now (read-only, or another process holds it): as it is
+
