@@ -63,4 +63,3 @@ def _on_connect(connection, _record) -> None:
         connection.execute("PRAGMA synchronous=NORMAL")
     except sqlite3.Error:
         pass  # a database that cannot switch now (read-only, or another process holds it): as it is
-

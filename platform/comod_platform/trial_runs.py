@@ -63,7 +63,6 @@ class TrialRuns:
         self._client = self._writer = None
         self._runs: dict[str, str] = {}
         self._artifact_uris: dict[str, str] = {}  # per run: where its artifacts go (known from its creation)
-        self._repos: dict[str, object] = {}       # per run: its artifact repository
         self._closed: set[str] = set()      # runs that had ended before this driver: left as they are
         self._logged_step: dict[str, int] = {}
         self._buffered: dict[str, list] = {}   # per trial: (Metric, per_epoch) waiting to be sent
@@ -144,13 +143,9 @@ class TrialRuns:
         """The run's artifact repository, from the artifact URI its creation (or the search that found it)
         returned: ``client.log_artifact`` would read the whole run (all its metrics, params and tags) back
         from the store to learn it."""
-        repo = self._repos.get(run_id)
-        if repo is None:
-            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-            uri = self._artifact_uris.get(run_id) or self.client.get_run(run_id).info.artifact_uri
-            repo = self._repos[run_id] = get_artifact_repository(uri, tracking_uri=self.tracking_uri)
-        return repo
+        return get_artifact_repository(self._artifact_uris[run_id], tracking_uri=self.tracking_uri)
 
     def _dataset_of(self, cfg):
         """The trial's dataset input: the parent run's (the base experiment's dataset, as the driver loaded
@@ -404,4 +399,3 @@ class TrialRuns:
                     raise  # retried by the writer: the server is away, the files are not
                 log.warning("artifacts of trial %s not logged: %s", trial.trial_id, err)
         self.client.set_terminated(run_id, status=RUN_STATUS[state])
-        self._repos.pop(run_id, None)  # a kept checkpoint, at the search's end, finds it again

@@ -3,6 +3,7 @@ through MLflow's and Optuna's own engines, each case in a fresh process (the swi
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -50,8 +51,6 @@ def _probe(tmp_path, **env):
 
 
 def _env() -> dict:
-    import os
-
     return {k: v for k, v in os.environ.items() if k not in ("COMOD_SQLITE_WAL", "MLFLOW_TRACKING_URI")}
 
 
@@ -60,7 +59,7 @@ def test_the_drivers_mlflow_store_and_study_in_the_runs_folder_are_in_wal_mode(t
     assert seen["synchronous"] == {"s": 1, "elsewhere": 2}  # NORMAL in the runs folder; SQLite's FULL elsewhere
     copy = tmp_path / "copy.db"  # the writer gone, the store's file alone holds its writes
     shutil.copy(inside / "mlflow.db", copy)
-    assert [e.name for e in MlflowClient(f"sqlite:///{copy}").search_experiments()] == ["e", "Default"]
+    assert sorted(e.name for e in MlflowClient(f"sqlite:///{copy}").search_experiments()) == ["Default", "e"]
     for name in ("mlflow.db", "optuna.db"):
         mode, tables = _mode(inside / name)
         assert mode == "wal" and tables > 5, (name, mode, tables)  # switched, and MLflow's/Optuna's tables are there
