@@ -93,7 +93,7 @@ class TrialRuns:
     @property
     def writer(self) -> Writer:
         if self._writer is None:
-            self._writer = Writer(describe=f"MLflow at {self.tracking_uri}", nice=BACKGROUND_NICE)
+            self._writer = Writer(describe=f"MLflow at {self.tracking_uri}", nice=BACKGROUND_NICE, idle=True)
         return self._writer
 
     # -- the run of a trial --------------------------------------------------

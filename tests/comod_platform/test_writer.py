@@ -138,5 +138,24 @@ def test_the_mlflow_writer_of_a_search_runs_below_the_trials_priority(tmp_path):
 
     runs = TrialRuns(None, "n", f"sqlite:///{tmp_path / 'mlflow.db'}", "0", "parent")
     seen = []
-    runs.writer.submit(lambda: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
-    assert runs.flush(10) and seen == [19]
+    runs.writer.submit(lambda: seen.append((os.getpriority(os.PRIO_PROCESS, threading.get_native_id()),
+                                            os.sched_getscheduler(0))))
+    assert runs.flush(10) and seen == [(19, os.SCHED_IDLE)]
+
+
+def test_an_idle_writer_runs_only_where_a_core_would_idle():
+    """``idle=True``: the writer's thread alone is in Linux's SCHED_IDLE class; the driver's threads keep
+    the normal one."""
+    import os
+
+    from comod_platform.writer import Writer
+
+    seen = []
+    writer = Writer(idle=True, name="test-idle-writer")
+    writer.submit(lambda: seen.append(os.sched_getscheduler(0)))
+    assert writer.flush(10)
+    assert seen == [os.SCHED_IDLE]
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    plain = Writer(name="test-plain-writer")
+    plain.submit(lambda: seen.append(os.sched_getscheduler(0)))
+    assert plain.flush(10) and seen[-1] == os.SCHED_OTHER
