@@ -76,6 +76,40 @@ def test_a_run_found_again_gets_the_params_it_lost(tmp_path):
     assert params["finetune.lr.controller"] == 0.01
 
 
+def test_the_runs_of_earlier_drivers_are_read_in_one_search(tmp_path):
+    """A driver finds the trial runs an earlier driver of the search made (more than a page of them) in one
+    search, on first use, then re-attaches each to its trial and creates the rest: no query per trial."""
+    from types import SimpleNamespace
+
+    from comod_platform.trial_runs import TrialRuns
+
+    uri, client, experiment, parent = _search_store(tmp_path, "e")
+    earlier = {f"t{i}": client.create_run(experiment, tags={TAG_PARENT: parent, TAG_ROLE: "trial",
+                                                             TAG_TRIAL_ID: f"t{i}", TAG_STATE: "running"}).info.run_id
+               for i in range(1, 4)}
+    searches = []
+
+    class Counting:  # the real client, with its search_runs calls counted
+        def __getattr__(self, name):
+            return getattr(client, name)
+
+        def search_runs(self, *args, **kwargs):
+            searches.append(kwargs.get("page_token"))
+            return client.search_runs(*args, **{**kwargs, "max_results": 2})  # pages of 2: three runs, two pages
+
+    runs = TrialRuns(load_search(REPO / "search_spaces" / "tiny.yaml"), "e", uri, experiment, parent)
+    runs._client = Counting()
+    config = {"modulation.kind": "deterministic", "finetune.lr.controller": 0.01}
+    ids = {f"t{i}": runs.run_id(SimpleNamespace(trial_id=f"t{i}", config=config)) for i in range(6)}
+    assert len(searches) == 2 and searches[0] is None  # the first page, then the second, once
+    assert all(ids[t] == run_id for t, run_id in earlier.items())
+    fresh = {ids["t0"], ids["t4"], ids["t5"]}  # new trials: new runs, under the parent
+    assert len(fresh) == 3 and not fresh & set(earlier.values())
+    for run_id in fresh:
+        tags = client.get_run(run_id).data.tags
+        assert tags[TAG_PARENT] == parent and tags[TAG_STATE] == "running"
+
+
 def test_a_short_trials_epochs_tags_and_end_go_out_in_one_write(tmp_path):
     """A short trial's epochs, its node tags, its final metrics and its end tags, all within the coalescing
     time: one log_batch, one database commit (each its own would be six), and every value arrives."""
