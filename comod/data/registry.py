@@ -10,24 +10,27 @@ column names as ``task_set``, and reports a malformed CSV or image as a
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 
-from . import celeba, cifar100, fashion_mnist, folder, synthetic
 from .taskdata import Split, TaskData
 
 DATASETS = {
-    "fashion_mnist": fashion_mnist,
-    "celeba": celeba,
-    "cifar100": cifar100,
-    "synthetic": synthetic,
-    "folder": folder,
+    "fashion_mnist": "comod.data.fashion_mnist",
+    "celeba": "comod.data.celeba",
+    "cifar100": "comod.data.cifar100",
+    "synthetic": "comod.data.synthetic",
+    "folder": "comod.data.folder",
 }
+"""Dataset name -> its module, imported when the dataset is first used (the torchvision-based readers
+cost about 1.5 s to import, which a search on synthetic data need not pay)."""
 
 
 def dataset_module(dataset: str):
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
-    return DATASETS[dataset]
+    return importlib.import_module(DATASETS[dataset])
 
 
 def task_sets(dataset: str) -> dict[str, str]:

@@ -10,7 +10,6 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from torchvision.transforms.v2 import functional as TF
 
 IGNORE = -1
 """Label value of a sample that does not take part in a task (e.g. an image
@@ -134,6 +133,8 @@ def resize_images(images: torch.Tensor, size: int | None, chunk: int = 4096) -> 
                          f"got {size!r}")
     if size is None or tuple(images.shape[-2:]) == (size, size):
         return images
+    from torchvision.transforms.v2 import functional as TF  # here: a dataset that needs no resize loads without it
+
     parts = [TF.resize(images[i:i + chunk], [size, size], antialias=True)
              for i in range(0, len(images), chunk)]
     return torch.cat(parts) if parts else images.new_empty((0, images.shape[1], size, size))

@@ -44,7 +44,6 @@ import torch
 
 from comod.config import config_to_dict
 from comod.data.taskdata import Split, TaskData
-from comod.train import Callbacks, DivergedError, run_experiment
 from comod_platform.conventions import CURVE, DIVERGED_FLAG, EPOCH, FINAL_FLAG, GPUS, NODE, REASON, STEP
 from comod_platform.reporter import EpochReporter
 from comod_platform.search_state import SearchPaths
@@ -159,6 +158,7 @@ def run_trial(config: dict, search=None, search_name: str = "", home: str = "", 
               shared_key: str = "") -> None:
     from ray import tune
 
+    from comod.train import Callbacks, DivergedError, run_experiment
     from comod_platform.plots import plot_run
 
     cfg = search.config_for(config)

@@ -139,3 +139,18 @@ def test_platform_imports_run_one_way():
     assert importers["cli"] == [], f"only the console script imports cli, not {importers['cli']}"
     assert set(importers["cli_search"]) <= COMMANDS, \
         f"modules below the command layer import cli_search: {sorted(set(importers['cli_search']) - COMMANDS)}"
+
+
+def test_a_search_driver_on_synthetic_data_does_not_import_torchvision():
+    """The driver parses the search, loads the base experiment's data and builds the trainable without
+    torchvision (about 1.5 s of its start-up, with torch._dynamo); the trials import it, to build models."""
+    proc = python("import sys\n"
+                  "from comod_platform import runner, trainable, searchfile, tune_callbacks, searcher\n"
+                  "from comod.data import load_data\n"
+                  "sf = searchfile.load_search('search_spaces/tiny.yaml')\n"
+                  "data = trainable.pack(load_data(sf.base_config()))\n"
+                  "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torchvision', 'comod')))")
+    assert proc.returncode == 0, proc.stderr
+    modules = proc.stdout.strip()
+    assert "torchvision" not in modules and "comod.data.synthetic" in modules, modules
+    assert "'comod.train'" not in modules and "'comod.model'" not in modules, modules

@@ -12,7 +12,8 @@ LOAD_PARAMETERS = ["root", "task_set", "image_size", "val_fraction", "seed"]
 
 @pytest.mark.parametrize("name", sorted(registry.DATASETS))
 def test_every_module_follows_the_contract(name):
-    module = registry.DATASETS[name]
+    module = registry.dataset_module(name)
+    assert module.__name__ == registry.DATASETS[name] == f"comod.data.{name}"
     assert list(inspect.signature(module.load).parameters) == LOAD_PARAMETERS
     assert registry.task_sets(name) == module.TASK_SETS and module.TASK_SETS
     assert all(isinstance(v, str) and v for v in module.TASK_SETS.values())
