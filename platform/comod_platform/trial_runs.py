@@ -113,19 +113,24 @@ class TrialRuns:
         driver, so a trial not among them is new (a query per trial was about 8 ms of the writer's CPU per
         trial here)."""
         if self._earlier is None:
-            earlier, token = {}, None
-            while True:
-                page = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'trial'",
-                                               max_results=1000, page_token=token)
-                for run in page:  # newest first (MLflow's order): a trial's newest run, were there two
-                    trial_id = run.data.tags.get(TAG_TRIAL_ID)
-                    if trial_id is not None:
-                        earlier.setdefault(trial_id, run)
-                token = page.token
-                if not token:
-                    break
+            earlier = {}
+            for run in self._all_runs(f"tags.`{TAG_ROLE}` = 'trial'"):  # newest first (MLflow's order)
+                trial_id = run.data.tags.get(TAG_TRIAL_ID)
+                if trial_id is not None:
+                    earlier.setdefault(trial_id, run)  # a trial's newest run, were there two
             self._earlier = earlier
         return self._earlier
+
+    def _all_runs(self, filter_string: str, **kwargs):
+        """Every active run of the search's experiment that ``filter_string`` matches, page by page."""
+        token = None
+        while True:
+            page = self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=1000,
+                                           page_token=token, **kwargs)
+            yield from page
+            token = page.token
+            if not token:
+                return
 
     def _create(self, trial) -> str:
         cfg = self.search.config_for(trial.config)
@@ -344,24 +349,18 @@ class TrialRuns:
         are ended, tagged ``lost`` and deleted (MLflow keeps deleted runs; ``mlflow runs restore``)."""
         from mlflow.entities import ViewType
 
-        token = None
-        while True:
-            page = self.client.search_runs([self.experiment_id], run_view_type=ViewType.ACTIVE_ONLY,
-                                           filter_string=f"tags.`{TAG_PARENT}` = '{self.parent_run_id}'",
-                                           max_results=1000, page_token=token)
-            for run in page:
-                trial_id = run.data.tags.get(TAG_TRIAL_ID)
-                if trial_id is None or trial_id in known:
-                    continue
-                self.client.set_tag(run.info.run_id, TAG_STATE, "lost")
-                if run.info.status == "RUNNING":
-                    self.client.set_terminated(run.info.run_id, status="KILLED")
-                self.client.delete_run(run.info.run_id)
-                log.warning("MLflow run %s of trial %s dropped: the lost driver started it after its last "
-                            "snapshot, and the resumed search runs that work again", run.info.run_id, trial_id)
-            token = page.token
-            if not token:
-                return
+        # read whole before any is deleted: a deletion between two pages would shift the second
+        for run in list(self._all_runs(f"tags.`{TAG_PARENT}` = '{self.parent_run_id}'",
+                                       run_view_type=ViewType.ACTIVE_ONLY)):
+            trial_id = run.data.tags.get(TAG_TRIAL_ID)
+            if trial_id is None or trial_id in known:
+                continue
+            self.client.set_tag(run.info.run_id, TAG_STATE, "lost")
+            if run.info.status == "RUNNING":
+                self.client.set_terminated(run.info.run_id, status="KILLED")
+            self.client.delete_run(run.info.run_id)
+            log.warning("MLflow run %s of trial %s dropped: the lost driver started it after its last "
+                        "snapshot, and the resumed search runs that work again", run.info.run_id, trial_id)
 
     def _log_best(self, trial, metrics: dict, step: int) -> None:
         """The best trial's final metrics and ids on the parent run (unless it has them already: a

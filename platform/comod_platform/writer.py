@@ -25,10 +25,11 @@ first where they take every core; its writes wait for the gaps (none of them is 
 Measured on 2 cores, 40 trials, three interleaved pairs: the trials' window 3-12% shorter, the idle
 gap between trials 2-35 ms shorter, than with the MLflow writer at nice 10 and the study's at 0.
 
-The MLflow writer goes one step further (``Writer(idle=True)``, Linux's ``SCHED_IDLE``): it runs
-when a core would otherwise idle, mostly while a trial slot waits for its next trial, so its work
-(about 60-85 ms of CPU per trial here, most of it MLflow's SQLAlchemy store) is barely taken from
-the trials. Nothing in the scheduling loop waits for it before the search's end. The study's writer
+The MLflow writer goes one step further (``Writer(idle=True)``, Linux's ``SCHED_IDLE``): it comes
+after every other thread, so its work (about 45-85 ms of CPU per trial here, most of it MLflow's
+SQLAlchemy store) goes first to cores that would otherwise idle. It is not free: against trials at
+nice 15 a SCHED_IDLE thread still has a twelfth of their weight, so a backlogged writer takes about
+8% of a core from them. Nothing in the scheduling loop waits for it before the search's end. The study's writer
 stays at nice 19: Ray Tune's experiment snapshot waits for it (:mod:`study_storage`), and a thread
 the loop waits for must not wait for idle cores. Measured on 2 cores, 40 trials, three interleaved
 pairs, both writers in SCHED_IDLE against both at nice 19: the trials' window 1.3-2.1% shorter, the
