@@ -348,6 +348,11 @@ def run() -> None:
     code = main()
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
+        # no garbage collection from here on: Ray's references (a trial's object refs) that wait in
+        # reference cycles stay until the exit; freed in another thread while ``ray.shutdown`` takes the
+        # driver down, they would end the process with status 1 (Ray's "core worker has already been
+        # shutdown")
+        gc.freeze()
         ray.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

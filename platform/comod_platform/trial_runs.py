@@ -243,20 +243,22 @@ class TrialRuns:
             self._due_lock.notify()
 
     def _hand_over(self) -> None:
+        # holds no trial between hand-overs (a Ray trial freed in this thread while Ray shuts down would
+        # end the process)
         while True:
             with self._due_lock:
                 while not self._due:
                     self._due_lock.wait()
-                due, trial = self._due[0]  # appended in time order: the first is the earliest
-                wait = due - time.monotonic()
+                wait = self._due[0][0] - time.monotonic()  # appended in time order: the first is the earliest
                 if wait > 0:
                     self._due_lock.wait(wait)
                     continue
-                self._due.pop(0)
-            self.writer.submit(self._send_buffered, trial)
+                self.writer.submit(self._send_buffered, self._due.pop(0)[1])
 
     def _send_waiting(self) -> None:
         """Queue the sends that wait for their coalescing time now (the end of the search)."""
+        with self._due_lock:  # first: a trial scheduled after this is due again, one before is in _scheduled
+            self._due.clear()
         with self._buffer_lock:
             waiting = list(self._scheduled.values())
         for trial in waiting:

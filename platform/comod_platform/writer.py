@@ -108,31 +108,37 @@ class Writer:
             except (AttributeError, OSError):  # not Linux: the nice value above is what it gets
                 pass
         while True:
-            fn, args, kwargs = self.queue.get()
-            refused = waits = 0
-            while True:
-                try:
-                    fn(*args, **kwargs)
-                    if self.outage_since is not None:
-                        log.warning("%s reachable again after %.0f s; %d buffered writes follow", self.describe,
-                                    time.time() - self.outage_since, self.queue.qsize())
-                        self.outage_since = None
-                    break
-                except Exception as err:  # noqa: BLE001 - tracking must never kill the search
-                    if transient(err):
-                        if self.outage_since is None:
-                            self.outage_since = time.time()
-                            log.warning("%s unreachable (%s); buffering writes and retrying", self.describe,
-                                        str(err).splitlines()[0][:200])
-                        waits += 1
-                    else:
-                        refused += 1
-                        if refused >= self.retries:
-                            self.dropped += 1
-                            log.warning("%s: call %s refused %d times, dropped: %s", self.describe, fn.__name__, refused, err)
-                            break
-                    time.sleep(min(0.5 * 2 ** min(waits + refused, 6), self.max_pause))
+            # the call's arguments are let go before task_done: once a flush returns, this thread holds
+            # nothing of the caller's (a Ray trial freed here while Ray shuts down ends the process)
+            self._call(*self.queue.get())
             self.queue.task_done()
+
+    def _call(self, fn, args, kwargs) -> None:
+        """``fn(*args, **kwargs)``: retried while the store is unreachable, dropped after ``retries``
+        refusals."""
+        refused = waits = 0
+        while True:
+            try:
+                fn(*args, **kwargs)
+                if self.outage_since is not None:
+                    log.warning("%s reachable again after %.0f s; %d buffered writes follow", self.describe,
+                                time.time() - self.outage_since, self.queue.qsize())
+                    self.outage_since = None
+                break
+            except Exception as err:  # noqa: BLE001 - tracking must never kill the search
+                if transient(err):
+                    if self.outage_since is None:
+                        self.outage_since = time.time()
+                        log.warning("%s unreachable (%s); buffering writes and retrying", self.describe,
+                                    str(err).splitlines()[0][:200])
+                    waits += 1
+                else:
+                    refused += 1
+                    if refused >= self.retries:
+                        self.dropped += 1
+                        log.warning("%s: call %s refused %d times, dropped: %s", self.describe, fn.__name__, refused, err)
+                        break
+                time.sleep(min(0.5 * 2 ** min(waits + refused, 6), self.max_pause))
 
     def pending(self) -> int:
         return self.queue.unfinished_tasks

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
@@ -108,6 +109,44 @@ def test_the_runs_of_earlier_drivers_are_read_in_one_search(tmp_path):
     for run_id in fresh:
         tags = client.get_run(run_id).data.tags
         assert tags[TAG_PARENT] == parent and tags[TAG_STATE] == "running"
+
+
+def test_after_a_flush_no_mlflow_thread_holds_a_trial_or_sends_again(tmp_path):
+    """Once the search's flush returns, neither the writer nor the coalescing thread keeps a trial (one
+    freed there while Ray shuts down would end the driver with status 1), and no send comes after it."""
+    import weakref
+
+    from comod_platform.conventions import EPOCH
+    from comod_platform.trial_runs import TrialRuns
+
+    uri, client, experiment, parent = _search_store(tmp_path, "h")
+    runs = TrialRuns(load_search(REPO / "search_spaces" / "tiny.yaml"), "h", uri, experiment, parent, coalesce_s=0.3)
+    batches = []
+
+    class Counting:  # the real client, with its log_batch calls counted
+        def __getattr__(self, name):
+            return getattr(client, name)
+
+        def log_batch(self, run_id, **entities):
+            batches.append(run_id)
+            return client.log_batch(run_id, **entities)
+
+    class Trial:
+        def __init__(self, trial_id, config):
+            self.trial_id, self.config = trial_id, config
+
+    runs._client = Counting()
+    trial = Trial("t1", {"modulation.kind": "deterministic", "finetune.lr.controller": 0.01})
+    gone = weakref.ref(trial)
+    runs.start(trial)
+    runs.queue_metrics(trial, {"pretrain/train_loss": 1.0}, step=10, per_epoch=True)
+    runs.end(trial, "completed", None, {EPOCH: 1})
+    assert runs.flush(30)
+    sent = len(batches)
+    del trial
+    assert gone() is None
+    time.sleep(0.6)  # past the coalescing time of the send the flush made at once
+    assert len(batches) == sent and runs.pending() == 0
 
 
 def test_a_short_trials_epochs_tags_and_end_go_out_in_one_write(tmp_path):

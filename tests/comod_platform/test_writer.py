@@ -159,3 +159,20 @@ def test_an_idle_writer_runs_only_where_a_core_would_idle():
     plain = Writer(name="test-plain-writer")
     plain.submit(lambda: seen.append(os.sched_getscheduler(0)))
     assert plain.flush(10) and seen[-1] == os.SCHED_OTHER
+
+
+def test_a_flushed_writer_holds_nothing_of_its_calls():
+    """Once a flush returns, the writer's thread keeps no reference to a call's arguments (a Ray trial
+    freed in that thread while Ray shuts down would end the driver with status 1)."""
+    import weakref
+
+    class Payload:
+        pass
+
+    payload = Payload()
+    gone = weakref.ref(payload)
+    writer = Writer(name="test-writer")
+    writer.submit(lambda value: None, payload)
+    del payload
+    assert writer.flush(10)
+    assert gone() is None
