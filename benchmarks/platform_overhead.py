@@ -39,7 +39,11 @@ starts, the final ``checkpoint.pt`` when it ends) each side's time is split
 into start-up (command start to first trial start), the trials' window
 (first trial start to last trial end) and tail (last trial end to command
 end); the window is further split into the mean time inside a trial and the
-mean idle gap a trial slot spends between two trials. The per-trial
+mean idle gap per trial slot (``(window x concurrency - time in trials) /
+trials``, the target's measure). That idle time is split once more: the
+gaps between two trials of one slot (each trial on the slot that became free
+first), and the slots' idle time at the window's two ends, which depends on
+how unevenly the last trials finish more than on the platform. The per-trial
 overhead is reported in ms both amortised over the whole command and in the
 trials' window only (start-up and tail excluded).
 
@@ -249,18 +253,40 @@ def trial_spans(run_dirs: list[Path]) -> list[dict]:
     return sorted(spans, key=lambda s: s["start"])
 
 
+def slot_idle(spans: list[dict], concurrency: int, first: float, last: float) -> tuple[list[float], float]:
+    """The trials in start order, each on the slot that became free first: the idle times between two
+    trials of one slot, and the slots' idle time at the window's two ends (before a slot's first trial,
+    after its last one, while other slots still run: how unevenly the last trials finish). Together they
+    are the window's idle slot time, ``window x concurrency - time in trials``."""
+    free, used = [first] * concurrency, [False] * concurrency
+    between, edges = [], 0.0
+    for span in sorted(spans, key=lambda s: s["start"]):
+        slot = min(range(concurrency), key=free.__getitem__)
+        if used[slot]:
+            between.append(span["start"] - free[slot])
+        else:
+            edges += span["start"] - first
+            used[slot] = True
+        free[slot] = span["end"]
+    return between, edges + sum(last - f for f in free)
+
+
 def breakdown(t0: float, t1: float, spans: list[dict], concurrency: int) -> dict:
-    """Start-up, trials' window, tail; mean time in a trial and mean idle gap per trial slot."""
+    """Start-up, trials' window, tail; mean time in a trial and mean idle gap per trial slot, with the
+    part of it between two trials of a slot (the rest is the window's ends, :func:`slot_idle`)."""
     first = min(s["start"] for s in spans)
     last = max(s["end"] for s in spans)
     window = last - first
     busy = sum(s["end"] - s["start"] for s in spans)
     n = len(spans)
+    between, edges = slot_idle(spans, concurrency, first, last)
     return {"wall_s": round(t1 - t0, 3), "startup_s": round(first - t0, 3), "window_s": round(window, 3),
             "tail_s": round(t1 - last, 3), "trials": n,
             "mean_trial_s": round(busy / n, 4),
             "mean_run_experiment_s": round(statistics.fmean(s["wall_seconds"] for s in spans), 4),
-            "mean_gap_s": round((window * concurrency - busy) / n, 4)}
+            "mean_gap_s": round((window * concurrency - busy) / n, 4),
+            "mean_between_s": round(statistics.fmean(between), 4) if between else 0.0,
+            "edge_idle_s": round(edges, 3)}
 
 
 class WarmCluster:
@@ -407,9 +433,22 @@ def summarise(pairs: list[dict], args) -> dict:
         "in_trial_extra_ms": round((mean("platform", "mean_trial_s") - mean("plain", "mean_trial_s")) * 1000, 1),
         "gap_extra_ms": round((mean("platform", "mean_gap_s") - mean("plain", "mean_gap_s")) * 1000, 1),
         "idle_gap_ms": round(mean("platform", "mean_gap_s") * 1000),
+        # where the idle slot time lies: between two trials of a slot, and at the window's ends
+        "between_gap_ms": {side: round(_mean_of(pairs, side, "mean_between_s") * 1000) for side in _split(pairs)},
+        "edge_idle_s": {side: round(_mean_of(pairs, side, "edge_idle_s"), 2) for side in _split(pairs)},
         **_floor_summary(pairs, wall_p, wall_q),
     }
     return {**summary, **checks(summary)}
+
+
+def _mean_of(pairs: list[dict], side: str, key: str) -> float:
+    return statistics.fmean(p[side][key] for p in pairs)
+
+
+def _split(pairs: list[dict]) -> list[str]:
+    """The sides whose idle slot time was split in every repeat (:func:`slot_idle`)."""
+    return [side for side in ("platform", "floor", "plain")
+            if all(side in p and "mean_between_s" in p[side] for p in pairs)]
 
 
 def checks(s: dict) -> dict:
@@ -442,6 +481,13 @@ def target_lines(s: dict) -> list[str]:
                      f"{s['floor_idle_gap_ms']} ms per trial slot; platform / bare Ray Tune per repeat "
                      f"{s['platform_over_floor_per_repeat']}; comod over bare Ray Tune: start-up "
                      f"{extra['startup']:+.1f} s, window {extra['window']:+.1f} s, tail {extra['tail']:+.1f} s")
+    if s.get("between_gap_ms"):
+        names = {"platform": "comod", "floor": "bare Ray Tune", "plain": "plain"}
+        between = ", ".join(f"{names[k]} {v} ms" for k, v in s["between_gap_ms"].items())
+        edges = ", ".join(f"{names[k]} {v} s" for k, v in s["edge_idle_s"].items())
+        lines.append(f"where the idle gap lies: between two trials of a slot {between}; the rest is the slots' "
+                     f"idle time at the window's ends, while the last trials finish unevenly ({edges} of slot "
+                     f"time per command, spread over the trials)")
     return lines + [whole_command_note(s)]
 
 
@@ -527,7 +573,8 @@ def markdown(result: dict) -> str:
         "start-up = command start to the first trial's run_experiment start; window = first trial start to "
         "last trial end; tail = last trial end to command end; ms in a trial = config.yaml to final "
         "checkpoint.pt of a trial folder; ms run_experiment = its own `wall_seconds` (without model build); "
-        "idle gap = (window x concurrency - time in trials) / trials.",
+        "idle gap = (window x concurrency - time in trials) / trials, which is the gaps between two trials "
+        "of a slot plus the slots' idle time at the window's ends.",
         "",
         f"- ratio platform / plain (whole commands): **{s['ratio']:.3f}** (per repeat: "
         f"{', '.join(f'{r:.3f}' for r in s['ratios_per_repeat'])}); trials' window only: {s['window_ratio']:.3f} "

@@ -281,3 +281,23 @@ def test_the_checkout_measured_names_changed_files_whole(common):
     assert code["commit"] and len(code["commit"]) >= 7
     # git's porcelain lines start with a status column that may be a space: no path loses its first letter
     assert all(path.startswith(("comod/", "platform/")) for path in code["changed_since"]), code
+
+
+def test_the_idle_slot_time_splits_into_gaps_between_trials_and_the_window_s_ends(overhead):
+    """Two slots: trials of 1 s with 0.1 s between them on one slot, 0.3 s on the other, and the second
+    slot's last trial ending 0.5 s before the window does; the two parts add up to the idle slot time."""
+    spans = [{"start": 0.0, "end": 1.0}, {"start": 0.2, "end": 1.2}, {"start": 1.1, "end": 2.1},
+             {"start": 1.5, "end": 2.5}, {"start": 2.2, "end": 3.2}, {"start": 2.8, "end": 3.8},
+             {"start": 3.3, "end": 4.3}]
+    for s in spans:
+        s["wall_seconds"] = 1.0
+    between, edges = overhead.slot_idle(spans, 2, 0.0, 4.3)
+    assert between == pytest.approx([0.1, 0.3, 0.1, 0.3, 0.1])
+    assert edges == pytest.approx(0.2 + 0.5)
+    b = overhead.breakdown(-1.0, 5.0, spans, 2)
+    assert b["mean_between_s"] == pytest.approx(0.18) and b["edge_idle_s"] == pytest.approx(0.7)
+    assert b["mean_gap_s"] * len(spans) == pytest.approx(sum(between) + edges, abs=1e-3)
+    pairs = [{side: {**b, "load": {}, "pretrained_models": 1} for side in ("platform", "floor", "plain")}]
+    s = overhead.summarise(pairs, SimpleNamespace(trials=7, concurrency=2))
+    assert s["between_gap_ms"] == {"platform": 180, "floor": 180, "plain": 180}
+    assert overhead.target_lines(s)[4].startswith("where the idle gap lies: between two trials of a slot comod 180 ms")
