@@ -111,6 +111,20 @@ def test_the_runs_of_earlier_drivers_are_read_in_one_search(tmp_path):
         assert tags[TAG_PARENT] == parent and tags[TAG_STATE] == "running"
 
 
+class CountingBatches:
+    """The real client, with each log_batch call's entity counts appended to ``batches``."""
+
+    def __init__(self, client, batches: list):
+        self._client, self._batches = client, batches
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    def log_batch(self, run_id, **entities):
+        self._batches.append({k: len(v or ()) for k, v in entities.items()})
+        return self._client.log_batch(run_id, **entities)
+
+
 def test_after_a_flush_no_mlflow_thread_holds_a_trial_or_sends_again(tmp_path):
     """Once the search's flush returns, neither the writer nor the coalescing thread keeps a trial (one
     freed there while Ray shuts down would end the driver with status 1), and no send comes after it."""
@@ -121,21 +135,13 @@ def test_after_a_flush_no_mlflow_thread_holds_a_trial_or_sends_again(tmp_path):
 
     uri, client, experiment, parent = _search_store(tmp_path, "h")
     runs = TrialRuns(load_search(REPO / "search_spaces" / "tiny.yaml"), "h", uri, experiment, parent, coalesce_s=0.3)
-    batches = []
-
-    class Counting:  # the real client, with its log_batch calls counted
-        def __getattr__(self, name):
-            return getattr(client, name)
-
-        def log_batch(self, run_id, **entities):
-            batches.append(run_id)
-            return client.log_batch(run_id, **entities)
+    batches: list = []
 
     class Trial:
         def __init__(self, trial_id, config):
             self.trial_id, self.config = trial_id, config
 
-    runs._client = Counting()
+    runs._client = CountingBatches(client, batches)
     trial = Trial("t1", {"modulation.kind": "deterministic", "finetune.lr.controller": 0.01})
     gone = weakref.ref(trial)
     runs.start(trial)
@@ -159,17 +165,8 @@ def test_a_short_trials_epochs_tags_and_end_go_out_in_one_write(tmp_path):
 
     uri, client, experiment, parent = _search_store(tmp_path, "c")
     runs = TrialRuns(load_search(REPO / "search_spaces" / "tiny.yaml"), "c", uri, experiment, parent, coalesce_s=2.0)
-    batches = []
-
-    class Counting:  # the real client, with its log_batch calls counted
-        def __getattr__(self, name):
-            return getattr(client, name)
-
-        def log_batch(self, run_id, **entities):
-            batches.append({k: len(v or ()) for k, v in entities.items()})
-            return client.log_batch(run_id, **entities)
-
-    runs._client = Counting()
+    batches: list = []
+    runs._client = CountingBatches(client, batches)
     trial = SimpleNamespace(trial_id="t1", config={"modulation.kind": "deterministic", "finetune.lr.controller": 0.01})
     runs.start(trial)
     assert runs.flush(30)
