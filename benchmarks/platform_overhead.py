@@ -434,15 +434,11 @@ def summarise(pairs: list[dict], args) -> dict:
         "gap_extra_ms": round((mean("platform", "mean_gap_s") - mean("plain", "mean_gap_s")) * 1000, 1),
         "idle_gap_ms": round(mean("platform", "mean_gap_s") * 1000),
         # where the idle slot time lies: between two trials of a slot, and at the window's ends
-        "between_gap_ms": {side: round(_mean_of(pairs, side, "mean_between_s") * 1000) for side in _split(pairs)},
-        "edge_idle_s": {side: round(_mean_of(pairs, side, "edge_idle_s"), 2) for side in _split(pairs)},
+        "between_gap_ms": {side: round(mean(side, "mean_between_s") * 1000) for side in _split(pairs)},
+        "edge_idle_s": {side: round(mean(side, "edge_idle_s"), 2) for side in _split(pairs)},
         **_floor_summary(pairs, wall_p, wall_q),
     }
     return {**summary, **checks(summary)}
-
-
-def _mean_of(pairs: list[dict], side: str, key: str) -> float:
-    return statistics.fmean(p[side][key] for p in pairs)
 
 
 def _split(pairs: list[dict]) -> list[str]:
