@@ -329,16 +329,16 @@ def run_platform(search_file: Path, work: Path, args) -> dict:
     home.mkdir()
     ray_tmp = args.cluster.tmp if args.cluster else tempfile.mkdtemp(prefix="po", dir="/tmp")
     env = _clean_env(COMOD_HOME=str(home), COMOD_DOWNLOAD="0", RAY_TMPDIR=ray_tmp)
-    cmd = [sys.executable, "-m", "comod_platform.cli", "search", "run", str(search_file), "--name", SEARCH_NAME]
+    cmd = [sys.executable, "-m", "comod_platform.cli", "search", "run", str(search_file), "--name", SEARCH_NAME,
+           "--json"]
     if args.cluster:
         _open_store(home)
         cmd += ["--address", args.cluster.address]
     log = work / "platform.log"
     try:
-        with LoadSampler() as load, open(log, "w") as out:
+        with LoadSampler() as load, open(log, "w") as out, open(work / "summary.json", "w") as summary:
             t0 = time.time()
-            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=summary, stderr=out, start_new_session=True)
             try:
                 rc = proc.wait(args.timeout)
             except subprocess.TimeoutExpired:
@@ -359,9 +359,35 @@ def run_platform(search_file: Path, work: Path, args) -> dict:
     pretrained = len(list((home / "searches" / SEARCH_NAME / "pretrain_cache").glob("*.pt")))
     return {**breakdown(t0, t1, spans, args.concurrency), "load": load.summary(),
             "pretrained_models": pretrained, "ray_processes_killed_after": leftovers,
+            "recording_cpu_s": recording_cpu(json.loads((work / "summary.json").read_text())),
             "configs": [str(work / "home" / "searches" / SEARCH_NAME / "trials" / s["dir"] / "config.yaml")
                         for s in spans],
             "kinds": {k: sum(s["kind"] == k for s in spans) for k in ("none", "deterministic", "stochastic")}}
+
+
+WRITER_NAMES = {"comod-mlflow-writer": "mlflow", "comod-optuna-writer": "study"}
+
+
+def recording_cpu(summary: dict) -> dict[str, float]:
+    """The CPU seconds the search's driver spent recording (its writer threads, from the summary that
+    ``comod search run --json`` prints): ``{"mlflow": s, "study": s}``."""
+    writers = summary.get("writers") or {}
+    return {short: float((writers.get(name) or {}).get("cpu_s", 0.0)) for name, short in WRITER_NAMES.items()}
+
+
+def recording_estimate(pairs: list[dict], trials: int, cores: int) -> dict:
+    """What recording alone adds to the trials' window where the trials keep every core busy: the driver's
+    writer CPU per trial (ms), that CPU spread over ``cores`` (s per command), and the window ratio it
+    implies at the least, bare Ray Tune's window plus that, over the plain loop's (None without the floor)."""
+    cpu = {k: statistics.fmean(p["platform"]["recording_cpu_s"][k] for p in pairs) for k in WRITER_NAMES.values()}
+    window_s = sum(cpu.values()) / cores
+    out = {"ms_per_trial": {k: round(v / trials * 1000, 1) for k, v in cpu.items()}, "window_s": round(window_s, 2),
+           "cores": cores}
+    if all("floor" in p for p in pairs):
+        floor = statistics.fmean(p["floor"]["window_s"] for p in pairs)
+        plain = statistics.fmean(p["plain"]["window_s"] for p in pairs)
+        out["window_ratio_at_least"] = round((floor + window_s) / plain, 3)
+    return out
 
 
 def run_plain(configs: list[str], work: Path, args) -> dict:
@@ -438,6 +464,8 @@ def summarise(pairs: list[dict], args) -> dict:
         "edge_idle_s": {side: round(mean(side, "edge_idle_s"), 2) for side in _split(pairs)},
         **_floor_summary(pairs, wall_p, wall_q),
     }
+    if all("recording_cpu_s" in p["platform"] for p in pairs):
+        summary["recording"] = recording_estimate(pairs, args.trials, os.cpu_count() or 1)
     return {**summary, **checks(summary)}
 
 
@@ -484,7 +512,25 @@ def target_lines(s: dict) -> list[str]:
         lines.append(f"where the idle gap lies: between two trials of a slot {between}; the rest is the slots' "
                      f"idle time at the window's ends, while the last trials finish unevenly ({edges} of slot "
                      f"time per command, spread over the trials)")
+    if s.get("recording"):
+        lines.append(recording_note(s["recording"]))
     return lines + [whole_command_note(s)]
+
+
+def recording_note(r: dict) -> str:
+    """What recording alone costs the window, and whether the window target is within reach here."""
+    ms = r["ms_per_trial"]
+    text = (f"recording alone: the driver's MLflow writer takes {ms['mlflow']:.0f} ms and its study writer "
+            f"{ms['study']:.0f} ms of CPU per trial; with the trials keeping all {r['cores']} cores busy that CPU "
+            f"is about {r['window_s']:.1f} s of the window")
+    bound = r.get("window_ratio_at_least")
+    if bound is None:
+        return text
+    text += f", so the window is at least about {bound:.3f}x the plain loop's (bare Ray Tune's window plus it)"
+    if bound > TARGET_WINDOW:
+        text += (f": the window target ({TARGET_WINDOW}) is out of reach on this machine with trials this short, "
+                 f"unless less is recorded or it is recorded on other cores")
+    return text
 
 
 def whole_command_note(s: dict) -> str:

@@ -453,7 +453,7 @@ def _fit(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, address: str | No
     from mlflow.tracking import MlflowClient
 
     from comod_platform.study_storage import flush_all as flush_study_writes
-    from comod_platform.writer import retry_call
+    from comod_platform.writer import retry_call, usage as writer_usage
 
     if restore:
         _prepare_cluster(address, meta.ray_storage, verbose)
@@ -479,6 +479,7 @@ def _fit(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, address: str | No
                                                      else ())}
     if interrupts.requested():
         summary["stopped_by"] = signal.Signals(interrupts.requested()).name
+    summary["writers"] = writer_usage()  # what recording cost this driver (the CPU its writer threads took)
     return summary
 
 

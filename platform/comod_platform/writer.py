@@ -16,8 +16,10 @@ import queue
 import sys
 import threading
 import time
+import weakref
 
 log = logging.getLogger(__name__)
+_WRITERS: "weakref.WeakSet[Writer]" = weakref.WeakSet()
 BACKGROUND_NICE = 19
 """The CPU priority of the driver's writer threads: the lowest. Ray starts its workers, the trials
 among them, at nice 15 (its ``worker_niceness``), so a writer must be below that for the trials to come
@@ -88,8 +90,10 @@ class Writer:
         self.retries, self.max_pause, self.describe = retries, max_pause, describe
         self.outage_since: float | None = None
         self.dropped = 0
+        self.calls, self.cpu_s = 0, 0.0  # calls made, and the CPU time this thread spent in them
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.thread.start()
+        _WRITERS.add(self)
 
     def submit(self, fn, *args, **kwargs) -> None:
         self.queue.put((fn, args, kwargs))
@@ -110,7 +114,12 @@ class Writer:
         while True:
             # the call's arguments are let go before task_done: once a flush returns, this thread holds
             # nothing of the caller's (a Ray trial freed here while Ray shuts down ends the process)
-            self._call(*self.queue.get())
+            call = self.queue.get()
+            started = time.thread_time()
+            self._call(*call)
+            del call
+            self.cpu_s += time.thread_time() - started
+            self.calls += 1
             self.queue.task_done()
 
     def _call(self, fn, args, kwargs) -> None:
@@ -159,6 +168,18 @@ class Writer:
                 announced = time.time()
             time.sleep(0.1)
         return True
+
+
+def usage() -> dict[str, dict]:
+    """What this process's writers have cost so far, by thread name: ``{name: {"calls": n, "cpu_s": s}}``
+    (the CPU time their threads spent in calls, retries and pauses' wake-ups included). A search's
+    summary carries it: on a machine whose cores the trials keep busy, this is CPU the trials wait for."""
+    out: dict[str, dict] = {}
+    for writer in list(_WRITERS):
+        entry = out.setdefault(writer.thread.name, {"calls": 0, "cpu_s": 0.0})
+        entry["calls"] += writer.calls
+        entry["cpu_s"] = round(entry["cpu_s"] + writer.cpu_s, 3)
+    return out
 
 
 def retry_call(fn, *args, timeout: float | None = None, **kwargs):

@@ -176,3 +176,33 @@ def test_a_flushed_writer_holds_nothing_of_its_calls():
     del payload
     assert writer.flush(10)
     assert gone() is None
+
+
+def test_a_writer_counts_its_calls_and_the_cpu_they_took():
+    """``usage()`` sums the writers of the process by thread name: calls made (a dropped one counts too)
+    and their thread's CPU time, which a call that computes has and one that sleeps has not."""
+    from comod_platform.writer import usage
+
+    def compute():
+        end = time.thread_time() + 0.05
+        while time.thread_time() < end:
+            pass
+
+    busy, sleepy = Writer(name="test-busy-writer"), Writer(name="test-sleepy-writer")
+    for _ in range(3):
+        busy.submit(compute)
+    sleepy.submit(time.sleep, 0.2)
+    assert busy.flush(10) and sleepy.flush(10)
+    counted = usage()
+    assert counted["test-busy-writer"]["calls"] == 3 and counted["test-busy-writer"]["cpu_s"] >= 0.15
+    assert counted["test-sleepy-writer"]["calls"] == 1 and counted["test-sleepy-writer"]["cpu_s"] < 0.05
+
+
+def test_a_search_s_summary_says_what_its_writers_cost(tiny_search):
+    """``comod search run --json``: the driver's MLflow and study writers, their calls and CPU seconds."""
+    import json
+
+    writers = json.loads(tiny_search["done"].stdout)["writers"]
+    mlflow, study = writers["comod-mlflow-writer"], writers["comod-optuna-writer"]
+    assert mlflow["calls"] >= 2 * 4 and mlflow["cpu_s"] > 0  # tiny.yaml's 4 trials: at least a start and an end
+    assert study["calls"] >= 4 and study["cpu_s"] > 0  # at least a tell per trial
