@@ -56,6 +56,12 @@ shut-down make the floor itself, bare Ray Tune / plain, far above 1.15 (the
 report says which holds). The last line printed is ``RESULT
 platform/bare_ray=X.XXX window_platform/plain=Y.YYY idle_gap_ms=Z``.
 
+What recording alone costs the window is reported too: the search's
+summary (``--json``) says how much CPU the driver's MLflow and study writer
+threads took; spread over the machine's cores, which the trials keep busy,
+and added to bare Ray Tune's window, it gives the least window ratio to the
+plain loop that the platform can reach here while recording what it does.
+
 With ``--repeats`` > 1 the two sides alternate order (platform first, then
 plain first, ...) so that load from other processes hits both alike. The
 1-minute load average is sampled during every run and recorded with the
