@@ -6,7 +6,8 @@ writes go to its database through a :class:`Writer` too (:mod:`study_storage`). 
 passing failure (:func:`transient`: an unreachable server, a failing one, a locked, full or
 vanished database, also when MLflow wraps it) is retried until it passes or the flush timeout is
 spent; anything else is the call's own fault, retried a few times and then dropped with a warning
-that names it. Nothing is dropped silently.
+that names it. Nothing is dropped silently. Each writer counts its calls and the CPU its thread
+spent in them (:func:`usage`), which a search's summary carries as ``writers``.
 """
 from __future__ import annotations
 
