@@ -459,6 +459,7 @@ def _fit(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, address: str | No
         _prepare_cluster(address, meta.ray_storage, verbose)
         _check_resources(sf, address)
     experiment_path = storage_mod.join(meta.ray_storage, meta.name)
+    recorded_before = writer_usage()  # this search's writes only, were there others in this process
     client = MlflowClient(tracking_uri=meta.tracking_uri)
     retry_call(client.update_run, meta.parent_run_id, status="RUNNING")
     status = "KILLED"
@@ -479,7 +480,7 @@ def _fit(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, address: str | No
                                                      else ())}
     if interrupts.requested():
         summary["stopped_by"] = signal.Signals(interrupts.requested()).name
-    summary["writers"] = writer_usage()  # what recording cost this driver (the CPU its writer threads took)
+    summary["writers"] = writer_usage(recorded_before)  # what recording cost the driver (its writers' CPU)
     return summary
 
 

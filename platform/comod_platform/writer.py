@@ -171,15 +171,23 @@ class Writer:
         return True
 
 
-def usage() -> dict[str, dict]:
-    """What this process's writers have cost so far, by thread name: ``{name: {"calls": n, "cpu_s": s}}``
-    (the CPU time their threads spent in calls, retries and pauses' wake-ups included). A search's
-    summary carries it: on a machine whose cores the trials keep busy, this is CPU the trials wait for."""
-    out: dict[str, dict] = {}
+def usage(since: dict[str, dict] | None = None) -> dict[str, dict]:
+    """What this process's writers have cost, by thread name: ``{name: {"calls": n, "cpu_s": s}}`` (the
+    CPU time their threads spent in calls, retries and pauses' wake-ups included); with ``since`` (an
+    earlier ``usage()``), only what came after it. A search's summary carries it: on a machine whose cores
+    the trials keep busy, this is CPU the trials wait for."""
+    total: dict[str, dict] = {}
     for writer in list(_WRITERS):
-        entry = out.setdefault(writer.thread.name, {"calls": 0, "cpu_s": 0.0})
+        entry = total.setdefault(writer.thread.name, {"calls": 0, "cpu_s": 0.0})
         entry["calls"] += writer.calls
-        entry["cpu_s"] = round(entry["cpu_s"] + writer.cpu_s, 3)
+        entry["cpu_s"] += writer.cpu_s
+    before = since or {}
+    out = {}
+    for name, entry in total.items():
+        earlier = before.get(name, {"calls": 0, "cpu_s": 0.0})
+        if entry["calls"] > earlier["calls"]:
+            out[name] = {"calls": entry["calls"] - earlier["calls"],
+                         "cpu_s": round(entry["cpu_s"] - earlier["cpu_s"], 3)}
     return out
 
 

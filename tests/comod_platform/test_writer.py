@@ -196,6 +196,11 @@ def test_a_writer_counts_its_calls_and_the_cpu_they_took():
     counted = usage()
     assert counted["test-busy-writer"]["calls"] == 3 and counted["test-busy-writer"]["cpu_s"] >= 0.15
     assert counted["test-sleepy-writer"]["calls"] == 1 and counted["test-sleepy-writer"]["cpu_s"] < 0.05
+    busy.submit(compute)
+    assert busy.flush(10)
+    later = usage(since=counted)  # only what came after: the one call, no idle writer
+    assert set(later) == {"test-busy-writer"} and later["test-busy-writer"]["calls"] == 1
+    assert 0.05 <= later["test-busy-writer"]["cpu_s"] < 0.15
 
 
 def test_a_search_s_summary_says_what_its_writers_cost(tiny_search):
