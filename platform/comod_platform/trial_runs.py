@@ -219,8 +219,14 @@ class TrialRuns:
 
     def queue_tags(self, trial, tags: dict[str, str], now: bool = False) -> None:
         """Set ``tags`` on the trial's run with its next batch of metrics, or in a write of their own when
-        ``now`` (a trial's restart, and its move to another node, are news while it runs)."""
+        ``now`` (a trial's restart, and its move to another node, are news while it runs). A tag written now
+        also replaces the value still waiting for the trial's next batch: that batch goes out after this write,
+        and must not set the tag back (a trial that moves within the coalescing time of its first report)."""
         if now:
+            with self._buffer_lock:
+                waiting = self._tag_buffer.get(trial.trial_id)
+                if waiting:
+                    waiting.update((k, v) for k, v in tags.items() if k in waiting)
             self.writer.submit(self._tags, trial, tags)
             return
         with self._buffer_lock:

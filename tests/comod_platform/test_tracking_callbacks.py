@@ -184,6 +184,27 @@ def test_a_short_trials_epochs_tags_and_end_go_out_in_one_write(tmp_path):
     assert len(batches) == 1 and batches[0]["metrics"] == 4 and batches[0]["tags"] == 3, batches
 
 
+def test_a_tag_written_at_once_is_not_set_back_by_the_batch_still_waiting(tmp_path):
+    """A trial's first node tag waits for its batch; the trial moves to another node before that batch
+    goes out, and the move is written at once: the waiting batch, sent after it, keeps the new node."""
+    from types import SimpleNamespace
+
+    from comod_platform.conventions import TAG_GPUS, TAG_NODE
+    from comod_platform.trial_runs import TrialRuns
+
+    uri, client, experiment, parent = _search_store(tmp_path, "m")
+    runs = TrialRuns(load_search(REPO / "search_spaces" / "tiny.yaml"), "m", uri, experiment, parent, coalesce_s=2.0)
+    trial = SimpleNamespace(trial_id="t1", config={"modulation.kind": "deterministic", "finetune.lr.controller": 0.01})
+    runs.start(trial)
+    runs.queue_metrics(trial, {"pretrain/train_loss": 1.0}, step=10, per_epoch=True)
+    runs.queue_tags(trial, {TAG_NODE: "lost", TAG_GPUS: "1"})
+    runs.queue_tags(trial, {TAG_NODE: "survivor", TAG_GPUS: "0"}, now=True)
+    assert runs.flush(30)
+    run = client.get_run(runs.run_id(trial))
+    assert run.data.tags[TAG_NODE] == "survivor" and run.data.tags[TAG_GPUS] == "0"
+    assert run.data.metrics["pretrain/train_loss"] == 1.0  # the waiting batch did go out
+
+
 def test_an_epoch_reported_again_before_its_first_report_went_out_is_logged_once(tmp_path):
     """A trial restarted from an older checkpoint reports an epoch again; when both reports wait in the
     same coalesced batch, the epoch's step is still logged once, with the first report's value."""
