@@ -28,7 +28,8 @@ from comod_platform import interrupts
 from comod_platform import sqlite_stores
 from comod_platform import storage as storage_mod
 from comod_platform.conventions import (COMPLETED, EPOCH, FAILED, INTERRUPTED, PRUNED, REASON, TAG_ROLE, TAG_SEARCH,
-                                        TAG_SEARCH_ID, better, direction, experiment_name, outcome, param_text)
+                                        TAG_SEARCH_ID, better, direction, experiment_name, outcome, param_text,
+                                        report_metrics)
 from comod_platform.credentials import redact, redact_all
 from comod_platform.search_state import (SearchMeta, SearchPaths, check_name, default_name,
                                          first_difference, search_hash, versions)
@@ -618,7 +619,7 @@ def summarise_grid(grid, sf: SearchFile, interrupted=()) -> dict:
     per_kind: dict[str, dict | None] = {}
     failures = []
     for result in grid:
-        metrics = result.metrics or {}
+        metrics = report_metrics(result.metrics)
         config = result.config or {}
         kind = config.get("modulation.kind", base_kind)
         per_kind.setdefault(kind, None)

@@ -7,7 +7,9 @@ scheduler uses as its clock (Ray's iteration count restarts when a trial is
 restored; the epoch count does not). The last report carries the last
 epoch's metrics, the final (test) metrics and the final flag together, so a
 scheduler that decides at the last epoch cannot stop a trial before its test
-metrics are recorded. The trial works in the search's ``trials/ID``
+metrics are recorded. Ray Tune sees the search's metric and the protocol's keys as values of their own,
+the other metrics as one JSON text (``conventions.METRICS``, :func:`conventions.pack_report`), which
+keeps its experiment snapshots small. The trial works in the search's ``trials/ID``
 folder; an epoch's checkpoint (with the config) goes to Ray Tune as the
 trial's checkpoint, which Ray persists to the search's storage (a shared
 mount or S3 on a cluster), whenever ``search.checkpoint_interval_s`` has
@@ -38,13 +40,14 @@ import tempfile
 import time
 import warnings
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from comod.config import config_to_dict
 from comod.data.taskdata import Split, TaskData
-from comod_platform.conventions import CURVE, DIVERGED_FLAG, EPOCH, FINAL_FLAG, GPUS, NODE, REASON, STEP
+from comod_platform.conventions import CURVE, DIVERGED_FLAG, EPOCH, FINAL_FLAG, GPUS, NODE, REASON, STEP, pack_report
 from comod_platform.reporter import EpochReporter
 from comod_platform.search_state import SearchPaths
 from comod_platform.watchdog import TrialTimeout, Watchdog
@@ -110,10 +113,13 @@ def _staged(out: Path, names: tuple[str, ...]):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _report_to_tune(row: dict, folder: Path | None) -> None:
+def _report_to_tune(row: dict, folder: Path | None, metric: str) -> None:
+    """One report to Ray Tune, its metrics packed (:func:`conventions.pack_report`), with ``folder`` as
+    its checkpoint if given."""
     from ray import tune
 
-    tune.report(row, checkpoint=tune.Checkpoint.from_directory(folder) if folder is not None else None)
+    tune.report(pack_report(row, metric),
+                checkpoint=tune.Checkpoint.from_directory(folder) if folder is not None else None)
 
 
 def _stopping_signal():
@@ -175,7 +181,7 @@ def run_trial(config: dict, search=None, search_name: str = "", home: str = "", 
         state["fresh"] = True
         state["payload"] = payload  # the last one is the final checkpoint, which the plots are drawn from
 
-    reporter = EpochReporter(_report_to_tune, _stopping_signal())
+    reporter = EpochReporter(partial(_report_to_tune, metric=search.search.metric), _stopping_signal())
     curve: list = []  # validation points between epoch ends, sent with the next report
 
     def with_curve(row: dict) -> dict:
@@ -250,8 +256,8 @@ def run_trial(config: dict, search=None, search_name: str = "", home: str = "", 
     except (DivergedError, TrialTimeout, TimeoutError) as err:  # recorded ends, not crashes: not retried
         reporter.close()
         reason = watchdog.reason if isinstance(err, TrialTimeout) and watchdog.reason else str(err)
-        tune.report({DIVERGED_FLAG: 1, REASON: reason, search.search.metric: float("nan"), STEP: state["step"],
-                     EPOCH: state["epochs"], **where})
+        _report_to_tune({DIVERGED_FLAG: 1, REASON: reason, search.search.metric: float("nan"), STEP: state["step"],
+                         EPOCH: state["epochs"], **where}, None, search.search.metric)
         return
     except BaseException:
         reporter.abandon()
@@ -263,4 +269,4 @@ def run_trial(config: dict, search=None, search_name: str = "", home: str = "", 
     final = with_curve({**state.get("last", {}), **metrics, FINAL_FLAG: 1, STEP: int(metrics.get("steps", 0)),
                         EPOCH: state["epochs"], **where})
     with _staged(out, FINAL_FILES) as folder:
-        tune.report(final, checkpoint=tune.Checkpoint.from_directory(folder))
+        _report_to_tune(final, folder, search.search.metric)

@@ -23,8 +23,9 @@ import threading
 import time
 from pathlib import Path
 
-from comod_platform.conventions import (EPOCH, FINAL_FLAG, INTERRUPTED, TAG_BEST_RUN, TAG_BEST_TRIAL, TAG_ERROR, TAG_KIND, TAG_PARENT,
-                                        TAG_ROLE, TAG_SEARCH, TAG_STATE, TAG_STOPPED_EPOCH, TAG_TRIAL_ID)
+from comod_platform.conventions import (EPOCH, FINAL_FLAG, INTERRUPTED, TAG_BEST_RUN, TAG_BEST_TRIAL, TAG_ERROR,
+                                        TAG_KIND, TAG_PARENT, TAG_ROLE, TAG_SEARCH, TAG_STATE, TAG_STOPPED_EPOCH,
+                                        TAG_TRIAL_ID, report_metrics)
 from comod_platform.tracking import (dataset_input, dataset_settings, describe_dataset, log_batch_chunked,
                                      log_dataset, log_params, params_of)
 from comod_platform.writer import BACKGROUND_NICE, Writer, transient
@@ -38,8 +39,9 @@ OWN_PLAIN = {"wall_seconds", "steps"}
 
 
 def numeric_metrics(result: dict) -> dict[str, float]:
-    """A trial's report as MLflow metrics: its numbers, without Ray's own keys and flags without a slash."""
-    return {k: float(v) for k, v in result.items()
+    """A trial's report as MLflow metrics: its numbers (those Ray Tune saw and those of its
+    ``conventions.METRICS`` text), without Ray's own keys and flags without a slash."""
+    return {k: float(v) for k, v in report_metrics(result).items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in RAY_KEYS
             and ("/" in k or k in OWN_PLAIN)}
 

@@ -12,7 +12,8 @@ import optuna
 import yaml
 from mlflow.tracking import MlflowClient
 
-from comod_platform.conventions import TAG_ERROR, TAG_ROLE, TAG_STATE, TAG_STOPPED_EPOCH
+from comod_platform.conventions import PROTOCOL_KEYS, TAG_ERROR, TAG_ROLE, TAG_STATE, TAG_STOPPED_EPOCH, report_metrics
+from comod_platform.trial_runs import RAY_KEYS
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = yaml.safe_load((REPO / "search_spaces" / "tiny.yaml").read_text())
@@ -74,7 +75,12 @@ def test_a_rung_on_the_last_epoch_never_costs_a_trained_trial_its_test_metrics(t
     assert len(results) == len(children)
     for path in results:
         trial_id = path.parent.name.split("_")[2]
-        reports = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        seen = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        # Ray Tune sees the search's metric and the protocol's keys as numbers, the other metrics as one text
+        for r in seen:
+            numbers = {k for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            assert numbers <= PROTOCOL_KEYS | {"val/mean_f1"} | RAY_KEYS, sorted(numbers - PROTOCOL_KEYS - RAY_KEYS)
+        reports = [report_metrics(r) for r in seen]
         at_end = [r for r in reports if r.get("comod/epoch") == natural[trial_id]]
         assert all(r.get("comod/final") == 1 and "test/mean_f1" in r for r in at_end), (trial_id, at_end)
     for child in children:
