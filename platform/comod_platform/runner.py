@@ -170,6 +170,14 @@ def quiet_ray() -> None:
         ray_logger.handlers[:] = [handler]
 
 
+LOCAL_RAY_CONFIG = {"prestart_worker_first_driver": False}
+"""Settings of a Ray this driver starts itself. Ray starts a worker per CPU for a first driver's tasks
+before it returns from ``ray.init``; a search runs no such task (Ray Tune gives each trial actor a
+runtime environment of its own, so its actors start in new workers), so those workers only took CPU
+from the search's start-up and, idle, from its trials. Measured on 2 cores, 40 trials, three
+interleaved pairs: the whole command 0.2-1.0 s shorter (0.66 s on average, 2.3%)."""
+
+
 def _init_ray(address: str | None, verbose: bool | None = None) -> None:
     import ray
 
@@ -183,10 +191,11 @@ def _init_ray(address: str | None, verbose: bool | None = None) -> None:
             env = {} if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") else storage_mod.worker_env()
             ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": env} if env else None)
         elif verbose_default(verbose):
-            ray.init(include_dashboard=False, log_to_driver=True)
+            ray.init(include_dashboard=False, log_to_driver=True, _system_config=LOCAL_RAY_CONFIG)
         else:
             quiet_ray()
-            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
+                     _system_config=LOCAL_RAY_CONFIG)
             quiet_ray()
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise SearchError(f"cannot reach the Ray cluster at {address}: {err}; check the address "
