@@ -64,6 +64,7 @@ class TrialRuns:
     def _reset(self) -> None:
         self._client = self._writer = None
         self._runs: dict[str, str] = {}
+        self._tried: set[str] = set()  # trials whose run this driver has tried to find or make
         self._earlier: dict | None = None  # the runs an earlier driver made, not yet re-attached (run_id)
         self._artifact_uris: dict[str, str] = {}  # per run: where its artifacts go (known from its creation)
         self._closed: set[str] = set()      # runs that had ended before this driver: left as they are
@@ -105,6 +106,11 @@ class TrialRuns:
         if trial.trial_id in self._runs:
             return self._runs[trial.trial_id]
         found = self._earlier_runs().pop(trial.trial_id, None)
+        if found is None and trial.trial_id in self._tried:
+            # an earlier try failed part-way (the server went away between its calls, or after taking
+            # create_run but before answering it): its run may be there, to complete rather than make twice
+            found = next(iter(self._all_runs(f"tags.`{TAG_TRIAL_ID}` = '{trial.trial_id}'")), None)
+        self._tried.add(trial.trial_id)
         run_id = self._reattach(trial, found) if found is not None else self._create(trial)
         self._runs[trial.trial_id] = run_id
         return run_id

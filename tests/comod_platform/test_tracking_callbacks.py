@@ -205,6 +205,35 @@ def test_a_tag_written_at_once_is_not_set_back_by_the_batch_still_waiting(tmp_pa
     assert run.data.metrics["pretrain/train_loss"] == 1.0  # the waiting batch did go out
 
 
+def test_a_run_whose_creation_failed_part_way_is_completed_not_made_twice(tmp_path):
+    """The server goes away after taking a trial's create_run, before its params: the writer's retry finds
+    that run and completes it (params, dataset), so the trial still has exactly one run."""
+    from types import SimpleNamespace
+
+    from mlflow.entities import ViewType
+
+    from comod_platform.trial_runs import TrialRuns
+
+    uri, client, experiment, parent = _search_store(tmp_path, "p")
+    runs = TrialRuns(load_search(REPO / "search_spaces" / "tiny.yaml"), "p", uri, experiment, parent)
+    failed = []
+
+    class AwayAfterCreate(CountingBatches):
+        def log_batch(self, run_id, **entities):
+            if entities.get("params") and not failed:
+                failed.append(run_id)
+                raise ConnectionError("the tracking server went away")
+            return self._client.log_batch(run_id, **entities)
+
+    runs._client = AwayAfterCreate(client, [])
+    trial = SimpleNamespace(trial_id="t1", config={"modulation.kind": "deterministic", "finetune.lr.controller": 0.01})
+    runs.start(trial)
+    assert runs.flush(60)
+    made = client.search_runs([experiment], f"tags.`{TAG_TRIAL_ID}` = 't1'", run_view_type=ViewType.ALL)
+    assert failed and [r.info.run_id for r in made] == failed == [runs.run_id(trial)]
+    assert made[0].data.params["modulation.kind"] == "deterministic" and made[0].inputs.dataset_inputs
+
+
 def test_an_epoch_reported_again_before_its_first_report_went_out_is_logged_once(tmp_path):
     """A trial restarted from an older checkpoint reports an epoch again; when both reports wait in the
     same coalesced batch, the epoch's step is still logged once, with the first report's value."""
