@@ -227,15 +227,11 @@ class TrialRuns:
 
     def queue_tags(self, trial, tags: dict[str, str], now: bool = False) -> None:
         """Set ``tags`` on the trial's run with its next batch of metrics, or in a write of their own when
-        ``now`` (a trial's restart, and its move to another node, are news while it runs). A tag written now
-        also replaces the value still waiting for the trial's next batch: that batch goes out after this write,
-        and must not set the tag back (a trial that moves within the coalescing time of its first report)."""
+        ``now`` (a trial's restart, and its move to another node, are news while it runs). A write now takes
+        what waits for the trial's next batch with it, its own tags winning: a batch sent after it would set
+        a tag back (a trial that moves within the coalescing time of its first report)."""
         if now:
-            with self._buffer_lock:
-                waiting = self._tag_buffer.get(trial.trial_id)
-                if waiting:
-                    waiting.update((k, v) for k, v in tags.items() if k in waiting)
-            self.writer.submit(self._tags, trial, tags)
+            self.writer.submit(self._send_buffered, trial, tags)
             return
         with self._buffer_lock:
             self._tag_buffer.setdefault(trial.trial_id, {}).update(tags)
@@ -399,14 +395,6 @@ class TrialRuns:
             path = Path(folder) / "checkpoint.pt"
             if path.exists():
                 self._artifacts(self.run_id(trial)).log_artifact(str(path))
-
-    def _tags(self, trial, tags: dict[str, str]) -> None:
-        """Set ``tags`` on the trial's run in one write."""
-        from mlflow.entities import RunTag
-
-        run_id = self.run_id(trial)
-        if trial.trial_id not in self._closed:
-            log_batch_chunked(self.client, run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def _end_interrupted(self, trial, last: dict) -> None:
         if trial.trial_id in self._runs:

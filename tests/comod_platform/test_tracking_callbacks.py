@@ -210,8 +210,6 @@ def test_a_run_whose_creation_failed_part_way_is_completed_not_made_twice(tmp_pa
     that run and completes it (params, dataset), so the trial still has exactly one run."""
     from types import SimpleNamespace
 
-    from mlflow.entities import ViewType
-
     from comod_platform.trial_runs import TrialRuns
 
     uri, client, experiment, parent = _search_store(tmp_path, "p")
