@@ -323,3 +323,56 @@ def test_what_recording_alone_costs_the_window(overhead):
                                         trials=40, cores=2)
     assert "out of reach" not in overhead.recording_note(cheap)
     assert "window_ratio_at_least" not in overhead.recording_estimate([{"platform": pairs[0]["platform"]}], 40, 2)
+
+
+# ------------------------------------------------------------------- recording_off
+
+@pytest.fixture(scope="module")
+def recording_off():
+    return _load("recording_off")
+
+
+def test_the_recording_off_patch_drops_the_mlflow_writers_calls_only(recording_off, tmp_path):
+    """In a fresh interpreter with the patch on its path: with COMOD_DROP_MLFLOW=1 the MLflow writer runs
+    none of its calls and the study's writer runs all of its; without the variable, both run theirs."""
+    patch = recording_off.write_patch(tmp_path / "patch")
+    code = ("from comod_platform.writer import Writer\n"
+            "done = []\n"
+            "mlflow, study = Writer(name='comod-mlflow-writer'), Writer(name='comod-optuna-writer')\n"
+            "for i in range(3):\n"
+            "    mlflow.submit(done.append, ('mlflow', i)); study.submit(done.append, ('study', i))\n"
+            "mlflow.queue.join(); study.queue.join()\n"
+            "print(sorted({w for w, _ in done}), len(done))\n")
+
+    def run(drop: str) -> str:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(patch), os.environ.get("PYTHONPATH", "")]),
+               "COMOD_DROP_MLFLOW": drop}
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert run("1") == "['study'] 3"
+    assert run("0") == "['mlflow', 'study'] 6"
+
+
+def test_recording_off_checks_its_patch_took_and_says_what_the_numbers_mean(recording_off):
+    side = lambda window, gap, mlflow=0.0: {"wall_s": 20.0 + window, "window_s": window, "mean_trial_s": 0.7,  # noqa: E731
+                                            "mean_gap_s": gap, "mean_between_s": gap / 2,
+                                            "recording_cpu_s": {"mlflow": mlflow, "study": 0.3}}
+    runs = {"platform": [side(17.0, 0.09, 2.0)], "no_mlflow": [side(16.0, 0.085)], "floor": [side(15.0, 0.06)],
+            "plain": [side(14.0, 0.04)]}
+    recording_off.check_patch(runs)
+    with pytest.raises(SystemExit, match="the patch did not take"):
+        recording_off.check_patch({**runs, "no_mlflow": [side(16.0, 0.085, 1.5)]})
+    with pytest.raises(SystemExit, match="the patch did not take"):
+        recording_off.check_patch({**runs, "platform": [side(17.0, 0.09)]})
+    s = recording_off.summarise(runs)
+    assert s["no_mlflow"]["window_over_plain"] == round(16.0 / 14.0, 3) and s["no_mlflow"]["idle_gap_ms"] == 85
+    assert not s["no_mlflow_meets_window"] and not s["no_mlflow_meets_gap"]
+    assert recording_off.verdict(s).endswith("no cheaper recording can meet them.")
+    assert recording_off.result_line(s) == ("RESULT window_platform/plain=1.214 window_no_mlflow/plain=1.143 "
+                                            "window_bare_ray/plain=1.071 idle_gap_ms=90 idle_gap_no_mlflow_ms=85 "
+                                            "idle_gap_bare_ray_ms=60")
+    fast = recording_off.summarise({**runs, "no_mlflow": [side(15.2, 0.05)]})
+    assert fast["no_mlflow_meets_window"] and fast["no_mlflow_meets_gap"]
+    assert recording_off.verdict(fast).startswith("Without MLflow recording the platform meets both targets")
