@@ -330,11 +330,12 @@ def _open_store(home: Path) -> None:
                    capture_output=True, timeout=300)
 
 
-def run_platform(search_file: Path, work: Path, args) -> dict:
+def run_platform(search_file: Path, work: Path, args, env: dict | None = None) -> dict:
+    """``comod search run`` timed as a whole command; ``env``: variables added to its environment."""
     home = work / "home"
     home.mkdir()
     ray_tmp = args.cluster.tmp if args.cluster else tempfile.mkdtemp(prefix="po", dir="/tmp")
-    env = _clean_env(COMOD_HOME=str(home), COMOD_DOWNLOAD="0", RAY_TMPDIR=ray_tmp)
+    env = _clean_env(COMOD_HOME=str(home), COMOD_DOWNLOAD="0", RAY_TMPDIR=ray_tmp, **(env or {}))
     cmd = [sys.executable, "-m", "comod_platform.cli", "search", "run", str(search_file), "--name", SEARCH_NAME,
            "--json"]
     if args.cluster:

@@ -76,7 +76,6 @@ def write_patch(folder: Path) -> Path:
 def run_sides(root: Path, args, settings) -> dict[str, list[dict]]:
     patch = write_patch(root / "patch")
     search_file = po.write_search(root / "overhead.yaml", settings)
-    clean = po._clean_env
     runs: dict[str, list[dict]] = {s: [] for s in SIDES}
     configs = None
     for rep in range(args.repeats):
@@ -85,11 +84,8 @@ def run_sides(root: Path, args, settings) -> dict[str, list[dict]]:
             work.mkdir()
             if side in ("platform", "no_mlflow"):
                 drop = "1" if side == "no_mlflow" else "0"
-                po._clean_env = lambda **kw: clean(**{**kw, "PYTHONPATH": str(patch), "COMOD_DROP_MLFLOW": drop})
-                try:
-                    r = po.run_platform(search_file, work, settings)
-                finally:
-                    po._clean_env = clean
+                r = po.run_platform(search_file, work, settings,
+                                    env={"PYTHONPATH": str(patch), "COMOD_DROP_MLFLOW": drop})
                 configs = configs or r["configs"]
                 r["configs"] = len(r["configs"])
             elif side == "floor":
