@@ -370,6 +370,13 @@ def test_recording_off_checks_its_patch_took_and_says_what_the_numbers_mean(reco
     assert s["no_mlflow"]["window_over_plain"] == round(16.0 / 14.0, 3) and s["no_mlflow"]["idle_gap_ms"] == 85
     assert not s["no_mlflow_meets_window"] and not s["no_mlflow_meets_gap"]
     assert recording_off.verdict(s).endswith("no cheaper recording can meet them.")
+    report = recording_off.markdown({"summary": s, "settings": {"trials": 40, "concurrency": 2}, "repeats": 1,
+                                     "machine": {"processor": "x86_64", "cpu_count": 2, "platform": "Linux"},
+                                     "versions": {"ray": "2"}, "code": {"commit": "abc1234", "changed_since": []},
+                                     "total_s": 90.0})
+    assert "| platform, MLflow off | 36.0 | 16.00 | 1.143 | 700 | 85 | 42 | 0.00 |" in report
+    assert "Code: commit abc1234 (comod/ and platform/ unchanged)" in report
+    assert report.rstrip().endswith(recording_off.result_line(s)) and recording_off.verdict(s) in report
     assert recording_off.result_line(s) == ("RESULT window_platform/plain=1.214 window_no_mlflow/plain=1.143 "
                                             "window_bare_ray/plain=1.071 idle_gap_ms=90 idle_gap_no_mlflow_ms=85 "
                                             "idle_gap_bare_ray_ms=60")
