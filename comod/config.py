@@ -25,7 +25,7 @@ GROUPS = ("backbone", "decoder", "heads", "controller")
 
 @dataclass
 class DataConfig:
-    dataset: Literal["fashion_mnist", "celeba", "cifar100", "synthetic", "folder"] = "fashion_mnist"
+    dataset: Literal["fashion_mnist", "fashion_mosaic", "celeba", "cifar100", "synthetic", "folder"] = "fashion_mnist"
     """folder: your own images, listed with their labels in ROOT/labels.csv (docs/guides/own-data.md)."""
     root: str | None = None
     """Folder holding the dataset; null searches $COMOD_DATA, ./data and the system's places.

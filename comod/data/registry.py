@@ -18,6 +18,7 @@ from .taskdata import Split, TaskData
 
 DATASETS = {
     "fashion_mnist": "comod.data.fashion_mnist",
+    "fashion_mosaic": "comod.data.fashion_mosaic",
     "celeba": "comod.data.celeba",
     "cifar100": "comod.data.cifar100",
     "synthetic": "comod.data.synthetic",

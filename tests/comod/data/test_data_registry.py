@@ -23,7 +23,7 @@ def test_every_module_follows_the_contract(name):
 
 
 def test_unknown_dataset_lists_the_names():
-    with pytest.raises(ValueError, match="'mnist'.*fashion_mnist, celeba, cifar100, synthetic"):
+    with pytest.raises(ValueError, match="'mnist'.*fashion_mnist, fashion_mosaic, celeba, cifar100, synthetic"):
         registry.task_sets("mnist")
     with pytest.raises(ValueError, match="'mnist'"):
         registry.load_task_data("mnist", None, "attributes", None, 0.1, 0)
