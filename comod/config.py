@@ -128,6 +128,9 @@ class ReadoutConfig:
     """Pretraining steps during which the decoder learns with readout gain 1."""
     draws: int = 1
     """Modulator draws per image for the covariance (more draws, less noise, more compute)."""
+    shuffle: bool = False
+    """A control for the readout's selection of units: apply each task's readout gain with its units
+    permuted (a fixed permutation per task, drawn from the seed): the same values, no selection."""
 
     def validate(self, path: str):
         check(0.0 <= self.mix <= 1.0, f"{path}.mix", self.mix, "a number in [0, 1]")
@@ -208,11 +211,29 @@ class PhaseConfig:
             check(group in GROUPS, f"{path}.trainable", group, f"one of {', '.join(GROUPS)}")
 
 
+PRETRAIN_KINDS = ("same", "none", "deterministic")
+
+
+@dataclass
+class PretrainConfig(PhaseConfig):
+    """Pretraining: the whole network on all tasks."""
+
+    modulation_kind: Literal[PRETRAIN_KINDS] = "deterministic"
+    """The mechanism active in pretraining. same: each kind pretrains with its own (the paper's pipeline,
+    where a kind difference mixes pretraining with adaptation); none: one network pretrained without
+    modulation; deterministic: the network and its couplings pretrained with the attention gain. With none
+    or deterministic every kind of the same seed, data and model fine-tunes from the same pretrained file
+    (docs/method.md, "Pretraining designs")."""
+
+
 @dataclass
 class FinetuneConfig(PhaseConfig):
     """Task-adaptation fine-tuning: only the controller (couplings) by default."""
 
     trainable: list[str] = field(default_factory=lambda: ["controller"])
+    readout_reset: bool = True
+    """Restart each fine-tuned task's readout estimate when fine-tuning starts (gain at ones, weight at
+    one), as the predecessor model does; false carries pretraining's estimate over."""
     eval_interval_steps: int | None = None
     """Validate every this many fine-tuning steps, for learning curves (null: at epoch ends only)."""
     samples_per_task: int | None = None
@@ -254,18 +275,39 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     modulation: ModulationConfig = field(default_factory=ModulationConfig)
-    pretrain: PhaseConfig = field(default_factory=PhaseConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self, path: str):
         check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
               "device", self.device, "auto, cpu, cuda or cuda:N")
+        warmup = self.modulation.readout.warmup_steps
+        check(warmup == 0 or self.pretrain.modulation_kind == "same", "modulation.readout.warmup_steps", warmup,
+              "0 unless pretrain.modulation_kind is same (the warm-up counts the stochastic kind's "
+              "pretraining steps; a shared pretraining has none)")
         depth = len(self.model.decoder_hidden)
         for site in self.modulation.sites:
             layer = decoder_layer(site)
             check(layer is None or layer <= depth, "modulation.sites", site,
                   f"decoder1 .. decoder{depth}: model.decoder_hidden has {depth} hidden layer(s)")
+
+
+PRETRAIN_MODULATION = {"none": (), "deterministic": ("sites", "modulator_mean", "gain_form", "coupling",
+                                                       "coupling_init")}
+"""Settings of ``modulation`` that a shared pretraining (``pretrain.modulation_kind`` none or deterministic)
+takes from the experiment; the others keep their defaults, so that kinds differing in them share it."""
+
+
+def pretraining_modulation(cfg: ExperimentConfig) -> ModulationConfig:
+    """The mechanism active in ``cfg``'s pretraining: the experiment's own when
+    ``pretrain.modulation_kind`` is same, else the shared pretraining's (the kind and the settings of
+    :data:`PRETRAIN_MODULATION`; the sites kept for none too, where they only place the cut)."""
+    kind = cfg.pretrain.modulation_kind
+    if kind == "same":
+        return cfg.modulation
+    kept = {"sites": cfg.modulation.sites, **{k: getattr(cfg.modulation, k) for k in PRETRAIN_MODULATION[kind]}}
+    return ModulationConfig(kind=kind, **copy.deepcopy(kept))
 
 
 def parse_config(raw: Any, source: str = "config") -> ExperimentConfig:
@@ -354,6 +396,7 @@ def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
 
 __all__ = [
     "GROUPS", "ConfigError", "DataConfig", "ModelConfig", "ReadoutConfig", "ModulationConfig",
-    "LearningRates", "PhaseConfig", "FinetuneConfig", "EvalConfig", "ExperimentConfig", "parse_config", "load_config",
+    "LearningRates", "PhaseConfig", "PRETRAIN_KINDS", "PretrainConfig", "PRETRAIN_MODULATION",
+    "pretraining_modulation", "FinetuneConfig", "EvalConfig", "ExperimentConfig", "parse_config", "load_config",
     "read_yaml", "apply_overrides", "set_path", "config_to_dict", "flatten", "save_config",
 ]

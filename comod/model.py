@@ -12,6 +12,7 @@ with :func:`task_gains`, from a model or from a checkpoint's state dict.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -88,12 +89,36 @@ class MultiTaskModel(nn.Module):
                 x = self.forward_stage(name, x)
         return x
 
-    def suffix(self, h: torch.Tensor, gains: dict[str, torch.Tensor] | None) -> torch.Tensor:
-        """From the first site's activity to the decoder's last hidden layer ``z [B, D]``."""
-        h = self._gain(h, self.sites[0], gains)
-        for name in self.suffix_stages:
-            h = self._gain(self.forward_stage(name, h), name, gains)
+    def suffix(self, h: torch.Tensor, gains: dict[str, torch.Tensor] | None,
+               track_norm_stats: bool = True) -> torch.Tensor:
+        """From the first site's activity to the decoder's last hidden layer ``z [B, D]``.
+        ``track_norm_stats=False`` (the stochastic kind's label pass) normalises with the batch's
+        statistics as usual in training but leaves every running statistic as it was."""
+        with contextlib.nullcontext() if track_norm_stats else self._norm_stats_kept():
+            h = self._gain(h, self.sites[0], gains)
+            for name in self.suffix_stages:
+                h = self._gain(self.forward_stage(name, h), name, gains)
         return h
+
+    @contextlib.contextmanager
+    def _norm_stats_kept(self):
+        """Run with copies of the suffix's batch-norm running statistics, then put the originals back (a
+        perturbed pass must not move them: it would be a second update per step, growing with the noise).
+        Copies, not a restore in place: the pass's autograd graph may hold the tensors it updated."""
+        names = ("running_mean", "running_var", "num_batches_tracked")
+        norms = [m for name in self.suffix_stages if name in BACKBONE_SITES
+                 for m in self.backbone.stages[name].modules()
+                 if isinstance(m, nn.BatchNorm2d) and m.track_running_stats and m.training]
+        kept = [{n: getattr(m, n) for n in names} for m in norms]
+        for m, originals in zip(norms, kept):
+            for n, tensor in originals.items():
+                setattr(m, n, tensor.clone())
+        try:
+            yield
+        finally:
+            for m, originals in zip(norms, kept):
+                for n, tensor in originals.items():
+                    setattr(m, n, tensor)
 
     @staticmethod
     def _gain(h: torch.Tensor, site: str, gains: dict[str, torch.Tensor] | None) -> torch.Tensor:
@@ -174,6 +199,16 @@ def build_model(cfg, tasks: list[TaskSpec], in_channels: int) -> MultiTaskModel:
     if m.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def load_pretrained(model: MultiTaskModel, state: Mapping[str, torch.Tensor]) -> None:
+    """Start ``model`` from a pretrained state dict of another kind (a shared pretraining): the backbone,
+    decoder and heads always, the couplings where both kinds have them. What only ``model``'s kind has
+    (couplings after a pretraining without modulation, the stochastic kind's readout) keeps its
+    initial value; what only the pretrained kind had (couplings, for the none kind) is left out."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    shared = [k for k in (*missing, *unexpected) if not k.startswith("mechanism.")]
+    assert not shared, f"pretrained state does not fit the model outside its mechanism: {shared[:5]}"
 
 
 COUPLING_TABLE = "mechanism.controller.table."

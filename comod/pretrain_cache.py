@@ -19,12 +19,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from comod.config import config_to_dict
+from comod.config import PRETRAIN_MODULATION, config_to_dict
 
 DETERMINING = ("seed", "precision", "data", "model", "modulation", "pretrain")
-"""Sections of the config that determine the pretrained weights."""
+"""Sections of the config that determine the pretrained weights. With a shared pretraining
+(``pretrain.modulation_kind`` none or deterministic) only the pretraining mechanism's settings
+(:data:`comod.config.PRETRAIN_MODULATION`) stand for ``modulation``: every kind fine-tunes from one file."""
 
-PRETRAIN_CODE_VERSION = 2
+PRETRAIN_CODE_VERSION = 3
 """Part of every key: raise it when a change to the code makes pretraining produce other weights from the
 same settings (the mechanism, the data pipeline, the optimiser), so that old entries are not reused."""
 
@@ -32,6 +34,9 @@ same settings (the mechanism, the data pipeline, the optimiser), so that old ent
 def pretrain_key(cfg) -> str:
     raw = config_to_dict(cfg)
     relevant = {k: raw[k] for k in DETERMINING}
+    kind = cfg.pretrain.modulation_kind
+    if kind != "same":
+        relevant["modulation"] = {"kind": kind, **{k: raw["modulation"][k] for k in PRETRAIN_MODULATION[kind]}}
     relevant["code_version"] = PRETRAIN_CODE_VERSION
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:20]
 

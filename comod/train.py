@@ -13,6 +13,7 @@ nowhere (the platform attaches MLflow and Ray Tune).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -27,11 +28,11 @@ import torch.nn.functional as F
 
 from comod.checkpoint import (CHECKPOINT, FORMAT, Best, Checkpoint, PretrainedModel, cpu_state, rng_state,
                               set_rng_state)
-from comod.config import ExperimentConfig, config_to_dict, save_config
+from comod.config import ExperimentConfig, config_to_dict, pretraining_modulation, save_config
 from comod.data import load_data
 from comod.data.taskdata import IGNORE, Split, TaskData, normalise
 from comod.metrics import selection_score, summarise, task_metrics
-from comod.model import MultiTaskModel, build_model
+from comod.model import MultiTaskModel, build_model, load_pretrained
 from comod.pretrain_cache import entry_path, file_lock, set_aside
 
 
@@ -300,7 +301,14 @@ class _Run:
         self.splits = {name: getattr(data, name) for name in ("train", "val", "test")}
         if on_device:
             self.splits = {name: s.to(device) for name, s in self.splits.items()}
-        self.model = build_model(cfg, data.tasks, data.image_shape[0]).to(device)
+        # the pretraining model first, so a shared pretraining's weights do not depend on the fine-tuning kind
+        self.pretrain_cfg = dataclasses.replace(cfg, modulation=pretraining_modulation(cfg))
+        self.pretrain_model = build_model(self.pretrain_cfg, data.tasks, data.image_shape[0]).to(device)
+        self.finetune_model = (self.pretrain_model if cfg.pretrain.modulation_kind == "same"
+                               else build_model(cfg, data.tasks, data.image_shape[0]).to(device))
+        self.model = self.pretrain_model
+        """The model in training: pretraining's until fine-tuning starts (:meth:`start_finetuning`)."""
+        self.timing = {"pretrain_seconds": 0.0, "pretrain_wait_seconds": 0.0}
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
         self.eval_tasks = task_indices(data, cfg.finetune.tasks, "finetune.tasks")
         self.steps_of = {phase: getattr(cfg, phase).steps_per_epoch
@@ -308,7 +316,7 @@ class _Run:
                          for phase in PHASES}
         pretrain_steps = cfg.pretrain.epochs * self.steps_of["pretrain"]
         warmup = cfg.modulation.readout.warmup_steps
-        if cfg.modulation.kind == "stochastic" and warmup and warmup >= pretrain_steps:
+        if self.pretrain_cfg.modulation.kind == "stochastic" and warmup and warmup >= pretrain_steps:
             raise TrainingError(f"modulation.readout.warmup_steps: got {warmup}; expected fewer than the "
                                 f"{pretrain_steps} pretraining steps, else fine-tuning runs inside the warm-up "
                                 f"and the couplings get no gradient")
@@ -318,6 +326,8 @@ class _Run:
 
     # -- checkpoints ------------------------------------------------------
     def resume(self, saved: Checkpoint) -> None:
+        if saved["phase_index"] > 0:
+            self.model = self.finetune_model
         self.model.load_state_dict(saved["model"])
         self.state = RunState(saved["phase_index"], saved["epochs_done"], saved["step"], saved["history"],
                               saved["best"])
@@ -357,18 +367,25 @@ class _Run:
     def pretrain(self, cache: str | Path | None, wait_s: float | None) -> None:
         """Pretraining, or its result from the cache (``cache`` None: no cache), which then holds it."""
         if cache is None:
-            self.train_phase(0)
+            self._timed_pretraining()
             return
         entry = entry_path(cache, self.cfg)
+        asked = time.perf_counter()
         with file_lock(entry, on_wait=self.callbacks.on_wait, timeout=wait_s):
+            self.timing["pretrain_wait_seconds"] = time.perf_counter() - asked
             cached = _cached(entry) if entry.exists() and self.state.epochs_done == 0 else None
             if cached is not None:
                 self.pretrained_from(cached)
             else:
-                self.train_phase(0)
+                self._timed_pretraining()
                 entry_state: PretrainedModel = {"model": cpu_state(self.model), "step": self.state.step,
                                                 "history": self.state.history, "rng": rng_state(self.gen)}
                 _save_atomic(entry_state, entry)
+
+    def _timed_pretraining(self) -> None:
+        started = time.perf_counter()
+        self.train_phase(0)
+        self.timing["pretrain_seconds"] = time.perf_counter() - started
 
     def pretrained_from(self, cached: PretrainedModel) -> None:
         """Take the pretrained model from a cache entry; its epochs are replayed to the callbacks, so that
@@ -389,11 +406,16 @@ class _Run:
         test metrics are kept (``pretrained/test/...``) and its validation is the curve's step 0."""
         state, cfg = self.state, self.cfg
         state.phase_index, state.epochs_done = 1, 0
+        if self.finetune_model is not self.pretrain_model:
+            load_pretrained(self.finetune_model, self.pretrain_model.state_dict())
+            self.model, self.pretrain_model = self.finetune_model, None
+        if cfg.finetune.readout_reset and hasattr(self.model.mechanism, "reset_readout"):
+            self.model.mechanism.reset_readout(task_indices(self.data, cfg.finetune.tasks, "finetune.tasks"))
         val = self.measure("val", self.eval_tasks, "finetune/val")
         state.best = {"score": selection_score(val, "finetune/val", cfg.eval.select_metric), "epoch": 0,
                       "model": cpu_state(self.model)}
         pre = self.measure("test", self.eval_tasks, "pretrained/test")
-        state.history.append({"phase": "pretrained", "step": state.step, **means(pre)})
+        state.history.append({"phase": "pretrained", "step": state.step, **means(pre), **self.timing})
         self.curve_point(self.eval_tasks, state.step, 0, val)
         self.checkpoint(None)
 
@@ -448,7 +470,7 @@ class _Run:
         final.update(self.measure("test", self.eval_tasks, "test"))
         for entry in state.history:
             if entry["phase"] == "pretrained":
-                final.update({k: v for k, v in entry.items() if k.startswith("pretrained/")})
+                final.update({k: v for k, v in entry.items() if k.startswith("pretrained/") or k in self.timing})
         final["finetune/best_epoch"] = float(state.best["epoch"]) if state.best else 0.0
         final["steps"] = float(state.step)
         final["wall_seconds"] = wall_seconds

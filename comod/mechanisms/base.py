@@ -9,8 +9,10 @@ A mechanism turns the activity ``h0`` at the first modulation site into the
 representation ``z`` that task ``k``'s head reads. It is given ``suffix``,
 which runs the network from that site to the decoder's last hidden layer,
 applying ``{site: gain}`` at every modulated site (gains of shape ``[C]`` or
-``[B, C]``). The part of the network below the first site is computed once,
-by the model, and shared by every pass a mechanism makes.
+``[B, C]``); ``suffix(h, gains, track_norm_stats=False)`` runs a pass that
+leaves the batch-norm running statistics alone (a perturbed label pass). The
+part of the network below the first site is computed once, by the model, and
+shared by every pass a mechanism makes.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-Suffix = Callable[[torch.Tensor, "dict[str, torch.Tensor] | None"], torch.Tensor]
+Suffix = Callable[..., torch.Tensor]
+"""``suffix(h, gains, track_norm_stats=True) -> z``: see the module's docstring."""
 
 
 class Mechanism(nn.Module):

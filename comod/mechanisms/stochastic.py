@@ -46,7 +46,7 @@ class StochasticComodulation(Mechanism):
                  modulator_mean: float = 1.0, coupling: str = "softplus", coupling_init: float = 0.5,
                  estimator: str = "covariance", rectifier: str = "relu", gradient: str = "none", mix: float = 1.0,
                  running: str = "capped_mean", window: int = 100, momentum: float = 0.9,
-                 decision: str = "running", warmup_steps: int = 0, draws: int = 1):
+                 decision: str = "running", warmup_steps: int = 0, draws: int = 1, shuffle: bool = False):
         super().__init__(num_tasks, site_channels, decoder_dim)
         for name, value, allowed in (("running estimate", running, RUNNING_RULES),
                                      ("decision gain", decision, DECISIONS), ("readout gradient", gradient, GRADIENTS)):
@@ -56,7 +56,12 @@ class StochasticComodulation(Mechanism):
         self.noise_scale, self.modulator_mean = noise_scale, modulator_mean
         self.estimator, self.rectifier, self.gradient, self.mix = estimator, rectifier, gradient, mix
         self.running, self.window, self.momentum, self.decision = running, window, momentum, decision
-        self.warmup_steps, self.draws = warmup_steps, draws
+        self.warmup_steps, self.draws, self.shuffle = warmup_steps, draws, shuffle
+        if shuffle:  # the control: each task's gain on permuted units, drawn from the run's seed by a
+            # generator of its own, so the network's initial weights stay those of the unshuffled kind
+            gen = torch.Generator().manual_seed(torch.initial_seed())
+            self.register_buffer("readout_permutation",
+                                 torch.stack([torch.randperm(decoder_dim, generator=gen) for _ in range(num_tasks)]))
         self.register_buffer("running_gain", torch.ones(num_tasks, decoder_dim))
         self.register_buffer("running_count", torch.zeros(num_tasks, dtype=torch.long))
         self.register_buffer("train_steps", torch.zeros((), dtype=torch.long))
@@ -68,7 +73,7 @@ class StochasticComodulation(Mechanism):
                    modulator_mean=cfg.modulator_mean, coupling=cfg.coupling, coupling_init=cfg.coupling_init,
                    estimator=r.estimator, rectifier=r.rectifier, gradient=r.gradient, mix=r.mix, running=r.running,
                    window=r.window, momentum=r.momentum, decision=r.decision, warmup_steps=r.warmup_steps,
-                   draws=r.draws)
+                   draws=r.draws, shuffle=r.shuffle)
 
     # -- gains ------------------------------------------------------------
     def mean_gains(self, task: int) -> dict[str, torch.Tensor] | None:
@@ -90,10 +95,14 @@ class StochasticComodulation(Mechanism):
     def _in_warmup(self) -> bool:
         return int(self.train_steps) <= self.warmup_steps if self.warmup_steps else False
 
+    def _placed(self, a: torch.Tensor, task: int) -> torch.Tensor:
+        """A readout gain on the units it was estimated for, or on permuted ones (``shuffle``)."""
+        return a[self.readout_permutation[task]] if self.shuffle else a
+
     def _eval_gain(self, z: torch.Tensor, task: int) -> torch.Tensor:
         if self._in_warmup():
             return z
-        return z * mix_with_ones(self.running_gain[task], self.mix).to(z.dtype)
+        return z * self._placed(mix_with_ones(self.running_gain[task], self.mix), task).to(z.dtype)
 
     def forward_tasks(self, suffix, h0, tasks):
         if self.training or self.modulator_mean != 0.0:
@@ -109,7 +118,7 @@ class StochasticComodulation(Mechanism):
         m = self.modulator_mean + torch.randn(h_rep.shape[0], device=h0.device) * self.noise_scale
         label_grad = torch.no_grad() if self.gradient == "none" else contextlib.nullcontext()
         with label_grad:
-            z_label = suffix(h_rep, self.modulated_gains(task, m))
+            z_label = suffix(h_rep, self.modulated_gains(task, m), track_norm_stats=False)
             a_batch = readout_gain(z_label, m, self.estimator, self.rectifier)
         z = suffix(h0, self.mean_gains(task))
         self._update_running(task, a_batch.detach())
@@ -119,7 +128,13 @@ class StochasticComodulation(Mechanism):
         if self.decision == "running":
             # the running estimate's value, with this batch's gradient when the label pass carries one
             a = mix_with_ones(self.running_gain[task], self.mix) + (a - a.detach())
-        return z * a.to(z.dtype)
+        return z * self._placed(a, task).to(z.dtype)
+
+    @torch.no_grad()
+    def reset_readout(self, tasks: list[int]) -> None:
+        """Restart the running readout of ``tasks``: gain at ones, weighted as one batch."""
+        self.running_gain[tasks] = 1.0
+        self.running_count[tasks] = 0
 
     @torch.no_grad()
     def _update_running(self, task: int, a: torch.Tensor) -> None:
@@ -134,4 +149,4 @@ class StochasticComodulation(Mechanism):
         return (f"noise_scale={self.noise_scale}, modulator_mean={self.modulator_mean}, "
                 f"estimator={self.estimator}, rectifier={self.rectifier}, gradient={self.gradient}, "
                 f"mix={self.mix}, running={self.running}, window={self.window}, decision={self.decision}, "
-                f"warmup_steps={self.warmup_steps}, draws={self.draws}")
+                f"warmup_steps={self.warmup_steps}, draws={self.draws}, shuffle={self.shuffle}")

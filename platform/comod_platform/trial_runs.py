@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 RAY_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "iterations_since_restore",
             "time_since_restore", "pid", "done"}
 """Ray Tune's own keys of a result, which are not the trial's metrics."""
-OWN_PLAIN = {"wall_seconds", "steps"}
+OWN_PLAIN = {"wall_seconds", "steps", "pretrain_seconds", "pretrain_wait_seconds"}
 """Our final metrics without a slash (Ray's own result keys have none either)."""
 
 

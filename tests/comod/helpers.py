@@ -24,5 +24,6 @@ def tiny_config(**sections):
 
 
 def tiny_model(kind="stochastic", sites=("layer2",), tasks=TASKS, **modulation):
-    cfg = tiny_config(modulation={"kind": kind, "sites": list(sites), **modulation})
+    cfg = tiny_config(modulation={"kind": kind, "sites": list(sites), **modulation},
+                      pretrain={"modulation_kind": "same"})
     return build_model(cfg, tasks, 3)

@@ -125,13 +125,14 @@ def test_label_pass_builds_an_autograd_graph_only_when_asked(gradient, label_gra
 
 def _reference_mean_zero_step(model, x, task, noise_scale, momentum=0.9):
     """The earlier reading, frozen as a reference: mean-one gain, decision on an ungained pass times
-    this batch's readout gain, gradient through the covariance, exponential running estimate."""
+    this batch's readout gain, gradient through the covariance, exponential running estimate (with the
+    label pass leaving batch-norm statistics alone)."""
     mech = model.mechanism
     h0 = model.prefix(x)
     m = torch.randn(h0.shape[0]) * noise_scale
     gains = {s: torch.exp(m[:, None] * c[None] - 0.5 * noise_scale ** 2 * c[None] ** 2)
              for s, c in mech.controller(task).items()}
-    z_mod = model.suffix(h0, gains)
+    z_mod = model.suffix(h0, gains, track_norm_stats=False)
     z = model.suffix(h0, None)
     a = readout_gain(z_mod, m)
     with torch.no_grad():

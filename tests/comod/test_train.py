@@ -165,7 +165,8 @@ def test_selection_keeps_the_pretrained_model_unless_fine_tuning_beats_it(tmp_pa
 
 
 def test_warmup_longer_than_pretraining_is_refused(tmp_path):
-    cfg = tiny_config(modulation={"readout": {"warmup_steps": 4}})  # pretraining: 1 epoch x 4 steps
+    cfg = tiny_config(modulation={"readout": {"warmup_steps": 4}},  # pretraining: 1 epoch x 4 steps
+                      pretrain={"modulation_kind": "same"})
     with pytest.raises(TrainingError, match="modulation.readout.warmup_steps: got 4; expected fewer than the 4"):
         run_experiment(cfg, tmp_path)
 
