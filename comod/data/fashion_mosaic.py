@@ -37,7 +37,7 @@ EMPTY = -1
 CELL_PERCENT = {EMPTY: 12, 0: 12, 1: 7, 2: 10, 3: 7, 4: 8, 5: 7, 6: 9, 7: 8, 8: 13, 9: 7}
 """Chance, in percent, that a cell is empty or holds each class (0 T-shirt/top, 1 Trouser,
 2 Pullover, 3 Dress, 4 Coat, 5 Sandal, 6 Shirt, 7 Sneaker, 8 Bag, 9 Ankle boot). Uneven, so
-that the attributes' prevalences spread from about 6% to 63%."""
+that the attributes' prevalences spread from about 7% to 63%."""
 
 TOPS = (0, 2, 4, 6)
 FOOTWEAR = (5, 7, 9)

@@ -2,11 +2,14 @@
 split and source image, every label is checked against its rule written
 again here in plain Python; the real Debian files give the prevalences."""
 import os
+import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from comod.config import parse_config
 from comod.data import fashion_mnist, fashion_mosaic, registry
@@ -145,6 +148,15 @@ def test_halves_split_the_attributes_and_mix_kinds():
     kind = {a.name: a.kind for a in fashion_mosaic.ATTRIBUTES}
     for half in (pretrain, held_out):
         assert {kind[n] for n in half} == {"global", "local", "counting", "conjunction"}
+
+
+def test_guide_lists_every_rule_and_the_halves():
+    guide = (Path(__file__).parents[3] / "docs" / "guides" / "datasets.md").read_text()
+    for a in fashion_mosaic.ATTRIBUTES:
+        assert f"| `{a.name}` | {a.kind} | {a.rule} |" in guide, f"datasets.md lacks {a.name}'s row"
+    study = yaml.safe_load(re.findall(r"```yaml\n(.*?)```", guide, re.S)[0])
+    assert tuple(study["pretrain"]["tasks"]) == fashion_mosaic.PRETRAIN_HALF
+    assert tuple(study["finetune"]["tasks"]) == fashion_mosaic.HELD_OUT_HALF
 
 
 def test_missing_files_and_too_small_validation(tmp_path, fake):
