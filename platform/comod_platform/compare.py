@@ -1,38 +1,39 @@
-"""Stochastic vs deterministic (vs no) modulation across a search's trials.
+"""Modulation conditions compared across a search's trials (docs/method.md, "Claims to test").
 
 ``compare(name)`` reads the search's completed trials and reports, by the
 search metric (or ``metric``):
 
-- the best trial of each kind, with its test metrics;
-- the distribution per kind (n, mean, std, median, min, max);
-- paired differences: trials that share every setting except the kind (and
-  the settings only one kind uses: ``modulation.noise_scale``,
-  ``modulation.gain_form``, ``modulation.readout.*``) form a matched group;
-  a group's trials of one kind are averaged, so each group gives one
-  difference per pair of kinds, with a seeded bootstrap 95% interval of the
-  mean difference over groups;
-- per-task win rates: in how many matched groups stochastic's
-  ``test/<task>/f1`` beats deterministic's;
-- ``paired_metrics``: the same paired differences for the test F1, recall,
-  precision, ECE (lower is better) and accuracy;
-- ``by_setting``: stochastic - deterministic per value of each setting the
-  search varied (the seed, the kind and the kind-only settings aside), and
-  ``by_noise_scale``: each stochastic trial against its group's
-  deterministic trials, split by ``modulation.noise_scale``;
-- ``efficiency``: the fine-tuning curves (``finetune/<metric>`` per
-  fine-tuning step, step 0 the pretrained model) per kind and arm, with a
-  95% band; per matched group the normalised area under the curve (the mean
-  score over fine-tuning) and the steps each kind takes to reach a fraction
-  (:data:`FRACTIONS`) of the deterministic trial's final score, paired;
-- ``importances``: Optuna's parameter importances (fANOVA) of the search metric
-  in the search's study, per kind with at least :data:`IMPORTANCE_MIN_TRIALS`
-  completed trials and a setting that varied, and over all kinds (a note
-  instead where there are too few); also written as ``importances.json``.
+- per **condition** (:func:`condition`: the kind plus its variant, e.g.
+  ``none[heads]``, ``stochastic[shuffled]``): trial counts, the best trial,
+  the distribution;
+- **paired differences** for the pairs :func:`comparisons` lists (stochastic -
+  deterministic first): trials that share every setting except the kind, the
+  kind-only settings (:data:`KIND_ONLY`) and the variant settings
+  (:data:`VARIANTS`) form a matched group; a group's trials of one condition
+  are averaged, giving one difference per group. Per pair: n, the mean, the
+  Student t 95% interval (the headline), a seeded percentile bootstrap
+  interval beside it, a two-sided sign-flip p-value (:func:`sign_flip_test`),
+  the seeds a 95% half-width of :data:`HALF_WIDTH` would need
+  (:func:`seeds_needed`) and, where groups share a training seed, the same
+  over per-seed means (``by_seed``, the unit). Holm's adjustment
+  (:func:`holm`) runs over every comparison the report makes (``holm``);
+- the same for the test metrics (``paired_metrics``), per value of each
+  varied setting (``by_setting``) and per noise scale (``by_noise_scale``),
+  numeric settings with many or sampled values in quantile bins; per-task
+  win rates of stochastic over deterministic;
+- ``efficiency``: fine-tuning curves per arm and condition with a t 95%
+  band, the paired normalised AUC and steps to reach :data:`FRACTIONS` of
+  deterministic's final score;
+- ``pretraining``: validation curves over pretraining and a plateau check;
+- ``cost`` (:func:`study_cost`): the share of slot time spent waiting for a
+  pretraining, the pretrainings made and an estimate of the wall time a
+  per-kind pretraining design would have taken;
+- ``importances``: Optuna's parameter importances (fANOVA) per kind.
 
-It writes ``compare.md`` and PNG plots into ``out_dir`` (default the search
-folder's ``compare/``), logs them to the search's parent MLflow run and
-returns the numbers as a dict. With too few trials or no matched groups the
-report says so instead of inventing numbers.
+It writes ``compare.md``, ``compare.json`` and PNG plots into ``out_dir``
+(default the search folder's ``compare/``), logs them to the search's parent
+MLflow run and returns the numbers as a dict. With too few trials or no
+matched groups the report says so instead of inventing numbers.
 """
 from __future__ import annotations
 
@@ -44,8 +45,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import stats
 
-from comod_platform.conventions import (COMPLETED, FAILED, PRUNED, RUNNING, best_of, better, direction,
+from comod.config import GROUPS
+from comod.pretrain_cache import DETERMINING
+from comod_platform.conventions import (COMPLETED, FAILED, PRUNED, RUNNING, WALL, best_of, better, direction,
                                         reaches)
 from comod_platform.results import KINDS, TrialRecord, guess_mode, load_results
 
@@ -54,24 +58,40 @@ log = logging.getLogger(__name__)
 KIND_ONLY = ("modulation.noise_scale", "modulation.gain_form")
 KIND_ONLY_PREFIXES = ("modulation.readout.",)
 """Settings that matter for one kind only; left out when matching trials."""
+VARIANTS = ("finetune.trainable", "modulation.readout.shuffle")
+"""Settings that make a condition of a kind (:func:`condition`); left out when matching trials."""
+DEFAULT_TRAINABLE = ("controller",)
+READOUT_KINDS = ("stochastic",)
+"""Kinds with a readout gain, the only ones ``modulation.readout.shuffle`` changes."""
+HEADLINE = ("stochastic", "deterministic")
+SHUFFLED = "stochastic[shuffled]"
 COMPARISONS = (("stochastic", "deterministic"), ("stochastic", "none"), ("deterministic", "none"))
+"""Pairs every report lists (with no pairs where a condition is missing); see :func:`comparisons`."""
+LEVEL = 0.95
 RESAMPLES = 10_000
+"""Bootstrap resamples, and random sign flips beyond :data:`EXACT_MAX_N` pairs."""
 BOOTSTRAP_SEED = 0
+EXACT_MAX_N = 20
+"""Up to this many pairs the sign-flip test enumerates all 2^n flips."""
+ROUGH_N = 8
+"""Fewer seeds than this: the Markdown warns that the interval is rough."""
+HALF_WIDTH = 0.005
+"""Target 95% half-width for :func:`seeds_needed` (in the metric's units)."""
 ARTIFACT_PATH = "compare"
 PAIRED_METRICS = ("test/mean_f1", "test/mean_recall", "test/mean_precision", "test/mean_ece", "test/mean_accuracy")
 """Test metrics every comparison reports besides the search metric (``paired_metrics``)."""
 FRACTIONS = (0.9, 0.95)
 """Efficiency: fine-tuning steps to reach these fractions of the deterministic trial's final score."""
 MAX_LEVELS = 6
-"""A varied setting with more distinct values is split into :data:`BINS` quantile bins (numbers) and is
-not an arm of the fine-tuning curves (one panel per value)."""
+"""A numeric setting with more distinct values, or floats sampled from a range, is split into :data:`BINS`
+quantile bins (by_setting, by_noise_scale and the fine-tuning curves' panels)."""
 BINS = 4
+MAX_PANELS = 12
+"""Most panels of the fine-tuning curves: settings with the most levels stop being arms beyond it."""
 KIND_COLOURS = {"none": "tab:grey", "deterministic": "tab:blue", "stochastic": "tab:orange"}
+_SPARE_COLOURS = ("tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
 MARGINS = {"left": 0.08, "right": 0.98, "bottom": 0.14, "top": 0.86, "wspace": 0.25, "hspace": 0.45}
 """Fixed margins (see plots.py: no tight layout)."""
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-"""Student t 97.5% quantiles for 1..30 degrees of freedom."""
 _TASK_F1 = re.compile(r"^test/([^/]+)/f1$")
 
 
@@ -79,24 +99,185 @@ class CompareError(RuntimeError):
     """The comparison cannot be made; the message says why."""
 
 
+# ----------------------------------------------------------------- conditions and matching
+
+def _truthy(value: Any) -> bool:
+    return value is True or (isinstance(value, str) and value.strip().lower() == "true")
+
+
+def _kind_of(cond: str) -> str:
+    return cond.split("[", 1)[0]
+
+
+def condition(trial: TrialRecord) -> str:
+    """The trial's condition: its kind, plus in brackets what sets it apart from the kind's default run:
+    the groups fine-tuning trains when not only the controller (``none[heads]``, ``none[decoder+heads]``)
+    and ``shuffled`` for a readout gain applied with its units permuted (``stochastic[shuffled]``, the
+    control). Absent settings take their defaults (older trials have no shuffle setting)."""
+    kind = trial.kind or trial.flat.get("modulation.kind") or "unknown"
+    parts = []
+    trainable = trial.flat.get("finetune.trainable")
+    if trainable is not None:
+        groups = [trainable] if isinstance(trainable, str) else list(trainable)
+        if sorted(groups) != sorted(DEFAULT_TRAINABLE):
+            order = {g: i for i, g in enumerate(GROUPS)}
+            parts.append("+".join(sorted(groups, key=lambda g: (order.get(g, len(order)), g))) or "nothing")
+    if kind in READOUT_KINDS and _truthy(trial.flat.get("modulation.readout.shuffle")):
+        parts.append("shuffled")
+    return f"{kind}[{','.join(parts)}]" if parts else kind
+
+
+def _condition_order(cond: str) -> tuple:
+    """stochastic, deterministic, none, other kinds; a kind's plain condition before its variants."""
+    kind = _kind_of(cond)
+    return ({"stochastic": 0, "deterministic": 1, "none": 2}.get(kind, 3), kind, cond != kind, cond)
+
+
+def comparisons(present) -> list[tuple[str, str]]:
+    """The pairs a report compares (first minus second), in this order: stochastic - deterministic (the
+    headline); stochastic - stochastic[shuffled] (the control) where present; stochastic, then
+    deterministic, minus each none condition (plain none always, its variants where present); then every
+    other pair of the ``present`` conditions, both in :func:`_condition_order`."""
+    present = sorted(set(present), key=_condition_order)
+    nones = sorted({"none"} | {c for c in present if _kind_of(c) == "none"}, key=_condition_order)
+    out = [HEADLINE] + ([("stochastic", SHUFFLED)] if SHUFFLED in present else [])
+    out += [(a, n) for a in HEADLINE for n in nones]
+    seen = {frozenset(p) for p in out}
+    for i, a in enumerate(present):
+        for b in present[i + 1:]:
+            if frozenset((a, b)) not in seen:
+                seen.add(frozenset((a, b)))
+                out.append((a, b))
+    return out
+
+
+def _unmatched(path: str) -> bool:
+    return path == "modulation.kind" or path in KIND_ONLY or path.startswith(KIND_ONLY_PREFIXES) or path in VARIANTS
+
+
 def match_key(trial: TrialRecord) -> str:
-    """Every setting but the kind and the settings only one kind uses, as canonical text."""
-    kept = {p: v for p, v in trial.flat.items()
-            if p != "modulation.kind" and p not in KIND_ONLY and not p.startswith(KIND_ONLY_PREFIXES)}
-    return json.dumps(kept, sort_keys=True, default=str)
+    """Every setting but the kind, the kind-only settings and the variant settings, as canonical text."""
+    return json.dumps({p: v for p, v in trial.flat.items() if not _unmatched(p)}, sort_keys=True, default=str)
 
 
-def bootstrap_ci(values: list[float], resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED,
-                 level: float = 0.95) -> tuple[float, float] | None:
-    """Percentile bootstrap interval of the mean; None with fewer than two values."""
+def matched_groups(trials: list[TrialRecord]) -> dict[str, dict[str, list[TrialRecord]]]:
+    """``{match_key: {condition: [trials]}}``: trials that differ only in the condition (and kind-only
+    settings)."""
+    groups: dict[str, dict[str, list[TrialRecord]]] = {}
+    for t in trials:
+        groups.setdefault(match_key(t), {}).setdefault(condition(t), []).append(t)
+    return groups
+
+
+# ----------------------------------------------------------------- statistics of paired differences
+
+def t_interval(values, level: float = LEVEL) -> tuple[float, float] | None:
+    """Student t interval of the mean (quantile from :data:`scipy.stats.t`); None with fewer than two
+    values. Equal values give the point itself."""
     x = np.asarray(values, dtype=float)
     if x.size < 2:
         return None
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
-    tail = (1.0 - level) / 2 * 100
-    lo, hi = np.percentile(means, [tail, 100 - tail])
-    return float(lo), float(hi)
+    half = float(stats.t.ppf((1 + level) / 2, x.size - 1)) * float(x.std(ddof=1)) / math.sqrt(x.size)
+    return float(x.mean() - half), float(x.mean() + half)
+
+
+def bootstrap_interval(values, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                       level: float = LEVEL) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the mean (:func:`scipy.stats.bootstrap`, seeded); None with fewer
+    than two values. Too narrow with few values: shown beside the t interval, never instead of it."""
+    x = np.asarray(values, dtype=float)
+    if x.size < 2:
+        return None
+    res = stats.bootstrap((x,), np.mean, n_resamples=resamples, confidence_level=level, method="percentile",
+                          vectorized=True, rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def _mean_stat(x, axis=-1):
+    return np.mean(x, axis=axis)
+
+
+def sign_flip_test(values, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                   exact_max: int = EXACT_MAX_N) -> dict | None:
+    """Two-sided sign-flip permutation test of a zero mean of paired differences: under the null each
+    difference is as likely negated, so p is the share of sign assignments whose mean is at least as far
+    from zero as the observed one. Up to ``exact_max`` differences all 2^n assignments are enumerated
+    (explicitly: their 2^n sums built by doubling), so p is exact and cannot go below 2/2^n (0.0625 for 5
+    pairs); beyond, ``resamples`` seeded random flips (:func:`scipy.stats.permutation_test`,
+    ``permutation_type="samples"``). ``{"p", "method", "p_min"}``, None for no difference."""
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        return None
+    if x.size <= exact_max:
+        sums = np.zeros(1)
+        for v in x:
+            sums = np.concatenate((sums + v, sums - v))
+        tolerance = 1e-9 * float(np.abs(x).sum())  # sums equal in exact arithmetic, apart in rounding
+        p = float(np.mean(np.abs(sums) >= abs(float(x.sum())) - tolerance))
+        return {"p": p, "method": "exact", "p_min": min(1.0, 2.0 ** (1 - x.size))}
+    res = stats.permutation_test((x,), _mean_stat, permutation_type="samples", n_resamples=resamples,
+                                 alternative="two-sided", vectorized=True, rng=np.random.default_rng(seed))
+    return {"p": float(res.pvalue), "method": f"monte carlo ({resamples} flips)", "p_min": 2.0 / (resamples + 1)}
+
+
+def holm(pvalues) -> list[float]:
+    """Holm's step-down adjustment of ``pvalues`` (one family), in their order: the i-th smallest p times
+    (m - i + 1), made non-decreasing in that order, capped at 1. It controls the family-wise error rate
+    under any dependence between the tests."""
+    p = np.asarray(pvalues, dtype=float)
+    m = p.size
+    if m == 0:
+        return []
+    order = np.argsort(p, kind="stable")
+    adjusted = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    out = np.empty(m)
+    out[order] = adjusted
+    return out.tolist()
+
+
+def seeds_needed(sd: float | None, half_width: float = HALF_WIDTH, level: float = LEVEL) -> int | None:
+    """Smallest n >= 2 with t_{(1+level)/2, n-1} * sd / sqrt(n) <= half_width: the seeds (pairs) a
+    ``level`` t interval of that half-width needs at spread ``sd``. None without a spread."""
+    if sd is None or not math.isfinite(sd) or half_width <= 0:
+        return None
+    if sd == 0:
+        return 2
+    q = (1 + level) / 2
+    n = max(2, math.ceil((stats.norm.ppf(q) * sd / half_width) ** 2))  # t > z: no smaller n can do
+    while stats.t.ppf(q, n - 1) * sd / math.sqrt(n) > half_width:
+        n += 1
+    return n
+
+
+def _stats(diffs: list[float], mode: str, resamples: int, seed: int, half_width: float | None) -> dict:
+    """Everything the report says about one set of paired differences."""
+    x = np.asarray(diffs, dtype=float)
+    n = int(x.size)
+    sd = float(x.std(ddof=1)) if n > 1 else None
+    t_ci, boot = t_interval(x), bootstrap_interval(x, resamples, seed)
+    test = sign_flip_test(x, resamples, seed)
+    return {"n": n, "differences": [float(d) for d in diffs], "mean": float(x.mean()) if n else None, "sd": sd,
+            "ci95": list(t_ci) if t_ci else None, "bootstrap_ci95": list(boot) if boot else None,
+            "p_sign_flip": test["p"] if test else None, "p_method": test["method"] if test else None,
+            "p_min": test["p_min"] if test else None, "p_holm": None,
+            "seeds_needed": seeds_needed(sd, half_width) if half_width else None, "rough": 0 < n < ROUGH_N,
+            "a_better": sum(better(d, 0, mode) for d in diffs), "ties": sum(d == 0 for d in diffs)}
+
+
+def _difference(diffs: list[float], mode: str, resamples: int, seed: int, seeds: list | None = None,
+                half_width: float | None = HALF_WIDTH) -> dict:
+    """:func:`_stats` of paired differences. With ``seeds`` (the training seed of each difference) and fewer
+    seeds than differences, also ``by_seed``: the same over the differences averaged per seed. Groups that
+    share a seed share its pretraining (e.g. the arms of a few-shot sweep fine-tune one pretrained model),
+    so they are not independent: the seed is the unit."""
+    out = _stats(diffs, mode, resamples, seed, half_width)
+    if seeds is not None and len(set(map(str, seeds))) < len(diffs):
+        per: dict[str, list[float]] = {}
+        for d, s in zip(diffs, seeds):
+            per.setdefault(str(s), []).append(d)
+        means = [float(np.mean(v)) for _, v in sorted(per.items())]
+        out["by_seed"] = _stats(means, mode, resamples, seed, half_width)
+    return out
 
 
 def _summary(values: list[float]) -> dict:
@@ -107,42 +288,9 @@ def _summary(values: list[float]) -> dict:
             "median": float(np.median(x)), "min": float(x.min()), "max": float(x.max())}
 
 
-def t_quantile(df: int) -> float:
-    """Student t 97.5% quantile (two-sided 95%): a table to 30 degrees of freedom, then 1.96 + 2.5/df."""
-    return _T975[df - 1] if df <= len(_T975) else 1.96 + 2.5 / df
-
-
 def _mean_of(trials: list[TrialRecord], key: str) -> float | None:
     values = [t.final[key] for t in trials if key in t.final and not math.isnan(t.final[key])]
     return float(np.mean(values)) if values else None
-
-
-def matched_groups(trials: list[TrialRecord]) -> dict[str, dict[str, list[TrialRecord]]]:
-    """``{match_key: {kind: [trials]}}``: trials that differ only in the kind (and kind-only settings)."""
-    groups: dict[str, dict[str, list[TrialRecord]]] = {}
-    for t in trials:
-        groups.setdefault(match_key(t), {}).setdefault(t.kind, []).append(t)
-    return groups
-
-
-def _difference(diffs: list[float], mode: str, resamples: int, seed: int, seeds: list | None = None) -> dict:
-    """Mean and bootstrap interval of paired differences. With ``seeds`` (the training seed of each
-    difference) and fewer seeds than differences, also ``by_seed``: the differences averaged per seed and
-    bootstrapped over seeds. Groups that share a seed share its pretraining (e.g. the arms of a few-shot
-    sweep fine-tune one pretrained model), so they are not independent: the seed is the unit."""
-    ci = bootstrap_ci(diffs, resamples, seed)
-    out = {"n": len(diffs), "differences": diffs, "mean": float(np.mean(diffs)) if diffs else None,
-           "ci95": list(ci) if ci else None, "a_better": sum(better(d, 0, mode) for d in diffs),
-           "ties": sum(d == 0 for d in diffs)}
-    if seeds is not None and len(set(map(str, seeds))) < len(diffs):
-        per: dict[str, list[float]] = {}
-        for d, s in zip(diffs, seeds):
-            per.setdefault(str(s), []).append(d)
-        means = [float(np.mean(v)) for _, v in sorted(per.items())]
-        seed_ci = bootstrap_ci(means, resamples, seed)
-        out["by_seed"] = {"n": len(means), "differences": means, "mean": float(np.mean(means)),
-                          "ci95": list(seed_ci) if seed_ci else None, "a_better": sum(better(d, 0, mode) for d in means)}
-    return out
 
 
 def _group_seed(group: dict) -> Any:
@@ -150,9 +298,12 @@ def _group_seed(group: dict) -> Any:
 
 
 def paired_differences(groups: dict, key: str, mode: str, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED,
-                       pairs=COMPARISONS) -> dict[str, dict]:
-    """Per pair of kinds ``a-b``: one difference of ``key`` (a's group mean - b's) per matched group that has
-    both, their mean and bootstrap 95% interval; ``a_better`` counts by ``mode``."""
+                       pairs=None) -> dict[str, dict]:
+    """Per pair of conditions ``a-b`` (default :func:`comparisons` of the groups' conditions): one difference
+    of ``key`` (a's group mean - b's) per matched group that has both, with :func:`_difference`'s
+    statistics; ``a_better`` counts by ``mode``."""
+    if pairs is None:
+        pairs = comparisons({c for g in groups.values() for c in g})
     out = {}
     for a, b in pairs:
         diffs, members, seeds = [], [], []
@@ -163,37 +314,58 @@ def paired_differences(groups: dict, key: str, mode: str, resamples: int = RESAM
                 diffs.append(va - vb)
                 seeds.append(_group_seed(group))
                 members.append({a: [t.trial_id for t in group[a]], b: [t.trial_id for t in group[b]]})
-        entry = _difference(diffs, mode, resamples, seed, seeds)
-        out[f"{a}-{b}"] = {"a": a, "b": b, "n": entry.pop("n"), "differences": diffs, "groups": members, **entry}
+        out[f"{a}-{b}"] = {"a": a, "b": b, "groups": members, **_difference(diffs, mode, resamples, seed, seeds)}
     return out
 
 
+# ----------------------------------------------------------------- settings, levels and bins
+
 def _show(value: Any) -> str:
-    return "null" if value is None else value if isinstance(value, str) else json.dumps(value)
+    """A setting's value as text: floats to 3 significant digits."""
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _levels(values: list) -> list[tuple[tuple, str]]:
-    """(sort key, label) per value: the value itself, or with more than MAX_LEVELS distinct numbers, its
-    quantile bin ``[min, max]`` (of the values that fall in it)."""
-    distinct = {_show(v) for v in values}
-    if len(distinct) <= MAX_LEVELS or not all(_is_number(v) for v in values):
+def _sampled(value: Any) -> bool:
+    """A float with more than 6 significant digits: drawn from a range, not written in a list of choices."""
+    return isinstance(value, float) and math.isfinite(value) and float(f"{value:.6g}") != value
+
+
+def _binned(values: list, ranged: bool = False) -> bool:
+    """Whether a setting's values go into quantile bins: all numbers, and more than :data:`MAX_LEVELS` of
+    them distinct, or floats sampled from a range (``ranged``: the search space says so; else any value
+    with more than 6 significant digits)."""
+    if not values or not all(_is_number(v) for v in values):
+        return False
+    return len(set(values)) > MAX_LEVELS or ranged or any(_sampled(v) for v in values)
+
+
+def _levels(values: list, binned: bool = False) -> list[tuple[tuple, str]]:
+    """(sort key, label) per value: the value itself, or when ``binned`` its quantile bin (of
+    :data:`BINS`, over the distinct values: trials and groups that repeat a value bin alike) labelled
+    ``[min, max]`` of the values that fall in it, to 3 significant digits."""
+    if not binned:
         return [((0, float(v), "") if _is_number(v) else (1, 0.0, _show(v)), _show(v)) for v in values]
     x = np.asarray(values, dtype=float)
-    edges = np.quantile(x, np.linspace(0, 1, BINS + 1))[1:-1]
+    edges = np.quantile(np.unique(x), np.linspace(0, 1, BINS + 1))[1:-1]
     bins = np.searchsorted(edges, x, side="right")
     labels = {b: f"[{x[bins == b].min():.3g}, {x[bins == b].max():.3g}]" for b in set(bins.tolist())}
     return [((0, float(b), ""), labels[b]) for b in bins.tolist()]
 
 
 def varied_settings(trials: list[TrialRecord]) -> list[str]:
-    """Settings whose value differs among ``trials``, the seed, the kind and the kind-only settings aside."""
+    """Settings whose value differs among ``trials``: the seed, the kind, the kind-only and the variant
+    settings aside."""
     out = []
     for path in dict.fromkeys(p for t in trials for p in t.flat):
-        if path in ("seed", "modulation.kind") or path in KIND_ONLY or path.startswith(KIND_ONLY_PREFIXES):
+        if path == "seed" or _unmatched(path):
             continue
         if len({json.dumps(t.flat.get(path), sort_keys=True, default=str) for t in trials}) > 1:
             out.append(path)
@@ -201,34 +373,35 @@ def varied_settings(trials: list[TrialRecord]) -> list[str]:
 
 
 def by_setting(groups: dict, settings: list[str], metric: str, mode: str, resamples: int = RESAMPLES,
-               seed: int = BOOTSTRAP_SEED) -> dict[str, list[dict]]:
-    """Per varied setting, per value (or quantile bin): stochastic - deterministic of ``metric`` and test F1
-    over the matched groups with that value (a group's trials share it)."""
+               seed: int = BOOTSTRAP_SEED, ranges=()) -> dict[str, list[dict]]:
+    """Per varied setting, per value (or quantile bin; ``ranges``: settings the search samples from a float
+    range): stochastic - deterministic of ``metric`` and test F1 over the matched groups with that value
+    (a group's trials share it)."""
     keys = list(dict.fromkeys([metric, "test/mean_f1"]))
     out: dict[str, list[dict]] = {}
     for path in settings:
         items = list(groups.values())
-        levels = _levels([next(iter(g.values()))[0].flat.get(path) for g in items])
+        values = [next(iter(g.values()))[0].flat.get(path) for g in items]
         split: dict[tuple, dict] = {}
-        for i, (group, level) in enumerate(zip(items, levels)):
+        for i, (group, level) in enumerate(zip(items, _levels(values, _binned(values, path in ranges)))):
             split.setdefault(level, {})[str(i)] = group
         out[path] = [{"value": label, "paired": {
             k: paired_differences(sub, k, guess_mode(k) if k != metric else mode, resamples, seed,
-                                  pairs=(("stochastic", "deterministic"),))["stochastic-deterministic"]
+                                  pairs=(HEADLINE,))["stochastic-deterministic"]
             for k in keys}} for (_, label), sub in sorted(split.items())]
     return out
 
 
 def by_noise_scale(groups: dict, metric: str, mode: str, resamples: int = RESAMPLES,
-                   seed: int = BOOTSTRAP_SEED) -> list[dict]:
+                   seed: int = BOOTSTRAP_SEED, ranges=()) -> list[dict]:
     """Each stochastic trial minus its group's deterministic mean (``metric`` and test F1), split by
-    ``modulation.noise_scale`` (quantile bins when it takes many values)."""
+    ``modulation.noise_scale`` (quantile bins when it takes many or sampled values)."""
     keys = list(dict.fromkeys([metric, "test/mean_f1"]))
     rows = [(t, group["deterministic"]) for group in groups.values() if "deterministic" in group
             for t in group.get("stochastic", [])]
-    levels = _levels([t.flat.get("modulation.noise_scale") for t, _ in rows])
+    values = [t.flat.get("modulation.noise_scale") for t, _ in rows]
     split: dict[tuple, list] = {}
-    for row, level in zip(rows, levels):
+    for row, level in zip(rows, _levels(values, _binned(values, "modulation.noise_scale" in ranges))):
         split.setdefault(level, []).append(row)
     out = []
     for (_, label), members in sorted(split.items()):
@@ -280,7 +453,7 @@ def mean_curve(curves: list[list[tuple[int, float]]]) -> dict | None:
         return None
     steps, v, how = aligned
     n, m = v.shape[0], v.mean(axis=0)
-    half = t_quantile(n - 1) * v.std(axis=0, ddof=1) / math.sqrt(n) if n > 1 else None
+    half = stats.t.ppf((1 + LEVEL) / 2, n - 1) * v.std(axis=0, ddof=1) / math.sqrt(n) if n > 1 else None
     return {"n": n, "steps": [int(s) for s in steps], "mean": m.tolist(), "grid": how,
             "lo": (m - half).tolist() if half is not None else None,
             "hi": (m + half).tolist() if half is not None else None}
@@ -301,16 +474,33 @@ def _pairs(curve: dict | None) -> list[tuple[int, float]]:
     return list(zip(curve["steps"], curve["mean"])) if curve else []
 
 
+def _arms(trials: list[TrialRecord], ranges=()) -> tuple[list[str], dict, dict, list[str]]:
+    """The settings that split the fine-tuning curves into panels: (arms, their levels per trial, whether
+    each is binned, the varied settings dropped to keep at most :data:`MAX_PANELS` panels, those with the
+    most levels first)."""
+    arms = varied_settings(trials)
+    values = {p: [t.flat.get(p) for t in trials] for p in arms}
+    binned = {p: _binned(values[p], p in ranges) for p in arms}
+    levels = {p: _levels(values[p], binned[p]) for p in arms}
+    dropped = []
+    while len({tuple(levels[p][i][0] for p in arms) for i in range(len(trials))}) > MAX_PANELS:
+        widest = max(reversed(arms), key=lambda p: len({k for k, _ in levels[p]}))
+        arms.remove(widest)
+        dropped.append(widest)
+    return arms, levels, binned, dropped
+
+
 def efficiency(trials: list[TrialRecord], metric: str, mode: str, resamples: int = RESAMPLES,
-               seed: int = BOOTSTRAP_SEED, fractions=FRACTIONS) -> dict:
-    """Fine-tuning curves of ``finetune/<metric>`` of completed trials: per arm and kind the mean curve with a
-    t 95% band; per matched group (a group's trials of one kind averaged into one curve) the normalised
-    AUC and the steps to reach each fraction of deterministic's final value, with paired differences."""
+               seed: int = BOOTSTRAP_SEED, fractions=FRACTIONS, ranges=(), pairs=None) -> dict:
+    """Fine-tuning curves of ``finetune/<metric>`` of completed trials: per arm (a value or bin of the varied
+    settings) and condition the mean curve with a t 95% band; per matched group (a group's trials of one
+    condition averaged into one curve) the normalised AUC (``pairs``, default :func:`comparisons`) and the
+    steps each condition takes to reach each fraction of deterministic's final value, paired."""
     key = f"finetune/{metric}"
     notes: list[str] = []
-    out = {"curve_key": key, "fractions": list(fractions), "arm_settings": [], "panels": [], "auc": None,
-           "steps_to_fraction": None, "groups": [], "notes": notes,
-           "band": "Student t 95% interval of the mean over the trials of the kind",
+    out = {"curve_key": key, "fractions": list(fractions), "arm_settings": [], "binned_settings": [], "panels": [],
+           "auc": None, "steps_to_fraction": None, "groups": [], "notes": notes,
+           "band": "Student t 95% interval of the mean over the trials of the condition",
            "grid": "the curves' own fine-tuning steps when all of them have the same; else linear "
                    "interpolation onto the union of their steps within the range all of them cover"}
     have = [t for t in trials if t.curves.get(key)]
@@ -321,44 +511,52 @@ def efficiency(trials: list[TrialRecord], metric: str, mode: str, resamples: int
     if len(have) < len(trials):
         notes.append(f"{len(trials) - len(have)} of {len(trials)} completed trials have no `{key}` curve; left out.")
 
-    arms = [p for p in varied_settings(have) if len({_show(t.flat.get(p)) for t in have}) <= MAX_LEVELS]
-    out["arm_settings"] = arms
+    arms, levels, binned, dropped = _arms(have, ranges)
+    out["arm_settings"], out["binned_settings"] = arms, [p for p in arms if binned[p]]
+    if dropped:
+        notes.append(f"Not split into panels (more than {MAX_PANELS} panels otherwise): "
+                     f"{', '.join(f'`{p}`' for p in dropped)}.")
     panels: dict[tuple, dict] = {}
-    for t in have:
-        arm = tuple(_levels([t.flat.get(p)])[0][0] for p in arms)
-        label = ", ".join(f"{p}={_show(t.flat.get(p))}" for p in arms) or "all trials"
-        panels.setdefault(arm, {"arm": label, "values": {p: t.flat.get(p) for p in arms}, "trials": {}})
-        panels[arm]["trials"].setdefault(t.kind, []).append(t.curves[key])
+    for i, t in enumerate(have):
+        arm = tuple(levels[p][i][0] for p in arms)
+        label = ", ".join(f"{p} in {levels[p][i][1]}" if binned[p] else f"{p}={levels[p][i][1]}" for p in arms)
+        panels.setdefault(arm, {"arm": label or "all trials", "values": {p: levels[p][i][1] for p in arms},
+                                "trials": {}})
+        panels[arm]["trials"].setdefault(condition(t), []).append(t.curves[key])
     for arm in sorted(panels):
         panel = panels[arm]
         curves = panel.pop("trials")
-        panel["kinds"] = {k: c for k in KINDS if k in curves for c in [mean_curve(curves[k])] if c}
+        panel["kinds"] = {k: c for k in sorted(curves, key=_condition_order) for c in [mean_curve(curves[k])] if c}
         out["panels"].append(panel)
         thin = [k for k, c in panel["kinds"].items() if c["n"] < 2]
         if thin:
             notes.append(f"{panel['arm']}: one trial only for {', '.join(thin)}: no band.")
 
-    auc_of_trial = {k: [a for t in have if t.kind == k for a in [curve_auc(t.curves[key])] if a is not None]
-                    for k in KINDS}
-    rows, auc_diffs, step_diffs = [], {f"{a}-{b}": [] for a, b in COMPARISONS}, {}
-    auc_seeds: dict[str, list] = {name: [] for name in auc_diffs}
-    pairs = (("stochastic", "deterministic"), ("none", "deterministic"))
-    reached = {f: {k: [] for k in KINDS} for f in fractions}
+    present = sorted({condition(t) for t in have}, key=_condition_order)
+    pairs = [tuple(p) for p in pairs] if pairs is not None else comparisons(present)
+    auc_of_trial = {k: [a for t in have if condition(t) == k for a in [curve_auc(t.curves[key])] if a is not None]
+                    for k in present}
+    rows, auc_diffs, auc_seeds = [], {p: [] for p in pairs}, {p: [] for p in pairs}
+    to_det = [(c, "deterministic") for c in sorted({"stochastic", "none", *present}, key=_condition_order)
+              if c != "deterministic"]
+    step_diffs: dict[tuple, list] = {}
+    step_seeds: dict[tuple, list] = {}
+    reached = {f: {k: [] for k in present} for f in fractions}
     for group in matched_groups(have).values():
         curves = {k: mean_curve([t.curves[key] for t in ts]) for k, ts in group.items()}
         row = {"trials": {k: [t.trial_id for t in ts] for k, ts in group.items()},
                "auc": {k: curve_auc(_pairs(c)) for k, c in curves.items()}, "steps": {}}
-        for a, b in COMPARISONS:
+        for a, b in pairs:
             if curves.get(a) and curves.get(b):
                 ca, cb = _pairs(curves[a]), _pairs(curves[b])
                 aligned = align_curves([ca, cb])
                 if aligned is not None and len(aligned[0]) >= 2:
                     x, v, _ = aligned
-                    auc_diffs[f"{a}-{b}"].append(curve_auc(list(zip(x, v[0]))) - curve_auc(list(zip(x, v[1]))))
-                    auc_seeds[f"{a}-{b}"].append(_group_seed(group))
-                elif min(len(ca), len(cb)) == 1:  # a kind with nothing to fine-tune: its flat value
-                    auc_diffs[f"{a}-{b}"].append(curve_auc(ca) - curve_auc(cb))
-                    auc_seeds[f"{a}-{b}"].append(_group_seed(group))
+                    auc_diffs[(a, b)].append(curve_auc(list(zip(x, v[0]))) - curve_auc(list(zip(x, v[1]))))
+                    auc_seeds[(a, b)].append(_group_seed(group))
+                elif min(len(ca), len(cb)) == 1:  # a condition with nothing to fine-tune: its flat value
+                    auc_diffs[(a, b)].append(curve_auc(ca) - curve_auc(cb))
+                    auc_seeds[(a, b)].append(_group_seed(group))
         if curves.get("deterministic"):
             final = curves["deterministic"]["mean"][-1]
             for f in fractions:
@@ -367,26 +565,27 @@ def efficiency(trials: list[TrialRecord], metric: str, mode: str, resamples: int
                 row["steps"][f"{f:g}"] = steps
                 for k, s in steps.items():
                     reached[f][k].append(s)
-                for a, b in pairs:
+                for a, b in to_det:
                     if steps.get(a) is not None and steps.get(b) is not None:
                         step_diffs.setdefault((f, a, b), []).append(float(steps[a] - steps[b]))
+                        step_seeds.setdefault((f, a, b), []).append(_group_seed(group))
         rows.append(row)
     out["groups"] = rows
     out["auc"] = {"per_kind": {k: _summary(v) for k, v in auc_of_trial.items()},
-                  "paired": {name: {"a": name.split("-")[0], "b": name.split("-")[1],
-                                    **_difference(d, mode, resamples, seed, auc_seeds[name])} for name, d in auc_diffs.items()}}
+                  "paired": {f"{a}-{b}": {"a": a, "b": b, **_difference(auc_diffs[(a, b)], mode, resamples, seed,
+                                                                      auc_seeds[(a, b)])} for a, b in pairs}}
     out["steps_to_fraction"] = {f"{f:g}": {
         "per_kind": {k: {"groups": len(s), "reached": sum(x is not None for x in s),
                          "median": float(np.median([x for x in s if x is not None]))
                          if any(x is not None for x in s) else None} for k, s in reached[f].items()},
-        "paired": {f"{a}-{b}": {"a": a, "b": b, **_difference(step_diffs.get((f, a, b), []), "min", resamples, seed)}
-                   for a, b in pairs}} for f in fractions}
-    present = {t.kind for t in have}
+        "paired": {f"{a}-{b}": {"a": a, "b": b, **_difference(step_diffs.get((f, a, b), []), "min", resamples, seed,
+                                                              step_seeds.get((f, a, b), []), half_width=None)}
+                   for a, b in to_det}} for f in fractions}
     for what, p in [("AUC", p) for p in out["auc"]["paired"].values()] + [
             (f"steps to {f}", p) for f, st in out["steps_to_fraction"].items() for p in st["paired"].values()]:
-        if p["n"] < 2 and {p["a"], p["b"]} <= present:
+        if p["n"] < 2 and {p["a"], p["b"]} <= set(present):
             notes.append(f"{what}, {p['a']} - {p['b']}: {p['n']} matched group(s) with both: no interval.")
-    if fractions and not any(reached[fractions[0]][k] for k in KINDS):
+    if fractions and not any(reached[fractions[0]].values()):
         notes.append("No matched group has a deterministic curve: no steps-to-fraction.")
     return out
 
@@ -421,9 +620,8 @@ def pretraining(trials: list[TrialRecord], metric: str, mode: str) -> dict:
             out["notes"].append(f"{kind}: pretraining shorter than {2 * PLATEAU_WINDOW} epochs: no plateau check.")
             continue
         mean = float(np.mean(gains))
-        half = t_quantile(len(gains) - 1) * float(np.std(gains, ddof=1)) / math.sqrt(len(gains)) \
-            if len(gains) > 1 else None
-        ci = [mean - half, mean + half] if half is not None else None
+        ci = t_interval(gains)
+        ci = list(ci) if ci else None
         out["plateau"][kind] = {"pretrainings": len(gains), "gain": mean, "ci95": ci}
         improving = ci is not None and all(better(bound, 0, mode) for bound in ci)  # the whole interval
         if improving:
@@ -433,9 +631,77 @@ def pretraining(trials: list[TrialRecord], metric: str, mode: str) -> dict:
     return out
 
 
+# ----------------------------------------------------------------- what the study cost
+
+COST_METRICS = ("pretrain_wait_seconds", "pretrain_seconds", WALL)
+"""Final metrics of a trial: seconds waiting for another trial's pretraining, seconds pretraining itself (0
+when taken from the cache) and the run's wall time (both included)."""
+WAIT_SHARE_TARGET = 0.10
+PER_KIND_RATIO_TARGET = 0.4
+
+
+def _pretraining_key(trial: TrialRecord) -> str:
+    """What a pretraining would be had every kind pretrained its own network: the trial's settings in the
+    sections that determine pretraining (:data:`comod.pretrain_cache.DETERMINING`, the kind and seed
+    among them), the pretraining design ``pretrain.modulation_kind`` aside."""
+    kept = {p: v for p, v in trial.flat.items() if p.split(".")[0] in DETERMINING and p != "pretrain.modulation_kind"}
+    kept["modulation.kind"] = trial.kind or trial.flat.get("modulation.kind")
+    return json.dumps(kept, sort_keys=True, default=str)
+
+
+def study_cost(trials: list[TrialRecord], max_concurrent: int | None = None) -> dict:
+    """What the study cost, from the completed trials' :data:`COST_METRICS`: the share of slot time spent
+    waiting for a pretraining (sum of waits / sum of wall times), the pretrainings made (trials with
+    ``pretrain_seconds`` > 0), the study's wall time (first trial start to last trial end over all trials;
+    without start times an estimate, the sum of wall times / ``max_concurrent``) and an estimate of the
+    wall time had every kind pretrained its own network: the study's plus (the distinct pretrainings that
+    design needs, :func:`_pretraining_key`, minus those made) x the mean pretraining time /
+    ``max_concurrent``. Without the metrics (older searches) every figure is None and a note says why."""
+    have = [t for t in trials if t.completed and all(t.final.get(k) is not None for k in COST_METRICS)]
+    out: dict[str, Any] = {"metrics": list(COST_METRICS), "trials": len(have), "max_concurrent": max_concurrent,
+                           "wait_seconds": None, "wall_seconds_sum": None, "wait_share": None,
+                           "wait_share_target": WAIT_SHARE_TARGET, "pretrainings": None, "pretrain_seconds_mean": None,
+                           "study_wall_seconds": None, "study_wall_from": None, "per_kind_pretrainings": None,
+                           "extra_pretrainings": None, "per_kind_wall_seconds": None, "ratio": None,
+                           "ratio_target": PER_KIND_RATIO_TARGET, "notes": []}
+    notes = out["notes"]
+    if not have:
+        notes.append(f"No completed trial reports {', '.join(f'`{k}`' for k in COST_METRICS)} (searches from "
+                     f"before they were recorded): no cost figures.")
+        return out
+    completed = sum(t.completed for t in trials)
+    if len(have) < completed:
+        notes.append(f"{completed - len(have)} of {completed} completed trials lack these metrics; left out.")
+    wait = float(sum(t.final["pretrain_wait_seconds"] for t in have))
+    wall = float(sum(t.final[WALL] for t in have))
+    made = [float(t.final["pretrain_seconds"]) for t in have if t.final["pretrain_seconds"] > 0]
+    out.update(wait_seconds=wait, wall_seconds_sum=wall, wait_share=wait / wall if wall > 0 else None,
+               pretrainings=len(made), pretrain_seconds_mean=float(np.mean(made)) if made else None)
+    timed = [t for t in trials if t.start_time and t.wall_seconds is not None]
+    if timed:
+        out["study_wall_seconds"] = (max(t.start_time + t.wall_seconds for t in timed)
+                                     - min(t.start_time for t in timed))
+        out["study_wall_from"] = "first trial start to last trial end"
+    elif max_concurrent:
+        out["study_wall_seconds"] = sum(t.wall_seconds for t in trials if t.wall_seconds is not None) / max_concurrent
+        out["study_wall_from"] = f"estimate: sum of trial wall times / max_concurrent ({max_concurrent})"
+    distinct = len({_pretraining_key(t) for t in have})
+    out["per_kind_pretrainings"] = distinct
+    out["extra_pretrainings"] = max(0, distinct - len(made))
+    if not made:
+        notes.append("No trial pretrained (all from the cache): no mean pretraining time, no per-kind estimate.")
+    elif not max_concurrent:
+        notes.append("The search's max_concurrent is unknown: no per-kind estimate.")
+    elif out["study_wall_seconds"]:
+        per_kind = out["study_wall_seconds"] + out["extra_pretrainings"] * out["pretrain_seconds_mean"] / max_concurrent
+        out.update(per_kind_wall_seconds=per_kind, ratio=out["study_wall_seconds"] / per_kind)
+    notes.append("Counted over completed trials only: a pretraining made by a pruned or failed trial is not seen.")
+    return out
+
+
 def compare(name: str, metric: str | None = None, out_dir: str | Path | None = None, home: Path | None = None,
             resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED, log_artifact: bool = True) -> dict:
-    """Compare the kinds of modulation in search ``name``; see the module docstring."""
+    """Compare the modulation conditions in search ``name``; see the module docstring."""
     results = load_results(name, home)
     metric = metric or results.metric
     mode = results.mode if metric == results.metric else guess_mode(metric)
@@ -447,7 +713,11 @@ def compare(name: str, metric: str | None = None, out_dir: str | Path | None = N
         close = sorted(k for k in known if "/mean_" in k)[:8]
         raise CompareError(f"metric {metric!r} is not among search {name!r}'s final metrics; "
                            f"e.g. {', '.join(close) or results.metric}")
-    report = build_report(name, results.trials, metric, mode, resamples, seed)
+    search = getattr(results, "search", None)
+    ranges = {p for p, d in getattr(search, "space", {}).items() if getattr(d, "type", None) == "float"}
+    max_concurrent = getattr(getattr(search, "search", None), "max_concurrent", None)
+    report = build_report(name, results.trials, metric, mode, resamples, seed, ranges=ranges,
+                          max_concurrent=max_concurrent)
     report["out_dir"] = str(out)
     report["importances"] = importances(results, metric)
     notes = report["notes"]
@@ -604,31 +874,37 @@ def _usable(trials: list[TrialRecord], metric: str) -> list[TrialRecord]:
     return [t for t in trials if t.completed and t.value(metric) is not None]
 
 
+
 def build_report(name: str, trials: list[TrialRecord], metric: str, mode: str, resamples: int = RESAMPLES,
-                 seed: int = BOOTSTRAP_SEED) -> dict:
+                 seed: int = BOOTSTRAP_SEED, ranges=(), max_concurrent: int | None = None) -> dict:
     """The comparison of ``trials`` (a search's records, any state) as a JSON-ready dict: what
-    :func:`compare` writes, without MLflow or files (``out_dir`` None)."""
+    :func:`compare` writes, without MLflow or files (``out_dir`` None). ``ranges``: settings the search
+    samples from a float range (binned); ``max_concurrent``: the search's, for the cost estimate."""
     counted = (COMPLETED, PRUNED, FAILED, RUNNING)  # interrupted only where there are some
-    counts = {k: {s: 0 for s in counted} for k in KINDS}
-    for t in trials:
-        counts.setdefault(t.kind or "unknown", {s: 0 for s in counted})
-        counts[t.kind or "unknown"][t.state] = counts[t.kind or "unknown"].get(t.state, 0) + 1
     usable = _usable(trials, metric)
-    by_kind = {k: [t for t in usable if t.kind == k] for k in KINDS}
+    present = sorted({condition(t) for t in usable}, key=_condition_order)
+    listed = sorted(set(KINDS) | set(present), key=_condition_order)
+    counts = {c: {s: 0 for s in counted} for c in listed}
+    for t in trials:
+        c = condition(t)
+        counts.setdefault(c, {s: 0 for s in counted})
+        counts[c][t.state] = counts[c].get(t.state, 0) + 1
+    by_cond = {c: [t for t in usable if condition(t) == c] for c in listed}
 
     best = {}
-    for kind, members in by_kind.items():
+    for cond, members in by_cond.items():
         if not members:
-            best[kind] = None
+            best[cond] = None
             continue
         top = best_of(members, mode, key=lambda t: t.value(metric))
-        best[kind] = {"trial_id": top.trial_id, "run_id": top.run_id, "value": top.value(metric),
+        best[cond] = {"trial_id": top.trial_id, "run_id": top.run_id, "value": top.value(metric),
                       "test": {k: v for k, v in sorted(top.final.items()) if k.startswith("test/mean_")}}
-    distribution = {k: _summary([t.value(metric) for t in members]) for k, members in by_kind.items()}
+    distribution = {c: _summary([t.value(metric) for t in members]) for c, members in by_cond.items()}
 
     groups = matched_groups(usable)
-    paired = paired_differences(groups, metric, mode, resamples, seed)
-    paired_metrics = {k: paired_differences(groups, k, guess_mode(k), resamples, seed) for k in PAIRED_METRICS}
+    pairs = comparisons(present)
+    paired = paired_differences(groups, metric, mode, resamples, seed, pairs)
+    paired_metrics = {k: paired_differences(groups, k, guess_mode(k), resamples, seed, pairs) for k in PAIRED_METRICS}
 
     tasks = sorted({m.group(1) for t in usable for k in t.final for m in [_TASK_F1.match(k)] if m})
     win_rates: dict[str, dict] = {}
@@ -645,39 +921,78 @@ def build_report(name: str, trials: list[TrialRecord], metric: str, mode: str, r
         win_rates[task] = {"wins": wins, "ties": ties, "losses": losses, "n": n, "rate": wins / n if n else None}
 
     varied = varied_settings(usable)
-    notes = _notes(trials, usable, by_kind, paired)
-    return {"search": name, "metric": metric, "mode": mode, "trials": len(trials),
-            "completed": len(usable), "counts": counts, "best": best, "distribution": distribution,
-            "paired": paired, "win_rates": win_rates, "resamples": resamples, "bootstrap_seed": seed,
-            "notes": notes, "out_dir": None, "paired_metrics": paired_metrics, "varied_settings": varied,
-            "by_setting": by_setting(groups, varied, metric, mode, resamples, seed),
-            "by_noise_scale": by_noise_scale(groups, metric, mode, resamples, seed),
-            "efficiency": efficiency(usable, metric, mode, resamples, seed),
-            "pretraining": pretraining(usable, metric, mode)}
+    report = {"search": name, "metric": metric, "mode": mode, "trials": len(trials),
+              "completed": len(usable), "conditions": present, "comparisons": [list(p) for p in pairs],
+              "variant_settings": list(VARIANTS), "counts": counts, "best": best, "distribution": distribution,
+              "paired": paired, "win_rates": win_rates, "resamples": resamples, "bootstrap_seed": seed,
+              "level": LEVEL, "exact_max_n": EXACT_MAX_N, "rough_n": ROUGH_N, "half_width": HALF_WIDTH,
+              "notes": _notes(trials, usable, by_cond, paired), "out_dir": None, "paired_metrics": paired_metrics,
+              "varied_settings": varied,
+              "by_setting": by_setting(groups, varied, metric, mode, resamples, seed, ranges),
+              "by_noise_scale": by_noise_scale(groups, metric, mode, resamples, seed, ranges),
+              "efficiency": efficiency(usable, metric, mode, resamples, seed, ranges=ranges, pairs=pairs),
+              "pretraining": pretraining(usable, metric, mode), "cost": study_cost(trials, max_concurrent)}
+    report["holm"] = apply_holm(report)
+    return report
 
 
-def _notes(trials: list[TrialRecord], usable, by_kind, paired) -> list[str]:
+HOLM_FAMILY = ("every paired comparison this report makes with at least two units (seeds where matched groups "
+               "share a seed, else groups): the search metric and the test metrics for every pair of conditions, "
+               "stochastic - deterministic per value of each varied setting and per noise scale, and the paired "
+               "fine-tuning AUC and steps to each fraction")
+
+
+def _tested(r: dict) -> list[tuple[str, dict]]:
+    """Every paired comparison in report ``r``, labelled, in report order, each as its unit entry (``by_seed``
+    where groups share a seed, else the entry itself)."""
+    metric = r["metric"]
+    items = [(f"`{metric}` {p['a']} - {p['b']}", p) for p in r["paired"].values()]
+    items += [(f"`{k}` {p['a']} - {p['b']}", p) for k, ps in r["paired_metrics"].items() if k != metric
+              for p in ps.values()]
+    for path, rows in r["by_setting"].items():
+        items += [(f"`{k}` stochastic - deterministic at {path}={row['value']}", p)
+                  for row in rows for k, p in row["paired"].items()]
+    items += [(f"`{k}` stochastic - deterministic at noise scale {row['noise_scale']}", p)
+              for row in r["by_noise_scale"] for k, p in row.items() if isinstance(p, dict)]
+    e = r.get("efficiency") or {}
+    if e.get("auc"):
+        items += [(f"AUC of `{e['curve_key']}` {p['a']} - {p['b']}", p) for p in e["auc"]["paired"].values()]
+    for f, st in (e.get("steps_to_fraction") or {}).items():
+        items += [(f"steps to {f} of deterministic's final {p['a']} - {p['b']}", p) for p in st["paired"].values()]
+    return [(label, p.get("by_seed") or p) for label, p in items]
+
+
+def apply_holm(r: dict) -> dict:
+    """Holm-adjust the sign-flip p-values of every comparison in report ``r`` as one family (:data:`HOLM_FAMILY`):
+    sets ``p_holm`` on each unit entry; returns the family (``m`` and its members' labels)."""
+    family = [(label, u) for label, u in _tested(r) if u["n"] >= 2 and u["p_sign_flip"] is not None]
+    for (_, u), adjusted in zip(family, holm([u["p_sign_flip"] for _, u in family])):
+        u["p_holm"] = adjusted
+    return {"family": HOLM_FAMILY, "m": len(family), "members": [label for label, _ in family]}
+
+
+def _notes(trials: list[TrialRecord], usable, by_cond, paired) -> list[str]:
     notes = []
     c = {s: sum(t.state == s for t in trials) for s in (PRUNED, FAILED, RUNNING)}
     if not usable:
         notes.append(f"No completed trial has the metric ({len(trials)} trials: {c[PRUNED]} pruned, "
                      f"{c[FAILED]} failed, {c[RUNNING]} running); nothing to compare yet.")
-    for kind, members in by_kind.items():
+    for cond, members in by_cond.items():
         if 0 < len(members) < 2:
-            notes.append(f"Only one completed {kind} trial: its spread (std) is undefined.")
+            notes.append(f"Only one completed {cond} trial: its spread (std) is undefined.")
         elif not members:
-            notes.append(f"No completed {kind} trial.")
-    for key, p in paired.items():
+            notes.append(f"No completed {cond} trial.")
+    for p in paired.values():
         if p["n"] == 0:
-            notes.append(f"No matched pairs for {p['a']} vs {p['b']}: no two completed trials of these kinds share "
-                         f"every other setting (search modulation.kind over otherwise equal settings, e.g. the "
-                         f"same seeds, to get pairs).")
+            notes.append(f"No matched pairs for {p['a']} vs {p['b']}: no two completed trials of these conditions "
+                         f"share every other setting (search modulation.kind over otherwise equal settings, e.g. "
+                         f"the same seeds, to get pairs).")
         elif p["n"] == 1:
             notes.append(f"Only one matched pair for {p['a']} vs {p['b']}: no confidence interval.")
-        elif p["n"] < 5:
-            notes.append(f"Only {p['n']} matched pairs for {p['a']} vs {p['b']}: the bootstrap interval is rough.")
     return notes
 
+
+# ----------------------------------------------------------------- Markdown
 
 def _f(v: Any, digits: int = 4) -> str:
     if v is None:
@@ -687,41 +1002,107 @@ def _f(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
+def _p(v: float | None) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.4f}" if v >= 1e-3 else f"{v:.1e}"
+
+
+def _ci(p: dict | None, digits: int = 4, key: str = "ci95") -> str:
+    return f"[{p[key][0]:.{digits}f}, {p[key][1]:.{digits}f}]" if p and p.get(key) else "n/a"
+
+
+STAT_COLUMNS = ("n | mean difference | t 95% CI | bootstrap 95% CI | sign-flip p | Holm p | first better | "
+                "seeds for ±0.005")
+STAT_RULE = "---|" * 8
+
+
+def _stat_cells(p: dict, digits: int, unit: bool) -> str:
+    """``p``'s cells; Holm p and seeds needed only on the unit's row (the seed where groups share seeds)."""
+    n = f"{p['n']}*" if unit and p["rough"] else str(p["n"])
+    return (f"{n} | {_f(p['mean'], digits)} | {_ci(p, digits)} | {_ci(p, digits, 'bootstrap_ci95')} | "
+            f"{_p(p['p_sign_flip'])} | {_p(p['p_holm']) if unit else ''} | {p['a_better'] if p['n'] else 'n/a'} | "
+            f"{'' if not unit else p['seeds_needed'] if p['seeds_needed'] is not None else 'n/a'}")
+
+
+def _stat_rows(cells: list[str], p: dict, digits: int = 4) -> list[str]:
+    """A table row of ``p``'s statistics after ``cells``, and a second, ``by seed``, where groups share seeds."""
+    seed = p.get("by_seed")
+    rows = ["| " + " | ".join(cells) + " | " + _stat_cells(p, digits, unit=seed is None) + " |"]
+    if seed:
+        rows.append("| " + " | ".join(cells[:-1] + [cells[-1] + ", by seed"]) + " | "
+                    + _stat_cells(seed, digits, unit=True) + " |")
+    return rows
+
+
+def _rough_footnote(entries) -> list[str]:
+    if any((p.get("by_seed") or p)["rough"] for p in entries):
+        return ["", f"\\* fewer than {ROUGH_N} seeds: the interval is rough."]
+    return []
+
+
+def _rough_warnings(paired: dict) -> list[str]:
+    """One line per comparison with fewer than :data:`ROUGH_N` seeds."""
+    lines = []
+    for p in paired.values():
+        u = p.get("by_seed") or p
+        if u["rough"]:
+            unit = "seeds" if p.get("by_seed") else "pairs"
+            floor = (f"; an exact sign-flip p on {u['n']} {unit} cannot go below {u['p_min']:.4g}"
+                     if u["p_method"] == "exact" else "")
+            lines.append(f"- {p['a']} - {p['b']}: fewer than {ROUGH_N} seeds: the interval is rough "
+                         f"({u['n']} {unit}{floor}).")
+    return [""] + lines if lines else []
+
+
 def _markdown(r: dict, images: list[str]) -> str:
     lines = [f"# Stochastic vs deterministic modulation: search `{r['search']}`", "",
              f"Metric `{r['metric']}` ({r['mode']}), {r['completed']} completed trials with it, "
-             f"{r['trials']} trials in all.", "", "## Trials per kind", "",
-             "| kind | completed | pruned | failed | running |", "|---|---|---|---|---|"]
-    for kind, c in r["counts"].items():
-        lines.append(f"| {kind} | {c.get('completed', 0)} | {c.get('pruned', 0)} | {c.get('failed', 0)} | "
+             f"{r['trials']} trials in all.", "", "## Trials per condition", "",
+             "A condition is the kind, with in brackets the groups fine-tuning trains when not only the controller "
+             "(`finetune.trainable`, e.g. `none[heads]`) and `shuffled` when the stochastic readout gain is applied "
+             "with its units permuted (`modulation.readout.shuffle`, the control).", "",
+             "| condition | completed | pruned | failed | running |", "|---|---|---|---|---|"]
+    for cond, c in r["counts"].items():
+        lines.append(f"| {cond} | {c.get('completed', 0)} | {c.get('pruned', 0)} | {c.get('failed', 0)} | "
                      f"{c.get('running', 0)} |")
     test_keys = sorted({k for b in r["best"].values() if b for k in b["test"]})
-    lines += ["", "## Best trial of each kind", "",
-              "| kind | trial | " + f"{r['metric']} | " + " | ".join(test_keys) + (" |" if test_keys else ""),
+    lines += ["", "## Best trial of each condition", "",
+              "| condition | trial | " + f"{r['metric']} | " + " | ".join(test_keys) + (" |" if test_keys else ""),
               "|---|---|---|" + "---|" * len(test_keys)]
-    for kind, b in r["best"].items():
+    for cond, b in r["best"].items():
         if b is None:
-            lines.append(f"| {kind} | none completed | n/a |" + " n/a |" * len(test_keys))
+            lines.append(f"| {cond} | none completed | n/a |" + " n/a |" * len(test_keys))
         else:
-            lines.append(f"| {kind} | `{b['trial_id']}` | {_f(b['value'])} | "
+            lines.append(f"| {cond} | `{b['trial_id']}` | {_f(b['value'])} | "
                          + " | ".join(_f(b["test"].get(k)) for k in test_keys) + (" |" if test_keys else ""))
-    lines += ["", "## Distribution per kind (completed trials)", "",
-              "| kind | n | mean | std | median | min | max |", "|---|---|---|---|---|---|---|"]
-    for kind, d in r["distribution"].items():
-        lines.append(f"| {kind} | {d['n']} | {_f(d['mean'])} | {_f(d['std'])} | {_f(d['median'])} | "
+    lines += ["", "## Distribution per condition (completed trials)", "",
+              "| condition | n | mean | std | median | min | max |", "|---|---|---|---|---|---|---|"]
+    for cond, d in r["distribution"].items():
+        lines.append(f"| {cond} | {d['n']} | {_f(d['mean'])} | {_f(d['std'])} | {_f(d['median'])} | "
                      f"{_f(d['min'])} | {_f(d['max'])} |")
+    holm_family = r.get("holm") or {"m": 0, "family": HOLM_FAMILY}
     lines += ["", "## Paired differences", "",
-              "Trials that share every setting except `modulation.kind` (and `modulation.noise_scale`, "
-              "`modulation.gain_form`, `modulation.readout.*`) are matched; a group's trials of one kind are "
-              f"averaged. Difference = first minus second kind; 95% interval: percentile bootstrap of the mean, "
-              f"{r['resamples']} resamples, seed {r['bootstrap_seed']}.", "",
-              "Where several groups share a training seed (and so its pretraining), \"by seed\" averages "
-              "them per seed and bootstraps over seeds: the interval to read.", "",
-              "| comparison | pairs | mean difference | 95% CI | first better | ties | by seed: seeds, mean, 95% CI |",
-              "|---|---|---|---|---|---|---|"]
+              "Trials that share every setting except the condition (`modulation.kind`, `finetune.trainable`, "
+              "`modulation.readout.shuffle`) and the kind-only settings (`modulation.noise_scale`, "
+              "`modulation.gain_form`, `modulation.readout.*`) are matched; a group's trials of one condition are "
+              "averaged. Difference = first minus second condition; stochastic - deterministic is the headline, "
+              "stochastic - stochastic[shuffled] the control (a stochastic edge the shuffled readout shares is not "
+              "comodulation).", "",
+              f"n: matched groups. Where groups share a training seed (and so its pretraining) a second row, \"by "
+              f"seed\", averages them per seed: the seed is the unit to read, and the one Holm adjusts. **t 95% CI**: "
+              f"Student t interval of the mean difference. Bootstrap: seeded percentile bootstrap "
+              f"(scipy.stats.bootstrap, {r['resamples']} resamples, seed {r['bootstrap_seed']}), too narrow with "
+              f"few pairs. Sign-flip p: two-sided, every one of the 2^n sign flips enumerated up to n = "
+              f"{r.get('exact_max_n', EXACT_MAX_N)} (so with n pairs it cannot go below 2/2^n: 0.0625 for 5), "
+              f"{r['resamples']} random flips beyond (scipy.stats.permutation_test). Holm p: Holm's step-down "
+              f"adjustment over a family of {holm_family['m']}: {holm_family['family']}. Seeds for ±0.005: the "
+              f"smallest n with t(0.975, n-1) x sd / sqrt(n) <= {r.get('half_width', HALF_WIDTH)} at the observed "
+              f"spread of the differences.", "",
+              "| comparison | " + STAT_COLUMNS + " |", "|---|" + STAT_RULE]
     for p in r["paired"].values():
-        lines.append(f"| {p['a']} - {p['b']} | {p['n']} | {_f(p['mean'])} | {_ci(p)} | {p['a_better']} | {p['ties']} "
-                     f"| {_by_seed(p)} |")
+        lines += _stat_rows([f"{p['a']} - {p['b']}"], p)
+    lines += _rough_warnings(r["paired"])
     lines += ["", "## Per-task win rates (stochastic vs deterministic, test F1)", ""]
     if any(w["n"] for w in r["win_rates"].values()):
         lines += ["| task | wins | ties | losses | pairs | win rate |", "|---|---|---|---|---|---|"]
@@ -731,21 +1112,13 @@ def _markdown(r: dict, images: list[str]) -> str:
         lines.append("No matched stochastic/deterministic pairs with per-task test F1: no win rates.")
     lines += _markdown_more(r)
     lines += _markdown_pretraining(r.get("pretraining"))
+    lines += _markdown_cost(r.get("cost"))
     lines += _markdown_importances(r.get("importances"))
     if r["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]
     if images:
         lines += ["", "## Plots", ""] + [f"![{Path(i).stem}]({i})" for i in images]
     return "\n".join(lines) + "\n"
-
-
-def _ci(p: dict | None, digits: int = 4) -> str:
-    return f"[{p['ci95'][0]:.{digits}f}, {p['ci95'][1]:.{digits}f}]" if p and p.get("ci95") else "n/a"
-
-
-def _by_seed(p: dict | None) -> str:
-    b = (p or {}).get("by_seed")
-    return f"{b['n']}, {_f(b['mean'])}, {_ci(b)}" if b else "n/a"
 
 
 def _markdown_pretraining(pre: dict | None) -> list[str]:
@@ -765,52 +1138,80 @@ def _markdown_pretraining(pre: dict | None) -> list[str]:
     return lines
 
 
+def _markdown_cost(c: dict | None) -> list[str]:
+    if not c:
+        return []
+    lines = ["", "## What the study cost", ""]
+    if not c["trials"]:
+        return lines + [f"- {n}" for n in c["notes"]]
+
+    def seconds(v):
+        return f"{v:.0f} s ({v / 3600:.2f} h)" if v is not None else "n/a"
+
+    share = f"{100 * c['wait_share']:.1f}%" if c["wait_share"] is not None else "n/a"
+    ratio = f"{c['ratio']:.2f}x" if c["ratio"] is not None else "n/a"
+    mean = f", {c['pretrain_seconds_mean']:.0f} s each on average" if c["pretrain_seconds_mean"] else ""
+    lines += [f"From the {c['trials']} completed trials that report `pretrain_wait_seconds`, `pretrain_seconds` "
+              f"and `wall_seconds`.", "", "| quantity | value | target |", "|---|---|---|",
+              f"| share of slot time spent waiting for a pretraining (sum of waits / sum of trial wall times) | "
+              f"{share} | under {100 * c['wait_share_target']:.0f}% |",
+              f"| pretrainings made (trials with pretrain_seconds > 0) | {c['pretrainings']}{mean} | |",
+              f"| study wall time ({c['study_wall_from'] or 'unknown'}) | {seconds(c['study_wall_seconds'])} | |",
+              f"| **estimate**: wall time had every kind pretrained its own network | "
+              f"{seconds(c['per_kind_wall_seconds'])} | |",
+              f"| ratio: study / that estimate | {ratio} | at most {c['ratio_target']:.1f}x |", "",
+              f"The estimate adds to the study's wall time the pretrainings a per-kind design would make beyond those "
+              f"made ({c['per_kind_pretrainings']} distinct kind, seed and pretraining settings - "
+              f"{c['pretrainings']} made = {c['extra_pretrainings']}) at the mean pretraining time, spread over "
+              f"max_concurrent = {c['max_concurrent'] if c['max_concurrent'] else 'unknown'} slots. It ignores waits "
+              f"and scheduling: a rough figure."]
+    return lines + [f"- {n}" for n in c["notes"]]
+
+
 def _markdown_more(r: dict) -> list[str]:
     """The sections on the test metrics, the varied settings, the noise scale and fine-tuning efficiency."""
     lines = ["", "## Paired differences on the test metrics", "",
-             "Same matched groups and bootstrap as above. Higher is better except for ECE (`test/mean_ece`, "
-             "calibration error), where a negative difference favours the first kind; \"first better\" counts "
+             "Same matched groups and statistics as above. Higher is better except for ECE (`test/mean_ece`, "
+             "calibration error), where a negative difference favours the first condition; \"first better\" counts "
              "accordingly.", "",
-             "| metric | comparison | pairs | mean difference | 95% CI | first better | by seed: seeds, mean, 95% CI |",
-             "|---|---|---|---|---|---|---|"]
+             "| metric | comparison | " + STAT_COLUMNS + " |", "|---|---|" + STAT_RULE]
     for key, pairs in r.get("paired_metrics", {}).items():
         for p in pairs.values():
-            lines.append(f"| `{key}` | {p['a']} - {p['b']} | {p['n']} | {_f(p['mean'])} | {_ci(p)} | "
-                         f"{p['a_better'] if p['n'] else 'n/a'} | {_by_seed(p)} |")
-    keys = list(dict.fromkeys([r["metric"], "test/mean_f1"]))
+            lines += _stat_rows([f"`{key}`", f"{p['a']} - {p['b']}"], p)
+    lines += _rough_footnote(p for ps in r.get("paired_metrics", {}).values() for p in ps.values())
     lines += ["", "## Stochastic - deterministic per varied setting", ""]
     if r.get("by_setting"):
-        lines += ["Matched groups split by the value of each setting the search varied (the seed, the kind and "
-                  "kind-only settings aside; many numeric values: quantile bins).", "",
-                  "| setting | value | " + " | ".join(f"pairs | `{k}` difference | 95% CI" for k in keys) + " |",
-                  "|---|---|" + "---|---|---|" * len(keys)]
+        lines += ["Matched groups split by the value of each setting the search varied (the seed, the condition and "
+                  "kind-only settings aside; numeric settings with many values or sampled from a range: quantile "
+                  "bins).", "", "| setting | value | metric | " + STAT_COLUMNS + " |", "|---|---|---|" + STAT_RULE]
         for path, rows in r["by_setting"].items():
             for row in rows:
-                cells = [f"{row['paired'][k]['n']} | {_f(row['paired'][k]['mean'])} | {_ci(row['paired'][k])}"
-                         for k in keys]
-                lines.append(f"| `{path}` | {row['value']} | " + " | ".join(cells) + " |")
+                for k, p in row["paired"].items():
+                    lines += _stat_rows([f"`{path}`", row["value"], f"`{k}`"], p)
+        lines += _rough_footnote(p for rows in r["by_setting"].values() for row in rows for p in row["paired"].values())
     else:
-        lines.append("The search varied no setting besides the seed, the kind and the kind-only settings.")
+        lines.append("The search varied no setting besides the seed, the condition and the kind-only settings.")
     lines += ["", "## Stochastic - deterministic by noise scale", ""]
     if r.get("by_noise_scale"):
         lines += ["Each stochastic trial minus the mean of its group's deterministic trials, split by "
-                  "`modulation.noise_scale`.", "",
-                  "| noise scale | " + " | ".join(f"trials | `{k}` difference | 95% CI | by seed" for k in keys)
-                  + " |", "|---|" + "---|---|---|---|" * len(keys)]
+                  "`modulation.noise_scale`.", "", "| noise scale | metric | " + STAT_COLUMNS + " |",
+                  "|---|---|" + STAT_RULE]
         for row in r["by_noise_scale"]:
-            lines.append(f"| {row['noise_scale']} | " + " | ".join(
-                f"{row[k]['n']} | {_f(row[k]['mean'])} | {_ci(row[k])} | {_by_seed(row[k])}" for k in keys) + " |")
+            for k, p in row.items():
+                if isinstance(p, dict):
+                    lines += _stat_rows([row["noise_scale"], f"`{k}`"], p)
+        lines += _rough_footnote(p for row in r["by_noise_scale"] for p in row.values() if isinstance(p, dict))
     else:
         lines.append("No stochastic trial with a deterministic trial in its matched group.")
     e = r.get("efficiency")
     if e is None:
         return lines
     lines += ["", "## Fine-tuning efficiency", "",
-              f"Does one kind converge in less fine-tuning? Curve: `{e['curve_key']}` per fine-tuning step (step 0 "
-              f"is the pretrained model, so a kind that starts higher gains area without learning faster). Curves "
-              f"are averaged on {e['grid']}; band: {e['band']}."]
+              f"Does one condition converge in less fine-tuning? Curve: `{e['curve_key']}` per fine-tuning step "
+              f"(step 0 is the pretrained model, so a condition that starts higher gains area without learning "
+              f"faster). Curves are averaged on {e['grid']}; band: {e['band']}."]
     if e["panels"]:
-        lines += ["", "### Curves", "", "| arm | kind | trials | steps | grid | start | final | final 95% CI |",
+        lines += ["", "### Curves", "", "| arm | condition | trials | steps | grid | start | final | final 95% CI |",
                   "|---|---|---|---|---|---|---|---|"]
         for panel in e["panels"]:
             for kind, c in panel["kinds"].items():
@@ -820,36 +1221,44 @@ def _markdown_more(r: dict) -> list[str]:
     if e["auc"]:
         lines += ["", "### Area under the fine-tuning curve", "",
                   "Normalised area: the trapezoid over fine-tuning steps divided by the step range, i.e. the mean "
-                  "score over fine-tuning. Per kind over trials; paired over matched groups (a group's curves of "
-                  "one kind averaged, the pair on their common steps), bootstrap 95% CI.", "",
-                  "| kind | trials | mean | std | median |", "|---|---|---|---|---|"]
+                  "score over fine-tuning. Per condition over trials; paired over matched groups (a group's curves "
+                  "of one condition averaged, the pair on their common steps).", "",
+                  "| condition | trials | mean | std | median |", "|---|---|---|---|---|"]
         for kind, d in e["auc"]["per_kind"].items():
             lines.append(f"| {kind} | {d['n']} | {_f(d['mean'])} | {_f(d['std'])} | {_f(d['median'])} |")
-        lines += ["", "| comparison | groups | mean AUC difference | 95% CI | first better | by seed: seeds, mean, 95% CI |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "| comparison | " + STAT_COLUMNS + " |", "|---|" + STAT_RULE]
         for p in e["auc"]["paired"].values():
-            lines.append(f"| {p['a']} - {p['b']} | {p['n']} | {_f(p['mean'])} | {_ci(p)} | "
-                         f"{p['a_better'] if p['n'] else 'n/a'} | {_by_seed(p)} |")
+            lines += _stat_rows([f"{p['a']} - {p['b']}"], p)
+        lines += _rough_footnote(e["auc"]["paired"].values())
     if e["steps_to_fraction"]:
         lines += ["", "### Fine-tuning steps to reach a fraction of deterministic's final score", "",
-                  "Per matched group, the first fine-tuning step at which a kind's curve reaches the fraction of "
-                  "the final value of the group's deterministic curve (for a lower-is-better metric: the final "
+                  "Per matched group, the first fine-tuning step at which a condition's curve reaches the fraction "
+                  "of the final value of the group's deterministic curve (for a lower-is-better metric: the final "
                   "value divided by the fraction). Paired: difference in steps over the groups where both "
-                  "reached it (negative: the first kind is faster).", "",
-                  "| fraction | kind | groups | reached | median steps |", "|---|---|---|---|---|"]
+                  "reached it (negative: the first condition is faster; \"first better\" counts those).", "",
+                  "| fraction | condition | groups | reached | median steps |", "|---|---|---|---|---|"]
         for f, st in e["steps_to_fraction"].items():
             for kind, k in st["per_kind"].items():
                 if k["groups"]:
                     lines.append(f"| {f} | {kind} | {k['groups']} | {k['reached']} | {_f(k['median'], 1)} |")
-        lines += ["", "| fraction | comparison | groups (both reached) | mean difference (steps) | 95% CI | "
-                  "first faster |", "|---|---|---|---|---|---|"]
+        lines += ["", "| fraction | comparison | " + STAT_COLUMNS.replace("seeds for ±0.005", "seeds needed") + " |",
+                  "|---|---|" + STAT_RULE]
         for f, st in e["steps_to_fraction"].items():
             for p in st["paired"].values():
-                lines.append(f"| {f} | {p['a']} - {p['b']} | {p['n']} | {_f(p['mean'], 1)} | {_ci(p, 1)} | "
-                             f"{p['a_better'] if p['n'] else 'n/a'} |")
+                lines += _stat_rows([f, f"{p['a']} - {p['b']}"], p, digits=1)
+        lines += _rough_footnote(p for st in e["steps_to_fraction"].values() for p in st["paired"].values())
     if e["notes"]:
         lines += [""] + [f"- {n}" for n in e["notes"]]
     return lines
+
+
+# ----------------------------------------------------------------- plots
+
+def _colours(conditions) -> dict[str, str]:
+    """Plain kinds keep their colour; every other condition takes the next spare one, in report order."""
+    conditions = sorted(set(conditions), key=_condition_order)
+    spare = iter(_SPARE_COLOURS * (1 + len(conditions) // len(_SPARE_COLOURS)))
+    return {c: KIND_COLOURS.get(c) or next(spare) for c in conditions}
 
 
 def _plots(r: dict, trials: list[TrialRecord], out: Path) -> list[str]:
@@ -857,27 +1266,26 @@ def _plots(r: dict, trials: list[TrialRecord], out: Path) -> list[str]:
 
     metric = r["metric"]
     usable = _usable(trials, metric)
-    by_kind = {k: [t for t in usable if t.kind == k] for k in KINDS}
+    conds = sorted({condition(t) for t in usable}, key=_condition_order)
     files = []
-    kinds = [k for k, trials in by_kind.items() if trials]
-    if kinds:
-        fig = Figure(figsize=(5.5, 3.8), dpi=110)
+    if conds:
+        fig = Figure(figsize=(max(5.5, 1.1 * len(conds) + 2), 3.8), dpi=110)
         ax = fig.subplots()
-        data = [[t.value(metric) for t in by_kind[k]] for k in kinds]
+        data = [[t.value(metric) for t in usable if condition(t) == c] for c in conds]
         ax.boxplot(data, showmeans=True)
-        ax.set_xticks(range(1, len(kinds) + 1), [f"{k}\n(n={len(d)})" for k, d in zip(kinds, data)])
+        ax.set_xticks(range(1, len(conds) + 1), [f"{c}\n(n={len(d)})" for c, d in zip(conds, data)])
         rng = np.random.default_rng(0)
         for i, values in enumerate(data, 1):
             ax.scatter(i + rng.uniform(-0.08, 0.08, len(values)), values, s=14, alpha=0.7, zorder=3)
         ax.set_ylabel(metric)
-        ax.set_title(f"{metric} per modulation kind (completed trials)")
+        ax.set_title(f"{metric} per condition (completed trials)")
         fig.tight_layout()
         path = out / "distribution.png"
         fig.savefig(path)
         files.append(str(path))
     shown = [p for p in r["paired"].values() if p["n"]]
     if shown:
-        fig = Figure(figsize=(5.5, 3.8), dpi=110)
+        fig = Figure(figsize=(max(5.5, 1.4 * len(shown) + 2), 3.8), dpi=110)
         ax = fig.subplots()
         rng = np.random.default_rng(0)
         for i, p in enumerate(shown):
@@ -886,9 +1294,9 @@ def _plots(r: dict, trials: list[TrialRecord], out: Path) -> list[str]:
             ax.errorbar([i + 0.25], [p["mean"]], yerr=[[p["mean"] - lo], [hi - p["mean"]]], fmt="o", color="k",
                         capsize=4)
         ax.axhline(0.0, color="grey", lw=0.8, ls="--")
-        ax.set_xticks(range(len(shown)), [f"{p['a']} - {p['b']}\n(n={p['n']})" for p in shown])
+        ax.set_xticks(range(len(shown)), [f"{p['a']} -\n{p['b']}\n(n={p['n']})" for p in shown], fontsize=7)
         ax.set_ylabel(f"difference in {metric}")
-        ax.set_title("paired differences (mean, bootstrap 95% CI)")
+        ax.set_title("paired differences (mean, Student t 95% CI)")
         fig.tight_layout()
         path = out / "paired.png"
         fig.savefig(path)
@@ -934,43 +1342,57 @@ def _pretraining_plot(r: dict, path: Path) -> Path | None:
     return path
 
 
-def _curves_plot(r: dict, path: Path) -> Path | None:
-    """One panel per arm: each kind's mean fine-tuning curve with its 95% band."""
+def _curves_figure(r: dict):
+    """One panel per arm (binned settings: a bin each), every condition's mean fine-tuning curve with its
+    95% band, all panels on one y scale; (figure, the panels' axes) or None without curves."""
     from matplotlib.figure import Figure
 
     panels = [p for p in (r.get("efficiency") or {}).get("panels", []) if p["kinds"]]
     if not panels:
         return None
+    colours = _colours(c for p in panels for c in p["kinds"])
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig = Figure(figsize=(4.6 * cols, 3.4 * rows + 0.4), dpi=100)
-    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False, sharey=True)).ravel()
     fig.subplots_adjust(**MARGINS)
     for ax, panel in zip(axes, panels):
         last = max(c["steps"][-1] for c in panel["kinds"].values())
-        for kind, c in panel["kinds"].items():
-            colour = KIND_COLOURS.get(kind)
+        for cond, c in panel["kinds"].items():
             steps, mean, lo, hi = c["steps"], c["mean"], c["lo"], c["hi"]
-            if len(steps) == 1:  # nothing fine-tuned: the value holds over the panel's steps
+            flat = len(steps) == 1
+            if flat:  # nothing fine-tuned: the value holds over the panel's steps
                 steps, mean = [0, last], mean * 2
                 lo, hi = (lo * 2, hi * 2) if lo is not None else (None, None)
-            ax.plot(steps, mean, marker="o" if len(steps) < 30 else None, ms=3, color=colour,
-                    ls="--" if len(c["steps"]) == 1 else "-", label=f"{kind} (n={c['n']})")
+            style = "--" if flat else ":" if "shuffled" in cond else "-." if cond != _kind_of(cond) else "-"
+            ax.plot(steps, mean, marker="o" if len(steps) < 30 else None, ms=3, color=colours[cond], ls=style,
+                    label=f"{cond} (n={c['n']})")
             if lo is not None:
-                ax.fill_between(steps, lo, hi, color=colour, alpha=0.2, lw=0)
-        ax.set(xlabel="fine-tuning step", ylabel=r["metric"], title=panel["arm"] if len(panel["arm"]) < 60
-               else panel["arm"][:57] + "...")
+                ax.fill_between(steps, lo, hi, color=colours[cond], alpha=0.2, lw=0)
+        title = panel["arm"] if len(panel["arm"]) < 60 else panel["arm"][:57] + "..."
+        ax.set(xlabel="fine-tuning step", title=title)
         ax.title.set_fontsize(9)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
+        ax.yaxis.set_tick_params(labelleft=True)
+    for ax in axes[::cols]:
+        ax.set_ylabel(r["metric"])
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    fig.suptitle(f"{r['efficiency']['curve_key']} over fine-tuning: mean and Student t 95% interval over trials",
-                 fontsize=10)
-    fig.savefig(path)
+    fig.suptitle(f"{r['efficiency']['curve_key']} over fine-tuning:\nmean and Student t 95% interval over trials",
+                 fontsize=9)
+    return fig, list(axes[:len(panels)])
+
+
+def _curves_plot(r: dict, path: Path) -> Path | None:
+    made = _curves_figure(r)
+    if made is None:
+        return None
+    made[0].savefig(path)
     return path
 
 
-__all__ = ["CompareError", "compare", "build_report", "bootstrap_ci", "match_key", "matched_groups",
-           "paired_differences", "varied_settings", "by_setting", "by_noise_scale", "efficiency", "curve_auc",
-           "align_curves", "mean_curve", "steps_to_reach", "reach_target", "t_quantile", "FRACTIONS",
-           "PAIRED_METRICS", "importances", "param_importances", "IMPORTANCE_MIN_TRIALS"]
+__all__ = ["CompareError", "compare", "build_report", "condition", "comparisons", "match_key", "matched_groups",
+           "paired_differences", "t_interval", "bootstrap_interval", "sign_flip_test", "holm", "apply_holm",
+           "seeds_needed", "varied_settings", "by_setting", "by_noise_scale", "efficiency", "curve_auc",
+           "align_curves", "mean_curve", "steps_to_reach", "reach_target", "study_cost", "FRACTIONS",
+           "PAIRED_METRICS", "VARIANTS", "HALF_WIDTH", "importances", "param_importances", "IMPORTANCE_MIN_TRIALS"]

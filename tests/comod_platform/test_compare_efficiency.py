@@ -97,11 +97,11 @@ def test_steps_to_reach_and_targets():
     assert C.steps_to_reach(errors, C.reach_target(0.1, 0.8, "min"), "min") == 20
 
 
-def test_t_quantile_matches_student_t():
-    assert C.t_quantile(1) == pytest.approx(12.706) and C.t_quantile(3) == pytest.approx(3.182)
+def test_t_interval_is_scipys():
     stats = pytest.importorskip("scipy.stats")
-    for df in (1, 2, 5, 10, 29, 30, 31, 45, 60, 120, 1000):
-        assert C.t_quantile(df) == pytest.approx(stats.t.ppf(0.975, df), abs=2e-3), df
+    x = [0.02, -0.01, 0.035, 0.004, 0.018, 0.027]
+    assert C.t_interval(x) == pytest.approx(tuple(stats.ttest_1samp(x, 0).confidence_interval(0.95)), abs=1e-12)
+    assert C.t_interval([0.3]) is None and C.t_interval([0.2, 0.2]) == pytest.approx((0.2, 0.2))
 
 
 def test_mean_curve_band_is_a_t_interval():
@@ -223,7 +223,9 @@ def test_paired_test_metrics(report):
     assert pm["test/mean_recall"]["stochastic-none"]["mean"] == pytest.approx(0.2)
     # the search metric's paired entry keeps its keys and numbers
     p = report["paired"]["stochastic-deterministic"]
-    assert set(p) == {"a", "b", "n", "differences", "groups", "mean", "ci95", "a_better", "ties", "by_seed"}
+    assert set(p) == {"a", "b", "n", "differences", "groups", "mean", "sd", "ci95", "bootstrap_ci95", "p_sign_flip",
+                      "p_method", "p_min", "p_holm", "seeds_needed", "rough", "a_better", "ties", "by_seed"}
+    assert p["p_holm"] is None and p["by_seed"]["p_holm"] is not None  # the seed is the unit Holm adjusts
     # the arms share their seed's pretraining: the seed-level interval averages them per seed
     assert p["by_seed"]["n"] == len(SEEDS) < p["n"]
     assert p["by_seed"]["mean"] == pytest.approx(p["mean"])  # balanced arms: the same mean
@@ -248,19 +250,20 @@ def test_by_setting_and_by_noise_scale(report):
     assert noise["0.5"]["test/mean_f1"]["mean"] == pytest.approx(0.05)
 
 
-def test_continuous_setting_is_binned_and_not_an_arm():
+def test_continuous_setting_is_binned_in_by_setting_and_the_curves():
     lrs = [0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128]
     trials = [_trial(k, s, None, flat_extra={"finetune.lr.controller": lr})
               for s, lr in enumerate(lrs) for k in ("deterministic", "stochastic")]
     r = C.build_report("lr", trials, METRIC, "max", resamples=RESAMPLES)
     assert r["varied_settings"] == ["finetune.lr.controller"]
     rows = r["by_setting"]["finetune.lr.controller"]
-    assert [row["value"] for row in rows] == ["[0.001, 0.002]", "[0.004, 0.008]", "[0.016, 0.032]",
-                                               "[0.064, 0.128]"]
+    bins = ["[0.001, 0.002]", "[0.004, 0.008]", "[0.016, 0.032]", "[0.064, 0.128]"]
+    assert [row["value"] for row in rows] == bins
     assert [row["paired"][METRIC]["n"] for row in rows] == [2, 2, 2, 2]
     e = r["efficiency"]
-    assert e["arm_settings"] == [] and [p["arm"] for p in e["panels"]] == ["all trials"]
-    assert e["panels"][0]["kinds"]["stochastic"]["n"] == 8
+    assert e["arm_settings"] == e["binned_settings"] == ["finetune.lr.controller"]
+    assert [p["arm"] for p in e["panels"]] == [f"finetune.lr.controller in {b}" for b in bins]
+    assert [p["kinds"]["stochastic"]["n"] for p in e["panels"]] == [2, 2, 2, 2]
 
 
 # ------------------------------------------------------------------- honesty with too little data
@@ -314,8 +317,8 @@ def test_markdown_json_and_plots(report, trials, tmp_path):
                     "![curves](curves.png)", "Student t 95%"):
         assert section in md, section
     assert "| `test/mean_ece` | stochastic - deterministic | 8 | -0.0300 |" in md
-    assert "| `finetune.samples_per_task` | null | 4 | 0.0300 |" in md
-    assert "| 0.9 | stochastic - deterministic | 8 | -40.0 | [-40.0, -40.0] | 8 |" in md
+    assert "| `finetune.samples_per_task` | null | `val/mean_f1` | 4* | 0.0300 |" in md  # 4 seeds: rough
+    assert "| 0.9 | stochastic - deterministic | 8 | -40.0 | [-40.0, -40.0] | [-40.0, -40.0] | 0.0078 |  | 8 |" in md
     assert "| stochastic - deterministic | 8 | 0.0964 |" in md  # AUC: 0.1 x the mean scale 1.015 x 0.95
     assert "ECE" in md and "lower" in md
 

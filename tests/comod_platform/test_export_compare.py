@@ -213,8 +213,14 @@ def test_compare_reports_kinds_pairs_and_win_rates(at_home, tmp_path):
     expected = sorted(by_seed_kind[(s, "stochastic")][METRIC] - by_seed_kind[(s, "deterministic")][METRIC]
                       for s in (0, 1))
     assert sorted(paired["differences"]) == pytest.approx(expected)
-    lo, hi = paired["ci95"]
-    assert lo <= paired["mean"] <= hi and min(expected) - 1e-12 <= lo and hi <= max(expected) + 1e-12
+    from scipy import stats
+
+    from comod_platform.compare import sign_flip_test
+
+    assert paired["ci95"] == pytest.approx(list(stats.ttest_1samp(expected, 0).confidence_interval(0.95)))
+    lo, hi = paired["bootstrap_ci95"]
+    assert min(expected) - 1e-12 <= lo <= paired["mean"] <= hi <= max(expected) + 1e-12
+    assert paired["p_sign_flip"] == sign_flip_test(expected)["p"] and paired["p_sign_flip"] in (0.5, 1.0)
     first = next(iter(finals.values()))[1]
     tasks = {k.split("/")[1] for k in first if k.startswith("test/pattern_") and k.endswith("/f1")}
     assert set(report["win_rates"]) == tasks
@@ -224,6 +230,7 @@ def test_compare_reports_kinds_pairs_and_win_rates(at_home, tmp_path):
         assert (w["n"], w["wins"], w["rate"]) == (2, wins, wins / 2)
     md = (tmp_path / "cmp" / "compare.md").read_text()
     assert "stochastic - deterministic" in md and "win rate" in md.lower()
+    assert "- stochastic - deterministic: fewer than 8 seeds: the interval is rough (2 pairs;" in md
 
 
 # ------------------------------------------------------------------- bad input
