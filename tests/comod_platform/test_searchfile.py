@@ -136,7 +136,8 @@ def test_grid_with_a_condition_has_no_duplicate_points():
 
 
 @pytest.mark.parametrize("name", ["tiny", "quickstart", "fashion_mnist_study", "celeba_comodulation",
-                                  "cifar100_architectures"])
+                                  "cifar100_architectures", "mosaic_study/shared", "mosaic_study/paper",
+                                  "mosaic_study/new_tasks"])
 def test_shipped_search_files_load(name):
     from pathlib import Path
 
@@ -168,3 +169,28 @@ def test_unknown_when_path_suggests_the_closest_setting():
                                         "when": {"modulation.knd": "stochastic"}}}
     with pytest.raises(ConfigError, match=r"'modulation.knd' is not a setting.*did you mean modulation.kind\?"):
         parse_search(_search(space=space), "bad")
+
+
+@pytest.mark.parametrize("name", ["quickstart", "mosaic_study/shared", "mosaic_study/paper", "mosaic_study/new_tasks"])
+def test_comparison_grids_pair_by_seed_and_interleave_pretrainings(name):
+    """Every condition of a comparison runs every seed (pairs), and the seed varies fastest, so the two
+    trial slots of the first points make different pretrainings instead of one waiting for the other."""
+    from pathlib import Path
+
+    from comod.pretrain_cache import pretrain_key
+    from comod_platform.searchfile import decode_choice
+
+    sf = load_search(Path(__file__).resolve().parents[2] / "search_spaces" / f"{name}.yaml")
+    assert sf.search.sampler == "grid" and sf.search.scheduler.type == "fifo"
+    points = sf.grid_points()
+    assert len(points) == sf.search.num_trials
+    assert list(sf.space)[-1] == "seed"
+    seeds = sorted({p["seed"] for p in points})
+    assert len(seeds) >= 3
+    arms: dict = {}
+    for p in points:
+        arms.setdefault(json.dumps({k: v for k, v in p.items() if k != "seed"}, sort_keys=True), []).append(p["seed"])
+    assert all(sorted(s) == seeds for s in arms.values())
+    first = points[:sf.search.max_concurrent]
+    keys = [pretrain_key(sf.config_for({k: decode_choice(v) for k, v in p.items()})) for p in first]
+    assert len(set(keys)) == len(keys)
