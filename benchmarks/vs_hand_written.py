@@ -1,7 +1,7 @@
 """The platform's reason to exist, measured: one search run with `comod search run`, and the same search
 written by hand on Ray Tune, as a user would write it without comod.
 
-The search is a search file (``--search``, default ``search_spaces/quickstart.yaml``; ``--trials``
+The search is a search file (``--search``, default ``search_spaces/quickstart_tpe.yaml``; ``--trials``
 overrides its ``num_trials``), run two ways, each as a whole command in a process of its own, with the
 same trials, sampler and seed, scheduler, resources per trial and concurrency:
 
@@ -61,8 +61,8 @@ PLOT_SUFFIXES = (".png", ".svg", ".pdf", ".html")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--search", default="quickstart",
-                   help="a search file, or the name of one in search_spaces/ (default quickstart)")
+    p.add_argument("--search", default="quickstart_tpe",
+                   help="a search file, or the name of one in search_spaces/ (default quickstart_tpe)")
     p.add_argument("--trials", type=int, default=None, help="trials of each side (default: the file's num_trials)")
     p.add_argument("--quick", action="store_true",
                    help="search_spaces/tiny.yaml, 3 trials, no waiting for load: a smoke check")

@@ -173,7 +173,7 @@ def _trials(suggest, sampler_seed: int, n: int = 12):
     return out
 
 
-@pytest.mark.parametrize("source", ["quickstart", "tiny", "sites"])
+@pytest.mark.parametrize("source", ["quickstart_tpe", "tiny", "sites"])
 def test_the_hand_written_space_asks_optuna_what_comod_asks(vs, source):
     """The same seeded sampler draws the same trials from both: same paths, distributions and values,
     conditional paths only where their condition holds."""

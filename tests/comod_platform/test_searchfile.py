@@ -136,7 +136,7 @@ def test_grid_with_a_condition_has_no_duplicate_points():
 
 
 @pytest.mark.parametrize("name", ["tiny", "quickstart", "fashion_mnist_study", "celeba_comodulation",
-                                  "cifar100_architectures", "mosaic_study/shared", "mosaic_study/paper",
+                                  "cifar100_architectures", "quickstart_tpe", "mosaic_study/shared", "mosaic_study/paper",
                                   "mosaic_study/new_tasks"])
 def test_shipped_search_files_load(name):
     from pathlib import Path
