@@ -60,11 +60,15 @@ log = logging.getLogger(__name__)
 KIND_ONLY = ("modulation.noise_scale", "modulation.gain_form")
 KIND_ONLY_PREFIXES = ("modulation.readout.",)
 """Settings that matter for one kind only; left out when matching trials."""
-VARIANTS = ("finetune.trainable", "modulation.readout.shuffle")
+VARIANTS = ("finetune.trainable", "modulation.readout.shuffle", "finetune.readout_reset")
 """Settings that make a condition of a kind (:func:`condition`); left out when matching trials."""
 DEFAULT_TRAINABLE = ("controller",)
 READOUT_KINDS = ("stochastic",)
-"""Kinds with a readout gain, the only ones ``modulation.readout.shuffle`` changes."""
+"""Kinds with a readout gain, the only ones ``modulation.readout.shuffle`` and ``finetune.readout_reset``
+change."""
+CARRIED = "readout carried"
+"""Condition part of a stochastic trial whose readout estimate carries over from pretraining
+(``finetune.readout_reset: false``)."""
 HEADLINE = ("stochastic", "deterministic")
 SHUFFLED = "stochastic[shuffled]"
 COMPARISONS = (("stochastic", "deterministic"), ("stochastic", "none"), ("deterministic", "none"))
@@ -106,8 +110,9 @@ def _kind_of(cond: str) -> str:
 def condition(trial: TrialRecord) -> str:
     """The trial's condition: its kind, plus in brackets what sets it apart from the kind's default run:
     the groups fine-tuning trains when not only the controller (``none[heads]``, ``none[decoder+heads]``)
-    and ``shuffled`` for a readout gain applied with its units permuted (``stochastic[shuffled]``, the
-    control). Absent settings take their defaults (older trials have no shuffle setting)."""
+    ``shuffled`` for a readout gain applied with its units permuted (``stochastic[shuffled]``, the
+    control), and ``readout carried`` for a readout that does not restart when fine-tuning starts. Absent
+    settings take their defaults (older trials have neither setting)."""
     kind = trial.kind or trial.flat.get("modulation.kind") or "unknown"
     parts = []
     trainable = trial.flat.get("finetune.trainable")
@@ -118,6 +123,8 @@ def condition(trial: TrialRecord) -> str:
             parts.append("+".join(sorted(groups, key=lambda g: (order.get(g, len(order)), g))) or "nothing")
     if kind in READOUT_KINDS and _truthy(trial.flat.get("modulation.readout.shuffle")):
         parts.append("shuffled")
+    if kind in READOUT_KINDS and not _truthy(trial.flat.get("finetune.readout_reset", True)):
+        parts.append(CARRIED)
     return f"{kind}[{','.join(parts)}]" if parts else kind
 
 

@@ -138,6 +138,21 @@ def test_conditions_are_labelled_from_the_variant_settings():
     assert label(kind="none", trainable=["heads", "decoder"]) == "none[decoder+heads]"
     assert label(kind="stochastic", trainable=["controller", "heads"], shuffle=True) == \
         "stochastic[heads+controller,shuffled]"
+    carried = {"finetune.readout_reset": False}
+    assert label(kind="stochastic", flat_extra=carried) == "stochastic[readout carried]"
+    assert label(kind="stochastic", flat_extra={"finetune.readout_reset": "False"}) == "stochastic[readout carried]"
+    assert label(kind="stochastic", flat_extra={"finetune.readout_reset": True}) == "stochastic"
+    assert label(kind="deterministic", flat_extra=carried) == "deterministic"  # no readout to carry
+
+
+def test_a_carried_readout_is_compared_with_a_restarted_one_of_the_same_seed():
+    trials = []
+    for s in range(8):
+        trials += [_trial("deterministic", s, 0.70), _trial("stochastic", s, 0.71 + 0.001 * s),
+                   _trial("stochastic", s, 0.69, flat_extra={"finetune.readout_reset": False}, tag="c")]
+    r = C.build_report("reset", trials, METRIC, "max", resamples=RESAMPLES)
+    pair = r["paired"]["stochastic-stochastic[readout carried]"]
+    assert pair["n"] == 8 and pair["mean"] == pytest.approx(0.71 + 0.0035 - 0.69)
 
 
 def _conditions_study(seeds=6) -> list[TrialRecord]:
