@@ -18,6 +18,9 @@ Splits: rows that name a split keep it. The other rows are shuffled with
 of them go to val and as many to test (each at least one), the rest to
 train. A CSV without a ``split`` column is thus split 80/10/10 by default;
 one that names only its test rows gets its val rows drawn from the rest.
+Where still no row is val (every row is train or test, the common
+train/test CSV), ``val_fraction`` of the train rows, drawn with the same
+seed, become val (at least one, and at least one stays train).
 
 Images are anything PIL reads, turned upright by their EXIF orientation:
 all grayscale gives one channel, anything else is converted to RGB (alpha
@@ -206,6 +209,8 @@ def assign_splits(table: Table, val_fraction: float, seed: int) -> dict[str, tor
             start += n
         for i in perm[start:].tolist():
             assigned[i] = "train"
+    if "val" not in assigned:
+        _carve_val_from_train(assigned, val_fraction, seed)
     index = {s: torch.tensor([i for i, a in enumerate(assigned) if a == s], dtype=torch.long)
              for s in SPLITS}
     counts = ", ".join(f"{len(v)} {k}" for k, v in index.items())
@@ -215,11 +220,25 @@ def assign_splits(table: Table, val_fraction: float, seed: int) -> dict[str, tor
             f"train in the {SPLIT_COLUMN} column or leave their cell empty"
             + (f"; data.val_fraction={val_fraction} sends {n} of the {len(free)} rows without a "
                f"split to {' and to '.join(shares)} each: lower it, or add rows" if n else ""))
-    for s in ("val", "test"):
-        if len(index[s]) == 0:
-            raise FolderDataError(f"{table.csv_path}: no {s} rows ({counts}); mark some rows {s} "
-                                  f"in the {SPLIT_COLUMN} column or leave some split cells empty")
+    if len(index["test"]) == 0:
+        raise FolderDataError(f"{table.csv_path}: no test rows ({counts}); mark some rows test "
+                              f"in the {SPLIT_COLUMN} column or leave some split cells empty")
+    if len(index["val"]) == 0:  # one train row, none to spare
+        raise FolderDataError(f"{table.csv_path}: no val rows ({counts}), and a single train row to draw "
+                              f"them from; mark some rows val, or add train rows")
     return index
+
+
+def _carve_val_from_train(assigned: list[str | None], val_fraction: float, seed: int) -> None:
+    """Make ``val_fraction`` of the train rows val (at least one, leaving at least one train row),
+    drawn with ``seed``; in place."""
+    train = torch.tensor([i for i, a in enumerate(assigned) if a == "train"], dtype=torch.long)
+    n = min(max(1, round(len(train) * val_fraction)), len(train) - 1)
+    if n < 1:
+        return
+    perm = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))]
+    for i in perm[:n].tolist():
+        assigned[i] = "val"
 
 
 # --- images --------------------------------------------------------------------------------

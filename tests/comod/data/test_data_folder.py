@@ -190,6 +190,30 @@ def test_rows_without_a_split_fill_the_splits_no_row_names(tmp_path):
     assert (len(load(root).val), len(load(root).test)) == (5, 5)
 
 
+def train_test_only(root, n=N):
+    """labels.csv with only train and test rows, the common case: rows 25.. are test."""
+    write_csv(root, ["image", "split", "smiling", "colour"],
+              [[image_name(i), "test" if i >= 25 else "train", smiling_of(i), colour_of(i)] for i in range(n)])
+
+
+def test_a_train_test_csv_draws_val_from_the_train_rows(tmp_path):
+    root = make_folder(tmp_path)
+    train_test_only(root)
+    data = load(root, val_fraction=0.2, seed=0)
+    assert rows_of(data.test) == list(range(25, 30))  # the given test rows, untouched
+    assert (len(data.train), len(data.val)) == (20, 5)  # 20% of the 25 train rows
+    assert set(rows_of(data.train)) | set(rows_of(data.val)) == set(range(25))
+    assert data.info["split_counts"] == {"train": 20, "val": 5, "test": 5}
+    assert rows_of(load(root, val_fraction=0.2, seed=0).val) == rows_of(data.val)  # data.split_seed: the same
+    assert rows_of(load(root, val_fraction=0.2, seed=1).val) != rows_of(data.val)
+    assert len(load(root, val_fraction=0.01).val) == 1  # at least one row
+    # what cannot work is still refused: no test rows at all, or a single train row to draw val from
+    write_csv(root, ["image", "split", "smiling"], [[image_name(i), "train", i % 2] for i in range(N)])
+    assert "no test rows (27 train, 3 val, 0 test)" in error_of(root)
+    write_csv(root, ["image", "split", "smiling"], [[image_name(0), "train", 0], [image_name(1), "test", 1]])
+    assert "no val rows (1 train, 0 val, 1 test)" in error_of(root)
+
+
 def test_tasks_all_or_a_list_of_columns(tmp_path):
     root = make_folder(tmp_path, extra={"age": [i % 4 for i in range(N)]})
     assert load(root).task_names == ["smiling", "colour", "age"]
@@ -393,3 +417,12 @@ def test_run_experiment_on_a_folder(tmp_path):
         for name in ("f1", "accuracy", "ece"):
             assert 0.0 <= metrics[f"test/{task}/{name}"] <= 1.0
     assert 0.0 <= metrics["test/mean_f1"] <= 1.0
+
+
+def test_run_experiment_on_a_train_test_folder(tmp_path):
+    from comod.train import run_experiment
+
+    root = make_folder(tmp_path / "images")
+    train_test_only(root)
+    metrics = run_experiment(cfg(root, image_size=16, val_fraction=0.2), tmp_path / "run")
+    assert 0.0 <= metrics["val/mean_f1"] <= 1.0 and 0.0 <= metrics["test/mean_f1"] <= 1.0
