@@ -62,9 +62,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict]:
     return parser, handlers
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, console: bool = False) -> int:
+    """Run the command ``argv``; ``console``: this process is the command's own (the console script), not
+    a caller's that runs it in-process, so a search may go on in a session of its own (see own_session)."""
     parser, handlers = _parser()
     args = parser.parse_args(argv)
+    args.console = console
     try:
         return handlers[args.command](args)
     except UserError as err:
@@ -345,7 +348,7 @@ def run() -> None:
     after the work is done and recorded: every MLflow and Optuna write went out before ``main``
     returned, Ray is shut down (a local Ray that a search started, with its agents), and this
     command's output and logs are flushed here."""
-    code = main()
+    code = main(console=True)
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         # no garbage collection from here on: Ray's references (a trial's object refs) that wait in

@@ -92,6 +92,11 @@ def cmd_search(args) -> int:
         from comod_platform.runner import VERBOSE_ENV
 
         os.environ[VERBOSE_ENV] = "1"  # also reaches run_or_resume's run or resume
+    if args.search_command in ("run", "resume") and getattr(args, "console", False) and not (
+            args.address or os.environ.get("RAY_ADDRESS")):
+        from comod_platform import own_session
+
+        own_session.enter()  # a local Ray: the driver and its Ray out of reach of a signal to the caller's group
     try:
         if args.search_command == "run" and args.or_resume:
             from comod_platform.jobs import run_or_resume

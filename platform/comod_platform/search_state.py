@@ -191,7 +191,9 @@ class DriverLock:
             if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise
             raise SearchBusy(self.busy_message()) from None
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
+        from comod_platform.own_session import driver_pid
+
+        holder = {"pid": driver_pid(), "host": socket.gethostname(), "command": self.command,
                   "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)

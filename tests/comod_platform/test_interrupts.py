@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from comod_platform.conventions import TAG_ROLE, TAG_STATE, TAG_TRIAL_ID
 from comod_platform.searcher import CONTINUES_ATTR, INTERRUPTED_ATTR
 from searches import run_comod, search_env
-from servers import kill_processes_mentioning
+from servers import kill_processes_mentioning, processes_mentioning
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = yaml.safe_load((REPO / "search_spaces" / "tiny.yaml").read_text())
@@ -231,3 +231,40 @@ def test_names_taken_in_a_shared_store_and_impossible_resources_are_refused_befo
     assert refused.returncode == 1 and "no node can run a trial: it asks 1 CPU and 64 GPU" in refused.stderr
     assert "this machine's Ray has" in refused.stderr and time.monotonic() - started < 120
     assert not (home / "searches" / "needs-gpu").exists()
+
+
+def test_sigterm_to_the_driver_s_process_group_stops_as_sigterm_to_the_driver_alone(tmp_path, ray_tmp):
+    """What Slurm's scancel and time limit, ``kill -- -PGID``, systemctl and GNU ``timeout`` send: SIGTERM to
+    every process of the group. The search's own Ray is out of the group's reach, so the driver stops it
+    cleanly; GNU ``timeout`` signals the driver and then its group, which is still one stop, not two."""
+    name, home = "grouped", tmp_path / "runs"
+    env = search_env(home, ray_tmp)
+    log = tmp_path / "driver.log"
+    driver = _start(_slow_search(tmp_path, name), name, env, log)
+    with _cleaned_up(driver, ray_tmp):
+        _wait_until_trials_run(driver, log, home, name)
+        group = os.getpgid(driver.pid)
+        # the local Ray runs outside the driver's group: a signal to the group cannot reach it
+        ray_pids = processes_mentioning(ray_tmp)
+        assert ray_pids and not [pid for pid in ray_pids if _pgid(pid) == group]
+        driver.send_signal(signal.SIGTERM)
+        os.killpg(group, signal.SIGTERM)
+        code, out = _finish(driver, log)
+    assert code == 143, out[-3000:]
+    assert "second SIGTERM" not in out and f"interrupted: continue with comod search resume {name}" in out
+    assert "Failed to connect to GCS" not in out and "Traceback" not in out, out[-3000:]
+    interrupted = _assert_stopped_cleanly(home, name)
+    done = run_comod(["search", "resume", name, "--json"], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    parent, children, study = _records(home, name)
+    assert parent.info.status == "FINISHED" and not [c for c in children if c.info.status == "RUNNING"]
+    ids = [c.data.tags[TAG_TRIAL_ID] for c in children]
+    assert len(ids) == len(set(ids)) == 2 and {c.data.tags[TAG_TRIAL_ID] for c in interrupted} <= set(ids)
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None

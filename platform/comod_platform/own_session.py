@@ -1,0 +1,91 @@
+"""A local search's driver, and the Ray it starts, in a process session of their own.
+
+Slurm's ``scancel`` and time limit, ``systemctl stop``, ``kill -- -PGID``, GNU ``timeout`` and Ray's
+job stop send SIGTERM to every process of a job's group. A local Ray started by the driver is in the
+driver's group, so such a signal killed Ray under the search, which then could not stop cleanly.
+
+:func:`enter` forks the command once, before Ray, torch or MLflow are loaded. The child calls
+``setsid`` and goes on as the driver: the Ray it starts belongs to the child's new session, which no
+signal to the caller's group reaches. The parent stays in the caller's group, passes SIGINT and SIGTERM
+(SIGHUP as SIGTERM) on to the driver, and exits with the driver's status, so a signal to the group ends
+the search exactly as one to the driver alone. The driver dies with the parent (``PR_SET_PDEATHSIG``),
+so a SIGKILL to the command still ends everything, as before.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+
+FORWARDED = {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM, signal.SIGHUP: signal.SIGTERM}
+SAME_STOP_S = 0.2
+"""A signal that follows the same one within this time is the same stop, passed on once: GNU ``timeout``
+signals the command and then its whole group, and a second signal would end the search at once."""
+
+parent_pid: int | None = None
+"""The pid of the process that passes signals on to this driver (the one a user sees), or None."""
+
+
+def driver_pid() -> int:
+    """The pid to name to a user who wants to stop this driver: the forwarding parent's when there is one."""
+    return parent_pid or os.getpid()
+
+
+def possible() -> bool:
+    """Linux (the driver's death with its parent needs ``prctl``), and no thread yet (a fork copies only
+    the calling thread)."""
+    return sys.platform.startswith("linux") and threading.active_count() == 1
+
+
+def enter() -> None:
+    """Go on in a new session as the driver; this process waits for it, forwarding signals, and exits
+    with its status. Does nothing where :func:`possible` is false."""
+    global parent_pid
+
+    if not possible():
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    parent = os.getpid()
+    # blocked across the fork, so that a signal in between is handled (by the parent once its handlers are
+    # in place; the child's are Python's usual ones)
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+    child = os.fork()
+    if child == 0:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+        os.setsid()
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG: a SIGKILL of the parent ends the driver too
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(137)
+        parent_pid = parent
+        return
+    os._exit(_forward_until_exit(child))
+
+
+def _forward_until_exit(child: int) -> int:
+    last: dict[int, float] = {}
+
+    def forward(signum, frame):
+        sent = FORWARDED[signum]
+        now = time.monotonic()
+        if now - last.get(sent, -1e9) < SAME_STOP_S:
+            return
+        last[sent] = now
+        try:
+            os.kill(child, sent)
+        except ProcessLookupError:
+            pass
+
+    for signum in FORWARDED:
+        signal.signal(signum, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+    _, status = os.waitpid(child, 0)  # retried by Python after each forwarded signal
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+__all__ = ["driver_pid", "enter", "parent_pid", "possible"]
