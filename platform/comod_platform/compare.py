@@ -137,10 +137,10 @@ def _condition_order(cond: str) -> tuple:
 def comparisons(present) -> list[tuple[str, str]]:
     """The pairs a report compares (first minus second), in this order: stochastic - deterministic (the
     headline); stochastic - stochastic[shuffled] (the control) where present; stochastic, then
-    deterministic, minus each none condition (plain none always, its variants where present); then every
+    deterministic, minus each none condition present; then every
     other pair of the ``present`` conditions, both in :func:`_condition_order`."""
     present = sorted(set(present), key=_condition_order)
-    nones = sorted({"none"} | {c for c in present if _kind_of(c) == "none"}, key=_condition_order)
+    nones = sorted({c for c in present if _kind_of(c) == "none"}, key=_condition_order)
     out = [HEADLINE] + ([("stochastic", SHUFFLED)] if SHUFFLED in present else [])
     out += [(a, n) for a in HEADLINE for n in nones]
     seen = {frozenset(p) for p in out}
