@@ -82,16 +82,7 @@ def check_optuna_storage(url: str) -> None:
 
 def _max_epochs(sf: SearchFile) -> int:
     """The most epochs a trial can train, both phases (the trials' epoch clock of ASHA)."""
-    base = sf.base_config()
-    total = 0
-    for phase in ("pretrain", "finetune"):
-        path = f"{phase}.epochs"
-        values = [getattr(base, phase).epochs]
-        dist = sf.space.get(path)
-        if dist is not None:
-            values += [int(v) for v in dist.values_to_check()]
-        total += max(values)
-    return total
+    return sf.max_epochs()
 
 
 def _scheduler(sf: SearchFile):

@@ -153,6 +153,22 @@ class SearchFile:
             set_path(raw, path, value)
         return parse_config(raw, "trial")
 
+    def epochs_per_phase(self) -> dict[str, int]:
+        """The most epochs a trial can train in each phase (its base's, or the space's largest)."""
+        base = self.base_config()
+        most = {}
+        for phase in ("pretrain", "finetune"):
+            values = [getattr(base, phase).epochs]
+            dist = self.space.get(f"{phase}.epochs")
+            if dist is not None:
+                values += [int(v) for v in dist.values_to_check()]
+            most[phase] = max(values)
+        return most
+
+    def max_epochs(self) -> int:
+        """The most epochs a trial can train, both phases (the trials' epoch clock of ASHA)."""
+        return sum(self.epochs_per_phase().values())
+
     def grid(self) -> dict[str, list]:
         """Every choice (as Optuna labels) per searched path."""
         grid = {}
@@ -215,6 +231,29 @@ def decode_choice(label: Any) -> Any:
     return label
 
 
+def _check_condition(where: str, path: str, key: str, value: Any, dist: Dist | None, settable: dict) -> None:
+    """A ``when`` value its setting can take; else the setting it guards would never be sampled."""
+    import difflib
+
+    if dist is None:
+        if value != settable[key]:
+            raise ConfigError(f"{where}.when: {key} is not searched and is {settable[key]!r} in the experiment, never "
+                              f"{value!r}, so {path} would never be sampled; search {key} (listed before {path}) "
+                              f"or change the condition")
+        return
+    if dist.type == "categorical":
+        if any(value == choice for choice in dist.choices):
+            return
+        shown = [str(c) for c in dist.choices]
+        close = difflib.get_close_matches(str(value), shown, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(f"{where}.when: {key} is {value!r}, which is not one of its choices ({', '.join(shown)}), "
+                          f"so {path} would never be sampled{hint}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not dist.low <= value <= dist.high:
+        raise ConfigError(f"{where}.when: {key} is {value!r}, outside its range [{dist.low:g}, {dist.high:g}], "
+                          f"so {path} would never be sampled")
+
+
 def _did_you_mean(path: str, settable) -> str:
     """The closest setting to an unknown dotted path, as the config loader suggests one: the whole path, else
     its last part among the settings' last parts (``noise_scal`` -> ``modulation.noise_scale``)."""
@@ -266,6 +305,7 @@ def parse_search(raw: Any, name: str) -> SearchFile:
                                   f"{_did_you_mean(str(key), settable)}")
             if key in space_raw and list(space_raw).index(key) > list(space_raw).index(path):
                 raise ConfigError(f"{where}.when: {key} is searched after {path}; list it first in space")
+            _check_condition(where, path, key, value, space.get(key), settable)
         space[path] = dist
     search = from_dict(SearchSettings, raw.get("search") or {}, "search")
     if search.sampler == "grid":
@@ -273,6 +313,12 @@ def parse_search(raw: Any, name: str) -> SearchFile:
             check(dist.type != "float", f"space.{path}.type", dist.type,
                   "int or categorical with search.sampler: grid (a float range has no grid)")
     sf = SearchFile(name=name, experiment=experiment, space=space, search=search)
+    if search.scheduler.type == "asha":
+        phases = sf.epochs_per_phase()
+        check(search.scheduler.grace_period <= sf.max_epochs(), "search.scheduler.grace_period",
+              search.scheduler.grace_period,
+              f"at most {sf.max_epochs()}, the epochs a trial trains (pretrain.epochs {phases['pretrain']} + "
+              f"finetune.epochs {phases['finetune']}): ASHA may stop a trial only after grace_period epochs")
     if search.sampler == "grid":
         check(search.num_trials == sf.grid_size(), "search.num_trials", search.num_trials,
               f"{sf.grid_size()}, the number of points of the grid")

@@ -194,3 +194,60 @@ def test_comparison_grids_pair_by_seed_and_interleave_pretrainings(name):
     first = points[:sf.search.max_concurrent]
     keys = [pretrain_key(sf.config_for({k: decode_choice(v) for k, v in p.items()})) for p in first]
     assert len(set(keys)) == len(keys)
+
+
+def _two_plus_two(**search):
+    """A trial of 4 epochs (2 pretraining, 2 fine-tuning)."""
+    return _search(experiment={**BASE, "pretrain": {"epochs": 2}, "finetune": {"epochs": 2}},
+                   search={"num_trials": 4, **search})
+
+
+def test_a_grace_period_longer_than_a_trial_is_refused_naming_both_numbers():
+    with pytest.raises(ConfigError) as err:
+        parse_search(_two_plus_two(scheduler={"type": "asha", "grace_period": 50}), "bad")
+    assert str(err.value) == ("search.scheduler.grace_period: got 50; expected at most 4, the epochs a trial trains "
+                              "(pretrain.epochs 2 + finetune.epochs 2): ASHA may stop a trial only after "
+                              "grace_period epochs")
+    assert parse_search(_two_plus_two(scheduler={"type": "asha", "grace_period": 4}), "ok")
+    # searched epochs: the longest trial counts
+    raw = _two_plus_two(scheduler={"type": "asha", "grace_period": 7})
+    raw["space"] = {**SPACE, "finetune.epochs": {"type": "int", "low": 1, "high": 5}}
+    assert parse_search(raw, "ok")
+
+
+@pytest.mark.parametrize("condition, space, pieces", [
+    ({"modulation.kind": "stochastik"}, SPACE,
+     ["space.modulation.noise_scale.when: modulation.kind is 'stochastik', which is not one of its choices "
+      "(none, deterministic, stochastic), so modulation.noise_scale would never be sampled; did you mean stochastic?"]),
+    ({"modulation.kind": "deterministic"}, {k: v for k, v in SPACE.items() if k != "modulation.kind"},
+     ["modulation.kind is not searched and is 'stochastic' in the experiment, never 'deterministic'"]),
+    ({"seed": 9}, SPACE, ["seed is 9, outside its range [0, 3]"]),
+])
+def test_a_condition_its_setting_never_meets_is_refused(condition, space, pieces):
+    space = {k: v for k, v in space.items() if k != "modulation.noise_scale"}
+    space["modulation.noise_scale"] = {"type": "float", "low": 0.05, "high": 2.0, "when": condition}
+    with pytest.raises(ConfigError) as err:
+        parse_search(_search(space=space), "bad")
+    for piece in pieces:
+        assert piece in str(err.value), (piece, str(err.value))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("change, piece", [
+    ({"search": {"scheduler": {"type": "asha", "grace_period": 50}}}, "expected at most 4, the epochs a trial"),
+    ({"space": {"modulation.noise_scale": {"when": {"modulation.kind": "stochastik"}}}}, "did you mean stochastic?"),
+])
+def test_comod_search_run_refuses_them_in_one_line(tmp_path, ray_tmp, change, piece):
+    """The console command: exit 2, one line, no traceback from Ray or a search that never samples."""
+    from searches import TINY, run_comod, search_env
+
+    raw = json.loads(json.dumps(TINY))  # 4 epochs a trial
+    for section, values in change.items():
+        for key, value in values.items():
+            raw[section][key] = {**raw[section][key], **value}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    done = run_comod(["search", "run", path], search_env(tmp_path / "runs", ray_tmp), timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("comod: error: ") and piece in lines[0], done.stderr[-3000:]
