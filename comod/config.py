@@ -195,6 +195,9 @@ class PhaseConfig:
     """Steps counted as one epoch (one task per step); null: one pass over the training images."""
     batch_size: int = 128
     lr: LearningRates = field(default_factory=LearningRates)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """constant, or cosine: every group's rate decays from ``lr`` to 0 over the phase's steps (half a cosine),
+    so the phase ends converged on its budget instead of wherever a constant rate leaves it."""
     weight_decay: float = 0.0
     trainable: list[str] = field(default_factory=lambda: list(GROUPS))
     tasks: list[str] = field(default_factory=list)

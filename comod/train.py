@@ -141,16 +141,32 @@ def task_loss(logits: torch.Tensor, y: torch.Tensor, binary: bool) -> torch.Tens
     return F.cross_entropy(logits.float(), y)
 
 
+def cosine_factor(step: int, total: int) -> float:
+    """The cosine schedule's share of the base rate at the phase's ``step`` of ``total``: 1 at the first
+    step, 0 after the last."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+
+def set_lr_factor(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    for group in optimizer.param_groups:
+        group.setdefault("base_lr", group["lr"])
+        group["lr"] = group["base_lr"] * factor
+
+
 def train_one_epoch(model: MultiTaskModel, optimizer: torch.optim.Optimizer, batcher: Batcher,
                     steps: int, batch_size: int, autocast: torch.autocast, phase: str,
                     callbacks: Callbacks, every: int | None = None,
-                    on_interval: Callable[[int], None] | None = None, offset: int = 0) -> float:
+                    on_interval: Callable[[int], None] | None = None, offset: int = 0,
+                    lr_factor: Callable[[int], float] | None = None) -> float:
     """``steps`` optimisation steps of one task each; returns the mean loss. ``on_interval(i)`` runs
     after the epoch's step ``i`` when the phase's step ``offset + i`` is a multiple of ``every``
-    (not after the epoch's last step, which the epoch's own evaluation covers)."""
+    (not after the epoch's last step, which the epoch's own evaluation covers). ``lr_factor(t)`` scales
+    every group's base rate at the phase's step ``t`` (a schedule; None: constant)."""
     model.train()
     total = torch.zeros((), device=batcher.device)
     for i in range(steps):
+        if lr_factor is not None:
+            set_lr_factor(optimizer, lr_factor(offset + i))
         task, x, y = batcher.sample(batch_size)
         with autocast:
             logits = model(x, task)
@@ -440,11 +456,12 @@ class _Run:
                           samples_per_task=cfg.finetune.samples_per_task if finetuning else None,
                           subset_seed=cfg.data.split_seed)
         steps = self.steps_of[phase]
+        lr_factor = (lambda t: cosine_factor(t, epochs * steps)) if pcfg.lr_schedule == "cosine" else None
         for epoch in range(first_epoch, epochs):
             loss = train_one_epoch(self.model, optimizer, batcher, steps, pcfg.batch_size, self.autocast, phase,
                                    callbacks, every=cfg.finetune.eval_interval_steps if finetuning else None,
                                    on_interval=lambda i: self.curve_point(tasks, state.step + i, epoch * steps + i),
-                                   offset=epoch * steps)
+                                   offset=epoch * steps, lr_factor=lr_factor)
             state.step += steps
             val = self.measure("val", tasks, f"{phase}/val")
             metrics = {f"{phase}/train_loss": loss, **means(val)}

@@ -219,3 +219,35 @@ def test_samples_per_task_limits_fine_tuning_data(tmp_path):
     assert seen == {0, 2}
     metrics = run_experiment(cfg, tmp_path)
     assert 0.0 <= metrics["test/mean_f1"] <= 1.0
+
+
+def test_a_cosine_schedule_decays_every_group_to_zero_over_the_phase(tmp_path):
+    from comod.train import cosine_factor
+
+    assert cosine_factor(0, 8) == 1.0 and cosine_factor(4, 8) == pytest.approx(0.5) and cosine_factor(8, 8) == 0.0
+    cfg = tiny_config(pretrain={"epochs": 2, "lr_schedule": "cosine"})
+    rates = []
+
+    def on_checkpoint(path, payload):
+        if payload["phase_index"] == 0 and payload["optimizer"] is not None:
+            rates.append([g["lr"] for g in payload["optimizer"]["param_groups"]])
+
+    run_experiment(cfg, tmp_path / "cosine", callbacks=Callbacks(on_checkpoint=on_checkpoint))
+    base = cfg.pretrain.lr.backbone
+    steps = 4  # tiny_config: 4 steps per epoch; the rate of each epoch's last step
+    assert rates[0][0] == pytest.approx(base * cosine_factor(steps - 1, 2 * steps))
+    assert rates[1][0] == pytest.approx(base * cosine_factor(2 * steps - 1, 2 * steps))
+    reference = load_checkpoint(tmp_path / "cosine" / "checkpoint.pt")["metrics"]
+
+    class Stop(Exception):
+        pass
+
+    def stop(phase, epoch, step, metrics):
+        if phase == "pretrain" and epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_experiment(cfg, tmp_path / "cut", callbacks=Callbacks(on_epoch=stop))
+    resumed = run_experiment(cfg, tmp_path / "cut")  # the schedule goes on from the step it stopped at
+    assert {k: v for k, v in resumed.items() if not k.endswith("seconds")} == \
+        {k: v for k, v in reference.items() if not k.endswith("seconds")}
