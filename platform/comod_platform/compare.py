@@ -517,19 +517,29 @@ PLATEAU_WINDOW = 3
 """Pretraining evaluations per half of the plateau check: the mean of the last ones against the ones before."""
 
 
+def pretrained_with(trial: TrialRecord) -> str:
+    """The mechanism the trial's network was pretrained with: ``shared none`` or ``shared deterministic``
+    (one pretraining per seed for every kind, ``pretrain.modulation_kind``), else the trial's own kind."""
+    design = trial.flat.get("pretrain.modulation_kind", "same")
+    return f"shared {design}" if design not in (None, "same") else (trial.kind or "unknown")
+
+
 def pretraining(trials: list[TrialRecord], metric: str, mode: str) -> dict:
-    """The validation curve of ``pretrain/<metric>`` per kind over pretraining epochs (each distinct
+    """The validation curve of ``pretrain/<metric>`` per pretraining mechanism (:func:`pretrained_with`)
+    over pretraining epochs (each distinct
     pretraining once: trials that share one through the cache report the same curve), with a plateau
     check: the mean of the last :data:`PLATEAU_WINDOW` epochs minus the mean of the ones before, per
     pretraining, with a t 95% interval over them. A comparison is only as good as its budget: a kind
     still improving when pretraining ends is flagged."""
     key = f"pretrain/{metric}"
     out = {"curve_key": key, "window": PLATEAU_WINDOW, "kinds": {}, "plateau": {}, "notes": []}
-    for kind in KINDS:
+    labels = sorted({pretrained_with(t) for t in trials},
+                    key=lambda m: (m.startswith("shared"), KINDS.index(m.split()[-1]) if m.split()[-1] in KINDS else 9, m))
+    for kind in labels:
         seen, curves = set(), []
         for t in trials:
             c = t.curves.get(key)
-            if t.kind == kind and c and tuple(v for _, v in c) not in seen:
+            if pretrained_with(t) == kind and c and tuple(v for _, v in c) not in seen:
                 seen.add(tuple(v for _, v in c))
                 curves.append([(i + 1, v) for i, (_, v) in enumerate(c)])  # one evaluation per epoch
         if not curves:
@@ -1050,7 +1060,8 @@ def _markdown_pretraining(pre: dict | None) -> list[str]:
              f"`{pre['curve_key']}` per pretraining epoch, each distinct pretraining once (trials that share one "
              f"through the cache count once). Plateau: the mean of the last {w} epochs minus the mean of the "
              f"{w} before, per pretraining, with a t 95% interval; a comparison is only as good as its budget.", "",
-             "| kind | pretrainings | epochs | last epoch (mean) | plateau gain | 95% CI |", "|---|---|---|---|---|---|"]
+             "| pretrained with | pretrainings | epochs | last epoch (mean) | plateau gain | 95% CI |",
+             "|---|---|---|---|---|---|"]
     for kind, c in pre["kinds"].items():
         plateau = pre["plateau"].get(kind) or {}
         lines.append(f"| {kind} | {c['n']} | {len(c['steps'])} | {_f(c['mean'][-1])} | {_f(plateau.get('gain'))} | "
@@ -1252,7 +1263,7 @@ def _pretraining_plot(r: dict, path: Path) -> Path | None:
     ax = fig.subplots()
     fig.subplots_adjust(left=0.13, right=0.97, bottom=0.14, top=0.9)
     for kind, c in pre["kinds"].items():
-        colour = KIND_COLOURS.get(kind)
+        colour = KIND_COLOURS.get(kind.split()[-1]) if not kind.startswith("shared") else None
         ax.plot(c["steps"], c["mean"], marker="o", ms=3, color=colour, label=f"{kind} (n={c['n']})")
         if c["lo"] is not None:
             ax.fill_between(c["steps"], c["lo"], c["hi"], color=colour, alpha=0.2, lw=0)

@@ -305,3 +305,20 @@ def test_cost_section_says_when_the_metrics_are_absent():
     assert r["cost"]["trials"] == 0 and r["cost"]["wait_share"] is None
     md = C._markdown(r, [])
     assert "## What the study cost" in md and "no cost figures" in md
+
+
+def test_the_pretraining_section_groups_shared_pretrainings_by_design():
+    trials = []
+    for s in range(3):
+        curve = [(e, 0.5 + 0.01 * e + 0.001 * s) for e in range(1, 9)]
+        for kind in ("deterministic", "stochastic"):
+            t = _trial(kind, s, 0.7, flat_extra={"pretrain.modulation_kind": "none"})
+            t.curves["pretrain/" + METRIC] = curve  # the same file for both kinds of a seed
+            trials.append(t)
+    own = _trial("stochastic", 0, 0.7, flat_extra={"pretrain.modulation_kind": "same"}, tag="own")
+    own.curves["pretrain/" + METRIC] = [(e, 0.6) for e in range(1, 9)]
+    pre = C.pretraining(trials + [own], METRIC, "max")
+    assert list(pre["kinds"]) == ["stochastic", "shared none"]
+    assert pre["kinds"]["shared none"]["n"] == 3  # three seeds' files, each counted once
+    assert pre["plateau"]["shared none"]["gain"] == pytest.approx(0.03)
+    assert pre["plateau"]["stochastic"]["gain"] == pytest.approx(0.0)
