@@ -96,6 +96,8 @@ def _grid_search_file(kinds=("deterministic", "stochastic"), seeds=SEEDS) -> dic
                     "modulation.noise_scale": {"type": "categorical", "choices": [0.3],
                                                "when": {"modulation.kind": "stochastic"}},
                     "seed": {"type": "int", "low": 0, "high": seeds - 1}}
+    if "stochastic" not in kinds:  # a condition no kind meets is refused
+        del raw["space"]["modulation.noise_scale"]
     raw["search"].update(sampler="grid", num_trials=len(kinds) * seeds, scheduler={"type": "fifo"},
                          max_concurrent=2)
     return raw
