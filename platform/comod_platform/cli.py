@@ -56,6 +56,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict]:
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--open", action="store_true",
                     help="open that page (else the list of experiments) in a web browser")
+    ui.add_argument("--verbose", action="store_true",
+                    help="let the MLflow server's own output (its start-up, warnings, every request) reach the "
+                         "terminal instead of the runs folder's ui.log")
     from comod_platform.cli_search import add_commands
 
     handlers = {"train": cmd_train, "ui": cmd_ui, **add_commands(sub)}
@@ -300,10 +303,18 @@ def cmd_ui(args) -> int:
     root = artifact_root()
     if root:
         command += ["--default-artifact-root", root]
-    print(f"MLflow UI of {uri} on {base} (runs folder {runs_home()}); Ctrl-C stops it", flush=True)
+    log, output = _server_log(runs_home() / "ui.log", args.verbose)
+    shown = "" if log is None else f"; its log: {log}"
+    print(f"MLflow UI of {uri} on {base} (runs folder {runs_home()}{shown}); Ctrl-C stops it", flush=True)
     # in a session of its own: the server and the uvicorn workers it starts are one process group, which
     # _stop ends as a whole when this command ends (Ctrl-C, SIGTERM, or the server's own exit)
-    proc = subprocess.Popen(command, env={**os.environ, **UI_ENV}, start_new_session=True)
+    try:
+        env = {**os.environ, **UI_ENV, **({"PYTHONUNBUFFERED": "1"} if log is not None else {})}  # a live log
+        proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=output,
+                                stderr=subprocess.STDOUT if output is not None else None)
+    finally:
+        if output not in (None, subprocess.DEVNULL):
+            output.close()
 
     def _terminate(signum, frame):
         raise KeyboardInterrupt
@@ -316,12 +327,35 @@ def cmd_ui(args) -> int:
                 print(f"{args.name}: {page}", flush=True)
             if args.open:
                 _open(page)
-        return proc.wait()
+        code = proc.wait()
+        if code and log is not None:  # the server's own words on why it ended
+            _print_tail(log)
+        return code
     except KeyboardInterrupt:
         return 0
     finally:
         signal.signal(signal.SIGTERM, previous)
         _stop(proc)
+
+
+def _server_log(path: Path, verbose: bool):
+    """(the log file, the server's stdout) of ``comod ui``: the terminal itself when ``verbose``, else
+    ``path`` (DEVNULL, and no file, where it cannot be written)."""
+    if verbose:
+        return None, None
+    try:
+        return path, open(path, "w")
+    except OSError:
+        return None, subprocess.DEVNULL
+
+
+def _print_tail(log: Path, lines: int = 15) -> None:
+    try:
+        tail = log.read_text(errors="replace").strip().splitlines()[-lines:]
+    except OSError:
+        return
+    if tail:
+        print(f"comod: the MLflow server ended; the end of {log}:", *tail, sep="\n", file=sys.stderr)
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -21,6 +21,8 @@ TAG_TRIAL_ID = "comod.ray_trial_id"
 TAG_KIND = "comod.modulation_kind"
 TAG_STATE = "comod.state"              # running, completed, pruned, interrupted, failed
 TAG_STOPPED_EPOCH = "comod.stopped_epoch"  # epochs reported when the trial ended (its rung if pruned)
+TAG_EPOCHS = "comod.epochs"            # epochs reported so far (ASHA's clock): bookkeeping, a tag, not a metric
+TAG_REPORTS = "comod.reports"          # reports made to Ray Tune so far (its training_iteration)
 TAG_ERROR = "comod.error"
 TAG_NODE = "comod.node"                # the Ray node the trial runs (ran) on
 TAG_GPUS = "comod.gpu_ids"             # the GPU ids Ray assigned to it (a fraction shares one)
@@ -141,8 +143,9 @@ def outcome(last: dict | None, errored: bool = False) -> str:
 
 def recorded_state(tags: dict, metrics: dict) -> str:
     """A trial's state from its MLflow run's tags and metrics: its state tag (``running`` without one), or
-    ``completed`` when it has not ended but its final report arrived (only the end-of-trial tags are missing)."""
+    ``completed`` when it has not ended but its final report arrived (only the end-of-trial tags are missing):
+    its test metrics, which only the final report carries (or, in a store written before, the final flag)."""
     state = tags.get(TAG_STATE, RUNNING)
-    if state not in ENDED and metrics.get(FINAL_FLAG):
+    if state not in ENDED and (metrics.get(FINAL_FLAG) or any(k.startswith("test/") for k in metrics)):
         return COMPLETED
     return state

@@ -30,9 +30,9 @@ import yaml
 
 from comod.config import ConfigError, ExperimentConfig, flatten, parse_config, set_path
 from comod.names import KINDS
-from comod_platform.conventions import (COMPLETED, EPOCH, STATES, TAG_ERROR, TAG_KIND, TAG_PARENT, TAG_ROLE,
-                                        TAG_STOPPED_EPOCH, TAG_TRIAL_ID, WALL, best_of, param_value,
-                                        recorded_state, sort_key)
+from comod_platform.conventions import (COMPLETED, EPOCH, STATES, TAG_EPOCHS, TAG_ERROR, TAG_KIND, TAG_PARENT,
+                                        TAG_REPORTS, TAG_ROLE, TAG_STOPPED_EPOCH, TAG_TRIAL_ID, WALL, best_of,
+                                        param_value, recorded_state, sort_key)
 from comod_platform.search_state import SearchMeta, SearchPaths
 from comod_platform.searchfile import SearchFile, parse_search
 
@@ -242,6 +242,13 @@ def fine_tuning_curve(points) -> list[tuple[int, float]]:
     return [(s - first, v) for s, v in sorted(by_step.items()) if not math.isnan(v)]
 
 
+def _int(text) -> int | None:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return None
+
+
 def _record(client, run, metric: str, mode: str, paths: SearchPaths) -> TrialRecord:
     tags, metrics = run.data.tags, run.data.metrics
     run_id = run.info.run_id
@@ -267,8 +274,12 @@ def _record(client, run, metric: str, mode: str, paths: SearchPaths) -> TrialRec
         series = [m.value for m in _history(client, run_id, metric)]
     series = [v for v in series if not math.isnan(v)]
     best = best_of(series, mode) if series else None
-    epochs_seen = _history(client, run_id, EPOCH)
-    epochs = int(max(m.value for m in epochs_seen)) if epochs_seen else None
+    if TAG_EPOCHS in tags:
+        epochs, reports = _int(tags[TAG_EPOCHS]), _int(tags.get(TAG_REPORTS)) or 0
+    else:  # a store written when the epoch was a metric
+        epochs_seen = _history(client, run_id, EPOCH)
+        epochs = int(max(m.value for m in epochs_seen)) if epochs_seen else None
+        reports = len(epochs_seen)
     stopped = tags.get(TAG_STOPPED_EPOCH)
     try:
         stopped_epoch = int(stopped) if stopped is not None else None
@@ -293,7 +304,7 @@ def _record(client, run, metric: str, mode: str, paths: SearchPaths) -> TrialRec
             curves[f"pretrain/{metric}"] = [(s, v) for s, v in sorted(by_step.items()) if not math.isnan(v)]
     kind = tags.get(TAG_KIND) or (flat.get("modulation.kind") if flat else None)
     return TrialRecord(trial_id=trial_id, run_id=run_id, state=state, kind=kind, stopped_epoch=stopped_epoch,
-                       config=cfg, flat=flat, final=final, best=best, epochs=epochs, reports=len(epochs_seen),
+                       config=cfg, flat=flat, final=final, best=best, epochs=epochs, reports=reports,
                        wall_seconds=wall, start_time=(run.info.start_time or 0) / 1000.0,
                        error=tags.get(TAG_ERROR), config_error=config_error, curves=curves)
 

@@ -51,6 +51,10 @@ class TrackingError(RuntimeError):
 
 
 def _quiet():
+    """MLflow's INFO lines (a new store's "Creating initial MLflow database tables") off the terminal. After
+    ``import mlflow``, which sets its logger's level itself."""
+    import mlflow  # noqa: F401
+
     for name in ("alembic", "mlflow", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -70,6 +74,7 @@ def tracking_uri() -> str:
     if not (home / "mlflow.db").exists():
         from comod_platform.empty_store import seed
 
+        _quiet()  # a first store of this MLflow version is made by MLflow, which says so
         seed(home / "mlflow.db", (home / "artifacts").as_uri())
     return embedded_uri()
 

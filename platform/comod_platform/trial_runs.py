@@ -23,9 +23,9 @@ import threading
 import time
 from pathlib import Path
 
-from comod_platform.conventions import (EPOCH, FINAL_FLAG, INTERRUPTED, TAG_BEST_RUN, TAG_BEST_TRIAL, TAG_ERROR,
-                                        TAG_KIND, TAG_PARENT, TAG_ROLE, TAG_SEARCH, TAG_STATE, TAG_STOPPED_EPOCH,
-                                        TAG_TRIAL_ID, report_metrics)
+from comod_platform.conventions import (EPOCH, FINAL_FLAG, INTERRUPTED, PROTOCOL_KEYS, TAG_BEST_RUN, TAG_BEST_TRIAL,
+                                        TAG_ERROR, TAG_KIND, TAG_PARENT, TAG_ROLE, TAG_SEARCH, TAG_STATE,
+                                        TAG_STOPPED_EPOCH, TAG_TRIAL_ID, report_metrics)
 from comod_platform.tracking import (dataset_input, dataset_settings, describe_dataset, log_batch_chunked,
                                      log_dataset, log_params, params_of)
 from comod_platform.writer import BACKGROUND_NICE, Writer, transient
@@ -40,18 +40,22 @@ OWN_PLAIN = {"wall_seconds", "steps", "pretrain_seconds", "pretrain_wait_seconds
 
 def numeric_metrics(result: dict) -> dict[str, float]:
     """A trial's report as MLflow metrics: its numbers (those Ray Tune saw and those of its
-    ``conventions.METRICS`` text), without Ray's own keys and flags without a slash."""
+    ``conventions.METRICS`` text), without Ray's own keys, flags without a slash, and the report's
+    bookkeeping (epoch, step, the final and diverged flags: the step is each metric's step, the epoch a
+    tag, the end the state tag), so that a run's charts are its results."""
     return {k: float(v) for k, v in report_metrics(result).items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in RAY_KEYS
-            and ("/" in k or k in OWN_PLAIN)}
+            and k not in PROTOCOL_KEYS and ("/" in k or k in OWN_PLAIN)}
 
 
 COALESCE_S = 1.0
 """Seconds a trial's metrics and tags wait for more before one write sends them all: each write is a
 database commit, and a short trial reports its epochs within a second; the end of a trial, and of the
 search, sends what waits at once."""
-RUN_STATUS = {"completed": "FINISHED", "pruned": "KILLED", "interrupted": "KILLED", "failed": "FAILED"}
-"""The MLflow status a trial's run ends with, by the trial's state."""
+RUN_STATUS = {"completed": "FINISHED", "pruned": "FINISHED", "interrupted": "KILLED", "failed": "FAILED"}
+"""The MLflow status a trial's run ends with, by the trial's state: a pruned trial ended normally (the
+scheduler's decision, told by its state tag), so the UI does not mark it like a failure; KILLED is for a
+trial that a stopped search left unfinished."""
 
 
 class TrialRuns:
@@ -142,7 +146,8 @@ class TrialRuns:
 
     def _create(self, trial) -> str:
         cfg = self.search.config_for(trial.config)
-        run = self.client.create_run(self.experiment_id, run_name=f"{self.search_name}-{trial.trial_id}", tags={
+        # named by what differs between rows (the search is the experiment's name already)
+        run = self.client.create_run(self.experiment_id, run_name=f"{cfg.modulation.kind}-{trial.trial_id}", tags={
             TAG_PARENT: self.parent_run_id, TAG_SEARCH: self.search_name, TAG_ROLE: "trial",
             TAG_TRIAL_ID: trial.trial_id, TAG_KIND: cfg.modulation.kind, TAG_STATE: "running"})
         self._artifact_uris[run.info.run_id] = run.info.artifact_uri

@@ -21,8 +21,9 @@ from pathlib import Path
 from ray.tune import Callback
 
 from comod_platform import interrupts
-from comod_platform.conventions import (CURVE, DIVERGED_FLAG, FINAL_FLAG, GPUS, NODE, REASON, STEP, TAG_BEST_RUN,
-                                        TAG_BEST_TRIAL, TAG_ERROR, TAG_GPUS, TAG_NODE, TAG_RETRIES, better, outcome)
+from comod_platform.conventions import (CURVE, DIVERGED_FLAG, EPOCH, FINAL_FLAG, GPUS, NODE, REASON, STEP,
+                                        TAG_BEST_RUN, TAG_BEST_TRIAL, TAG_EPOCHS, TAG_ERROR, TAG_GPUS, TAG_NODE,
+                                        TAG_REPORTS, TAG_RETRIES, better, outcome)
 from comod_platform.trial_runs import TrialRuns, numeric_metrics
 from comod_platform.writer import FLUSH_TIMEOUT_ENV
 
@@ -108,6 +109,9 @@ class MlflowTrialCallback(Callback):
         step = int(result.get(STEP, result.get("training_iteration", 0)))
         per_epoch = not result.get(FINAL_FLAG) and not result.get(DIVERGED_FLAG)
         self.runs.queue_metrics(trial, metrics, step, per_epoch)
+        # the report's bookkeeping, as tags with its metrics (the step is theirs already)
+        self.runs.queue_tags(trial, {TAG_EPOCHS: str(int(result.get(EPOCH, 0))),
+                                     TAG_REPORTS: str(int(result.get("training_iteration", 0)))})
         where = (result.get(NODE), result.get(GPUS))
         if where[0] and self._where.get(trial.trial_id) != where:  # first report, or restarted elsewhere
             moved = trial.trial_id in self._where

@@ -105,3 +105,18 @@ def test_a_store_made_by_another_process_meanwhile_is_kept(tmp_path, cache, monk
     assert empty_store.seed(db, (home / "artifacts").as_uri()) is False
     assert db.read_bytes() == b"the other process's store"
     assert not list(home.glob(".mlflow.db.*"))
+
+
+def test_the_first_store_is_made_without_mlflow_s_info_lines(tmp_path):
+    """`make quickstart` on a fresh machine: MLflow makes the first store of its version and logs each step
+    ("Creating initial MLflow database tables") at INFO; none of that reaches the terminal (a fresh
+    interpreter, as the command is one: MLflow sets its logger's level at its import)."""
+    import subprocess
+    import sys
+
+    env = {"COMOD_CACHE": str(tmp_path / "cache"), "COMOD_HOME": str(tmp_path / "runs"), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", "from comod_platform.tracking import open_store; open_store()"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert empty_store.template_path().name in {p.name for p in (tmp_path / "cache").iterdir()}  # MLflow made it
+    assert "INFO" not in done.stderr + done.stdout and "Creating initial" not in done.stderr, done.stderr[-2000:]

@@ -22,8 +22,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from comod.config import apply_overrides, config_to_dict, flatten, load_config, parse_config
-from comod_platform.conventions import (EPOCH, STEP, TAG_ERROR, TAG_KIND, TAG_PARENT, TAG_ROLE, TAG_SEARCH,
-                                        TAG_STATE, TAG_STOPPED_EPOCH, TAG_TRIAL_ID, experiment_name)
+from comod_platform.conventions import (TAG_EPOCHS, TAG_ERROR, TAG_KIND, TAG_PARENT, TAG_REPORTS, TAG_ROLE,
+                                        TAG_SEARCH, TAG_STATE, TAG_STOPPED_EPOCH, TAG_TRIAL_ID, experiment_name)
 from comod_platform.search_state import SearchMeta, SearchNotFound, SearchPaths
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,15 +54,15 @@ def _add_incomplete_runs(home: Path) -> dict[str, str]:
         run = client.create_run(meta.experiment_id, tags={
             TAG_PARENT: meta.parent_run_id, TAG_SEARCH: NAME, TAG_ROLE: "trial", TAG_TRIAL_ID: trial_id,
             TAG_KIND: "stochastic", TAG_STATE: state, TAG_STOPPED_EPOCH: "1" if state == "pruned" else "0",
+            **({TAG_EPOCHS: "1", TAG_REPORTS: "1"} if state == "pruned" else {}),
             **({TAG_ERROR: "RuntimeError: boom"} if state == "failed" else {})})
         params = [Param(k, v) for k, v in some.data.params.items()]
         params = [Param(p.key, "stochastic") if p.key == "modulation.kind" else p for p in params]
         client.log_batch(run.info.run_id, params=params)
         if state == "pruned":
             client.log_batch(run.info.run_id, metrics=[
-                Metric("pretrain/val/mean_f1", 0.99, 0, 3), Metric(METRIC, 0.99, 0, 3),
-                Metric(EPOCH, 1.0, 0, 3), Metric(STEP, 3.0, 0, 3)])
-        client.set_terminated(run.info.run_id, "KILLED" if state == "pruned" else "FAILED")
+                Metric("pretrain/val/mean_f1", 0.99, 0, 3), Metric(METRIC, 0.99, 0, 3)])
+        client.set_terminated(run.info.run_id, "FINISHED" if state == "pruned" else "FAILED")
         ids[trial_id] = run.info.run_id
     return ids
 

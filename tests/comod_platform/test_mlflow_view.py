@@ -14,7 +14,10 @@ from mlflow.tracking import MlflowClient
 
 from comod.config import load_config
 from comod_platform import cli, runner, tracking
-from comod_platform.conventions import FINAL_FLAG, STEP, TAG_ROLE, TAG_TRIAL_ID
+from comod_platform import interrupts
+from comod_platform.conventions import (EPOCH, FINAL_FLAG, PROTOCOL_KEYS, STEP, TAG_EPOCHS, TAG_REPORTS, TAG_ROLE,
+                                        TAG_STATE, TAG_TRIAL_ID, recorded_state)
+from comod_platform.results import load_results
 from comod_platform.search_state import SearchMeta, SearchPaths
 from comod_platform.searchfile import load_search
 from comod_platform.tune_callbacks import TAG_BEST_RUN, TAG_BEST_TRIAL, MlflowTrialCallback
@@ -197,6 +200,62 @@ def test_the_parent_run_carries_the_best_trials_metrics(home, tiny_data):
                                 callback.trials_root)
     again.on_experiment_end(trials)
     assert len(client.get_metric_history(parent, "val/mean_f1")) == 2
+
+
+def _epoch(trial, epoch: int, value: float) -> dict:
+    result = {EPOCH: epoch, STEP: 6 * epoch, "training_iteration": epoch, "val/mean_f1": value,
+              "pretrain/val/mean_f1": value, "pretrain/train_loss": 1.0 / epoch}
+    trial.last_result = result
+    return result
+
+
+def test_trial_runs_read_at_a_glance_pruned_ends_finished_and_bookkeeping_is_no_metric(home, tiny_data,
+                                                                                        monkeypatch):
+    """Rows that differ in their first characters (kind, trial id); a trial ASHA stopped early ends FINISHED,
+    tagged pruned (no red cross, as for a failure), one a stopped search left unfinished KILLED, tagged
+    interrupted; the epoch, the step and the final flag are tags and steps, not charts."""
+    _, _, _, experiment_id, parent, callback = _search(home, tiny_data, name="a-long-search-name-20261205-1843")
+    client = store(home)
+    done, pruned, cut = (_trial("924cd492", **{"modulation.kind": "stochastic"}), _trial("0b1c2d3e"),
+                         _trial("5f6a7b8c", **{"modulation.kind": "none"}))
+    trials = [done, pruned, cut]
+    for trial in trials:
+        callback.on_trial_start(0, trials, trial)
+        callback.on_trial_result(0, trials, trial, _epoch(trial, 1, 0.5))
+    callback.on_trial_result(0, trials, done, _epoch(done, 2, 0.6))
+    callback.on_trial_result(0, trials, done, _final(done, 0.7, **{EPOCH: 2, "training_iteration": 3}))
+    for trial in (done, pruned):  # ASHA stops `pruned` after its first epoch: TERMINATED with no final report
+        trial.status = "TERMINATED"
+        callback.on_trial_complete(0, trials, trial)
+    monkeypatch.setattr(interrupts, "_requested", [15])  # the search is stopped while `cut` runs
+    callback.on_experiment_end(trials)
+
+    runs = {r.data.tags[TAG_TRIAL_ID]: r
+            for r in client.search_runs([experiment_id], f"tags.`{TAG_ROLE}` = 'trial'")}
+    assert {t: r.info.run_name for t, r in runs.items()} == {
+        "924cd492": "stochastic-924cd492", "0b1c2d3e": "deterministic-0b1c2d3e", "5f6a7b8c": "none-5f6a7b8c"}
+    assert {t: (r.info.status, r.data.tags[TAG_STATE]) for t, r in runs.items()} == {
+        "924cd492": ("FINISHED", "completed"), "0b1c2d3e": ("FINISHED", "pruned"),
+        "5f6a7b8c": ("KILLED", "interrupted")}
+    for run in runs.values():
+        assert not PROTOCOL_KEYS & set(run.data.metrics), sorted(run.data.metrics)  # no comod/epoch, step, final
+    assert (runs["924cd492"].data.tags[TAG_EPOCHS], runs["924cd492"].data.tags[TAG_REPORTS]) == ("2", "3")
+    assert runs["0b1c2d3e"].data.tags[TAG_EPOCHS] == "1"
+    # the steps are the metrics' own
+    history = client.get_metric_history(runs["924cd492"].info.run_id, "pretrain/train_loss")
+    assert [(m.step, m.value) for m in history] == [(6, 1.0), (12, 0.5)]
+    # read back: states and epochs from the tags, a completed trial known by its test metrics alone
+    name = "a-long-search-name-20261205-1843"
+    paths = SearchPaths(name)
+    paths.write_meta(SearchMeta(name=name, study_name=name, optuna_storage="sqlite://", experiment_id=experiment_id,
+                                tracking_uri=f"sqlite:///{home / 'mlflow.db'}", parent_run_id=parent,
+                                ray_storage=str(home / "ray"), created=0.0))
+    paths.search_file.write_text(TINY_SEARCH.read_text())
+    records = {t.trial_id: t for t in load_results(name).trials}
+    assert {t: (r.state, r.epochs, r.reports) for t, r in records.items()} == {
+        "924cd492": ("completed", 2, 3), "0b1c2d3e": ("pruned", 1, 1), "5f6a7b8c": ("interrupted", 1, 1)}
+    assert recorded_state({}, {"test/mean_f1": 0.5}) == "completed"  # its end tags lost, its final report there
+    assert recorded_state({}, {"pretrain/val/mean_f1": 0.5}) == "running"
 
 
 # ------------------------------------------------------------------ comod ui NAME

@@ -119,7 +119,7 @@ def test_search_on_postgres_with_proxied_s3_artifacts(team, tmp_path, ray_tmp):
         tags = child.data.tags
         assert tags[TAG_PARENT] == parents[0].info.run_id and tags[TAG_SEARCH] == name
         states[tags[TAG_STATE]] += 1
-        assert child.info.status == ("FINISHED" if tags[TAG_STATE] == "completed" else "KILLED")
+        assert child.info.status == "FINISHED"  # completed or pruned: both ended normally
         assert child.data.params["modulation.kind"] in ("none", "deterministic", "stochastic")
         assert "finetune.lr.controller" in child.data.params
         history = client.get_metric_history(child.info.run_id, "pretrain/train_loss")

@@ -29,7 +29,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from comod_platform import tracking
-from comod_platform.conventions import TAG_PARENT, TAG_ROLE, TAG_STATE
+from comod_platform.conventions import PROTOCOL_KEYS, TAG_PARENT, TAG_ROLE, TAG_STATE
 from comod_platform.tune_callbacks import TAG_BEST_RUN, TAG_BEST_TRIAL
 from servers import free_port, processes_mentioning, stop_group
 
@@ -73,6 +73,11 @@ def test_a_search_is_recorded_for_the_ui(searched):
         assert child.data.params["modulation.kind"] == child.data.tags["comod.modulation_kind"]
         if child.data.tags[TAG_STATE] == "completed":
             assert set(tracking.KEY_METRICS) <= set(child.data.metrics)
+        # rows that differ in their first characters; pruned trials ended normally; no bookkeeping charts
+        kind, trial_id = child.data.tags["comod.modulation_kind"], child.data.tags["comod.ray_trial_id"]
+        assert child.info.run_name == f"{kind}-{trial_id}"
+        assert child.info.status == "FINISHED" and child.data.tags[TAG_STATE] in ("completed", "pruned")
+        assert not PROTOCOL_KEYS & set(child.data.metrics), sorted(child.data.metrics)
 
     completed = [c for c in searched.children if c.data.tags[TAG_STATE] == "completed"]
     best = max(completed, key=lambda c: c.data.metrics["val/mean_f1"])
@@ -100,7 +105,7 @@ def ui(searched, tmp_path):
                        None)
             time.sleep(0.25)
         assert url, "comod ui printed no URL:\n" + "".join(lines)[-3000:]
-        yield SimpleNamespace(url=url, port=port, lines=lines)
+        yield SimpleNamespace(url=url, port=port, lines=lines, home=searched.home)
     finally:
         stop_group(proc)
         assert proc.poll() is not None
@@ -115,6 +120,10 @@ def test_comod_ui_serves_with_mlflow_telemetry_off(ui):
                                     headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(posted, timeout=30) as response:
         assert json.load(response) == {"status": "disabled"}
+    # quiet: comod's own lines (the address), none of the server's start-up, warnings or requests
+    time.sleep(1)
+    assert ui.lines and all(line.startswith(("MLflow UI of ", f"{NAME}: ")) for line in ui.lines), ui.lines
+    assert "ui-telemetry" in (ui.home / "ui.log").read_text()  # the requests went to the log instead
 
 
 def _listening(port: int) -> bool:
@@ -192,6 +201,7 @@ def test_comod_ui_opens_the_searchs_runs_table_in_a_browser(chromium, searched, 
                    "Dataset"):
         assert column in dom, column
     assert "synthetic/attributes" in dom  # the runs' dataset inputs, in the Dataset column
+    assert "comod.state" in dom and ">completed<" in dom  # each trial's state, a column of the view
     assert "share key" not in dom  # the saved view was found
     assert "comod: compare trials" in dom
     # the UI in model-training mode: its sidebar lists runs and the model registry, none of the GenAI
