@@ -1310,8 +1310,8 @@ def _curves_figure(r: dict):
         ax.set_ylabel(r["metric"])
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    fig.suptitle(f"{r['efficiency']['curve_key']} over fine-tuning:\nmean and Student t 95% interval over trials",
-                 fontsize=9)
+    fig.suptitle(f"{r['efficiency']['curve_key']} over fine-tuning (step 0: the pretrained model): mean and "
+                 f"t 95% interval", fontsize=9)
     return fig, list(axes[:len(panels)])
 
 
