@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup data postgres chromium quickstart test test-all ui clean
+.PHONY: setup data postgres chromium slurm quickstart test test-all ui clean
 
 setup: $(STAMP) data
 
@@ -41,13 +41,20 @@ chromium:
 	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	    $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; }
 
+# The Slurm test starts its own single-node Slurm (munged, slurmctld and slurmd on 127.0.0.1, from a temp
+# folder, with a munge key of its own): only Debian's binaries are needed.
+slurm:
+	@test -x /usr/sbin/slurmctld -a -x /usr/sbin/slurmd -a -x /usr/sbin/munged || \
+	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update -q && $$SUDO apt-get install -y -q slurm-wlm munge; }
+
 quickstart: setup
 	$(BIN)/comod search run search_spaces/quickstart.yaml --name quickstart-$$(date +%Y%m%d-%H%M%S)
 
-test: setup postgres chromium
+test: setup postgres chromium slurm
 	$(BIN)/python -m pytest -q
 
-test-all: setup postgres chromium
+test-all: setup postgres chromium slurm
 	$(BIN)/python -m pytest -q -m ''
 
 ui: setup
