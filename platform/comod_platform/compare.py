@@ -16,7 +16,9 @@ search metric (or ``metric``):
   the seeds a 95% half-width of :data:`HALF_WIDTH` would need
   (:func:`seeds_needed`) and, where groups share a training seed, the same
   over per-seed means (``by_seed``, the unit). Holm's adjustment
-  (:func:`holm`) runs over every comparison the report makes (``holm``);
+  (:func:`holm`) runs within each family of comparisons (:data:`HOLM_FAMILIES`: the
+  search metric over the pairs of conditions, each test metric, the per-setting splits, the
+  efficiency measures; ``holm``);
 - the same for the test metrics (``paired_metrics``), per value of each
   varied setting (``by_setting``) and per noise scale (``by_noise_scale``),
   numeric settings with many or sampled values in quantile bins; per-task
@@ -867,39 +869,49 @@ def build_report(name: str, trials: list[TrialRecord], metric: str, mode: str, r
     return report
 
 
-HOLM_FAMILY = ("every paired comparison this report makes with at least two units (seeds where matched groups "
-               "share a seed, else groups): the search metric and the test metrics for every pair of conditions, "
-               "stochastic - deterministic per value of each varied setting and per noise scale, and the paired "
-               "fine-tuning AUC and steps to each fraction")
+HOLM_FAMILIES = {
+    "conditions": "the search metric, every pair of conditions (the paired-differences table)",
+    "test metrics": "each test metric, every pair of conditions (one family per metric)",
+    "settings": "stochastic - deterministic per value of each varied setting and per noise scale",
+    "efficiency": "the paired fine-tuning AUC and steps to each fraction",
+}
+"""Holm's families: one per question the report asks, each a table of it. A family holds the comparisons
+with at least two units (seeds where matched groups share a seed, else groups)."""
 
 
-def _tested(r: dict) -> list[tuple[str, dict]]:
-    """Every paired comparison in report ``r``, labelled, in report order, each as its unit entry (``by_seed``
-    where groups share a seed, else the entry itself)."""
+def _families(r: dict) -> dict[str, list[tuple[str, dict]]]:
+    """The report's paired comparisons by Holm family (:data:`HOLM_FAMILIES`; the test metrics one family
+    each), labelled, each as its unit entry (``by_seed`` where groups share a seed, else the entry)."""
     metric = r["metric"]
-    items = [(f"`{metric}` {p['a']} - {p['b']}", p) for p in r["paired"].values()]
-    items += [(f"`{k}` {p['a']} - {p['b']}", p) for k, ps in r["paired_metrics"].items() if k != metric
-              for p in ps.values()]
-    for path, rows in r["by_setting"].items():
-        items += [(f"`{k}` stochastic - deterministic at {path}={row['value']}", p)
-                  for row in rows for k, p in row["paired"].items()]
-    items += [(f"`{k}` stochastic - deterministic at noise scale {row['noise_scale']}", p)
-              for row in r["by_noise_scale"] for k, p in row.items() if isinstance(p, dict)]
+    out: dict[str, list[tuple[str, dict]]] = {
+        "conditions": [(f"`{metric}` {p['a']} - {p['b']}", p) for p in r["paired"].values()]}
+    for k, ps in r["paired_metrics"].items():
+        if k != metric:
+            out[f"test metrics: {k}"] = [(f"`{k}` {p['a']} - {p['b']}", p) for p in ps.values()]
+    settings = [(f"`{k}` stochastic - deterministic at {path}={row['value']}", p)
+                for path, rows in r["by_setting"].items() for row in rows for k, p in row["paired"].items()]
+    settings += [(f"`{k}` stochastic - deterministic at noise scale {row['noise_scale']}", p)
+                 for row in r["by_noise_scale"] for k, p in row.items() if isinstance(p, dict)]
+    out["settings"] = settings
     e = r.get("efficiency") or {}
-    if e.get("auc"):
-        items += [(f"AUC of `{e['curve_key']}` {p['a']} - {p['b']}", p) for p in e["auc"]["paired"].values()]
-    for f, st in (e.get("steps_to_fraction") or {}).items():
-        items += [(f"steps to {f} of deterministic's final {p['a']} - {p['b']}", p) for p in st["paired"].values()]
-    return [(label, p.get("by_seed") or p) for label, p in items]
+    eff = [(f"AUC of `{e['curve_key']}` {p['a']} - {p['b']}", p) for p in (e.get("auc") or {}).get("paired", {}).values()]
+    eff += [(f"steps to {f} of deterministic's final {p['a']} - {p['b']}", p)
+            for f, st in (e.get("steps_to_fraction") or {}).items() for p in st["paired"].values()]
+    out["efficiency"] = eff
+    return {name: [(label, p.get("by_seed") or p) for label, p in items] for name, items in out.items()}
 
 
 def apply_holm(r: dict) -> dict:
-    """Holm-adjust the sign-flip p-values of every comparison in report ``r`` as one family (:data:`HOLM_FAMILY`):
-    sets ``p_holm`` on each unit entry; returns the family (``m`` and its members' labels)."""
-    family = [(label, u) for label, u in _tested(r) if u["n"] >= 2 and u["p_sign_flip"] is not None]
-    for (_, u), adjusted in zip(family, holm([u["p_sign_flip"] for _, u in family])):
-        u["p_holm"] = adjusted
-    return {"family": HOLM_FAMILY, "m": len(family), "members": [label for label, _ in family]}
+    """Holm-adjust the sign-flip p-values within each family of report ``r`` (:data:`HOLM_FAMILIES`): sets
+    ``p_holm`` on each unit entry; returns each family's size and members' labels."""
+    families = {}
+    for name, items in _families(r).items():
+        family = [(label, u) for label, u in items if u["n"] >= 2 and u["p_sign_flip"] is not None]
+        for (_, u), adjusted in zip(family, holm([u["p_sign_flip"] for _, u in family])):
+            u["p_holm"] = adjusted
+        families[name] = {"m": len(family), "members": [label for label, _ in family]}
+    return {"families": families, "rule": "Holm's step-down adjustment within each family: "
+            + "; ".join(f"{k}: {v}" for k, v in HOLM_FAMILIES.items())}
 
 
 def _notes(trials: list[TrialRecord], usable, by_cond, paired) -> list[str]:
@@ -1012,7 +1024,7 @@ def _markdown(r: dict, images: list[str]) -> str:
     for cond, d in r["distribution"].items():
         lines.append(f"| {cond} | {d['n']} | {_f(d['mean'])} | {_f(d['std'])} | {_f(d['median'])} | "
                      f"{_f(d['min'])} | {_f(d['max'])} |")
-    holm_family = r.get("holm") or {"m": 0, "family": HOLM_FAMILY}
+    conditions_m = ((r.get("holm") or {}).get("families") or {}).get("conditions", {}).get("m", 0)
     lines += ["", "## Paired differences", "",
               "Trials that share every setting except the condition (`modulation.kind`, `finetune.trainable`, "
               "`modulation.readout.shuffle`) and the kind-only settings (`modulation.noise_scale`, "
@@ -1027,7 +1039,7 @@ def _markdown(r: dict, images: list[str]) -> str:
               f"few pairs. Sign-flip p: two-sided, every one of the 2^n sign flips enumerated up to n = "
               f"{r.get('exact_max_n', EXACT_MAX_N)} (so with n pairs it cannot go below 2/2^n: 0.0625 for 5), "
               f"{r['resamples']} random flips beyond (scipy.stats.permutation_test). Holm p: Holm's step-down "
-              f"adjustment over a family of {holm_family['m']}: {holm_family['family']}. Seeds for ±0.005: the "
+              f"adjustment within the table's family (here the {conditions_m} comparisons of the search metric; each test metric, the per-setting table and the efficiency tables are families of their own). Seeds for ±0.005: the "
               f"smallest n with t(0.975, n-1) x sd / sqrt(n) <= {r.get('half_width', HALF_WIDTH)} at the observed "
               f"spread of the differences.", "",
               "| comparison | " + STAT_COLUMNS + " |", "|---|" + STAT_RULE]

@@ -109,8 +109,10 @@ def test_five_seeds_give_the_exact_floor_and_a_rough_warning():
     assert p["ci95"] == pytest.approx(list(stats.ttest_1samp(diffs, 0).confidence_interval(0.95)))
     assert p["p_sign_flip"] == pytest.approx(0.0625) and p["p_method"] == "exact" and p["rough"]
     assert p["seeds_needed"] == C.seeds_needed(float(np.std(diffs, ddof=1)))
-    assert p["p_holm"] >= p["p_sign_flip"] and r["holm"]["m"] >= 2
-    assert "`val/mean_f1` stochastic - deterministic" in r["holm"]["members"]
+    families = r["holm"]["families"]
+    assert p["p_holm"] >= p["p_sign_flip"] and families["conditions"]["m"] >= 1
+    assert "`val/mean_f1` stochastic - deterministic" in families["conditions"]["members"]
+    assert "`test/mean_f1` stochastic - deterministic" in families["test metrics: test/mean_f1"]["members"]
     md = C._markdown(r, [])
     assert ("- stochastic - deterministic: fewer than 8 seeds: the interval is rough (5 pairs; an exact sign-flip "
             "p on 5 pairs cannot go below 0.0625).") in md
@@ -219,7 +221,7 @@ def test_by_setting_splits_the_arms_with_conditions_present():
         assert p["ci95"] == pytest.approx(list(stats.ttest_1samp(p["differences"], 0).confidence_interval(0.95)))
         assert p["p_sign_flip"] == pytest.approx(0.125) and p["p_holm"] is not None
         assert p["p_holm"] >= p["p_sign_flip"]
-    assert any("pretrain.modulation_kind=same" in m for m in r["holm"]["members"])
+    assert any("pretrain.modulation_kind=same" in m for m in r["holm"]["families"]["settings"]["members"])
     # arms share their seed: the headline's unit is the seed
     headline = r["paired"]["stochastic-deterministic"]
     assert headline["n"] == 8 and headline["by_seed"]["n"] == 4 and headline["p_holm"] is None
@@ -322,3 +324,13 @@ def test_the_pretraining_section_groups_shared_pretrainings_by_design():
     assert pre["kinds"]["shared none"]["n"] == 3  # three seeds' files, each counted once
     assert pre["plateau"]["shared none"]["gain"] == pytest.approx(0.03)
     assert pre["plateau"]["stochastic"]["gain"] == pytest.approx(0.0)
+
+
+def test_holm_adjusts_within_each_family_not_across_the_report():
+    r = C.build_report("conds", _conditions_study(seeds=10), METRIC, "max", resamples=RESAMPLES)
+    families = r["holm"]["families"]
+    conditions = families["conditions"]
+    assert conditions["m"] == len([p for p in r["paired"].values() if p["n"] >= 2])
+    units = [p for p in r["paired"].values() if p["n"] >= 2]
+    assert [u["p_holm"] for u in units] == pytest.approx(C.holm([u["p_sign_flip"] for u in units]))
+    assert sum(f["m"] for f in families.values()) > conditions["m"]  # other families exist, adjusted apart
