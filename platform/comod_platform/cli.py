@@ -322,15 +322,20 @@ def cmd_ui(args) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         page = runs_url(base, experiment_id) if experiment_id else f"{base}/#/experiments?{UI_MODE}"
-        if _wait_until_serving(base, proc):
+        serving = _wait_until_serving(base, proc)
+        if serving:
             if experiment_id:
                 print(f"{args.name}: {page}", flush=True)
             if args.open:
                 _open(page)
         code = proc.wait()
-        if code and log is not None:  # the server's own words on why it ended
-            _print_tail(log)
-        return code
+        if serving and not code:
+            return 0
+        # uvicorn ends with status 0 when it cannot bind the port: say why, in one line
+        why = _server_error(log) if log is not None else "see its output above"
+        print(f"comod: error: the MLflow server {'ended' if serving else 'did not start'} on {base}: {why}",
+              file=sys.stderr)
+        return code or EXIT_FAILED
     except KeyboardInterrupt:
         return 0
     finally:
@@ -349,13 +354,16 @@ def _server_log(path: Path, verbose: bool):
         return None, subprocess.DEVNULL
 
 
-def _print_tail(log: Path, lines: int = 15) -> None:
+def _server_error(log: Path) -> str:
+    """The server's last ERROR line (else its last line), without the time stamp, and where its log is."""
     try:
-        tail = log.read_text(errors="replace").strip().splitlines()[-lines:]
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
     except OSError:
-        return
-    if tail:
-        print(f"comod: the MLflow server ended; the end of {log}:", *tail, sep="\n", file=sys.stderr)
+        lines = []
+    errors = [line for line in lines if "ERROR" in line or "Error" in line]
+    last = (errors or lines or ["no output"])[-1]
+    last = last.split("ERROR:", 1)[-1].strip() if "ERROR:" in last else last
+    return f"{last[:300]} (its log: {log})"
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -211,3 +211,26 @@ def test_comod_ui_opens_the_searchs_runs_table_in_a_browser(chromium, searched, 
         assert genai not in dom, genai
     assert "MLflow collects usage data" not in dom
     assert "Welcome to MLflow" not in dom
+
+
+def test_comod_ui_on_a_taken_port_says_why_in_one_line(tmp_path, empty_store):
+    """The server's own log is off the terminal, so its reason to stop (uvicorn ends with status 0 when it
+    cannot bind) comes back as one line of comod's, with a failing status."""
+    import socket
+
+    from searches import search_env
+
+    home = tmp_path / "runs"
+    home.mkdir()
+    shutil.copy(empty_store, home / "mlflow.db")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "comod_platform.cli", "ui", "--port", str(port)],
+                              env=search_env(home), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert len(done.stdout.strip().splitlines()) == 1 and f"on http://127.0.0.1:{port}" in done.stdout
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"comod: error: the MLflow server did not start on http://127.0.0.1:{port}: ")
+    assert "address already in use" in line and str(home / "ui.log") in line
