@@ -14,7 +14,7 @@ search metric (or ``metric``):
   Student t 95% interval (the headline), a seeded percentile bootstrap
   interval beside it, a two-sided sign-flip p-value (:func:`sign_flip_test`),
   the seeds a 95% half-width of :data:`HALF_WIDTH` would need
-  (:func:`seeds_needed`) and, where groups share a training seed, the same
+  (:func:`seeds_needed`) and, where groups share a pretrained network (seed, data, model and pretraining settings), the same
   over per-seed means (``by_seed``, the unit). Holm's adjustment
   (:func:`holm`) runs within each family of comparisons (:data:`HOLM_FAMILIES`: the
   search metric over the pairs of conditions, each test metric, the per-setting splits, the
@@ -216,8 +216,17 @@ def _mean_of(trials: list[TrialRecord], key: str) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+UNIT_SECTIONS = ("seed", "precision", "data", "model", "pretrain")
+"""Sections whose settings make a matched group's pretrained network (the kind aside): groups equal in them
+fine-tune one pretraining (e.g. the K arms of a seed), so they are one unit; groups of another pretraining
+design (``pretrain.modulation_kind``) or budget are units of their own."""
+
+
 def _group_seed(group: dict) -> Any:
-    return next(iter(group.values()))[0].flat.get("seed")
+    """The group's unit: its seed with the settings that make its pretrained network (:data:`UNIT_SECTIONS`)."""
+    flat = next(iter(group.values()))[0].flat
+    return json.dumps({p: v for p, v in flat.items() if p.split(".")[0] in UNIT_SECTIONS}, sort_keys=True,
+                      default=str)
 
 
 def paired_differences(groups: dict, key: str, mode: str, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED,
@@ -1032,7 +1041,7 @@ def _markdown(r: dict, images: list[str]) -> str:
               "averaged. Difference = first minus second condition; stochastic - deterministic is the headline, "
               "stochastic - stochastic[shuffled] the control (a stochastic edge the shuffled readout shares is not "
               "comodulation).", "",
-              f"n: matched groups. Where groups share a training seed (and so its pretraining) a second row, \"by "
+              f"n: matched groups. Where groups fine-tune one pretrained network (the same seed, data, model and pretraining settings, e.g. the K arms of a seed) a second row, \"by "
               f"seed\", averages them per seed: the seed is the unit to read, and the one Holm adjusts. **t 95% CI**: "
               f"Student t interval of the mean difference. Bootstrap: seeded percentile bootstrap "
               f"(scipy.stats.bootstrap, {r['resamples']} resamples, seed {r['bootstrap_seed']}), too narrow with "

@@ -222,10 +222,9 @@ def test_by_setting_splits_the_arms_with_conditions_present():
         assert p["p_sign_flip"] == pytest.approx(0.125) and p["p_holm"] is not None
         assert p["p_holm"] >= p["p_sign_flip"]
     assert any("pretrain.modulation_kind=same" in m for m in r["holm"]["families"]["settings"]["members"])
-    # arms share their seed: the headline's unit is the seed
+    # the designs pretrain different networks: each group is a unit of its own, not averaged by seed
     headline = r["paired"]["stochastic-deterministic"]
-    assert headline["n"] == 8 and headline["by_seed"]["n"] == 4 and headline["p_holm"] is None
-    assert headline["by_seed"]["p_holm"] is not None
+    assert headline["n"] == 8 and "by_seed" not in headline and headline["p_holm"] is not None
     assert "| `pretrain.modulation_kind` | same | `val/mean_f1` | 4* |" in C._markdown(r, [])
 
 
@@ -334,3 +333,14 @@ def test_holm_adjusts_within_each_family_not_across_the_report():
     units = [p for p in r["paired"].values() if p["n"] >= 2]
     assert [u["p_holm"] for u in units] == pytest.approx(C.holm([u["p_sign_flip"] for u in units]))
     assert sum(f["m"] for f in families.values()) > conditions["m"]  # other families exist, adjusted apart
+
+
+def test_groups_that_fine_tune_one_pretraining_are_one_unit():
+    trials = []
+    for k in (16, 128):  # two K arms of each seed: one pretrained network per seed
+        for t in _headline_study(5):
+            t.flat["finetune.samples_per_task"] = k
+            t.trial_id += str(k)
+            trials.append(t)
+    headline = C.build_report("k", trials, METRIC, "max", resamples=RESAMPLES)["paired"]["stochastic-deterministic"]
+    assert headline["n"] == 10 and headline["by_seed"]["n"] == 5 and headline["by_seed"]["p_holm"] is not None
