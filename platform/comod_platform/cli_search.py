@@ -56,6 +56,9 @@ def add_commands(sub) -> dict:
     compare.add_argument("name")
     compare.add_argument("--metric", help="metric to compare (default: the search's)")
     compare.add_argument("--out", type=Path, help="folder for compare.md and plots (default: the search's)")
+    compare.add_argument("--where", action="append", default=[], metavar="PATH=VALUE",
+                         help="compare only the trials with this setting (repeatable; values as YAML), e.g. "
+                              "--where pretrain.modulation_kind=none")
     from comod_platform.dashboard import DEFAULT_PORT
 
     dash = sub.add_parser("dashboard", help="serve optuna-dashboard on 127.0.0.1 for a search's Optuna study")
@@ -362,8 +365,16 @@ def cmd_compare(args) -> int:
 
     from comod_platform.compare import CompareError
 
+    import yaml
+
+    where = {}
+    for item in args.where:
+        path, sep, text = item.partition("=")
+        if not sep or not path.strip():
+            raise UserError(f"--where {item!r}: expected PATH=VALUE, e.g. pretrain.modulation_kind=none")
+        where[path.strip()] = yaml.safe_load(text) if text.strip() else text
     try:
-        result = compare(args.name, metric=args.metric, out_dir=args.out)
+        result = compare(args.name, metric=args.metric, out_dir=args.out, where=where)
     except (CompareError, *_user_errors()) as err:
         raise UserError(str(err), EXIT_FAILED) from None
     report = next((f for f in result.get("files", []) if f.endswith(".md")), None)

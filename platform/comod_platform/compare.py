@@ -641,10 +641,28 @@ def study_cost(trials: list[TrialRecord], max_concurrent: int | None = None) -> 
     return out
 
 
+def select_trials(trials: list[TrialRecord], where: dict[str, Any]) -> list[TrialRecord]:
+    """The trials whose settings equal every ``{dotted.path: value}`` of ``where`` (an arm of a search, e.g.
+    one pretraining design); an unknown path or a value no trial has raises :class:`CompareError`."""
+    for path, value in where.items():
+        values = {json.dumps(t.flat[path], default=str) for t in trials if path in t.flat}
+        if not values:
+            raise CompareError(f"--where {path}: not a setting of this search's trials; use a dotted setting "
+                               f"such as pretrain.modulation_kind")
+        if json.dumps(value, default=str) not in values:
+            raise CompareError(f"--where {path}={value!r}: no trial has it; its values: {', '.join(sorted(values))}")
+        trials = [t for t in trials if json.dumps(t.flat.get(path), default=str) == json.dumps(value, default=str)]
+    return trials
+
+
 def compare(name: str, metric: str | None = None, out_dir: str | Path | None = None, home: Path | None = None,
-            resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED, log_artifact: bool = True) -> dict:
-    """Compare the modulation conditions in search ``name``; see the module docstring."""
+            resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED, log_artifact: bool = True,
+            where: dict[str, Any] | None = None) -> dict:
+    """Compare the modulation conditions in search ``name`` (only its trials matching ``where``, when
+    given: :func:`select_trials`); see the module docstring."""
     results = load_results(name, home)
+    if where:
+        results.trials = select_trials(results.trials, where)
     metric = metric or results.metric
     mode = results.mode if metric == results.metric else guess_mode(metric)
     out = Path(out_dir) if out_dir is not None else results.paths.root / "compare"
@@ -661,6 +679,7 @@ def compare(name: str, metric: str | None = None, out_dir: str | Path | None = N
     report = build_report(name, results.trials, metric, mode, resamples, seed, ranges=ranges,
                           max_concurrent=max_concurrent)
     report["out_dir"] = str(out)
+    report["where"] = dict(where or {})
     report["importances"] = importances(results, metric)
     notes = report["notes"]
     files = _plots(report, results.trials, out)
@@ -1008,9 +1027,11 @@ def _rough_warnings(paired: dict) -> list[str]:
 
 
 def _markdown(r: dict, images: list[str]) -> str:
+    where = ", ".join(f"`{k}={v}`" for k, v in (r.get("where") or {}).items())
     lines = [f"# Stochastic vs deterministic modulation: search `{r['search']}`", "",
              f"Metric `{r['metric']}` ({r['mode']}), {r['completed']} completed trials with it, "
-             f"{r['trials']} trials in all.", "", "## Trials per condition", "",
+             f"{r['trials']} trials in all" + (f", of those with {where}" if where else "") + ".", "",
+             "## Trials per condition", "",
              "A condition is the kind, with in brackets the groups fine-tuning trains when not only the controller "
              "(`finetune.trainable`, e.g. `none[heads]`) and `shuffled` when the stochastic readout gain is applied "
              "with its units permuted (`modulation.readout.shuffle`, the control).", "",

@@ -269,3 +269,18 @@ def test_no_completed_trial_is_a_clear_error(home, tmp_path):
     report = compare(name, out_dir=tmp_path / "cmp")
     assert report["completed"] == 0 and any("nothing to compare" in n for n in report["notes"])
     assert "nothing to compare" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+def test_compare_where_keeps_one_arm_and_refuses_what_no_trial_has(at_home, tmp_path, capsys):
+    from comod_platform.cli import main
+
+    assert main(["compare", NAME, "--out", str(tmp_path / "seed0"), "--where", "seed=0"]) == 0
+    report = json.loads((tmp_path / "seed0" / "compare.json").read_text())
+    assert report["where"] == {"seed": 0}
+    assert {d["n"] for d in report["distribution"].values() if d["n"]} == {1}  # one seed: one trial per kind
+    assert "of those with `seed=0`" in (tmp_path / "seed0" / "compare.md").read_text()
+    capsys.readouterr()
+    assert main(["compare", NAME, "--where", "seed=7"]) != 0
+    assert "--where seed=7: no trial has it; its values: 0, 1" in capsys.readouterr().err
+    assert main(["compare", NAME, "--where", "sed=0"]) != 0
+    assert "--where sed: not a setting" in capsys.readouterr().err
