@@ -221,7 +221,7 @@ PRETRAIN_KINDS = ("same", "none", "deterministic")
 class PretrainConfig(PhaseConfig):
     """Pretraining: the whole network on all tasks."""
 
-    modulation_kind: Literal[PRETRAIN_KINDS] = "deterministic"
+    modulation_kind: Literal[PRETRAIN_KINDS] = "none"
     """The mechanism active in pretraining. same: each kind pretrains with its own (the paper's pipeline,
     where a kind difference mixes pretraining with adaptation); none: one network pretrained without
     modulation; deterministic: the network and its couplings pretrained with the attention gain. With none
