@@ -1352,8 +1352,10 @@ def _curves_figure(r: dict):
         ax.set_ylabel(r["metric"])
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    fig.suptitle(f"{r['efficiency']['curve_key']} over fine-tuning (step 0: the pretrained model): mean and "
-                 f"t 95% interval", fontsize=9)
+    height = 3.4 * rows + 0.4
+    fig.subplots_adjust(**{**MARGINS, "top": 1 - 0.8 / height})  # room for two title lines above the panels'
+    fig.suptitle(f"{r['efficiency']['curve_key']} over fine-tuning\n(step 0: the pretrained model; mean and t 95% "
+                 f"interval)", fontsize=9)
     return fig, list(axes[:len(panels)])
 
 
