@@ -136,15 +136,28 @@ def _condition_order(cond: str) -> tuple:
     return ({"stochastic": 0, "deterministic": 1, "none": 2}.get(kind, 3), kind, cond != kind, cond)
 
 
+def _headline(present: list[str]) -> tuple[str, str]:
+    """stochastic - deterministic; where neither plain kind ran but both kinds ran with the same variant
+    (e.g. ``[heads+controller]`` when new tasks open their heads), that pair."""
+    if "stochastic" in present or "deterministic" in present:
+        return HEADLINE
+    for cond in present:
+        twin = "deterministic" + cond[len("stochastic"):]
+        if _kind_of(cond) == "stochastic" and cond != "stochastic" and twin in present:
+            return cond, twin
+    return HEADLINE
+
+
 def comparisons(present) -> list[tuple[str, str]]:
     """The pairs a report compares (first minus second), in this order: stochastic - deterministic (the
-    headline); stochastic - stochastic[shuffled] (the control) where present; stochastic, then
+    headline; :func:`_headline`); stochastic - stochastic[shuffled] (the control) where present; stochastic, then
     deterministic, minus each none condition present; then every
     other pair of the ``present`` conditions, both in :func:`_condition_order`."""
     present = sorted(set(present), key=_condition_order)
     nones = sorted({c for c in present if _kind_of(c) == "none"}, key=_condition_order)
-    out = [HEADLINE] + ([("stochastic", SHUFFLED)] if SHUFFLED in present else [])
-    out += [(a, n) for a in HEADLINE for n in nones]
+    headline = _headline(present)
+    out = [headline] + ([("stochastic", SHUFFLED)] if SHUFFLED in present else [])
+    out += [(a, n) for a in headline for n in nones]
     seen = {frozenset(p) for p in out}
     for i, a in enumerate(present):
         for b in present[i + 1:]:

@@ -344,3 +344,11 @@ def test_groups_that_fine_tune_one_pretraining_are_one_unit():
             trials.append(t)
     headline = C.build_report("k", trials, METRIC, "max", resamples=RESAMPLES)["paired"]["stochastic-deterministic"]
     assert headline["n"] == 10 and headline["by_seed"]["n"] == 5 and headline["by_seed"]["p_holm"] is not None
+
+
+def test_the_headline_is_the_variant_pair_when_both_kinds_ran_only_with_it():
+    both = "stochastic[heads+controller]", "deterministic[heads+controller]"
+    pairs = C.comparisons([*both, "none[heads]"])
+    assert pairs[0] == both and (both[1], "none[heads]") in pairs
+    assert ("stochastic", "deterministic") not in pairs
+    assert C.comparisons(["stochastic", "deterministic"])[0] == ("stochastic", "deterministic")
