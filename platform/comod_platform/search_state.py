@@ -184,13 +184,19 @@ class DriverLock:
 
         self.paths.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.paths.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            os.close(fd)
-            if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
-            raise SearchBusy(self.busy_message()) from None
+        deadline = time.monotonic() + self.ENDING_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as err:
+                if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    os.close(fd)
+                    raise
+                if not self._holder_gone() or time.monotonic() > deadline:
+                    os.close(fd)
+                    raise SearchBusy(self.busy_message()) from None
+                time.sleep(0.2)
         from comod_platform.own_session import driver_pid
 
         holder = {"pid": driver_pid(), "host": socket.gethostname(), "command": self.command,
@@ -199,6 +205,22 @@ class DriverLock:
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         self.fd = fd
         return self
+
+    ENDING_S = 30.0
+    """How long a new driver waits for the lock of a driver that is ending: the command named in the lock
+    (the one a user started, see own_session) is gone from this host, and its driver dies with it."""
+
+    def _holder_gone(self) -> bool:
+        try:
+            holder = json.loads(self.paths.lock_file.read_text() or "{}")
+            if holder.get("host") != socket.gethostname():
+                return False
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return False
 
     def busy_message(self) -> str:
         try:
