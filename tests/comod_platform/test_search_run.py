@@ -150,7 +150,9 @@ def test_a_trial_that_raises_is_recorded_failed_and_the_search_goes_on(tmp_path,
 
 def test_killed_driver_resumes_to_completion_without_duplicates(tmp_path, ray_tmp):
     home = tmp_path / "runs"
-    experiment = {**TINY["experiment"], "pretrain": {"epochs": 2, "steps_per_epoch": 12, "batch_size": 16}}
+    # each kind pretrains its own network: trials end apart, and the kill lands between two of them
+    experiment = {**TINY["experiment"], "pretrain": {"epochs": 2, "steps_per_epoch": 12, "batch_size": 16,
+                                                     "modulation_kind": "same"}}
     path = _write_search(tmp_path, "killed", experiment=experiment,
                          search={**TINY["search"], "num_trials": 4, "scheduler": {"type": "fifo"}})
     env = search_env(home, ray_tmp)
