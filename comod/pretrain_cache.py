@@ -9,8 +9,6 @@ lock, so two runs never pretrain the same model: the second waits and reuses.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -18,6 +16,10 @@ import socket
 import time
 from pathlib import Path
 from typing import Callable
+
+# The one import beyond torch, torchvision, numpy and yaml: a small pure-Python lock library that torch
+# itself depends on, so it is there wherever the core runs; a hand-written fcntl lock is what it replaces.
+from filelock import FileLock, Timeout
 
 from comod.config import PRETRAIN_MODULATION, config_to_dict
 
@@ -48,42 +50,38 @@ def entry_path(cache_dir: str | Path, cfg) -> Path:
 @contextlib.contextmanager
 def file_lock(path: Path, on_wait: Callable[[str], None] | None = None, timeout: float | None = None,
               poll: float = 1.0):
-    """An exclusive advisory lock on ``path.lock`` (works across processes on one file system, including
-    NFS with lockd). While another process holds it, ``on_wait`` gets, every ``poll`` s, a line naming what
-    is waited for and who holds it (pid, host, since); after ``timeout`` s (None: no limit) a
-    :class:`TimeoutError` says the same."""
+    """An exclusive lock on ``path.lock`` across processes (:class:`filelock.FileLock`; released by the
+    kernel if its holder dies). While another process holds it, ``on_wait`` gets, every ``poll`` s, a line
+    naming what is waited for and who holds it (pid, host, since, from ``path.lock.json``); after
+    ``timeout`` s (None: no limit) a :class:`TimeoutError` says the same."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = path.with_suffix(path.suffix + ".lock")
-    started = time.monotonic()
-    with open(lock, "a+") as handle:
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as err:
-                if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    raise
+    lock, holder = FileLock(f"{path}.lock"), Path(f"{path}.lock.json")
+    started, wait = time.monotonic(), 0.0
+    while True:
+        try:
+            lock.acquire(timeout=wait)
+            break
+        except Timeout:
             waited = time.monotonic() - started
-            line = f"waiting {waited:.0f} s for {path.name}, being made by {_holder(lock)}"
+            line = f"waiting {waited:.0f} s for {path.name}, being made by {_holder(holder)}"
             if timeout is not None and waited > timeout:
                 raise TimeoutError(f"gave up after {timeout:.0f} s {line[len('waiting '):]}; if that process "
-                                   f"is gone, delete {lock}")
+                                   f"is gone, delete {path}.lock") from None
             if on_wait:
                 on_wait(line)
-            time.sleep(poll)
-        handle.truncate(0)
-        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
-        handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _holder(lock: Path) -> str:
+            wait = poll
     try:
-        who = json.loads(lock.read_text() or "{}")
+        holder.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                      "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        yield
+    finally:
+        holder.unlink(missing_ok=True)
+        lock.release()
+
+
+def _holder(record: Path) -> str:
+    try:
+        who = json.loads(record.read_text() or "{}")
     except (OSError, ValueError):
         who = {}
     if not who:

@@ -3,14 +3,13 @@
 ``<runs>/searches/NAME/``: ``search.yaml`` (the search file as run),
 ``meta.json`` (study, storage and MLflow ids, the versions and the search file's hash it
 was started with; URLs only in their redacted form, see :mod:`credentials`),
-``driver.lock`` (held by the one driver of the search while it runs), ``optuna.db`` (the Optuna
-study, embedded default), ``ray/`` (Ray Tune's experiment), ``trials/ID/``
-(each trial's outputs, from which an interrupted trial resumes) and
-``pretrain_cache/`` (pretrained models shared by trials).
+``driver.lock`` and ``driver.json`` (the lock of the search's one driver, and who holds it),
+``optuna.db`` (the Optuna study, embedded default), ``ray/`` (Ray Tune's experiment), ``trials/ID/``
+(each trial's outputs, from which an interrupted trial resumes) and ``pretrain_cache/`` (pretrained
+models shared by trials).
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -18,6 +17,8 @@ import socket
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from comod_platform.credentials import redact, restore
 from comod_platform.paths import runs_home
@@ -132,13 +133,9 @@ class SearchPaths:
         tmp.write_text(json.dumps(record, indent=2, default=str))  # a YAML date in the settings: as text
         os.replace(tmp, self.meta_file)
 
-    @property
-    def lock_file(self) -> Path:
-        return self.root / "driver.lock"
-
-    @property
-    def id_file(self) -> Path:
-        return self.root / "search.id"
+    lock_file = property(lambda self: self.root / "driver.lock")
+    holder_file = property(lambda self: self.root / "driver.json")
+    id_file = property(lambda self: self.root / "search.id")
 
     def search_id(self) -> str:
         """This folder's search id: made once when the search starts (kept by a start that failed half-way,
@@ -151,20 +148,14 @@ class SearchPaths:
 
     def check_not_busy(self) -> None:
         """Raise :class:`SearchBusy` when a live driver holds the search's lock (creates nothing)."""
-        import fcntl
-
-        try:
-            fd = os.open(self.lock_file, os.O_RDONLY)
-        except FileNotFoundError:
+        if not self.lock_file.exists():
             return
+        probe = FileLock(self.lock_file)
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as err:
-            if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
+            probe.acquire(timeout=0)
+        except Timeout:
             raise SearchBusy(DriverLock(self, "").busy_message()) from None
-        finally:
-            os.close(fd)
+        probe.release()
 
     def lock(self, command: str) -> "DriverLock":
         """Take the search's driver lock (:class:`DriverLock`), or raise :class:`SearchBusy`."""
@@ -172,49 +163,43 @@ class SearchPaths:
 
 
 class DriverLock:
-    """The one driver of a search: an exclusive ``flock`` on ``driver.lock`` in the search's folder, held
-    for the driver's lifetime and released by the kernel when its process ends, however it ends. The file
-    says who holds it (pid, host, command, since), for the message a second driver gets."""
-
-    def __init__(self, paths: SearchPaths, command: str):
-        self.paths, self.command, self.fd = paths, command, None
-
-    def acquire(self) -> "DriverLock":
-        import fcntl
-
-        self.paths.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.paths.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + self.ENDING_S
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as err:
-                if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    os.close(fd)
-                    raise
-                if not self._holder_gone() or time.monotonic() > deadline:
-                    os.close(fd)
-                    raise SearchBusy(self.busy_message()) from None
-                time.sleep(0.2)
-        from comod_platform.own_session import driver_pid
-
-        holder = {"pid": driver_pid(), "host": socket.gethostname(), "command": self.command,
-                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(holder).encode(), 0)
-        self.fd = fd
-        return self
+    """The one driver of a search: a :class:`filelock.FileLock` on ``driver.lock``, held for the driver's
+    lifetime and released by the kernel when its process ends, however it ends. ``driver.json`` says who
+    holds it (pid, host, command, since), for the message a second driver gets."""
 
     ENDING_S = 30.0
     """How long a new driver waits for the lock of a driver that is ending: the command named in the lock
     (the one a user started, see own_session) is gone from this host, and its driver dies with it."""
 
-    def _holder_gone(self) -> bool:
+    def __init__(self, paths: SearchPaths, command: str):
+        self.paths, self.command, self.held = paths, command, None
+
+    def acquire(self) -> "DriverLock":
+        from comod_platform.own_session import driver_pid
+
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.paths.lock_file)
+        try:  # free: taken at once; held by a driver whose command is gone: waited for while it ends
+            lock.acquire(timeout=self.ENDING_S if self._holder_gone() else 0)
+        except Timeout:
+            raise SearchBusy(self.busy_message()) from None
+        self.held = lock
+        self.paths.holder_file.write_text(json.dumps({
+            "pid": driver_pid(), "host": socket.gethostname(), "command": self.command,
+            "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        return self
+
+    def _holder(self) -> dict:
         try:
-            holder = json.loads(self.paths.lock_file.read_text() or "{}")
-            if holder.get("host") != socket.gethostname():
-                return False
+            return json.loads(self.paths.holder_file.read_text() or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def _holder_gone(self) -> bool:
+        holder = self._holder()
+        if holder.get("host") != socket.gethostname():
+            return False
+        try:
             os.kill(int(holder["pid"]), 0)
         except ProcessLookupError:
             return True
@@ -223,10 +208,7 @@ class DriverLock:
         return False
 
     def busy_message(self) -> str:
-        try:
-            holder = json.loads(self.paths.lock_file.read_text() or "{}")
-        except (OSError, ValueError):
-            holder = {}
+        holder = self._holder()
         who = (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} "
                f"({holder.get('command', 'a driver')}, since {holder.get('since', '?')})")
         return (f"search {self.paths.name!r} is being driven by {who}; two drivers of one search would "
@@ -235,9 +217,10 @@ class DriverLock:
                 f"`comod search resume {self.paths.name}`")
 
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor releases the flock
-            self.fd = None
+        if self.held is not None:
+            self.paths.holder_file.unlink(missing_ok=True)
+            self.held.release()
+            self.held = None
 
     def __enter__(self) -> "DriverLock":
         return self

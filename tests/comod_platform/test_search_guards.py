@@ -60,9 +60,9 @@ def test_the_driver_lock_names_its_holder_and_dies_with_it(tmp_path):
         holder.wait()
     paths.check_not_busy()
     with paths.lock("comod search resume busy") as lock:
-        assert json.loads(paths.lock_file.read_text())["command"] == "comod search resume busy"
-        assert lock.fd is not None
-    assert lock.fd is None
+        assert json.loads(paths.holder_file.read_text())["command"] == "comod search resume busy"
+        assert lock.held is not None
+    assert lock.held is None
 
 
 def test_check_not_busy_creates_nothing(tmp_path):
