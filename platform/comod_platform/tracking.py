@@ -1,18 +1,10 @@
 """MLflow tracking of experiments, following docs/guides/tracking.md.
 
-The tracking URI comes from ``MLFLOW_TRACKING_URI`` (a team server), else an
-embedded SQLite store in the runs folder with a local artifact folder.
-Params are the flattened config (one dotted name per setting), metrics are
-logged per epoch with the global step, artifacts are the config, the final
-metrics and the checkpoint. A resumed run re-attaches to its MLflow run
-(its id is kept beside the checkpoint) instead of starting a duplicate.
-
-Every experiment comod makes (or uses) is tagged as a model-training
-experiment (``mlflow.experimentKind``), so MLflow's UI opens it on the runs
-table, and carries a saved view of that table (``VIEW_KEY``): the dataset,
-the modulation kind, the trial's state and the key metrics as columns, a
-search's runs best first. Every run records its dataset as an MLflow dataset
-input (:func:`describe_dataset`): name, source, digest, tasks and split sizes.
+The store is ``MLFLOW_TRACKING_URI`` (a team server), else an embedded SQLite store in the runs folder
+with a local artifact folder. Params are the flattened config, metrics are logged per epoch with the
+global step; a resumed run re-attaches to its MLflow run (its id kept beside the checkpoint). Every
+experiment is tagged as model training (``mlflow.experimentKind``) and carries a saved view of its runs
+table (``VIEW_KEY``); every run records its dataset as an MLflow dataset input (:func:`describe_dataset`).
 """
 from __future__ import annotations
 
@@ -21,29 +13,29 @@ import json
 import logging
 import os
 import time
-import warnings
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
-from comod.config import ExperimentConfig, flatten
+from comod.config import ExperimentConfig, config_to_dict, flatten
 from comod_platform.paths import runs_home
 
 RUN_FILE = "mlflow_run.json"
-
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
-"""MLflow 3's experiment kind for model training (its other kinds are GenAI ones), read by MLflow's tools
-and clients. (MLflow 3.17's UI takes the kind of page from its own mode switch instead: see ``UI_MODE``.)"""
+"""MLflow 3's experiment kind for model training (its other kinds are GenAI ones)."""
 VIEW_KEY = "comod"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
-"""An experiment tag holding a saved view of the UI's runs table (MLflow's saved-view envelope:
-``name``, ``createdAt``, ``state``); ``#/experiments/ID/runs?viewStateShareKey=comod`` opens it, and the
-UI's views menu lists it."""
+"""An experiment tag holding a saved view of the UI's runs table (MLflow's envelope: ``name``,
+``createdAt``, ``state``); ``#/experiments/ID/runs?viewStateShareKey=comod`` opens it."""
 VIEW_NAME = "comod: compare trials"
 KEY_METRICS = ("val/mean_f1", "test/mean_f1", "test/mean_recall", "test/mean_precision")
 """The final metrics the saved view shows as columns (with the search's own metric)."""
 DATASET_CONTEXT = "train/val/test"
+UI_MODE = "workflowType=machine_learning"
+"""The query parameter that opens MLflow 3's UI in its *Model training* mode (the runs table), whatever
+mode its sidebar's switch (*GenAI* by default, remembered by the browser) was left in."""
 
 
 class TrackingError(RuntimeError):
@@ -51,8 +43,8 @@ class TrackingError(RuntimeError):
 
 
 def _quiet():
-    """MLflow's INFO lines (a new store's "Creating initial MLflow database tables") off the terminal. After
-    ``import mlflow``, which sets its logger's level itself."""
+    """MLflow's INFO lines (a new store's "Creating initial MLflow database tables") off the terminal;
+    after ``import mlflow``, which sets its logger's level itself."""
     import mlflow  # noqa: F401
 
     for name in ("alembic", "mlflow", "urllib3"):
@@ -64,26 +56,19 @@ def embedded_uri() -> str:
 
 
 def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI``, else the embedded store, which a new runs folder gets as a copy of an
-    empty store (:mod:`comod_platform.empty_store`) before MLflow first opens it."""
+    """``MLFLOW_TRACKING_URI``, else the embedded store (made by MLflow when first opened)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    home = runs_home()
-    home.mkdir(parents=True, exist_ok=True)
-    if not (home / "mlflow.db").exists():
-        from comod_platform.empty_store import seed
-
-        _quiet()  # a first store of this MLflow version is made by MLflow, which says so
-        seed(home / "mlflow.db", (home / "artifacts").as_uri())
+    runs_home().mkdir(parents=True, exist_ok=True)
+    if not (runs_home() / "mlflow.db").exists():
+        _quiet()  # MLflow makes the new store, and says so at INFO
     return embedded_uri()
 
 
 def artifact_root() -> str | None:
-    """Local artifact folder for the embedded store; a server chooses its own.
-
-    ``mlflow.set_tracking_uri`` exports ``MLFLOW_TRACKING_URI``, so the
-    embedded store is recognised by its URI, not by the variable being unset."""
+    """Local artifact folder for the embedded store; a server chooses its own. (``mlflow.set_tracking_uri``
+    exports ``MLFLOW_TRACKING_URI``: the embedded store is known by its URI, not by the variable unset.)"""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri and uri != embedded_uri():
         return None
@@ -105,9 +90,8 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 
 def open_store() -> str:
-    """Reach the tracking store once (a fresh embedded store creates its tables here); returns its URI.
-
-    Creates no experiment and no run, so a search can do this while Ray starts."""
+    """Reach the tracking store once (a new embedded store makes its tables here) and return its URI;
+    creates no experiment and no run, so a search can do this while Ray starts."""
     _quiet()
     from mlflow.tracking import MlflowClient
 
@@ -118,9 +102,8 @@ def open_store() -> str:
 
 
 def setup(experiment: str, metric: str | None = None, mode: str = "max"):
-    """Point MLflow at the tracking store and return the experiment's id; the experiment (new, or
-    found without them) gets the model-training kind and the saved view (:func:`mark_experiment`),
-    sorted by ``metric`` when given (a search's)."""
+    """Point MLflow at the tracking store and return the experiment's id, the experiment (found, or made)
+    marked by :func:`mark_experiment`, its view sorted by ``metric`` when given (a search's)."""
     _quiet()
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -139,12 +122,11 @@ def setup(experiment: str, metric: str | None = None, mode: str = "max"):
 
 
 def view_state(metric: str | None = None, mode: str = "max") -> dict:
-    """The runs table of the saved view: the dataset, the modulation kind, the state and the key
-    metrics as columns; sorted by ``metric`` (best first) when given, which lists the parent run (with
-    the best trial's values) and every trial in one table, else by start time, children nested."""
-    metrics = list(dict.fromkeys(([metric] if metric else []) + list(KEY_METRICS)))
+    """The saved view's runs table: the dataset, the modulation kind, the state and the key metrics as
+    columns; sorted by ``metric`` (best first) when given, else by start time, children nested."""
     from comod_platform.conventions import TAG_STATE
 
+    metrics = list(dict.fromkeys(([metric] if metric else []) + list(KEY_METRICS)))
     state = {"selectedColumns": ["attributes.`Dataset`", "params.`modulation.kind`", f"tags.`{TAG_STATE}`",
                                  *[f"metrics.`{m}`" for m in metrics]]}
     if metric:
@@ -154,9 +136,8 @@ def view_state(metric: str | None = None, mode: str = "max") -> dict:
 
 def mark_experiment(client, experiment_id: str, metric: str | None = None, mode: str = "max",
                     tags: dict[str, str] | None = None) -> None:
-    """Tag the experiment as model training and give it comod's saved view, unless it has both
-    already (``tags``: its tags, when the caller has them). Without ``metric`` a view already there
-    is kept (a search's, sorted by its metric)."""
+    """Tag the experiment as model training and give it comod's saved view, unless it has both already
+    (``tags``: its tags, when the caller has them). Without ``metric`` a view already there is kept."""
     if tags is None:
         tags = client.get_experiment(experiment_id).tags
     if tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
@@ -172,14 +153,6 @@ def mark_experiment(client, experiment_id: str, metric: str | None = None, mode:
         client.set_experiment_tag(experiment_id, VIEW_TAG, json.dumps(envelope))
 
 
-UI_MODE = "workflowType=machine_learning"
-"""MLflow 3's UI shows every experiment in one of two modes, from the switch at the top of its sidebar
-(*GenAI*, the default, and *Model training*), which the browser remembers, or from this query parameter
-of the page's URL. In GenAI mode an experiment opens on the GenAI overview (traces, tokens, costs) and
-its sidebar lists GenAI pages, whatever its ``mlflow.experimentKind``; in model-training mode it opens on
-the runs table, its sidebar listing runs, models and traces."""
-
-
 def runs_url(base: str, experiment_id: str, view: bool = True) -> str:
     """The experiment's runs table in MLflow 3's UI at ``base`` (``http://HOST:PORT``), in model-training
     mode (``UI_MODE``) and, with ``view``, in comod's saved view."""
@@ -193,8 +166,8 @@ _DATASET_CLASS = None
 
 
 def _dataset_class():
-    """``mlflow.data.meta_dataset.MetaDataset`` with a profile (the tasks and split sizes), made on
-    first use so that importing this module does not import MLflow."""
+    """``mlflow.data.meta_dataset.MetaDataset`` with a profile (tasks, split sizes), made on first use
+    (importing this module does not import MLflow)."""
     global _DATASET_CLASS
     if _DATASET_CLASS is None:
         from mlflow.data.meta_dataset import MetaDataset
@@ -211,9 +184,7 @@ def _dataset_class():
                 return self._profile
 
             def to_dict(self) -> dict[str, str]:
-                config = super().to_dict()
-                config["profile"] = json.dumps(self._profile)
-                return config
+                return {**super().to_dict(), "profile": json.dumps(self._profile)}
 
         _DATASET_CLASS = ComodDataset
     return _DATASET_CLASS
@@ -221,8 +192,6 @@ def _dataset_class():
 
 def dataset_settings(cfg: ExperimentConfig) -> dict:
     """The data settings that decide which samples a run sees (not where they live, nor which device)."""
-    from comod.config import config_to_dict
-
     settings = config_to_dict(cfg.data)
     for key in ("root", "on_device"):
         settings.pop(key, None)
@@ -258,8 +227,7 @@ def _source(where: str | None, cfg: ExperimentConfig):
 
 
 def _summary(data) -> dict:
-    """Tasks, split sizes, image shape and source of a loaded dataset: ``TaskData`` or its packed
-    form (``trainable.pack``, the driver's copy)."""
+    """Tasks, split sizes, image shape and source of ``TaskData`` or its packed form (the driver's copy)."""
     if isinstance(data, dict):
         splits = data["splits"]
         sizes = {name: int(splits[name]["labels"].shape[0]) for name in ("train", "val", "test")}
@@ -272,26 +240,22 @@ def _summary(data) -> dict:
 
 
 def describe_dataset(cfg: ExperimentConfig, data=None, source=None):
-    """The run's dataset as an MLflow dataset (``mlflow.data``): named ``DATASET/TASK_SET``, its
-    source the data folder, its digest a hash of the data settings and, for a loaded dataset
-    (``data``: ``TaskData`` or its packed form), of the task names and split sizes, which the
-    schema (a column per task) and the profile hold. Without ``data`` (a trial whose data settings
-    are not the base experiment's, which the driver never loads) it is described from the config
-    alone: ``source`` (an MLflow dataset source) where the caller knows it."""
+    """The run's dataset as an MLflow dataset: named ``DATASET/TASK_SET``, its source the data folder, its
+    digest a hash of the data settings and, for a loaded dataset (``data``), of the task names and split
+    sizes, which the schema and the profile hold. Without ``data`` (a trial whose data the driver never
+    loads) it is described from the config alone, with ``source`` where the caller knows it."""
     from mlflow.types import ColSpec, DataType, Schema
 
     settings = dataset_settings(cfg)
-    name = dataset_name(cfg)
     if data is not None:
         summary = _summary(data)
-        if source is None:
-            source = _source(summary["source"], cfg)
+        source = _source(summary["source"], cfg) if source is None else source
         identity = {"data": settings, "sizes": summary["sizes"], "tasks": summary["tasks"]}
         profile = {"tasks": list(summary["tasks"]), "num_classes": summary["tasks"],
                    **{f"{split}_size": n for split, n in summary["sizes"].items()},
                    "image_shape": summary["image_shape"], "image_dtype": "uint8", "settings": settings}
-        schema = Schema([ColSpec(DataType.binary, "image"), *[ColSpec(DataType.long, task)
-                                                                for task in summary["tasks"]]])
+        schema = Schema([ColSpec(DataType.binary, "image"),
+                         *[ColSpec(DataType.long, task) for task in summary["tasks"]]])
     else:
         if source is None:
             source = _source(cfg.data.root or ("generated" if cfg.data.dataset == "synthetic" else None), cfg)
@@ -300,7 +264,7 @@ def describe_dataset(cfg: ExperimentConfig, data=None, source=None):
                    **{f"{split}_limit": settings.get(f"{split}_limit") for split in ("train", "test")}}
         schema = None
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
-    return _dataset_class()(source, name=name, digest=digest, schema=schema, profile=profile)
+    return _dataset_class()(source, name=dataset_name(cfg), digest=digest, schema=schema, profile=profile)
 
 
 def dataset_input(dataset):
@@ -321,13 +285,15 @@ def log_dataset(client, run_id: str, dataset_or_input) -> None:
     client.log_inputs(run_id, datasets=[entry])
 
 
+# ------------------------------------------------------------------ params and metrics
+
 METRICS_PER_CALL, PARAMS_PER_CALL, TAGS_PER_CALL, ENTITIES_PER_CALL = 1000, 100, 100, 1000
 """MLflow's limits on one ``log_batch`` call: metrics, params, tags, and all three together."""
 
 
 def log_batch_chunked(client, run_id: str, metrics=(), params=(), tags=()) -> None:
     """``client.log_batch`` of any number of MLflow ``Metric``s, ``Param``s and ``RunTag``s, in as few calls
-    as MLflow's per-call limits allow (one when they fit; none when there is nothing), in their order."""
+    as MLflow's per-call limits allow (none when there is nothing), in their order."""
     metrics, params, tags = list(metrics), list(params), list(tags)
     while metrics or params or tags:
         p, params = params[:PARAMS_PER_CALL], params[PARAMS_PER_CALL:]
@@ -350,8 +316,16 @@ def params_of(cfg: ExperimentConfig) -> dict[str, str]:
     return {k: param_text(v) for k, v in flatten(cfg).items()}
 
 
+def metric_entities(metrics: dict[str, float], step: int) -> list:
+    """``metrics`` at ``step`` as MLflow ``Metric``s, stamped now."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step) for k, v in metrics.items()]
+
+
 class RunLogger:
-    """Logs one experiment to one MLflow run (see the module docstring)."""
+    """Logs one experiment (``comod train``) to one MLflow run, re-attached on resume."""
 
     def __init__(self, cfg: ExperimentConfig, out_dir: Path, experiment: str = "comod-train",
                  tags: dict[str, str] | None = None, parent_run_id: str | None = None, data=None):
@@ -365,7 +339,7 @@ class RunLogger:
         self.client = RetryingClient(MlflowClient())  # a locked SQLite store or a server's blip is waited out
         self.out_dir = Path(out_dir)
         run_file = self.out_dir / RUN_FILE
-        run_id = None
+        self.run_id = found = None
         self.previous_status: str | None = None
         """Status of the re-attached run before this process (None: a new run)."""
         if run_file.exists():
@@ -375,25 +349,20 @@ class RunLogger:
                     found = self.client.get_run(previous["run_id"])
                 except MlflowException:  # deleted from the store: start a new one
                     found = None
-                if found is not None and found.info.lifecycle_stage == "active":
-                    run_id, self.previous_status = found.info.run_id, found.info.status
-        all_tags = {"comod.modulation_kind": cfg.modulation.kind, "comod.dataset": cfg.data.dataset,
-                    **(tags or {})}
-        if parent_run_id:
-            all_tags["mlflow.parentRunId"] = parent_run_id
-        if run_id is not None:
-            self.run_id = run_id
+        if found is not None and found.info.lifecycle_stage == "active":
+            self.run_id, self.previous_status = found.info.run_id, found.info.status
             if self.previous_status != "FINISHED":
-                self.client.update_run(run_id, status="RUNNING")
+                self.client.update_run(self.run_id, status="RUNNING")
             if data is not None and not found.inputs.dataset_inputs:  # a run recorded before datasets were
-                log_dataset(self.client, run_id, describe_dataset(cfg, data))
-        else:
-            run = self.client.create_run(self.experiment_id, run_name=cfg.name, tags=all_tags)
-            self.run_id = run.info.run_id
-            log_params(self.client, self.run_id, params_of(cfg))
-            log_dataset(self.client, self.run_id, describe_dataset(cfg, data))
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            run_file.write_text(json.dumps({"tracking_uri": mlflow.get_tracking_uri(), "run_id": self.run_id}))
+                log_dataset(self.client, self.run_id, describe_dataset(cfg, data))
+            return
+        all_tags = {"comod.modulation_kind": cfg.modulation.kind, "comod.dataset": cfg.data.dataset,
+                    **(tags or {}), **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
+        self.run_id = self.client.create_run(self.experiment_id, run_name=cfg.name, tags=all_tags).info.run_id
+        log_params(self.client, self.run_id, params_of(cfg))
+        log_dataset(self.client, self.run_id, describe_dataset(cfg, data))
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        run_file.write_text(json.dumps({"tracking_uri": mlflow.get_tracking_uri(), "run_id": self.run_id}))
 
     @property
     def resumed(self) -> bool:
@@ -405,29 +374,20 @@ class RunLogger:
         return {k: {m.step for m in self.client.get_metric_history(self.run_id, k)} for k in names}
 
     def log_metrics(self, metrics: dict[str, float], step: int, skip_logged: bool = False) -> None:
-        """Log ``metrics`` at ``step``; with ``skip_logged`` (a resumed run),
-        leave out the names the run already holds at that step."""
-        from mlflow.entities import Metric
-
+        """Log ``metrics`` at ``step``; with ``skip_logged`` (a resumed run), not those it holds there."""
         if skip_logged:
             done = self.logged_steps()
             metrics = {k: v for k, v in metrics.items() if step not in done.get(k, ())}
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        log_batch_chunked(self.client, self.run_id, metrics=batch)
+        log_batch_chunked(self.client, self.run_id, metrics=metric_entities(metrics, step))
 
     def backfill(self, history: list[dict]) -> None:
-        """Log the epochs of a checkpoint's ``history`` that the run lacks: a
-        run stopped between an epoch's checkpoint and its logging resumes
-        after that epoch, which would otherwise never be logged."""
-        from mlflow.entities import Metric
-
+        """Log the epochs of a checkpoint's ``history`` that the run lacks (a run stopped between an epoch's
+        checkpoint and its logging resumes after that epoch)."""
         done = self.logged_steps()
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, entry["step"])
-                 for entry in history if entry.get("phase") in ("pretrain", "finetune", "curve")
-                 for k, v in entry.items() if k not in ("phase", "epoch", "step", "finetune_step")
-                 and entry["step"] not in done.get(k, ())]
+        batch = [m for entry in history if entry.get("phase") in ("pretrain", "finetune", "curve")
+                 for m in metric_entities({k: v for k, v in entry.items()
+                                           if k not in ("phase", "epoch", "step", "finetune_step")
+                                           and entry["step"] not in done.get(k, ())}, entry["step"])]
         log_batch_chunked(self.client, self.run_id, metrics=batch)
 
     def log_artifacts(self, paths: list[Path], artifact_path: str | None = None) -> None:
