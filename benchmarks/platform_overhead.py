@@ -12,9 +12,7 @@ concurrency (``--concurrency``, default 2):
   early stopping, so every trial does the same work as in the plain loop),
   ``max_concurrent`` = concurrency and one CPU per trial; ``COMOD_HOME`` is a
   fresh temporary folder (embedded MLflow on SQLite, Optuna on SQLite, Ray
-  Tune results; its MLflow store a copy of the empty store that
-  ``comod_platform.empty_store`` keeps in ``COMOD_CACHE``, made once before
-  the clock starts, as on any machine after its first search),
+  Tune results; its MLflow store made by MLflow within the command),
   ``COMOD_DOWNLOAD=0``, and a private ``RAY_TMPDIR`` whose Ray processes are
   killed afterwards;
 * plain: the very configs the search ran (each trial's ``config.yaml``) in a
@@ -226,23 +224,8 @@ def write_search(path: Path, args) -> Path:
 
 
 def _clean_env(**extra) -> dict:
-    # the warm cluster, its drivers and the embedded Ray alike run without Ray's token authentication;
-    # COMOD_CACHE: the work folder's own (see _make_empty_store)
-    return clean_env(RAY_AUTH_MODE="disabled", **({"COMOD_CACHE": _CACHE} if _CACHE else {}), **extra)
-
-
-_CACHE = ""
-
-
-def _make_empty_store(root: Path) -> None:
-    """The empty MLflow store that a new runs folder's store is copied from (comod_platform.empty_store),
-    made before the clock starts in a cache of the work folder's own, as on any machine after its
-    first search; each repeat's fresh COMOD_HOME still gets a new store."""
-    global _CACHE
-    _CACHE = str(root / "cache")
-    code = "from comod_platform.tracking import tracking_uri; tracking_uri()"
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_clean_env(COMOD_HOME=str(root / "scratch-home")),
-                   check=True, capture_output=True, timeout=300)
+    # the warm cluster, its drivers and the embedded Ray alike run without Ray's token authentication
+    return clean_env(RAY_AUTH_MODE="disabled", **extra)
 
 
 def trial_spans(run_dirs: list[Path]) -> list[dict]:
@@ -594,8 +577,8 @@ def markdown(result: dict) -> str:
         f"each; search: sampler random, scheduler fifo, Ray Tune + Optuna (SQLite) + MLflow (SQLite), "
         + ("a Ray cluster already up (`ray start --head` on 127.0.0.1, joined with --address by the search "
            "and the floor) and a runs folder whose MLflow store exists (a machine in use). "
-           if st.get("warm") else "a fresh COMOD_HOME (its MLflow store a copy of the empty store, which was made "
-           "before the clock, as on any machine after its first search) and a Ray started by the command "
+           if st.get("warm") else "a fresh COMOD_HOME (its MLflow store made by MLflow within the command) "
+           "and a Ray started by the command "
            "(a new runs folder's first search). ")
         + f"Plain: the same configs (the search's trials' config.yaml) through "
         f"`comod.train.run_experiment` in a ProcessPoolExecutor({st['concurrency']}), data loaded once per "
@@ -662,7 +645,6 @@ def main(argv=None) -> int:
     load_wait = wait_for_load(args.wait_load, args.max_wait)
     root = Path(tempfile.mkdtemp(prefix="platform-overhead-"))
     print(f"work folder {root}; load average {os.getloadavg()[0]:.2f}", flush=True)
-    _make_empty_store(root)
     pairs = []
     args.cluster = None
     try:

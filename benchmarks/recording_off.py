@@ -191,7 +191,6 @@ def main(argv=None) -> int:
     root = Path(tempfile.mkdtemp(prefix="recording-off-"))
     print(f"work folder {root}", flush=True)
     try:
-        po._make_empty_store(root)
         runs = run_sides(root, args, settings)
     finally:
         if args.keep:

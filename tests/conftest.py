@@ -33,13 +33,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _cache_home(tmp_path_factory):
-    """One cache folder for the session (the empty MLflow store's copy is made once), not the user's;
-    commands the tests start inherit it."""
-    os.environ["COMOD_CACHE"] = str(tmp_path_factory.mktemp("comod-cache"))
-
-
 @pytest.fixture(autouse=True)
 def _runs_home(tmp_path, monkeypatch):
     monkeypatch.setenv("COMOD_HOME", str(tmp_path / "comod-runs"))

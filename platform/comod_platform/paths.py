@@ -1,9 +1,8 @@
 """Where the embedded default keeps everything: one local runs folder.
 
 ``$COMOD_HOME`` if set, else ``./comod-runs``. It holds the MLflow SQLite
-store (``mlflow.db``) and artifact folder (``artifacts/``), and training
-outputs (``train/NAME-TIME/``). What is kept between runs folders (an empty
-MLflow store to copy) is under :func:`cache_home`.
+store (``mlflow.db``) and artifact folder (``artifacts/``), the searches
+(``searches/NAME/``) and training outputs (``train/NAME-TIME/``).
 """
 from __future__ import annotations
 
@@ -15,14 +14,6 @@ from pathlib import Path
 
 def runs_home() -> Path:
     return Path(os.environ.get("COMOD_HOME", "comod-runs")).resolve()
-
-
-def cache_home() -> Path:
-    """What comod keeps between runs folders, remade if deleted: ``$COMOD_CACHE`` if set, else
-    ``$XDG_CACHE_HOME/comod``, else ``~/.cache/comod`` (:mod:`comod_platform.empty_store`)."""
-    if os.environ.get("COMOD_CACHE"):
-        return Path(os.environ["COMOD_CACHE"]).resolve()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "comod"
 
 
 def default_train_dir(name: str) -> Path:

@@ -40,6 +40,24 @@ def store(home) -> MlflowClient:
     return MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
 
 
+def test_a_new_runs_folder_s_store_is_made_by_mlflow_without_its_info_lines(tmp_path):
+    """`make quickstart` on a fresh machine: MLflow makes the runs folder's store (its migrations log each
+    step at INFO); none of that reaches the terminal (a fresh interpreter, as the command is one: MLflow
+    sets its logger's level at its import)."""
+    import subprocess
+    import sys
+
+    env = {"COMOD_HOME": str(tmp_path / "runs"), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", "from comod_platform.tracking import open_store; open_store()"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "INFO" not in done.stderr + done.stdout and "Creating initial" not in done.stderr, done.stderr[-2000:]
+    client = store(tmp_path / "runs")
+    run = client.create_run(client.create_experiment("x", artifact_location=(tmp_path / "art").as_uri()))
+    client.log_metric(run.info.run_id, "m", 0.5, step=1)
+    assert client.get_run(run.info.run_id).data.metrics == {"m": 0.5}
+
+
 def view_of(experiment) -> dict:
     envelope = json.loads(experiment.tags[tracking.VIEW_TAG])
     assert envelope["name"] == tracking.VIEW_NAME and isinstance(envelope["createdAt"], int)
