@@ -1,10 +1,9 @@
-"""The ``comod`` command line.
+"""The ``comod`` command line: ``comod train`` and ``comod ui`` here, the search commands in :mod:`cli_search`.
 
-``comod train CONFIG [--set path=value ...] [--out DIR]`` runs one
-experiment and logs it to MLflow; ``comod ui [NAME] [--open]`` serves the
-MLflow UI of the embedded store on 127.0.0.1 (telemetry off) and prints, or
-opens in a browser, the runs page of search NAME. Bad input exits non-zero
-with one message that names the problem and the fix, never a bare traceback.
+``comod train CONFIG [--set path=value ...] [--out DIR]`` runs one experiment and logs it to MLflow;
+``comod ui [NAME] [--open]`` serves the MLflow UI of the runs folder on 127.0.0.1 (telemetry off) and
+prints, or opens, the runs page of search NAME. Bad input exits non-zero with one message that names the
+problem and the fix, never a bare traceback (docs/guides/train.md, docs/guides/failures.md).
 """
 from __future__ import annotations
 
@@ -89,9 +88,8 @@ _training: list[bool] = [False]
 
 
 def _stop_signal(signum, frame):
-    """Ctrl-C and SIGTERM (``kill``, a scheduler's stop) end ``comod train`` alike (exit 130 or 143). While
-    the run trains, the stop waits for the next optimisation step (:func:`_stop_at_step`), so that it never
-    lands inside a database write or a garbage collector's callback; before that, it is immediate."""
+    """Ctrl-C and SIGTERM end ``comod train`` alike (exit 130 or 143); while it trains, at the next step
+    (:func:`_stop_at_step`), so that the stop never lands inside a database write."""
     _terminated.append(signum)
     if not _training[0]:
         raise KeyboardInterrupt
@@ -164,9 +162,7 @@ def _train(args) -> int:
             for phase in ("pretrain", "finetune"):
                 task_indices(data, getattr(cfg, phase).tasks, f"{phase}.tasks")
         logger = RunLogger(cfg, out, experiment=args.experiment, data=data)
-    except TrackingError as err:
-        raise UserError(str(err), EXIT_FAILED) from None
-    except DatasetNotFoundError as err:
+    except (TrackingError, DatasetNotFoundError) as err:
         raise UserError(str(err), EXIT_FAILED) from None
     except TrainingError as err:
         raise UserError(str(err)) from None
@@ -184,9 +180,7 @@ def _train(args) -> int:
             _stop_at_step()  # a signal that came while the run was being set up
             metrics = run_experiment(cfg, out, data=data, callbacks=callbacks)
             status = "FINISHED"
-        except DatasetNotFoundError as err:
-            raise UserError(str(err), EXIT_FAILED) from None
-        except (TrainingError, ValueError, FileNotFoundError) as err:
+        except (DatasetNotFoundError, TrainingError, ValueError, FileNotFoundError) as err:
             raise UserError(str(err), EXIT_FAILED) from None
         except OSError as err:  # a full disk, a folder made read-only under the run
             from comod_platform.paths import disk_message
@@ -217,16 +211,13 @@ def _train(args) -> int:
 
 
 UI_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
-"""The UI server's environment: no usage reports. MLflow then answers the UI's telemetry question
-(``/ajax-api/3.0/mlflow/ui-telemetry``) with telemetry disabled, so the pages send no usage events.
-(The home page's one-time notice about usage data is the browser's own: it shows until dismissed, kept in
-the browser's local storage as ``mlflow.telemetry.info.alert.dismissed_v1``; the runs pages have none.)"""
+"""The UI server's environment: MLflow answers the UI's telemetry question with "disabled", so the pages
+send no usage events."""
 
 
 def experiment_page(name: str, uri: str) -> tuple[str, str]:
-    """(tracking URI, experiment id) of search ``name`` (its ``meta.json``), else of the MLflow experiment of
-    that name in the store at ``uri``; the experiment gets comod's tags (the model-training kind, the
-    saved view) if it lacks them, so that the page opens on its runs table."""
+    """(tracking URI, experiment id) of search ``name``, else of the MLflow experiment ``name`` at ``uri``,
+    tagged as comod's (model-training kind, saved view) so that its page opens on the runs table."""
     from mlflow.tracking import MlflowClient
 
     from comod_platform.search_state import SearchPaths, known_searches
@@ -284,10 +275,7 @@ def cmd_ui(args) -> int:
     from comod_platform.paths import runs_home
     from comod_platform.tracking import UI_MODE, artifact_root, runs_url, tracking_uri
 
-    uri = tracking_uri()
-    experiment_id = None
-    if args.name:
-        uri, experiment_id = experiment_page(args.name, uri)
+    uri, experiment_id = experiment_page(args.name, tracking_uri()) if args.name else (tracking_uri(), None)
     if uri.startswith(("http://", "https://")):
         page = runs_url(uri, experiment_id) if experiment_id else f"{uri.rstrip('/')}/#/experiments?{UI_MODE}"
         print(f"MLFLOW_TRACKING_URI points at a server; its UI is {uri}")
@@ -344,8 +332,7 @@ def cmd_ui(args) -> int:
 
 
 def _server_log(path: Path, verbose: bool):
-    """(the log file, the server's stdout) of ``comod ui``: the terminal itself when ``verbose``, else
-    ``path`` (DEVNULL, and no file, where it cannot be written)."""
+    """(log file, server's stdout): the terminal when ``verbose``, else ``path`` (DEVNULL where unwritable)."""
     if verbose:
         return None, None
     try:
@@ -384,19 +371,14 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def run() -> None:
-    """The console script: :func:`main`, then an exit that skips the interpreter's teardown.
-
-    A search or a training run has loaded torch, Ray and MLflow, and unloading them takes seconds
-    after the work is done and recorded: every MLflow and Optuna write went out before ``main``
-    returned, Ray is shut down (a local Ray that a search started, with its agents), and this
-    command's output and logs are flushed here."""
+    """The console script: :func:`main`, then an exit that skips the interpreter's teardown (unloading
+    torch, Ray and MLflow takes seconds); every write went out before ``main`` returned, and Ray is shut
+    down and the output flushed here."""
     code = main(console=True)
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
-        # no garbage collection from here on: Ray's references (a trial's object refs) that wait in
-        # reference cycles stay until the exit; freed in another thread while ``ray.shutdown`` takes the
-        # driver down, they would end the process with status 1 (Ray's "core worker has already been
-        # shutdown")
+        # no garbage collection from here on: object refs in reference cycles, freed in another thread while
+        # ray.shutdown takes the driver down, would end the process with status 1 ("core worker ... shutdown")
         gc.freeze()
         ray.shutdown()
     sys.stdout.flush()

@@ -1,4 +1,7 @@
-"""``comod search ...``, ``comod export ...``, ``comod compare`` and ``comod dashboard``: the search commands."""
+"""``comod search ...``, ``comod export ...``, ``comod compare`` and ``comod dashboard``: the search commands.
+
+Each handler turns the platform's errors into one-line :class:`UserError` messages (docs/guides/searches.md).
+"""
 from __future__ import annotations
 
 import json
@@ -7,6 +10,11 @@ import sys
 from pathlib import Path
 
 from comod_platform.conventions import COMPLETED, FAILED, INTERRUPTED, PRUNED
+from comod_platform.errors import EXIT_FAILED, EXIT_USAGE, UserError
+
+SEARCH_HELP = "search file (search_spaces/NAME.yaml) or the NAME of one in search_spaces/"
+RAY_HELP = "Ray cluster address (default: $RAY_ADDRESS, else a local Ray)"
+_ADDRESS_HELP = "the Ray dashboard of the cluster's head node, http://HEAD:8265 (default: $RAY_ADDRESS when a URL)"
 
 
 def add_commands(sub) -> dict:
@@ -14,9 +22,9 @@ def add_commands(sub) -> dict:
     search = sub.add_parser("search", help="run, resume and inspect hyperparameter searches")
     ssub = search.add_subparsers(dest="search_command", required=True, metavar="SEARCH_COMMAND")
     run = ssub.add_parser("run", help="run a search on this machine or an existing Ray cluster")
-    run.add_argument("search", help="search file (search_spaces/NAME.yaml) or the NAME of one in search_spaces/")
+    run.add_argument("search", help=SEARCH_HELP)
     run.add_argument("--name", help="unique name of this search (default: file name and time)")
-    run.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    run.add_argument("--address", help=RAY_HELP)
     run.add_argument("--storage", metavar="URI",
                      help="where Ray Tune keeps the experiment and trial checkpoints: a folder every node mounts, "
                           "or s3://BUCKET/PREFIX (default: $COMOD_STORAGE, else the search's folder)")
@@ -25,13 +33,12 @@ def add_commands(sub) -> dict:
                           "(the entrypoint of a submitted job: a resubmission continues)")
     resume = ssub.add_parser("resume", help="continue an interrupted search")
     resume.add_argument("name")
-    resume.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    resume.add_argument("--address", help=RAY_HELP)
     for command in (run, resume):
         command.add_argument("--json", action="store_true",
                              help="end with the summary as JSON on stdout (for scripts) instead of the text one")
-        command.add_argument("--verbose", action="store_true",
-                             help="let a local Ray's own output (its notices, log lines, the trials' output) "
-                                  "reach the terminal")
+        command.add_argument("--verbose", action="store_true", help="let a local Ray's own output (its notices, "
+                             "log lines, the trials' output) reach the terminal")
     status = ssub.add_parser("status", help="a table of a search's trials, or its job's state on a cluster")
     status.add_argument("name")
     status.add_argument("--address", help="a Ray dashboard URL (http://HEAD:8265): show the search's latest job "
@@ -42,15 +49,14 @@ def add_commands(sub) -> dict:
     export = sub.add_parser("export", help="export a search's best config or its trial table")
     esub = export.add_subparsers(dest="export_command", required=True, metavar="WHAT")
     best = esub.add_parser("best", help="the best trial's experiment config, ready for comod train")
-    best.add_argument("name")
-    best.add_argument("--out", type=Path, required=True)
+    trials = esub.add_parser("trials", help="one row per trial as Parquet")
+    for command in (best, trials):
+        command.add_argument("name")
+        command.add_argument("--out", type=Path, required=True)
     best.add_argument("--top-k", type=int, default=1, help="re-evaluate the top K configs over new seeds first")
     best.add_argument("--seeds", type=int, nargs="+", help="new seeds for the re-evaluation")
     best.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                       help="settings for final training, e.g. --set pretrain.epochs=30")
-    trials = esub.add_parser("trials", help="one row per trial as Parquet")
-    trials.add_argument("name")
-    trials.add_argument("--out", type=Path, required=True)
 
     compare = sub.add_parser("compare", help="stochastic vs deterministic vs none, from a search's trials")
     compare.add_argument("name")
@@ -68,6 +74,7 @@ def add_commands(sub) -> dict:
 
 
 def _user_errors():
+    """The errors a user can fix: the first :data:`USAGE_ERRORS` are bad input (exit 2), the rest failures (1)."""
     from comod.config import ConfigError
     from comod.data.taskdata import DatasetNotFoundError
     from comod_platform.results import ResultsError
@@ -75,17 +82,14 @@ def _user_errors():
     from comod_platform.search_state import BadName, SearchBusy, SearchNotFound
     from comod_platform.tracking import TrackingError
 
-    return ConfigError, BadName, DatasetNotFoundError, SearchError, SearchNotFound, SearchBusy, TrackingError, \
-        ResultsError
+    return (ConfigError, BadName, DatasetNotFoundError, SearchError, SearchNotFound, SearchBusy, TrackingError,
+            ResultsError)
 
 
 USAGE_ERRORS = 2
-"""The first two of :func:`_user_errors` are the user's input (exit status 2), the rest a failure (1)."""
 
 
 def cmd_search(args) -> int:
-    from comod_platform.errors import EXIT_FAILED, EXIT_USAGE, UserError
-
     if args.search_command in JOB_COMMANDS or (args.search_command == "status" and args.address):
         return _job_command(args)
     if args.search_command == "run" and args.or_resume and not args.name:
@@ -102,7 +106,7 @@ def cmd_search(args) -> int:
         own_session.enter()  # a local Ray: the driver and its Ray out of reach of a signal to the caller's group
     try:
         if args.search_command == "run" and args.or_resume:
-            from comod_platform.jobs import run_or_resume
+            from comod_platform.runner import run_or_resume
 
             summary = run_or_resume(args.search, name=args.name, address=args.address,
                                     storage=getattr(args, "storage", None))
@@ -220,11 +224,6 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def sampled(dist, flat: dict) -> bool:
-    """Whether a trial of config ``flat`` sampled the space entry ``dist``: its ``when`` condition holds."""
-    return all(flat.get(key) == value for key, value in dist.when.items())
-
-
 def _status(name: str) -> int:
     from comod_platform.results import load_results
 
@@ -237,23 +236,20 @@ def _status(name: str) -> int:
         table.append([t.trial_id, t.state, str(t.epochs), f"{final:.4f}" if final is not None else "-",
                       f"{best:.4f}" if best is not None else "-"]
                      # a conditional setting the trial did not sample (its `when` fails) is blank, not the base value
-                     + [_short(t.flat.get(p)) if sampled(results.search.space[p], t.flat) else "" for p in searched])
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+                     + [_short(t.flat.get(p)) if results.search.space[p].active(t.flat) else "" for p in searched])
+    print("\n".join(_table(table, indent="")))
     counts = ", ".join(f"{n} {state}" for state, n in results.counts().items() if n)
     print(f"{len(results.trials)} trials of {results.search.search.num_trials}: {counts or 'none yet'}")
     return 0
 
 
 JOB_COMMANDS = ("submit", "logs", "stop")
-_ADDRESS_HELP = "the Ray dashboard of the cluster's head node, http://HEAD:8265 (default: $RAY_ADDRESS when a URL)"
 
 
 def _add_job_commands(ssub) -> None:
     """``comod search submit|logs|stop``: searches as Ray jobs on a cluster (see :mod:`comod_platform.jobs`)."""
     submit = ssub.add_parser("submit", help="submit a search to a Ray cluster as a Ray job")
-    submit.add_argument("search", help="search file (search_spaces/NAME.yaml) or the NAME of one in search_spaces/")
+    submit.add_argument("search", help=SEARCH_HELP)
     submit.add_argument("--address", help=_ADDRESS_HELP)
     submit.add_argument("--name", help="unique name of this search (default: file name and time); submitting the "
                                        "same name again continues that search")
@@ -267,28 +263,24 @@ def _add_job_commands(ssub) -> None:
                         help="an environment variable of the job, e.g. --env COMOD_HOME=/shared/comod-runs; "
                              "MLFLOW_TRACKING_URI, COMOD_OPTUNA_STORAGE and COMOD_STORAGE are passed on when set")
     logs = ssub.add_parser("logs", help="the logs of a search's latest job on a Ray cluster")
-    logs.add_argument("name")
-    logs.add_argument("--address", help=_ADDRESS_HELP)
-    logs.add_argument("--follow", action="store_true", help="follow the logs until the job ends")
     stop = ssub.add_parser("stop", help="stop a search's running job on a Ray cluster")
-    stop.add_argument("name")
-    stop.add_argument("--address", help=_ADDRESS_HELP)
+    for command in (logs, stop):
+        command.add_argument("name")
+        command.add_argument("--address", help=_ADDRESS_HELP)
+    logs.add_argument("--follow", action="store_true", help="follow the logs until the job ends")
 
 
 def _job_command(args) -> int:
     from comod.config import ConfigError
     from comod_platform import jobs
-    from comod_platform.errors import EXIT_USAGE, UserError
 
     try:
         if args.search_command == "submit":
             return _submit(args, jobs)
         if args.search_command == "status":
             s = jobs.status(args.address, args.name)
-            print(f"search {s['name']}: {s['status']}")
-            print(f"  job        {s['submission_id']} on {s['address']}")
-            print(f"  started    {s['start_time']}")
-            print(f"  ended      {s['end_time']}")
+            print(f"search {s['name']}: {s['status']}\n  job        {s['submission_id']} on {s['address']}\n"
+                  f"  started    {s['start_time']}\n  ended      {s['end_time']}")
             if s["message"]:
                 print(f"  message    {s['message']}")
             print(f"  progress   {s['progress'] or '(no progress line yet)'}")
@@ -324,13 +316,11 @@ def _submit(args, jobs) -> int:
     for note in sub.notes:
         print(f"comod: note: {note}", file=sys.stderr)
     where = f"--address {sub.address}"
-    print(f"name: {sub.name}")
-    print(f"submission id: {sub.submission_id}")
-    print(f"entrypoint: {sub.entrypoint}")
-    print(f"follow it:  comod search logs {sub.name} {where} --follow")
-    print(f"status:     comod search status {sub.name} {where}")
-    print(f"stop it:    comod search stop {sub.name} {where}")
-    print(f"continue:   comod search submit {args.search} --name {sub.name} {where} (resumes where it stopped)")
+    print(f"name: {sub.name}\nsubmission id: {sub.submission_id}\nentrypoint: {sub.entrypoint}\n"
+          f"follow it:  comod search logs {sub.name} {where} --follow\n"
+          f"status:     comod search status {sub.name} {where}\n"
+          f"stop it:    comod search stop {sub.name} {where}\n"
+          f"continue:   comod search submit {args.search} --name {sub.name} {where} (resumes where it stopped)")
     return 0
 
 
@@ -343,7 +333,6 @@ def _short(value) -> str:
 
 
 def cmd_export(args) -> int:
-    from comod_platform.errors import EXIT_FAILED, UserError
     from comod_platform.export import ExportError, export_best, export_trials
 
     try:
@@ -360,12 +349,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from comod_platform.errors import EXIT_FAILED, UserError
-    from comod_platform.compare import compare
-
-    from comod_platform.compare import CompareError
-
     import yaml
+
+    from comod_platform.compare import CompareError, compare
 
     where = {}
     for item in args.where:
@@ -386,7 +372,6 @@ def cmd_compare(args) -> int:
 
 def cmd_dashboard(args) -> int:
     from comod_platform.dashboard import DashboardError, serve
-    from comod_platform.errors import EXIT_FAILED, EXIT_USAGE, UserError
     from comod_platform.search_state import SearchNotFound
 
     if not 0 < args.port < 65536:

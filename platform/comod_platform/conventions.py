@@ -1,10 +1,9 @@
-"""Names shared by the search runner, tracking, export and compare.
+"""Names shared by the search runner, tracking, export and compare (docs/guides/tracking.md).
 
-One MLflow experiment per search (named ``search/NAME``), one parent run for
-the search, one child run per trial (tag ``mlflow.parentRunId``). Params are
-the flattened experiment config (dotted paths, values as JSON text so they
-parse back to their types); metrics are logged per epoch with the global
-optimisation step, and the final metrics once at the end of a trial.
+One MLflow experiment per search (``search/NAME``), one parent run for the search, one child run per trial
+(tag ``mlflow.parentRunId``). Params are the flattened experiment config (dotted paths, values as JSON text
+so they parse back to their types); metrics are logged per epoch with the global optimisation step. A
+trial's report to Ray Tune carries the protocol's keys below.
 """
 from __future__ import annotations
 
@@ -28,46 +27,34 @@ TAG_NODE = "comod.node"                # the Ray node the trial runs (ran) on
 TAG_GPUS = "comod.gpu_ids"             # the GPU ids Ray assigned to it (a fraction shares one)
 TAG_RETRIES = "comod.retries"          # times the trial was restarted from its last checkpoint
 TAG_PARENT = "mlflow.parentRunId"
-TAG_SEARCH_ID = "comod.search_id"      # on a search's experiment and (a user attribute) its Optuna study:
-                                       # the search folder that made them (names are unique per team store)
+TAG_SEARCH_ID = "comod.search_id"      # the search folder that made an experiment and (user attr.) a study
 TAG_BEST_TRIAL = "comod.best_trial"    # on the parent run: the Ray trial id of the best completed trial so far
 TAG_BEST_RUN = "comod.best_run_id"     # on the parent run: the MLflow run id of that trial
 
 RUNNING = "running"
 COMPLETED = "completed"
-PRUNED = "pruned"
-"""The state of a trial stopped before its end (the scheduler stopped it early)."""
-INTERRUPTED = "interrupted"
-"""The state of a trial that a stopped search (Ctrl-C, SIGTERM) left unfinished; a resume continues it."""
+PRUNED = "pruned"                      # stopped early by the scheduler
+INTERRUPTED = "interrupted"            # left unfinished by a stopped search; a resume continues it
 FAILED = "failed"
-STATES = (COMPLETED, PRUNED, INTERRUPTED, FAILED, RUNNING)
-"""Every state of a trial (tag ``TAG_STATE``), in the order reports count them."""
-ENDED = (COMPLETED, PRUNED, FAILED)
-"""The states a trial ends in: its end-of-trial tags were written."""
+STATES = (COMPLETED, PRUNED, INTERRUPTED, FAILED, RUNNING)  # in the order reports count them
+ENDED = (COMPLETED, PRUNED, FAILED)    # the states whose end-of-trial tags were written
 
-FINAL_FLAG = "comod/final"
-"""Present (1) only in a trial's last report, which carries its final metrics."""
-DIVERGED_FLAG = "comod/diverged"
-"""Present (1) in the last report of a trial that ended with a recorded failure, not a crash (its loss
-diverged, it timed out or stalled): ``REASON`` says which. Ray does not retry such a trial."""
-REASON = "comod/reason"
-NODE = "comod/node"
-"""In every report: the Ray node id of the trial's worker, and ``GPUS`` its assigned GPU ids."""
-GPUS = "comod/gpus"
-CURVE = "comod/curve"
-"""In an epoch's (or the final) report: JSON text of ``[[global_step, {metric: value}], ...]``, the
-fine-tuning validation points evaluated since the last report (learning curves), logged at their steps."""
+# The keys of a trial's report to Ray Tune
+FINAL_FLAG = "comod/final"             # 1 only in the last report, which carries the final metrics
+DIVERGED_FLAG = "comod/diverged"       # 1 in the last report of a recorded failure (diverged, timed out,
+REASON = "comod/reason"                # stalled; REASON says which): Ray does not retry such a trial
+NODE = "comod/node"                    # the Ray node id of the trial's worker
+GPUS = "comod/gpus"                    # its assigned GPU ids
+CURVE = "comod/curve"                  # JSON [[global_step, {metric: value}], ...]: validation points since
+                                       # the last report (learning curves), logged at their steps
 STEP = "comod/step"
 EPOCH = "comod/epoch"
 WALL = "wall_seconds"
 METRICS = "comod/metrics"
-"""In a report: JSON text of the trial's metrics (``{name: value}``) other than the search's metric and the
-keys above (:data:`PROTOCOL_KEYS`), which stay values of their own; :func:`report_metrics` reads a report
-back whole. Ray Tune keeps running statistics of every number in every report and writes them, for every
-trial, into each snapshot of its experiment state: a hundred-odd numbers per trial took the scheduling loop
-about 4 ms per trial per snapshot (JSON, in Python), while one text costs it next to nothing."""
+"""JSON text of the report's other metrics: Ray Tune keeps statistics of every number of every report in
+each experiment snapshot, so only :data:`PROTOCOL_KEYS` and the search's metric stay numbers of their own."""
 PROTOCOL_KEYS = frozenset({FINAL_FLAG, DIVERGED_FLAG, REASON, NODE, GPUS, CURVE, STEP, EPOCH})
-"""The keys of a report that Ray Tune and the driver's loop read as they are (with the search's metric)."""
+"""The keys Ray Tune and the driver's loop read as they are (with the search's metric)."""
 
 
 def pack_report(row: dict, metric: str) -> dict:

@@ -1,25 +1,18 @@
-"""Search files (search_spaces/NAME.yaml): a base experiment, a space, settings.
+"""Search files (search_spaces/NAME.yaml): a base experiment, a space, settings (docs/guides/searches.md).
 
-``space`` maps a config's dotted paths to distributions::
-
-    modulation.kind: {type: categorical, choices: [deterministic, stochastic]}
-    modulation.noise_scale: {type: float, low: 0.05, high: 2.0, log: true,
-                             when: {modulation.kind: stochastic}}
-    modulation.sites: {type: categorical, choices: [[layer2], [layer3], [layer2, layer3]]}
-    finetune.lr.controller: {type: float, low: 1.0e-3, high: 1.0e-1, log: true}
-    seed: {type: int, low: 0, high: 2}
-
-It becomes an Optuna define-by-run space (``suggest``); a ``when`` condition
-names values of paths suggested earlier in the file or set in the base
-experiment. The whole file is checked before any trial starts: every path
-must be a setting, every bound and choice must pass the experiment loader,
-so a broken search fails with the dotted path and the problem.
+``space`` maps a config's dotted paths to distributions, e.g.
+``modulation.noise_scale: {type: float, low: 0.05, high: 2.0, log: true, when: {modulation.kind: stochastic}}``.
+It becomes an Optuna define-by-run space (:meth:`SearchFile.suggest`) or a grid; a ``when`` condition names
+values of paths suggested earlier in the file or set in the base experiment. The whole file is checked
+before any trial starts: every path must be a setting and every bound and choice must pass the experiment
+loader, so a broken search fails with the dotted path and the problem.
 """
 from __future__ import annotations
 
 import copy
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,13 +48,16 @@ class Dist:
         check(self.low is not None and self.high is not None, path, (self.low, self.high),
               f"both low and high for type: {self.type}")
         if self.type == "int":
-            for key in ("low", "high"):
-                value = getattr(self, key)
+            for key, value in (("low", self.low), ("high", self.high)):
                 check(float(value).is_integer(), f"{path}.{key}", value, "an integer for type: int")
         check(self.low <= self.high, path, f"(low={self.low}, high={self.high})", "low <= high")
         check(not self.log or self.low > 0, f"{path}.low", self.low, "low > 0 with log: true")
         check(self.step is None or self.step > 0, f"{path}.step", self.step, "a positive step")
         check(not (self.log and self.step is not None), path, "log and step", "either log or step, not both")
+
+    def active(self, values: dict[str, Any], base: dict[str, Any] | None = None) -> bool:
+        """Whether the ``when`` condition holds for ``values`` (a setting not in them: its ``base`` value)."""
+        return all(values.get(k, (base or {}).get(k)) == v for k, v in self.when.items())
 
     def values_to_check(self) -> list[Any]:
         """Values that must all pass the experiment loader: the bounds, or every choice."""
@@ -146,6 +142,10 @@ class SearchFile:
     def base_config(self) -> ExperimentConfig:
         return parse_config(self.experiment, "experiment")
 
+    @cached_property
+    def _base_flat(self) -> dict[str, Any]:
+        return flatten(self.base_config())
+
     def config_for(self, flat: dict[str, Any]) -> ExperimentConfig:
         """The experiment of one trial: the base with ``{dotted.path: value}`` set."""
         raw = copy.deepcopy(self.experiment)
@@ -158,39 +158,30 @@ class SearchFile:
         base = self.base_config()
         most = {}
         for phase in ("pretrain", "finetune"):
-            values = [getattr(base, phase).epochs]
             dist = self.space.get(f"{phase}.epochs")
-            if dist is not None:
-                values += [int(v) for v in dist.values_to_check()]
-            most[phase] = max(values)
+            searched = [int(v) for v in dist.values_to_check()] if dist else []
+            most[phase] = max([getattr(base, phase).epochs, *searched])
         return most
 
     def max_epochs(self) -> int:
-        """The most epochs a trial can train, both phases (the trials' epoch clock of ASHA)."""
+        """The most epochs a trial can train, both phases (ASHA's clock)."""
         return sum(self.epochs_per_phase().values())
 
     def grid(self) -> dict[str, list]:
         """Every choice (as Optuna labels) per searched path."""
-        grid = {}
-        for path, dist in self.space.items():
-            if dist.type == "categorical":
-                grid[path] = [encode_choice(c) for c in dist.choices]
-            else:
-                grid[path] = list(range(int(dist.low), int(dist.high) + 1, int(dist.step or 1)))
-        return grid
+        return {path: [encode_choice(c) for c in dist.choices] if dist.type == "categorical"
+                else list(range(int(dist.low), int(dist.high) + 1, int(dist.step or 1)))
+                for path, dist in self.space.items()}
 
     def grid_points(self) -> list[dict[str, Any]]:
         """The grid's points (Optuna labels), in order: the space's first path varies slowest; a path
         with a ``when`` condition only where its condition holds (no duplicate points for the settings
         a point does not use)."""
-        base = flatten(self.base_config())
         points: list[dict[str, Any]] = [{}]
         for path, choices in self.grid().items():
-            when = self.space[path].when
             grown = []
             for point in points:
-                values = {k: decode_choice(v) for k, v in point.items()}
-                if all(values.get(k, base.get(k)) == v for k, v in when.items()):
+                if self.space[path].active({k: decode_choice(v) for k, v in point.items()}, self._base_flat):
                     grown.extend({**point, path: c} for c in choices)
                 else:
                     grown.append(point)
@@ -202,12 +193,9 @@ class SearchFile:
 
     def suggest(self, trial) -> dict[str, Any]:
         """Optuna define-by-run: suggest every active path, return ``{path: value}``."""
-        if "_base_flat" not in self.__dict__:
-            self.__dict__["_base_flat"] = flatten(self.base_config())
-        base = self.__dict__["_base_flat"]
         values: dict[str, Any] = {}
         for path, dist in self.space.items():
-            if not all(values.get(k, base.get(k)) == v for k, v in dist.when.items()):
+            if not dist.active(values, self._base_flat):
                 continue
             if dist.type == "float":
                 values[path] = trial.suggest_float(path, dist.low, dist.high, log=dist.log, step=dist.step)
@@ -226,9 +214,7 @@ def encode_choice(value: Any) -> Any:
 
 
 def decode_choice(label: Any) -> Any:
-    if isinstance(label, str) and label[:1] in "[{":
-        return json.loads(label)
-    return label
+    return json.loads(label) if isinstance(label, str) and label[:1] in "[{" else label
 
 
 def _check_condition(where: str, path: str, key: str, value: Any, dist: Dist | None, settable: dict) -> None:
@@ -270,9 +256,8 @@ def _did_you_mean(path: str, settable) -> str:
             leaves.setdefault(name.rsplit(".", 1)[-1], name)
         leaf = difflib.get_close_matches(path.rsplit(".", 1)[-1], list(leaves), n=1)
         close = [leaves[leaf[0]]] if leaf else []
-    if close:
-        return f"did you mean {close[0]}?"
-    return "settings look like modulation.noise_scale or finetune.lr.controller"
+    hint = "settings look like modulation.noise_scale or finetune.lr.controller"
+    return f"did you mean {close[0]}?" if close else hint
 
 
 def parse_search(raw: Any, name: str) -> SearchFile:

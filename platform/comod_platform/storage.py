@@ -1,17 +1,11 @@
-"""Where Ray Tune keeps a search's experiment state and trial checkpoints.
+"""Where Ray Tune keeps a search's experiment state and trial checkpoints (docs/guides/cluster.md).
 
-The embedded default is the search's own ``ray/`` folder. On a cluster it is
-``--storage`` or ``$COMOD_STORAGE``: a folder on a mount every node shares,
-or a URI that pyarrow's filesystems read (``s3://bucket/prefix``,
-``gs://...``; S3-compatible servers through ``AWS_ENDPOINT_URL`` or the
-URI's ``?endpoint_override=HOST:PORT&scheme=http``). Every trial writes its
-epoch checkpoints there, so a trial restarted on another node, or after the
-driver was lost, continues from its last epoch.
-
-A search on more than one node first checks that every node sees the
-storage (:func:`check_shared`): node-local storage is refused before any
-trial starts instead of losing checkpoints later. ``python -m
-comod_platform.storage check STORAGE`` runs the same check from a Ray job.
+The embedded default is the search's own ``ray/`` folder; on a cluster, ``--storage`` or ``$COMOD_STORAGE``:
+a folder on a mount every node shares, or a URI that pyarrow's filesystems read (``s3://bucket/prefix``;
+S3-compatible servers through ``AWS_ENDPOINT_URL`` or ``?endpoint_override=HOST:PORT&scheme=http``), so a
+trial restarted on another node, or after the driver was lost, continues from its last epoch. A search on
+several nodes first checks that every node reads what the driver writes there (:func:`check_shared`);
+``python -m comod_platform.storage check STORAGE`` runs the same check from a Ray job.
 """
 from __future__ import annotations
 
@@ -85,13 +79,6 @@ def _reads_marker(storage: str, path: str, token: str) -> str | None:
     except Exception as err:  # noqa: BLE001
         return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     return None if found == token else "another file is at the probe's path"
-
-
-def check_writable(storage: str) -> None:
-    """Write and remove a probe file from this process."""
-    path, _ = _write_marker(storage)
-    fs, _ = filesystem(storage)
-    fs.delete_file(path)
 
 
 def alive_nodes() -> list[dict]:
