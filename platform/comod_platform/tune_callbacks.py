@@ -1,14 +1,10 @@
 """Ray Tune callbacks of a search: MLflow tracking and terminal progress.
 
-Both run in the driver. :class:`MlflowTrialCallback` is the search's only
-MLflow writer (no concurrent SQLite writers, no tracking code in trials): a
-thin adapter that turns Ray Tune's hooks into the writes of
-:class:`trial_runs.TrialRuns`, which go out from a background thread, so
-neither trials nor the scheduling loop wait on the tracking server. What it
-decides itself is what needs Ray's view of the trials: a trial's outcome
-(``conventions.outcome``), the best completed trial so far (for the parent
-run), the trials a stopped search left unfinished, and which checkpoints
-are kept (the best ``keep_checkpoints``).
+Both run in the driver. :class:`MlflowTrialCallback` is the search's only MLflow writer: a thin adapter
+from Ray Tune's hooks to :class:`trial_runs.TrialRuns`, whose writes go out from a thread of their own.
+What it decides itself needs Ray's view of the trials: a trial's outcome (``conventions.outcome``), the
+best completed trial so far (for the parent run), the trials a stopped search left unfinished, and which
+checkpoints are kept (the best ``keep_checkpoints``).
 """
 from __future__ import annotations
 
@@ -30,15 +26,38 @@ from comod_platform.writer import FLUSH_TIMEOUT_ENV
 log = logging.getLogger(__name__)
 PARENT_METRIC_PREFIXES = ("val/mean_", "test/mean_")
 """The best trial's final metrics that the parent run carries (with the search's metric)."""
+_KEPT = ("runs", "trials_root", "metric", "mode", "keep_checkpoints")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and value == value
+
+
+def _error_line(trial) -> str:
+    path = getattr(trial, "error_file", None)
+    try:
+        if path and Path(path).exists():
+            return Path(path).read_text().strip().splitlines()[-1][:500]
+    except OSError:
+        pass
+    return ""
+
+
+def _outcome(trial) -> tuple[str, str | None]:
+    """(state, reason) of a trial that ended."""
+    last = trial.last_result or {}
+    state = outcome(last, errored=trial.status == "ERROR")
+    if trial.status == "ERROR":
+        return state, _error_line(trial)
+    return state, (str(last.get(REASON, "diverged"))[:500] if state == "failed" else None)
 
 
 class MlflowTrialCallback(Callback):
     def __init__(self, search, search_name: str, tracking_uri: str, experiment_id: str, parent_run_id: str,
                  trials_root: str, keep_checkpoints: int = 3):
         self.runs = TrialRuns(search, search_name, tracking_uri, experiment_id, parent_run_id)
-        self.trials_root = trials_root
+        self.trials_root, self.keep_checkpoints = trials_root, keep_checkpoints
         self.metric, self.mode = search.search.metric, search.search.mode
-        self.keep_checkpoints = keep_checkpoints
         self._reset()
 
     def _reset(self) -> None:
@@ -50,45 +69,39 @@ class MlflowTrialCallback(Callback):
         self._best: str | None = None
 
     def __getstate__(self):  # pickled with the Tuner's state: the runs' settings, no thread or cache
-        return {k: self.__dict__[k] for k in ("runs", "trials_root", "metric", "mode", "keep_checkpoints")}
+        return {k: self.__dict__[k] for k in _KEPT}
 
     def __setstate__(self, state):
         if "runs" not in state:  # a callback pickled before the runs' bookkeeping had its own home
-            state = {"runs": TrialRuns(state["search"], state["search_name"], state["tracking_uri"],
-                                       state["experiment_id"], state["parent_run_id"]),
-                     **{k: state[k] for k in ("trials_root", "metric", "mode", "keep_checkpoints")}}
+            state = {"runs": TrialRuns(*(state[k] for k in ("search", "search_name", "tracking_uri",
+                                                            "experiment_id", "parent_run_id"))),
+                     **{k: state[k] for k in _KEPT[1:]}}
         self.__dict__.update(state)
         self._reset()
 
-    @property
-    def search(self):
-        return self.runs.search
-
-    @property
-    def tracking_uri(self) -> str:
-        return self.runs.tracking_uri
-
-    @property
-    def experiment_id(self) -> str:
-        return self.runs.experiment_id
+    search = property(lambda self: self.runs.search)
+    tracking_uri = property(lambda self: self.runs.tracking_uri)
+    experiment_id = property(lambda self: self.runs.experiment_id)
 
     def run_id(self, trial) -> str:
         """The trial's MLflow run (found or created now)."""
         return self.runs.run_id(trial)
 
+    def flush(self) -> None:
+        self.runs.flush()
+
     # -- Ray Tune hooks -------------------------------------------------
     def on_step_begin(self, iteration, trials, **info):
-        # After a restore: trials that ended before the driver was lost may have
-        # ended before their last MLflow writes went out; finish those runs now.
+        # After a restore: trials that ended before the driver was lost may have ended before their last
+        # MLflow writes went out; finish those runs now.
         if self._reconciled:
             return
         self._reconciled = True
         self.runs.drop_lost_runs({trial.trial_id for trial in trials})
         for trial in trials:
             if trial.status in ("TERMINATED", "ERROR"):
-                state, reason = self._outcome(trial)
                 last = trial.last_result or {}
-                self.runs.reconcile(trial, state, reason, last, trial.checkpoint, int(last.get(STEP, 0)))
+                self.runs.reconcile(trial, *_outcome(trial), last, trial.checkpoint, int(last.get(STEP, 0)))
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._started.add(trial.trial_id)
@@ -101,36 +114,26 @@ class MlflowTrialCallback(Callback):
                 if step > done:
                     self.runs.queue_metrics(trial, point, int(step))
                     self._curve_step[trial.trial_id] = done = step
+        final = result.get(FINAL_FLAG)
         metrics = numeric_metrics(result)
-        if not result.get(FINAL_FLAG):  # per-epoch aliases repeat pretrain/val/..., finetune/val/...
-            metrics = {k: v for k, v in metrics.items() if not k.startswith("val/")}
-        else:
+        if final:
             self._consider_best(trials, trial, result)
+        else:  # per-epoch aliases repeat pretrain/val/..., finetune/val/...
+            metrics = {k: v for k, v in metrics.items() if not k.startswith("val/")}
         step = int(result.get(STEP, result.get("training_iteration", 0)))
-        per_epoch = not result.get(FINAL_FLAG) and not result.get(DIVERGED_FLAG)
-        self.runs.queue_metrics(trial, metrics, step, per_epoch)
+        self.runs.queue_metrics(trial, metrics, step, per_epoch=not final and not result.get(DIVERGED_FLAG))
         # the report's bookkeeping, as tags with its metrics (the step is theirs already)
         self.runs.queue_tags(trial, {TAG_EPOCHS: str(int(result.get(EPOCH, 0))),
                                      TAG_REPORTS: str(int(result.get("training_iteration", 0)))})
         where = (result.get(NODE), result.get(GPUS))
         if where[0] and self._where.get(trial.trial_id) != where:  # first report, or restarted elsewhere
-            moved = trial.trial_id in self._where
-            self._where[trial.trial_id] = where  # first: with the trial's metrics; a move is news at once
+            moved = trial.trial_id in self._where  # first: with the trial's metrics; a move is news at once
+            self._where[trial.trial_id] = where
             self.runs.queue_tags(trial, {TAG_NODE: str(where[0]), TAG_GPUS: str(where[1] or "")}, now=moved)
-
-    @staticmethod
-    def _outcome(trial) -> tuple[str, str | None]:
-        """(state, reason) of a trial that ended."""
-        last = trial.last_result or {}
-        state = outcome(last, errored=trial.status == "ERROR")
-        if trial.status == "ERROR":
-            return state, _error_line(trial)
-        return state, (str(last.get(REASON, "diverged"))[:500] if state == "failed" else None)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._ended.add(trial.trial_id)
-        state, reason = self._outcome(trial)
-        self.runs.end(trial, state, reason, trial.last_result, trial.checkpoint)
+        self.runs.end(trial, *_outcome(trial), trial.last_result, trial.checkpoint)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._ended.add(trial.trial_id)
@@ -152,35 +155,28 @@ class MlflowTrialCallback(Callback):
                         and not last.get(DIVERGED_FLAG):
                     interrupts.unfinished.add(trial.trial_id)
                     self.runs.end_interrupted(trial, last)
-        best = sorted((t for t in trials if (t.last_result or {}).get(FINAL_FLAG)),
-                      key=self._score, reverse=True)[:self.keep_checkpoints]
-        for trial in best:
+        finals = [t for t in trials if (t.last_result or {}).get(FINAL_FLAG)]
+        for trial in sorted(finals, key=lambda t: self._signed(t.last_result), reverse=True)[:self.keep_checkpoints]:
             self.runs.log_checkpoint(trial, trial.checkpoint)
-        timeout = float(os.environ.get(FLUSH_TIMEOUT_ENV, 900))
-        if not self.runs.flush(timeout):
+        if not self.runs.flush(float(os.environ.get(FLUSH_TIMEOUT_ENV, 900))):
             log.warning("MLflow at %s stayed unreachable: %d writes not sent; `comod search resume %s` "
                         "finishes the runs once it is back", self.tracking_uri, self.runs.pending(),
                         self.runs.search_name)
 
-    def _score(self, trial) -> float:
-        value = float((trial.last_result or {}).get(self.metric, float("nan")))
+    def _signed(self, last: dict) -> float:
+        """The search's metric in ``last``, larger is better (NaN when absent)."""
+        value = float(last.get(self.metric, float("nan")))
         return value if self.mode == "max" else -value
 
     def _consider_best(self, trials, current=None, result=None) -> None:
         """When the best completed trial (by the search's metric) changed, queue its final metrics and ids
         for the parent run, at the step of the number of trials completed so far (so the parent's history
-        of the metric is the best after each completion). Reads the trials' last results only, in the
-        scheduling loop; the write goes out from the writer thread."""
-        finals = []
-        for trial in trials:
-            last = result if trial is current else (trial.last_result or {})
-            value = last.get(self.metric)
-            if last.get(FINAL_FLAG) and isinstance(value, (int, float)) and value == value:
-                finals.append((float(value) if self.mode == "max" else -float(value), trial, last))
-        if current is not None and all(t is not current for _, t, _ in finals) and result.get(FINAL_FLAG):
-            value = result.get(self.metric)  # a trial that the list does not hold (yet)
-            if isinstance(value, (int, float)) and value == value:
-                finals.append((float(value) if self.mode == "max" else -float(value), current, result))
+        of the metric is the best after each completion)."""
+        lasts = {t.trial_id: (t, t.last_result or {}) for t in trials}
+        if current is not None:  # its report, which its last result may not be yet
+            lasts[current.trial_id] = (current, result)
+        finals = [(self._signed(last), trial, last) for trial, last in lasts.values()
+                  if last.get(FINAL_FLAG) and _number(last.get(self.metric))]
         if not finals:
             return
         _, trial, last = max(finals, key=lambda entry: entry[0])
@@ -191,36 +187,17 @@ class MlflowTrialCallback(Callback):
                    if k == self.metric or k.startswith(PARENT_METRIC_PREFIXES)}
         self.runs.log_best(trial, metrics, len(finals))
 
-    def flush(self) -> None:
-        self.runs.flush()
-
-
-def _error_line(trial) -> str:
-    path = getattr(trial, "error_file", None)
-    try:
-        if path and Path(path).exists():
-            return Path(path).read_text().strip().splitlines()[-1][:500]
-    except OSError:
-        pass
-    return ""
-
 
 class ProgressCallback(Callback):
     """One status line per change: trials running, done, pruned, failed; best so far."""
 
     def __init__(self, metric: str, mode: str, total: int, stream=None):
-        self.metric, self.mode, self.total = metric, mode, total
-        self.stream = stream
+        self.metric, self.mode, self.total, self.stream = metric, mode, total, stream
         self.best: tuple[float, str] | None = None
         self.last_line = ""
 
     def __getstate__(self):
-        state = self.__dict__.copy()
-        state["stream"] = None
-        return state
-
-    def _better(self, value: float) -> bool:
-        return self.best is None or better(value, self.best[0], self.mode)
+        return {**self.__dict__, "stream": None}
 
     def _print(self, trials) -> None:
         counts = {"RUNNING": 0, "TERMINATED": 0, "ERROR": 0, "PENDING": 0, "PAUSED": 0}
@@ -231,8 +208,7 @@ class ProgressCallback(Callback):
                 counts["ERROR"] += 1  # ended with a recorded reason: a failure, not a result
                 continue
             counts[t.status] = counts.get(t.status, 0) + 1
-            if t.status == "TERMINATED" and not last.get(FINAL_FLAG):
-                pruned += 1
+            pruned += t.status == "TERMINATED" and not last.get(FINAL_FLAG)
         best = f"; best {self.metric}={self.best[0]:.4f} ({self.best[1]})" if self.best else ""
         line = (f"[search] {counts['RUNNING']} running, {counts['TERMINATED']} done ({pruned} stopped early), "
                 f"{counts['ERROR']} failed, of {self.total}{best}")
@@ -242,7 +218,8 @@ class ProgressCallback(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         value = result.get(self.metric)
-        if result.get(FINAL_FLAG) and isinstance(value, (int, float)) and self._better(value):
+        if result.get(FINAL_FLAG) and isinstance(value, (int, float)) \
+                and (self.best is None or better(value, self.best[0], self.mode)):
             self.best = (float(value), trial.trial_id)
         self._print(trials)
 

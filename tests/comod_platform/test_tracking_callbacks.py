@@ -34,7 +34,8 @@ def test_a_resume_drops_the_runs_of_trials_the_lost_driver_never_snapshotted(tmp
 
     callback = MlflowTrialCallback(load_search(REPO / "search_spaces" / "tiny.yaml"), "lost", uri, experiment,
                                    parent, str(tmp_path / "trials"))
-    callback.runs._drop_lost_runs({"kept", "done"})  # the trials the restored experiment knows
+    callback.runs.drop_lost_runs({"kept", "done"})  # the trials the restored experiment knows
+    assert callback.runs.flush(30)
 
     active = {r.data.tags[TAG_TRIAL_ID] for r in client.search_runs([experiment]) if TAG_TRIAL_ID in r.data.tags}
     assert active == {"kept", "done", "elsewhere"}  # another search's runs are not this one's to drop
@@ -126,15 +127,15 @@ class CountingBatches:
 
 
 def test_after_a_flush_no_mlflow_thread_holds_a_trial_or_sends_again(tmp_path):
-    """Once the search's flush returns, neither the writer nor the coalescing thread keeps a trial (one
-    freed there while Ray shuts down would end the driver with status 1), and no send comes after it."""
+    """Once the search's flush returns, no MLflow thread keeps a trial (one freed there while Ray shuts
+    down would end the driver with status 1), and no send comes after it."""
     import weakref
 
     from comod_platform.conventions import EPOCH
     from comod_platform.trial_runs import TrialRuns
 
     uri, client, experiment, parent = _search_store(tmp_path, "h")
-    runs = TrialRuns(load_search(REPO / "search_spaces" / "tiny.yaml"), "h", uri, experiment, parent, coalesce_s=0.3)
+    runs = TrialRuns(load_search(REPO / "search_spaces" / "tiny.yaml"), "h", uri, experiment, parent)
     batches: list = []
 
     class Trial:
@@ -151,31 +152,42 @@ def test_after_a_flush_no_mlflow_thread_holds_a_trial_or_sends_again(tmp_path):
     sent = len(batches)
     del trial
     assert gone() is None
-    time.sleep(0.6)  # past the coalescing time of the send the flush made at once
+    time.sleep(0.6)
     assert len(batches) == sent and runs.pending() == 0
 
 
-def test_a_short_trials_epochs_tags_and_end_go_out_in_one_write(tmp_path):
-    """A short trial's epochs, its node tags, its final metrics and its end tags, all within the coalescing
-    time: one log_batch, one database commit (each its own would be six), and every value arrives."""
+def _busy(runs):
+    """Keeps the runs' writer busy until the returned event is set (as a backlog would)."""
+    import threading
+
+    release = threading.Event()
+    runs.writer.submit(release.wait, 30)
+    return release
+
+
+def test_what_piles_up_for_a_trial_while_the_writer_is_busy_goes_out_in_one_write(tmp_path):
+    """A short trial's epochs, its node tags, its final metrics and its end tags, queued while the writer
+    is busy: one log_batch, one database commit (each its own would be six), and every value arrives."""
     from types import SimpleNamespace
 
     from comod_platform.conventions import EPOCH, TAG_NODE
     from comod_platform.trial_runs import TrialRuns
 
     uri, client, experiment, parent = _search_store(tmp_path, "c")
-    runs = TrialRuns(load_search(REPO / "search_spaces" / "tiny.yaml"), "c", uri, experiment, parent, coalesce_s=2.0)
+    runs = TrialRuns(load_search(REPO / "search_spaces" / "tiny.yaml"), "c", uri, experiment, parent)
     batches: list = []
     runs._client = CountingBatches(client, batches)
     trial = SimpleNamespace(trial_id="t1", config={"modulation.kind": "deterministic", "finetune.lr.controller": 0.01})
     runs.start(trial)
     assert runs.flush(30)
     batches.clear()  # the run's creation and params
+    release = _busy(runs)
     for epoch in (1, 2, 3):
         runs.queue_metrics(trial, {"pretrain/train_loss": 1.0 / epoch}, step=10 * epoch, per_epoch=True)
     runs.queue_tags(trial, {TAG_NODE: "n1"})
     runs.queue_metrics(trial, {"test/mean_f1": 0.5}, step=30)
     runs.end(trial, "completed", None, {EPOCH: 3})
+    release.set()
     assert runs.flush(30)
     run = client.get_run(runs.run_id(trial))
     assert [m.value for m in client.get_metric_history(run.info.run_id, "pretrain/train_loss")] == [1.0, 0.5, 1 / 3]
@@ -193,12 +205,14 @@ def test_a_tag_written_at_once_is_not_set_back_by_the_batch_still_waiting(tmp_pa
     from comod_platform.trial_runs import TrialRuns
 
     uri, client, experiment, parent = _search_store(tmp_path, "m")
-    runs = TrialRuns(load_search(REPO / "search_spaces" / "tiny.yaml"), "m", uri, experiment, parent, coalesce_s=2.0)
+    runs = TrialRuns(load_search(REPO / "search_spaces" / "tiny.yaml"), "m", uri, experiment, parent)
     trial = SimpleNamespace(trial_id="t1", config={"modulation.kind": "deterministic", "finetune.lr.controller": 0.01})
     runs.start(trial)
+    release = _busy(runs)
     runs.queue_metrics(trial, {"pretrain/train_loss": 1.0}, step=10, per_epoch=True)
     runs.queue_tags(trial, {TAG_NODE: "lost", TAG_GPUS: "1"})
     runs.queue_tags(trial, {TAG_NODE: "survivor", TAG_GPUS: "0"}, now=True)
+    release.set()
     assert runs.flush(30)
     run = client.get_run(runs.run_id(trial))
     assert run.data.tags[TAG_NODE] == "survivor" and run.data.tags[TAG_GPUS] == "0"
@@ -234,27 +248,28 @@ def test_a_run_whose_creation_failed_part_way_is_completed_not_made_twice(tmp_pa
 
 def test_an_epoch_reported_again_before_its_first_report_went_out_is_logged_once(tmp_path):
     """A trial restarted from an older checkpoint reports an epoch again; when both reports wait in the
-    same coalesced batch, the epoch's step is still logged once, with the first report's value."""
+    same batch (the writer busy), the epoch's step is still logged once, with the first report's value."""
     from types import SimpleNamespace
 
     from comod_platform.trial_runs import TrialRuns
 
     uri, client, experiment, parent = _search_store(tmp_path, "r")
-    runs = TrialRuns(load_search(REPO / "search_spaces" / "tiny.yaml"), "r", uri, experiment, parent, coalesce_s=2.0)
+    runs = TrialRuns(load_search(REPO / "search_spaces" / "tiny.yaml"), "r", uri, experiment, parent)
     trial = SimpleNamespace(trial_id="t1", config={"modulation.kind": "deterministic", "finetune.lr.controller": 0.01})
     runs.start(trial)
+    release = _busy(runs)
     for value in (0.5, 0.4):  # epoch 1, then epoch 1 again after the restart, then epoch 2
         runs.queue_metrics(trial, {"finetune/val/mean_f1": value}, step=8, per_epoch=True)
     runs.queue_metrics(trial, {"finetune/val/mean_f1": 0.6}, step=16, per_epoch=True)
+    release.set()
     assert runs.flush(30)
     history = client.get_metric_history(runs.run_id(trial), "finetune/val/mean_f1")
     assert [(m.step, m.value) for m in history] == [(8, 0.5), (16, 0.6)]
 
 
-def test_a_trials_artifacts_go_out_without_reading_its_run_back(tmp_path, monkeypatch):
+def test_a_trials_artifacts_go_out_with_its_end(tmp_path):
     """A trial's end logs its config, final metrics and plots, and a kept checkpoint its checkpoint.pt, as
-    artifacts of its run, to the artifact location its creation returned: no get_run reads the run (all
-    its metrics, params and tags) back from the store for them."""
+    artifacts of its run, in the artifact location of its experiment."""
     from contextlib import contextmanager
     from types import SimpleNamespace
 
@@ -262,17 +277,7 @@ def test_a_trials_artifacts_go_out_without_reading_its_run_back(tmp_path, monkey
     from comod_platform.trial_runs import TrialRuns
 
     uri, client, experiment, parent = _search_store(tmp_path, "a")
-    runs = TrialRuns(load_search(REPO / "search_spaces" / "tiny.yaml"), "a", uri, experiment, parent, coalesce_s=0)
-    read_back = []
-    from mlflow.tracking._tracking_service.client import TrackingServiceClient
-
-    get_run = TrackingServiceClient.get_run
-
-    def noted(self, run_id):  # MLflow's own, with the runs read back noted
-        read_back.append(run_id)
-        return get_run(self, run_id)
-
-    monkeypatch.setattr(TrackingServiceClient, "get_run", noted)
+    runs = TrialRuns(load_search(REPO / "search_spaces" / "tiny.yaml"), "a", uri, experiment, parent)
     folder = tmp_path / "checkpoint"
     (folder / "plots").mkdir(parents=True)
     for name, text in (("config.yaml", "seed: 1\n"), ("metrics.json", "{}"), ("checkpoint.pt", "x"),
@@ -290,7 +295,6 @@ def test_a_trials_artifacts_go_out_without_reading_its_run_back(tmp_path, monkey
     runs.log_checkpoint(trial, checkpoint)
     assert runs.flush(30)
     run_id = runs.run_id(trial)
-    assert run_id not in read_back, read_back
     listed = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "plots")}
     assert listed == {"config.yaml", "metrics.json", "checkpoint.pt", "plots", "plots/gains.png"}
     assert (tmp_path / "art").as_uri() in client.get_run(run_id).info.artifact_uri
