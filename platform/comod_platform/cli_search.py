@@ -105,19 +105,14 @@ def cmd_search(args) -> int:
 
         own_session.enter()  # a local Ray: the driver and its Ray out of reach of a signal to the caller's group
     try:
-        if args.search_command == "run" and args.or_resume:
-            from comod_platform.runner import run_or_resume
+        if args.search_command in ("run", "resume"):
+            from comod_platform import runner
 
-            summary = run_or_resume(args.search, name=args.name, address=args.address,
-                                    storage=getattr(args, "storage", None))
-        elif args.search_command == "run":
-            from comod_platform.runner import run_search
-
-            summary = run_search(args.search, name=args.name, address=args.address, storage=args.storage)
-        elif args.search_command == "resume":
-            from comod_platform.runner import resume_search
-
-            summary = resume_search(args.name, address=args.address)
+            if args.search_command == "resume":
+                summary = runner.resume_search(args.name, address=args.address)
+            else:
+                start = runner.run_or_resume if args.or_resume else runner.run_search
+                summary = start(args.search, name=args.name, address=args.address, storage=args.storage)
         elif args.search_command == "status":
             return _status(args.name)
         else:
