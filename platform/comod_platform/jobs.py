@@ -1,44 +1,31 @@
 """Searches submitted to a Ray cluster as Ray jobs, through the Ray Jobs API.
 
 ``submit`` checks the search file here, then submits a job whose entrypoint
-is ``comod search run search.yaml --name N --or-resume``: a resubmitted job
-of the same name continues the search instead of starting over. The search
-file travels in a small ``working_dir``; with ``ship="wheel"`` the project's
-own wheel travels in ``py_modules``, so the cluster runs exactly the code
-that was submitted; with ``ship="image"`` the cluster's image provides it.
-
-Every job carries the metadata ``{"comod.search": N}``; ``status``, ``logs``
-and ``stop`` find a search's latest job by it.
-
-The wheel is shipped as Ray installs it: each node runs ``pip install
-WHEEL --target=DIR`` and puts DIR on ``PYTHONPATH``. pip with ``--target``
-installs every dependency again (torch, ray, mlflow...), from the index,
-whatever the node has, so the shipped wheel declares none: the dependencies
-are the cluster's own. Ray names an uploaded wheel ``gcs://FILENAME`` and
-skips the upload when a package of that name exists, so the wheel's file
-name carries a hash of its contents (in the wheel's build tag): changed code
-is a new package, unchanged code is uploaded and installed once.
+is ``comod search run search.yaml --name N --or-resume`` (:func:`runner.run_or_resume`):
+a resubmitted job of the same name continues the search instead of starting
+over. The search file travels in a small ``working_dir``; with ``ship="wheel"``
+the project's own wheel (:mod:`wheel`) travels in ``py_modules``, so the cluster
+runs exactly the code that was submitted; with ``ship="image"`` the cluster's
+image provides it. Every job carries the metadata ``{"comod.search": N}``;
+``status``, ``logs`` and ``stop`` find a search's latest job by it.
 """
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 from urllib.parse import urlparse
 
 from comod_platform.errors import EXIT_FAILED, EXIT_USAGE
+from comod_platform.wheel import WheelError, build_wheel
 
 SEARCH_KEY = "comod.search"
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "COMOD_OPTUNA_STORAGE", "COMOD_STORAGE")
@@ -178,111 +165,6 @@ def entrypoint(name: str, ship: str, storage: str | None) -> str:
     return line
 
 
-# --- the project's wheel --------------------------------------------------------------------------
-
-
-def _toml(path: Path) -> dict:
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        from pip._vendor import tomli as tomllib
-    return tomllib.loads(path.read_text())
-
-
-def source_root() -> Path:
-    """The project's source tree that the installed ``comod_platform`` comes from."""
-    here = Path(__file__).resolve().parent  # comod_platform's folder
-    for folder in here.parents:
-        pyproject = folder / "pyproject.toml"
-        if pyproject.is_file():
-            try:
-                project = _toml(pyproject).get("project", {})
-            except (OSError, ValueError):  # TOMLDecodeError is a ValueError
-                continue
-            if project.get("name") == "comod":
-                return folder
-    raise JobsError(f"--ship wheel builds the project's wheel from its source, but comod_platform is installed "
-                    f"from {here}, with no source tree of the project above it; install the project from its "
-                    f"source (pip install -e .), or pass --ship image when the cluster's image has comod", EXIT_USAGE)
-
-
-def _source_copy(root: Path, dest: Path) -> Path:
-    """What the build needs from ``root`` (its packaging files and packages), copied to ``dest``: the
-    build writes ``build/`` and ``*.egg-info`` beside its sources, which stay untouched."""
-    pyproject = _toml(root / "pyproject.toml")
-    setuptools_cfg = pyproject.get("tool", {}).get("setuptools", {})
-    package_dirs = set(setuptools_cfg.get("package-dir", {}).values()) or {
-        p.split(".")[0] for p in setuptools_cfg.get("packages", [])}
-    readme = pyproject.get("project", {}).get("readme")
-    files = ["pyproject.toml", "setup.py", "setup.cfg", "MANIFEST.in", *[str(p.name) for p in root.glob("LICENSE*")]]
-    if isinstance(readme, str):
-        files.append(readme)
-    elif isinstance(readme, dict) and readme.get("file"):
-        files.append(readme["file"])
-    for name in files:
-        if (root / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(root / name, dest / name)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    for folder in sorted(package_dirs):
-        if folder and (root / folder).is_dir():
-            shutil.copytree(root / folder, dest / folder, ignore=ignore)
-    return dest
-
-
-def _record_line(name: str, data: bytes) -> str:
-    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-    return f"{name},sha256={digest},{len(data)}"
-
-
-def _ship_ready(wheel: Path, out_dir: Path) -> Path:
-    """``wheel`` without declared dependencies, named by a hash of its contents (see the module's doc)."""
-    with zipfile.ZipFile(wheel) as zin:
-        infos = zin.infolist()
-        files = {info.filename: zin.read(info) for info in infos}
-    record = next(n for n in files if n.endswith(".dist-info/RECORD"))
-    metadata = next(n for n in files if n.endswith(".dist-info/METADATA"))
-    files[metadata] = b"".join(line for line in files[metadata].splitlines(keepends=True)
-                               if not line.startswith((b"Requires-Dist:", b"Provides-Extra:")))
-    content = hashlib.sha256()
-    for name in sorted(files):
-        if name != record:
-            content.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
-    files[record] = "".join(f"{_record_line(n, d) if n != record else n + ',,'}\n"
-                            for n, d in files.items()).encode()
-    dist, version, *tags = wheel.stem.split("-")
-    tags = tags[-3:]  # python, abi, platform; a build tag of pip's, if any, is replaced
-    target = out_dir / f"{dist}-{version}-0{content.hexdigest()[:16]}-{'-'.join(tags)}.whl"
-    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as zout:
-        for info in infos:
-            zout.writestr(info, files[info.filename])
-    return target
-
-
-def build_wheel(out_dir: Path, root: Path | None = None) -> Path:
-    """Build the project's wheel from its source tree into ``out_dir``, ready to ship in ``py_modules``."""
-    root = root or source_root()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="comod-wheel-") as tmp:
-        src = _source_copy(root, Path(tmp) / "src")
-        built = Path(tmp) / "dist"
-        command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                   "-w", str(built), str(src)]
-        env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-        except (OSError, subprocess.TimeoutExpired) as err:
-            raise JobsError(f"building the project's wheel failed ({err}); pass --ship image when the "
-                            f"cluster's image has comod") from None
-        wheels = sorted(built.glob("*.whl"))
-        if done.returncode != 0 or not wheels:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
-            raise JobsError(f"building the project's wheel from {root} failed: {' / '.join(tail)}; the build "
-                            f"needs pip and setuptools in this environment; or pass --ship image when the "
-                            f"cluster's image has comod")
-        return _ship_ready(wheels[0], out_dir)
-
-
 # --- submit ----------------------------------------------------------------------------------------
 
 
@@ -365,7 +247,10 @@ def submit(search: str | Path, address: str | None = None, name: str | None = No
         runtime_env: dict = {"working_dir": str(working_dir), "env_vars": env}
         if ship == "wheel":
             log("building the project's wheel to ship with the job ...")
-            runtime_env["py_modules"] = [str(build_wheel(Path(tmp) / "wheel"))]
+            try:
+                runtime_env["py_modules"] = [str(build_wheel(Path(tmp) / "wheel"))]
+            except WheelError as err:
+                raise JobsError(str(err)) from None
         command = entrypoint(name, ship, env.get("COMOD_STORAGE"))
         submission_id = f"comod-{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
         _call(url, "take the job", lambda: client.submit_job(
@@ -461,38 +346,5 @@ def stop(address: str | None, name: str, wait: float = 60.0) -> dict:
     return {"name": name, "submission_id": job.submission_id, "stopped": True, "status": now, "address": url}
 
 
-# --- the job's entrypoint ---------------------------------------------------------------------------
-
-
-def run_or_resume(search: str | Path, name: str, address: str | None = None, storage: str | None = None) -> dict:
-    """``comod search run SEARCH --name N --or-resume``: resume search ``name`` when the runs folder has
-    it (from the same search file), else run it. ``storage`` is passed on only when given."""
-    import yaml
-
-    from comod_platform import runner
-    from comod_platform.search_state import SearchPaths
-    from comod_platform.searchfile import load_search, resolve_search_path
-
-    from comod_platform.paths import runs_home
-
-    check_name(name)
-    load_search(search)  # a broken file fails the same way in both cases
-    search = source = resolve_search_path(search).resolve()
-    # the job's working folder is Ray's to clean up: work from the runs folder instead
-    home = runs_home().resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    os.environ["COMOD_HOME"] = str(home)
-    os.chdir(home)
-    paths = SearchPaths(name)
-    more = {"storage": storage} if storage else {}
-    if not paths.exists():
-        return runner.run_search(search, name=name, address=address, **more)
-    if yaml.safe_load(source.read_text()) != yaml.safe_load(paths.search_file.read_text()):
-        raise runner.SearchError(f"a search named {name!r} exists already ({paths.root}) with another search "
-                                 f"file than {source}; continue it with the same file, or choose another --name")
-    print(f"{PROGRESS_PREFIX} resuming search {name} from {paths.root}", file=sys.stderr, flush=True)
-    return runner.resume_search(name, address=address, **more)
-
-
-__all__ = ["JobsError", "Submission", "build_wheel", "dashboard_address", "logs", "run_or_resume", "status",
-           "stop", "submit"]
+__all__ = ["JobsError", "Submission", "build_wheel", "dashboard_address", "logs", "status", "stop",
+           "submit"]

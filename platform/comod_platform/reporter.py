@@ -1,18 +1,12 @@
 """Epoch reports that do not stop training while the driver handles them.
 
-A Ray Tune function trainable reports synchronously: ``tune.report`` puts
-the result on a queue and blocks until the driver has processed it
-(callbacks, scheduler, searcher) and asked for the next one. With several
-reports per trial, and a driver shared by many trials, a trial spends that
-round trip idle every epoch. Here a thread of the trial hands the reports
-to Ray Tune one after the other, in order, while training goes on.
-
-A trial the scheduler stops ends at its next optimisation step
-(:meth:`EpochReporter.check` sees Ray's stop, or the reporting thread
-ended by Ray at a report with ``SystemExit(0)``), well within the time Ray
-gives a thread before it replaces the actor. A report
-that fails (its checkpoint cannot be persisted, say) fails the training
-thread at its next step, so Ray retries the trial as it would have.
+``tune.report`` blocks until the driver has processed the result (callbacks,
+scheduler, searcher) and asks for the next one. Here a thread of the trial
+hands the reports to Ray Tune in order while training goes on. A trial the
+scheduler stops gets Ray's ``SystemExit(0)`` at its pending report, which ends
+training at its next optimisation step (:meth:`EpochReporter.check`); a report
+that fails (its checkpoint cannot be persisted, say) fails training there too,
+so Ray retries the trial as it would have.
 """
 from __future__ import annotations
 
@@ -28,11 +22,8 @@ class EpochReporter:
 
     ``folder`` (or None) is a staged checkpoint folder, deleted once it has been reported."""
 
-    def __init__(self, report: Callable[[dict, Path | None], None], stopping: Callable[[], bool] | None = None):
-        """``stopping``: whether Ray has asked the trial to stop (checked every step, so a stop that comes
-        while no report is waiting ends training at once rather than at the next epoch's report)."""
+    def __init__(self, report: Callable[[dict, Path | None], None]):
         self._report = report
-        self._stopping = stopping
         self._queue: queue.Queue = queue.Queue()
         self._stopped = threading.Event()
         self._error: BaseException | None = None
@@ -65,8 +56,7 @@ class EpochReporter:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
-        if self._stopped.is_set() or (self._stopping is not None and self._stopping()):
-            self._stopped.set()
+        if self._stopped.is_set():
             raise SystemExit(0)  # Ray's graceful end of a trial's training thread
 
     def submit(self, row: dict, folder: Path | None = None) -> None:

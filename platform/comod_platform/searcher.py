@@ -1,23 +1,34 @@
-"""Optuna through Ray Tune, with early-stopped trials told as pruned.
+"""The search's Optuna study behind Ray Tune's ``Searcher`` interface, by Optuna's ask-and-tell.
 
-Ray's OptunaSearch tells Optuna that a trial stopped by the scheduler (ASHA)
-is COMPLETE with its last, partial score, which teaches the sampler that a
-one-epoch score is final. Here only a trial whose last report carries the
-final flag is complete; one stopped before is PRUNED (Optuna keeps its
-intermediate values), one that raised or whose loss diverged is FAIL.
+Each Ray trial asks the study for one Optuna trial (which records the Ray
+trial's id) and tells it how the Ray trial ended: complete only when its last
+report carries the final flag, pruned when the scheduler (ASHA) stopped it
+before (Optuna keeps its intermediate values), failed when it raised or its
+loss diverged. The study's database is the authority across a lost driver: a
+Ray trial restored from an older snapshot finds its Optuna trial there, one
+Optuna already closed stays closed, and one a stopped search closed as
+interrupted goes on as a new trial of the same parameters.
 """
 from __future__ import annotations
 
+import logging
+import pickle
+from typing import Callable
+
 import optuna
 from optuna.trial import TrialState
-from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search import Searcher
 
-from comod_platform.conventions import DIVERGED_FLAG, EPOCH, FINAL_FLAG, REASON
+from comod_platform.conventions import DIVERGED_FLAG, EPOCH, FINAL_FLAG, REASON, TAG_TRIAL_ID
+
+log = logging.getLogger(__name__)
 
 INTERRUPTED_ATTR = "comod.interrupted"
 """User attribute ("1") of an Optuna trial closed as failed because its search was stopped."""
 CONTINUES_ATTR = "comod.continues"
 """User attribute of the trial a resume opened for an interrupted one: that trial's number."""
+CLOSED_ATTR = "comod.closed"
+"""User attribute of an Optuna trial closed as failed because no Ray trial ran it (a lost driver's)."""
 
 SAMPLERS = {
     "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed),
@@ -43,80 +54,132 @@ def points_to_evaluate(search_file) -> list[dict] | None:
     return search_file.grid_points() if search_file.search.sampler == "grid" else None
 
 
-class PruneAwareOptunaSearch(OptunaSearch):
-    """Also safe across a driver lost mid-search: after a restore, a trial that
-    Optuna already closed (it finished after the last snapshot) is left closed,
-    and study trials asked after that snapshot, which no Ray trial will ever
-    finish, are closed as failed instead of staying RUNNING forever."""
+class StudySearcher(Searcher):
+    """Ray Tune's searcher on the study ``study_name`` of the database ``url`` (made by the runner).
 
-    def __init__(self, *args, report_intermediate: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
+    ``space``: Optuna define-by-run, a function of the trial that returns the trial's config.
+    ``points``: configs enqueued, in order, before any is sampled. ``report_intermediate``: each
+    epoch's score goes to Optuna (for a scheduler that stops trials early)."""
+
+    def __init__(self, space: Callable[[optuna.Trial], dict], metric: str, mode: str, url: str, study_name: str,
+                 sampler: optuna.samplers.BaseSampler, points: list[dict] | None = None,
+                 report_intermediate: bool = True):
+        super().__init__(metric=metric, mode=mode)
+        self.space, self.url, self.study_name, self.sampler = space, url, study_name, sampler
         self.report_intermediate = report_intermediate
-        self._restored_ids: set[str] = set()
+        self._open()
+        self._numbers: dict[str, int] | None = {}  # Ray trial id -> its Optuna trial's number (None: read it)
+        for point in points or ():
+            self.study.enqueue_trial(point)
 
-    def _closed_in_storage(self, trial_id: str) -> bool:
-        # only trials restored from a snapshot can have been closed behind the searcher's back
-        ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is None or trial_id not in self._restored_ids:
-            return False
-        if self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
-            self._completed_trials.add(trial_id)
-            return True
-        return False
+    def _open(self) -> None:
+        self.storage = optuna.storages.RDBStorage(self.url)
+        self.study = optuna.load_study(study_name=self.study_name, storage=self.storage, sampler=self.sampler)
+        self.study_id = self.storage.get_study_id_from_name(self.study_name)
+        self._ids: dict[int, int] = {}  # trial number -> storage trial id
+        self._running: set[str] = set()  # Ray trials whose Optuna trial this driver knows is RUNNING
 
-    def on_trial_result(self, trial_id: str, result: dict):
-        if not self.report_intermediate or result.get(FINAL_FLAG) or trial_id in self._completed_trials \
-                or self._closed_in_storage(trial_id) or trial_id not in self._ot_trials:
+    def __getstate__(self) -> dict:  # Ray Tune pickles the searcher it was given: the database holds the study
+        keep = ("space", "url", "study_name", "sampler", "report_intermediate", "_metric", "_mode")
+        return {key: value for key, value in self.__dict__.items() if key in keep}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._open()
+        self._numbers = None
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump({"sampler": self.sampler}, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.sampler = pickle.load(f)["sampler"]  # its random state goes on where the snapshot left it
+        self._open()
+        self._numbers = None
+
+    @property
+    def numbers(self) -> dict[str, int]:
+        if self._numbers is None:  # read from the study: later than any snapshot of Ray Tune's
+            trials = self.study.get_trials(deepcopy=False)
+            self._numbers = {t.user_attrs[TAG_TRIAL_ID]: t.number for t in sorted(trials, key=lambda t: t.number)
+                             if TAG_TRIAL_ID in t.user_attrs}
+        return self._numbers
+
+    def _id(self, number: int) -> int:
+        if number not in self._ids:
+            self._ids[number] = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
+        return self._ids[number]
+
+    def suggest(self, trial_id: str) -> dict:
+        trial = self.study.ask()
+        trial.set_user_attr(TAG_TRIAL_ID, trial_id)
+        self.numbers[trial_id] = trial.number
+        self._running.add(trial_id)
+        return self.space(trial)
+
+    def _live(self, trial_id: str) -> int | None:
+        """The number of the RUNNING Optuna trial of Ray trial ``trial_id``, or None: it has none, or Optuna
+        closed it already (told before a lost driver's last snapshot), which stays closed."""
+        number = self.numbers.get(trial_id)
+        if number is None or trial_id in self._running:
+            return number
+        frozen = self.storage.get_trial(self._id(number))
+        if frozen.state == TrialState.FAIL and frozen.user_attrs.get(INTERRUPTED_ATTR) == "1":
+            number = self._continue(trial_id, frozen)
+        elif frozen.state != TrialState.RUNNING:
+            return None
+        self._running.add(trial_id)
+        return number
+
+    def _continue(self, trial_id: str, frozen: optuna.trial.FrozenTrial) -> int:
+        """A new RUNNING trial for an interrupted one: its parameters and intermediate values, and which it
+        continues."""
+        attrs = {k: v for k, v in frozen.user_attrs.items() if k != INTERRUPTED_ATTR}
+        template = optuna.trial.create_trial(
+            state=TrialState.RUNNING, params=frozen.params, distributions=frozen.distributions,
+            user_attrs={**attrs, CONTINUES_ATTR: frozen.number}, intermediate_values=frozen.intermediate_values)
+        number = self.storage.get_trial_number_from_id(self.storage.create_new_trial(self.study_id, template))
+        self.numbers[trial_id] = number
+        return number
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if not self.report_intermediate or result.get(FINAL_FLAG) or result.get(DIVERGED_FLAG):
             return
-        # the trial's epoch, not Ray's iteration count (which restarts when a trial is restored)
-        self._ot_trials[trial_id].report(result[self.metric], int(result.get(EPOCH, result["training_iteration"])))
+        number = self._live(trial_id)
+        if number is not None:
+            # the trial's epoch, not Ray's iteration count (which restarts when a trial is restored)
+            step = int(result.get(EPOCH, result["training_iteration"]))
+            self.storage.set_trial_intermediate_value(self._id(number), step, float(result[self.metric]))
 
-    def restore(self, checkpoint_path: str):
-        super().restore(checkpoint_path)
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        number = self._live(trial_id)
+        if number is None:
+            return
+        self._running.discard(trial_id)
+        result = result or {}
+        value = result.get(self.metric) if result.get(FINAL_FLAG) else None
+        state = TrialState.FAIL if error or result.get(DIVERGED_FLAG) else \
+            TrialState.PRUNED if value is None else TrialState.COMPLETE
+        if result.get(DIVERGED_FLAG):
+            self.storage.set_trial_user_attr(self._id(number), "comod.reason",
+                                             str(result.get(REASON, "diverged"))[:500])
         try:
-            self._reopen_interrupted()
-        except Exception as exc:  # noqa: BLE001 - Ray would start the whole search over on a restore error
-            optuna.logging.get_logger(__name__).warning(f"interrupted Optuna trials not continued: {exc}")
-        self._restored_ids = set(self._ot_trials)
-        known = {t._trial_id for t in self._ot_trials.values()}
-        for frozen in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if frozen._trial_id not in known:
-                self._ot_study._storage.set_trial_user_attr(frozen._trial_id, "comod.closed",
-                                                            "asked before the driver was lost; never run")
-                self._ot_study.tell(frozen.number, state=TrialState.FAIL)
+            self.study.tell(number, value if state == TrialState.COMPLETE else None, state=state,
+                            skip_if_finished=True)
+        except (ValueError, RuntimeError) as exc:  # the search goes on; the end of the search closes it
+            log.warning("Optuna trial %d of Ray trial %s not told: %s", number, trial_id, exc)
 
-    def _reopen_interrupted(self) -> None:
-        """A stopped search closed its running Optuna trials as failed, marked interrupted (no trial stays
-        RUNNING while no driver runs it). The Ray trials go on after a restore: each gets a new RUNNING
-        Optuna trial with the same parameters and intermediate values, and the closed one says which."""
-        storage = self._ot_study._storage
-        for trial_id, ot_trial in list(self._ot_trials.items()):
-            frozen = storage.get_trial(ot_trial._trial_id)
-            if frozen.state != TrialState.FAIL or frozen.user_attrs.get(INTERRUPTED_ATTR) != "1":
-                continue
-            attrs = {k: v for k, v in frozen.user_attrs.items() if k != INTERRUPTED_ATTR}
-            template = optuna.trial.FrozenTrial(
-                number=-1, state=TrialState.RUNNING, value=None, values=None, datetime_start=None,
-                datetime_complete=None, params=frozen.params, distributions=frozen.distributions,
-                user_attrs={**attrs, CONTINUES_ATTR: frozen.number}, system_attrs={},
-                intermediate_values=frozen.intermediate_values, trial_id=-1)
-            new_id = storage.create_new_trial(self._ot_study._study_id, template_trial=template)
-            self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, new_id)
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials \
-                or self._closed_in_storage(trial_id):
-            return
-        if error or not result or not result.get(FINAL_FLAG):
-            diverged = bool((result or {}).get(DIVERGED_FLAG))
-            state = TrialState.FAIL if error or diverged else TrialState.PRUNED
-            try:
-                if diverged:
-                    self._ot_study._storage.set_trial_user_attr(self._ot_trials[trial_id]._trial_id, "comod.reason",
-                                                                str(result.get(REASON, "diverged"))[:500])
-                self._ot_study.tell(self._ot_trials[trial_id], state=state)
-            except Exception as exc:  # noqa: BLE001 - a trial Optuna already closed stays closed
-                optuna.logging.get_logger(__name__).warning(str(exc))
-            self._completed_trials.add(trial_id)
-            return
-        super().on_trial_complete(trial_id, result, error)
+def close_running(url: str, study_name: str, interrupted: bool) -> None:
+    """Close every RUNNING trial of the study as failed: ``interrupted`` (a stopped search's, which a
+    resume continues), else never run (asked by a lost driver after its last snapshot)."""
+    storage = optuna.storages.RDBStorage(url)
+    study_id = storage.get_study_id_from_name(study_name)
+    for frozen in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
+        if interrupted:
+            storage.set_trial_user_attr(trial_id, INTERRUPTED_ATTR, "1")
+        else:
+            storage.set_trial_user_attr(trial_id, CLOSED_ATTR, "asked before the driver was lost; never run")
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)

@@ -1,34 +1,15 @@
 """One search trial on a Ray worker: the experiment, reported to Ray Tune.
 
-Every epoch is reported with its validation metrics under the search's
-names (``pretrain/val/mean_f1`` also as ``val/mean_f1``, so a scheduler sees
-one curve across both phases) and the trial's own epoch count, which the
-scheduler uses as its clock (Ray's iteration count restarts when a trial is
-restored; the epoch count does not). The last report carries the last
-epoch's metrics, the final (test) metrics and the final flag together, so a
-scheduler that decides at the last epoch cannot stop a trial before its test
-metrics are recorded. Ray Tune sees the search's metric and the protocol's keys as values of their own,
-the other metrics as one JSON text (``conventions.METRICS``, :func:`conventions.pack_report`), which
-keeps its experiment snapshots small. The trial works in the search's ``trials/ID``
-folder; an epoch's checkpoint (with the config) goes to Ray Tune as the
-trial's checkpoint, which Ray persists to the search's storage (a shared
-mount or S3 on a cluster), whenever ``search.checkpoint_interval_s`` has
-passed since the last one. A trial restarted (after a crash, on another
-node after a node was lost, or after the driver was lost) continues from
-that last persisted epoch. The final checkpoint also holds the final metrics and
-the plots, which the driver logs to MLflow from there. Plots are drawn here,
-on the trial's reserved CPU, not in the driver. A diverging loss, or a trial
-past ``search.trial_timeout_s`` or ``search.stall_timeout_s`` (:mod:`watchdog`),
-ends the trial with a report carrying the diverged flag (a recorded failure,
-not retried) and the reason.
-
-Reports go to Ray Tune from a thread of the trial's own (:mod:`reporter`),
-so training does not wait while the driver handles each epoch; a trial the
-scheduler stops ends at its next optimisation step.
-
-The dataset arrives through the Ray object store as numpy arrays (zero-copy
-on a node), loaded once by the driver, when the trial's data settings are
-the base experiment's; other data settings are loaded by the trial itself.
+Every epoch is reported with its validation metrics under the search's names
+(``pretrain/val/mean_f1`` also as ``val/mean_f1``, one curve across both
+phases) and the trial's epoch count, the scheduler's clock. The last report
+carries the last epoch, the test metrics and the final flag together, so a
+scheduler cannot stop a trial between them. Epoch checkpoints go to Ray Tune
+(persisted at most every ``search.checkpoint_interval_s``), so a restarted
+trial continues from its last one. A diverging loss or a time limit
+(:mod:`watchdog`) ends the trial with the diverged flag and the reason. The
+dataset comes through the object store when the trial's data settings are the
+base experiment's.
 """
 from __future__ import annotations
 
@@ -122,17 +103,6 @@ def _report_to_tune(row: dict, folder: Path | None, metric: str) -> None:
                 checkpoint=tune.Checkpoint.from_directory(folder) if folder is not None else None)
 
 
-def _stopping_signal():
-    """Whether Ray has asked this trial's training to stop (its session's stop event), or None."""
-    try:
-        from ray.train._internal.session import get_session
-
-        event = get_session().stop_event
-    except Exception:  # noqa: BLE001 - another Ray: the reporting thread still learns it at a report
-        return None
-    return event.is_set
-
-
 def _restore(checkpoint, out: Path) -> bool:
     """Put the trial's last persisted checkpoint (if any) into ``out``; True if there was one.
 
@@ -160,12 +130,124 @@ def _placement() -> dict:
     return {NODE: ray.get_runtime_context().get_node_id(), GPUS: ",".join(str(g) for g in ray.get_gpu_ids())}
 
 
+class TrialRun:
+    """The experiment's callbacks in one trial: each epoch goes to Ray Tune (through an
+    :class:`EpochReporter`), the last one with the final metrics; see the module's docstring."""
+
+    def __init__(self, search, cfg, trial_id: str, out: Path):
+        self.search, self.cfg, self.trial_id, self.out = search, cfg, trial_id, out
+        self.metric = search.search.metric
+        self.reporter = EpochReporter(partial(_report_to_tune, metric=self.metric))
+        self.watchdog = Watchdog(search.search.trial_timeout_s, search.search.stall_timeout_s)
+        self.where = _placement()
+        self.epochs = self.step = 0
+        self.fresh, self.payload = False, None  # a checkpoint written since the last report; the last one's payload
+        self.persisted, self.said = time.monotonic(), 0.0
+        self.last: dict = {}  # the last epoch's row, sent with the final report
+        self.held = None  # pretraining's last epoch (row, folder), until fine-tuning says whether it is the last
+        self.curve: list = []  # validation points between epoch ends, sent with the next report
+
+    def callbacks(self):
+        from comod.train import Callbacks
+
+        return Callbacks(on_epoch=self.on_epoch, on_checkpoint=self.on_checkpoint, on_step=self.on_step,
+                         on_wait=self.on_wait, on_phase=self.on_phase, on_eval=self.on_eval)
+
+    def row(self, metrics: dict) -> dict:
+        return {**_with_aliases(metrics), STEP: self.step, EPOCH: self.epochs, **self.where}
+
+    def with_curve(self, row: dict) -> dict:
+        if self.curve:
+            row[CURVE] = json.dumps(self.curve)
+            self.curve.clear()
+        return row
+
+    def on_checkpoint(self, path, payload) -> None:
+        self.fresh, self.payload = True, payload  # the last one is the final checkpoint, the plots' source
+
+    def on_eval(self, phase: str, step: int, metrics: dict) -> None:
+        self.curve.append([step, metrics])
+
+    def on_step(self, *_) -> None:
+        self.watchdog.alive()
+        self.reporter.check()
+
+    def on_wait(self, line: str) -> None:  # another trial is making the pretrained model this one needs
+        self.watchdog.alive()
+        if time.monotonic() - self.said > 60:
+            print(f"comod: trial {self.trial_id} {line}", flush=True)
+            self.said = time.monotonic()
+
+    def on_epoch(self, phase: str, epoch: int, step: int, metrics: dict) -> None:
+        self.watchdog.alive()
+        self.epochs = epoch + (self.cfg.pretrain.epochs if phase == "finetune" else 0)
+        self.step = step
+        last = epoch == getattr(self.cfg, phase).epochs
+        if last and phase == "finetune":
+            # the last epoch goes out with the final report: a scheduler deciding at this epoch (an ASHA
+            # rung on the last epoch) must not stop a trial between its training and its test metrics
+            self.last = self.row(metrics)
+            return
+        row = self.with_curve(self.row(metrics))
+        # a replayed epoch (pretrained model from the cache) has nothing new to keep; an epoch soon after
+        # the last persisted one is kept locally only (the next persisted one, or the final, covers it)
+        folder = None
+        if self.fresh and time.monotonic() - self.persisted >= self.search.search.checkpoint_interval_s:
+            self.persisted = time.monotonic()
+            folder = _stage(self.out, CHECKPOINT_FILES)
+        self.fresh = False
+        if last:  # pretraining's last epoch: the trial's last too when fine-tuning has no epochs (on_phase)
+            self.held = (row, folder)
+        else:
+            self.reporter.submit(row, folder)
+
+    def on_phase(self, name: str, first_epoch: int, epochs: int) -> None:
+        """Fine-tuning starts: pretraining's last epoch goes out now, unless fine-tuning has nothing to
+        train (the kind without couplings), which makes it the trial's last epoch, sent with the final."""
+        if name != "finetune" or self.held is None:
+            return
+        (row, folder), self.held = self.held, None
+        if epochs > first_epoch:
+            self.reporter.submit(row, folder)
+            return
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        self.last = {k: v for k, v in row.items() if k != CURVE}
+        if CURVE in row:
+            self.curve[:0] = json.loads(row[CURVE])
+
+    def run(self, data, resumed: bool, paths: SearchPaths) -> None:
+        from comod.train import DivergedError, run_experiment
+        from comod_platform.plots import plot_run
+
+        try:
+            with self.watchdog:
+                metrics = run_experiment(self.cfg, self.out, data=data, callbacks=self.callbacks(), resume=resumed,
+                                         pretrain_cache=paths.pretrain_cache,
+                                         cache_wait_s=self.search.search.trial_timeout_s)
+        except (DivergedError, TrialTimeout, TimeoutError) as err:  # recorded ends, not crashes: not retried
+            self.reporter.close()
+            reason = self.watchdog.reason if isinstance(err, TrialTimeout) and self.watchdog.reason else str(err)
+            _report_to_tune({DIVERGED_FLAG: 1, REASON: reason, self.metric: float("nan"), STEP: self.step,
+                             EPOCH: self.epochs, **self.where}, None, self.metric)
+            return
+        except BaseException:
+            self.reporter.abandon()
+            raise
+        self.reporter.close()  # every epoch's report went out before the final one
+        if not self.epochs:  # a finished run read back: its epochs were reported before
+            self.epochs = self.cfg.pretrain.epochs + self.cfg.finetune.epochs
+        plot_run(self.out, checkpoint=self.payload)
+        final = self.with_curve({**self.last, **metrics, FINAL_FLAG: 1, STEP: int(metrics.get("steps", 0)),
+                                 EPOCH: self.epochs, **self.where})
+        with _staged(self.out, FINAL_FILES) as folder:
+            _report_to_tune(final, folder, self.metric)
+
+
 def run_trial(config: dict, search=None, search_name: str = "", home: str = "", data=None,
               shared_key: str = "") -> None:
+    """Ray Tune's function trainable: the experiment of ``config`` in the search's ``trials/ID`` folder."""
     from ray import tune
-
-    from comod.train import Callbacks, DivergedError, run_experiment
-    from comod_platform.plots import plot_run
 
     cfg = search.config_for(config)
     trial_id = tune.get_context().get_trial_id()
@@ -173,100 +255,4 @@ def run_trial(config: dict, search=None, search_name: str = "", home: str = "", 
     out = paths.trial_dir(trial_id)
     resumed = _restore(tune.get_checkpoint(), out)
     shared = unpack(data) if data is not None and data_key(cfg) == shared_key else None
-    state = {"epochs": 0, "step": 0, "fresh": False, "persisted": time.monotonic()}
-    interval = search.search.checkpoint_interval_s
-    where = _placement()
-
-    def on_checkpoint(path, payload) -> None:
-        state["fresh"] = True
-        state["payload"] = payload  # the last one is the final checkpoint, which the plots are drawn from
-
-    reporter = EpochReporter(partial(_report_to_tune, metric=search.search.metric), _stopping_signal())
-    curve: list = []  # validation points between epoch ends, sent with the next report
-
-    def with_curve(row: dict) -> dict:
-        if curve:
-            row[CURVE] = json.dumps(curve)
-            curve.clear()
-        return row
-
-    def report(phase: str, epoch: int, step: int, metrics: dict) -> None:
-        state["epochs"] = epoch + (cfg.pretrain.epochs if phase == "finetune" else 0)
-        state["step"] = step
-        last = epoch == getattr(cfg, phase).epochs
-        if last and phase == "finetune":
-            # the last epoch goes out with the final report: a scheduler deciding at this epoch (an ASHA
-            # rung on the last epoch) must not stop a trial between its training and its test metrics
-            state["last"] = {**_with_aliases(metrics), STEP: step, EPOCH: state["epochs"], **where}
-            return
-        row = with_curve({**_with_aliases(metrics), STEP: step, EPOCH: state["epochs"], **where})
-        fresh, state["fresh"] = state["fresh"], False
-        # a replayed epoch (pretrained model from the cache) has nothing new to keep; an epoch soon after
-        # the last persisted one is kept locally only (the next persisted one, or the final, covers it)
-        folder = None
-        if fresh and time.monotonic() - state["persisted"] >= interval:
-            state["persisted"] = time.monotonic()
-            folder = _stage(out, CHECKPOINT_FILES)
-        if last:  # pretraining's last epoch: the trial's last too when fine-tuning has no epochs (phase())
-            state["held"] = (row, folder)
-            return
-        reporter.submit(row, folder)
-
-    def phase(name: str, first_epoch: int, epochs: int) -> None:
-        """Fine-tuning starts: pretraining's last epoch goes out now, unless fine-tuning has nothing to
-        train (the kind without couplings), which makes it the trial's last epoch, sent with the final."""
-        held = state.pop("held", None) if name == "finetune" else None
-        if held is None:
-            return
-        if epochs > first_epoch:
-            reporter.submit(*held)
-        else:
-            row, folder = held
-            if folder is not None:
-                shutil.rmtree(folder, ignore_errors=True)
-            state["last"] = {k: v for k, v in row.items() if k != CURVE}
-            if CURVE in row:
-                curve[:0] = json.loads(row[CURVE])
-
-    watchdog = Watchdog(search.search.trial_timeout_s, search.search.stall_timeout_s)
-    said = {"at": 0.0}
-
-    def waiting(line: str) -> None:  # another trial is making the pretrained model this one needs
-        watchdog.alive()
-        if time.monotonic() - said["at"] > 60:
-            print(f"comod: trial {trial_id} {line}", flush=True)
-            said["at"] = time.monotonic()
-
-    def stepped(*_) -> None:
-        watchdog.alive()
-        reporter.check()
-
-    def reported(phase: str, epoch: int, step: int, metrics: dict) -> None:
-        watchdog.alive()
-        report(phase, epoch, step, metrics)
-
-    callbacks = Callbacks(on_epoch=reported, on_checkpoint=on_checkpoint, on_step=stepped, on_wait=waiting,
-                          on_phase=phase,
-                          on_eval=lambda phase, step, metrics: curve.append([step, metrics]))
-    try:
-        with watchdog:
-            metrics = run_experiment(cfg, out, data=shared, callbacks=callbacks, resume=resumed,
-                                     pretrain_cache=paths.pretrain_cache,
-                                     cache_wait_s=search.search.trial_timeout_s)
-    except (DivergedError, TrialTimeout, TimeoutError) as err:  # recorded ends, not crashes: not retried
-        reporter.close()
-        reason = watchdog.reason if isinstance(err, TrialTimeout) and watchdog.reason else str(err)
-        _report_to_tune({DIVERGED_FLAG: 1, REASON: reason, search.search.metric: float("nan"), STEP: state["step"],
-                         EPOCH: state["epochs"], **where}, None, search.search.metric)
-        return
-    except BaseException:
-        reporter.abandon()
-        raise
-    reporter.close()  # every epoch's report went out before the final one
-    if not state["epochs"]:  # a finished run read back: its epochs were reported before
-        state["epochs"] = cfg.pretrain.epochs + cfg.finetune.epochs
-    plot_run(out, checkpoint=state.get("payload"))
-    final = with_curve({**state.get("last", {}), **metrics, FINAL_FLAG: 1, STEP: int(metrics.get("steps", 0)),
-                        EPOCH: state["epochs"], **where})
-    with _staged(out, FINAL_FILES) as folder:
-        _report_to_tune(final, folder, search.search.metric)
+    TrialRun(search, cfg, trial_id, out).run(shared, resumed, paths)

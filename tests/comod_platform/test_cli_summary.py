@@ -62,7 +62,7 @@ def test_a_failed_trials_ray_traceback_becomes_one_comod_line(capsys):
 
     import ray  # noqa: F401 - installs Ray's handler on the "ray" logger, as in a search's driver
 
-    from comod_platform.runner import quiet_ray
+    from comod_platform.tuner import quiet_ray
 
     ray_logger = logging.getLogger("ray")
     level, handlers = ray_logger.level, list(ray_logger.handlers)
@@ -124,7 +124,8 @@ def _results_with_study(tmp_path: Path, raw: dict, value, name: str = "imp", hom
 
 
 def test_importances_per_kind_of_a_grid_over_kinds_and_seeds(tmp_path):
-    from comod_platform.compare import _markdown_importances, importances
+    from comod_platform.compare import importances
+    from comod_platform.report import importances_section
 
     def value(flat):  # the kind matters most, the seed a little, more so for stochastic
         return {"deterministic": 0.5, "stochastic": 0.7}[flat["modulation.kind"]] + 0.01 * flat["seed"] ** 2
@@ -146,7 +147,7 @@ def test_importances_per_kind_of_a_grid_over_kinds_and_seeds(tmp_path):
         study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), params=["modulation.kind", "seed"])
     assert overall["params"] == pytest.approx(dict(expected))
     assert importances(results) == imp  # seeded: the same numbers every time
-    md = "\n".join(_markdown_importances(imp))
+    md = "\n".join(importances_section(imp))
     assert "## Parameter importances" in md and "| deterministic | 4 | `seed` | 1.000 |" in md
     assert "| all kinds | 8 | `modulation.kind` |" in md
 

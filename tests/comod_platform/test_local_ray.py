@@ -2,7 +2,7 @@
 
 Ray starts a worker per CPU for a first driver before ``ray.init`` returns; a search's trials are
 Ray Tune actors with a runtime environment of their own, which start in new workers, so those idle
-workers only take CPU from the search (``runner.LOCAL_RAY_CONFIG``). Checked on a real local Ray in
+workers only take CPU from the search (``compat.LOCAL_RAY_SYSTEM_CONFIG``). Checked on a real local Ray in
 a subprocess under a private temp dir: no worker process right after the driver's start, and one
 once a task asks for it (which shows that the check sees Ray's workers at all).
 """
@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 PROBE = r"""
 import json, os, sys, time
-from comod_platform.runner import _init_ray
+from comod_platform.tuner import init_ray
 import ray
 
 def processes():
@@ -44,7 +44,7 @@ def workers():
             and ("default_worker.py" in cmd or "setup_worker.py" in cmd or cmd.startswith("ray::"))]
 
 
-_init_ray(None)
+init_ray(None)
 time.sleep(2)  # a prestarted worker is launched before ray.init returns; give it time to show
 at_start = workers()
 ray.get(ray.remote(lambda: 1).remote())

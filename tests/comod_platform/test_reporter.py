@@ -49,18 +49,6 @@ def test_a_stop_at_a_report_ends_training_at_its_next_step(tmp_path):
     assert calls == [1]
 
 
-def test_a_stop_between_reports_is_seen_at_the_next_step():
-    stopping = threading.Event()
-    reporter = EpochReporter(lambda row, folder: None, stopping.is_set)
-    reporter.submit({"epoch": 1})
-    reporter.check()
-    stopping.set()
-    with pytest.raises(SystemExit) as stop:
-        reporter.check()
-    assert stop.value.code == 0
-    reporter.abandon()
-
-
 def test_a_failed_report_fails_the_training_thread(tmp_path):
     def report(row, folder):
         raise OSError("storage unreachable")

@@ -1,0 +1,175 @@
+"""Ray for a search's driver, and the search's Ray Tune ``Tuner``.
+
+``init_ray`` starts a local Ray (its own output kept off the terminal unless
+verbose) or joins a cluster. ``build_tuner`` makes the Tuner of a new search
+(the trainable with the shared dataset, :class:`searcher.StudySearcher`, ASHA
+on the trials' epochs, the MLflow and progress callbacks), or restores a
+stopped one, whose trials, study and runs all go on.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import sys
+
+from comod_platform import storage as storage_mod
+from comod_platform.conventions import EPOCH
+from comod_platform.preflight import SearchError
+from comod_platform.summary import last_line
+
+VERBOSE_ENV = "COMOD_VERBOSE"
+"""Set (to 1) by ``--verbose``: a local search lets Ray's own output reach the terminal."""
+KEEP_CHECKPOINTS = 3
+"""Epoch checkpoints a trial keeps on the storage. Ray snapshots the whole experiment whenever a trial
+has written this many since the last snapshot (so that no snapshot names a deleted checkpoint): fewer
+kept means more snapshots in the scheduling loop, more means more storage."""
+
+
+def verbose_default(verbose: bool | None = None) -> bool:
+    """``verbose`` when given, else whether ``$COMOD_VERBOSE`` is set to something other than 0."""
+    if verbose is not None:
+        return verbose
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false", "no")
+
+
+class QuietRayHandler(logging.Handler):
+    """The one handler of the "ray" logger in a quiet local search (ERROR and above reach it).
+
+    A failed trial's traceback becomes one line of comod's (the error is also in its MLflow run, in
+    ``comod search status`` and in the summary), Tune's closing list of unfinished trials goes (the
+    summary has them), and any other error of Ray's is printed as it is."""
+
+    FAILED = "Trial task failed for trial"
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if record.name.startswith("ray.tune") and message.startswith(self.FAILED):
+                trial = message[len(self.FAILED):].strip().removeprefix("run_trial_")  # comod shows the ID
+                error = record.exc_info[1] if record.exc_info else None
+                shown = last_line(str(error)) if error is not None else "see comod search status"
+                text = f"comod: trial {trial} failed: {shown}"
+            elif record.name.startswith("ray.tune") and message.startswith("Trials did not complete"):
+                return
+            else:
+                text = self.format(record)
+            print(text, file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+def quiet_ray() -> None:
+    """Keep Ray's notices, INFO and WARNING lines and Python warnings off a local search's terminal; its
+    errors go through :class:`QuietRayHandler`. Called before ``ray.init`` and after it (which takes
+    Ray's handlers off the "ray" logger). Token authentication is left as Ray sets it up."""
+    import warnings
+
+    warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+    ray_logger = logging.getLogger("ray")
+    ray_logger.setLevel(logging.ERROR)
+    ray_logger.propagate = False
+    if not any(isinstance(h, QuietRayHandler) for h in ray_logger.handlers):
+        handler = QuietRayHandler(logging.ERROR)
+        handler.setFormatter(logging.Formatter("ray: %(levelname)s: %(message)s"))
+        ray_logger.handlers[:] = [handler]
+
+
+def init_ray(address: str | None, verbose: bool | None = None) -> None:
+    """Join the Ray cluster at ``address`` (else ``$RAY_ADDRESS``), or start a local Ray."""
+    import ray
+
+    from comod_platform.compat import local_ray_options
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            # trials on the cluster's nodes need the driver's storage credentials and offline mode
+            # (a submitted job's own runtime environment reaches the workers already)
+            env = {} if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") else storage_mod.worker_env()
+            ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": env} if env else None)
+        elif verbose_default(verbose):
+            ray.init(include_dashboard=False, log_to_driver=True, **local_ray_options())
+        else:
+            quiet_ray()
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **local_ray_options())
+            quiet_ray()
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise SearchError(f"cannot reach the Ray cluster at {address}: {err}; check the address "
+                          f"(ray status on the head node), or leave --address out to run locally") from None
+
+
+def load_shared_data(sf) -> dict:
+    """The base experiment's dataset, loaded once in the driver; trials get it from the object store."""
+    from comod.data import load_data
+    from comod_platform.trainable import pack
+
+    return pack(load_data(sf.base_config()))
+
+
+def _trainable(sf, paths, data: dict | None):
+    from ray import tune
+
+    from comod_platform.trainable import data_key, run_trial
+
+    fn = tune.with_parameters(run_trial, search=sf, search_name=paths.name, home=str(paths.root.parent.parent),
+                              data=load_shared_data(sf) if data is None else data,
+                              shared_key=data_key(sf.base_config()))
+    return tune.with_resources(fn, {"cpu": sf.search.resources.cpu, "gpu": sf.search.resources.gpu})
+
+
+def _scheduler(sf):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    s = sf.search.scheduler
+    if s.type == "fifo":
+        return FIFOScheduler()
+    # ASHA stops any trial whose clock reaches max_t: one past the last epoch, so a trial's
+    # natural end (its last epoch, then the final report) is never an early stop
+    return ASHAScheduler(time_attr=EPOCH, max_t=sf.max_epochs() + 1, grace_period=s.grace_period,
+                         reduction_factor=s.reduction_factor)
+
+
+def _callbacks(sf, paths, meta):
+    from ray.tune.logger import JsonLoggerCallback
+
+    from comod_platform.tune_callbacks import MlflowTrialCallback, ProgressCallback
+
+    s = sf.search
+    return [JsonLoggerCallback(),  # the result grid reads its files
+            MlflowTrialCallback(sf, paths.name, meta.tracking_uri, meta.experiment_id, meta.parent_run_id,
+                                str(paths.trials)),
+            ProgressCallback(s.metric, s.mode, s.num_trials)]
+
+
+def build_tuner(sf, paths, meta, experiment_path: str, restore: bool, data: dict | None = None):
+    """The search's Tuner: restored from ``experiment_path`` when ``restore`` and Ray Tune saved it there."""
+    from ray import tune
+
+    from comod_platform.searcher import StudySearcher, create_sampler, points_to_evaluate
+
+    trainable = _trainable(sf, paths, data)
+    if restore and tune.Tuner.can_restore(experiment_path):
+        try:
+            return tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=False,
+                                      restart_errored=False)
+        except (ImportError, AttributeError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as err:
+            started = ", ".join(f"{k} {v}" for k, v in meta.versions.items()) or "unrecorded versions"
+            raise SearchError(f"cannot read the Ray Tune state of search {meta.name!r} in {experiment_path} "
+                              f"({type(err).__name__}: {last_line(str(err), 200)}); it was written with "
+                              f"{started}: resume with those versions, or run the search again under another "
+                              f"--name") from None
+    s = sf.search
+    searcher = StudySearcher(sf.suggest, s.metric, s.mode, meta.optuna_storage, meta.study_name, create_sampler(sf),
+                             points=points_to_evaluate(sf), report_intermediate=s.scheduler.type != "fifo")
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(sf), num_samples=s.num_trials,
+                                    max_concurrent_trials=s.max_concurrent, metric=s.metric, mode=s.mode,
+                                    reuse_actors=True),
+        run_config=tune.RunConfig(name=meta.name, storage_path=meta.ray_storage, verbose=0,
+                                  callbacks=_callbacks(sf, paths, meta),
+                                  failure_config=tune.FailureConfig(max_failures=s.max_retries),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS)))
