@@ -1,15 +1,10 @@
-"""optuna-dashboard on the Optuna study of a search (``comod dashboard N``, registered by :mod:`cli_search`).
+"""optuna-dashboard on the Optuna study of a search (``comod dashboard N``).
 
-Every search keeps its study in a real database: the search folder's
-``optuna.db`` (SQLite) or the team database of ``COMOD_OPTUNA_STORAGE``;
-``meta.json`` records which, and the study's name (see
-:mod:`comod_platform.search_state`). :func:`serve` runs optuna-dashboard
-(the ``dashboard`` extra: ``pip install 'comod[dashboard]'``) for that
-storage on 127.0.0.1, in this process, on a threaded ``wsgiref`` server:
-the study's history, intermediate values, parameter importances and the
-other Optuna plots, live while the search runs. Ctrl-C or SIGTERM stop it
-and free the port. :func:`open_study_storage` opens a search's study for
-reading (the comparison's parameter importances read it too).
+Every search keeps its study in a database that ``meta.json`` names (the
+search folder's ``optuna.db``, or the team database). :func:`serve` runs
+optuna-dashboard (the ``dashboard`` extra) for it on 127.0.0.1 until Ctrl-C
+or SIGTERM, which free the port; :func:`open_study_storage` opens a
+search's study for reading (the comparison's importances read it too).
 """
 from __future__ import annotations
 
@@ -37,40 +32,40 @@ def shown_url(url: str) -> str:
         return f"{head.split('//')[0]}//***@{tail}" if sep else url
 
 
-def open_study_storage(url: str, study_name: str, search: str):
-    """(Optuna storage, study id) of the search's study; DashboardError when the database or study is not there.
+def _first_line(err: Exception) -> str:
+    return (str(getattr(err, "orig", None) or err).strip().splitlines() or [type(err).__name__])[0][:300]
 
-    A SQLite file that does not exist is refused rather than made (Optuna would create an empty one)."""
+
+def open_study_storage(url: str, study_name: str, search: str):
+    """(Optuna storage, study id) of the search's study; DashboardError when the database or study is not
+    there. A SQLite file that does not exist is refused rather than made."""
     import optuna
 
     shown = shown_url(url)
-    if url.startswith("sqlite:///"):
-        path = Path(url[len("sqlite:///"):])
-        if not path.is_file():
-            raise DashboardError(f"search {search!r} has no Optuna database at {path}; its folder is incomplete, "
-                                 f"or the study lives elsewhere (COMOD_OPTUNA_STORAGE when it ran)")
+    path = Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
+    if path is not None and not path.is_file():
+        raise DashboardError(f"search {search!r} has no Optuna database at {path}; its folder is incomplete, "
+                             f"or the study lives elsewhere (COMOD_OPTUNA_STORAGE when it ran)")
     try:
         storage = optuna.storages.RDBStorage(url, skip_table_creation=True)
     except ModuleNotFoundError as err:
         raise DashboardError(f"the Optuna storage {shown} of search {search!r} needs the driver {err.name}: "
                              f"pip install 'comod[cluster]'") from None
     except Exception as err:  # noqa: BLE001 - a database that does not answer, a bad URL
-        first = (str(getattr(err, "orig", None) or err).strip().splitlines() or [type(err).__name__])[0][:300]
-        raise DashboardError(f"cannot open the Optuna storage {shown} of search {search!r}: {first}") from None
+        raise DashboardError(f"cannot open the Optuna storage {shown} of search {search!r}: {_first_line(err)}") \
+            from None
     try:
-        study_id = storage.get_study_id_from_name(study_name)
+        return storage, storage.get_study_id_from_name(study_name)
     except KeyError:
         names = [s.study_name for s in storage.get_all_studies()][:8]
         raise DashboardError(f"the Optuna storage {shown} holds no study {study_name!r} (search {search!r}); "
                              f"it holds: {', '.join(names) or 'no study'}") from None
     except Exception as err:  # noqa: BLE001 - e.g. a SQLite file that is not Optuna's
-        first = (str(getattr(err, "orig", None) or err).strip().splitlines() or [type(err).__name__])[0][:300]
-        raise DashboardError(f"cannot read study {study_name!r} from {shown}: {first}") from None
-    return storage, study_id
+        raise DashboardError(f"cannot read study {study_name!r} from {shown}: {_first_line(err)}") from None
 
 
 class _Stop(Exception):
-    """SIGTERM, turned into an exception in the main thread so the server's loop ends and its port is closed."""
+    """SIGTERM, raised in the main thread so the server's loop ends and its port is closed."""
 
 
 def _server(app, port: int):
@@ -93,12 +88,10 @@ def _server(app, port: int):
 
 def serve(name: str, port: int = DEFAULT_PORT, home: Path | None = None, out=None) -> int:
     """Serve optuna-dashboard for search ``name`` until Ctrl-C or SIGTERM; returns 0 once stopped.
-
     SearchNotFound for an unknown search; DashboardError when the extra is missing, the study cannot be
     opened or the port is taken."""
     from comod_platform.search_state import SearchPaths
 
-    out = out or sys.stdout
     meta = SearchPaths(name, home).read_meta()
     try:
         import optuna_dashboard
@@ -108,11 +101,9 @@ def serve(name: str, port: int = DEFAULT_PORT, home: Path | None = None, out=Non
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage, study_id = open_study_storage(meta.optuna_storage, meta.study_name, name)
-    app = optuna_dashboard.wsgi(storage)
-    httpd = _server(app, port)
-    url = f"http://{HOST}:{port}/dashboard/studies/{study_id}"
-    print(f"Optuna dashboard of search {name} (study {meta.study_name} in {shown_url(meta.optuna_storage)}) "
-          f"on {url}; Ctrl-C stops it", file=out, flush=True)
+    httpd = _server(optuna_dashboard.wsgi(storage), port)
+    print(f"Optuna dashboard of search {name} (study {meta.study_name} in {shown_url(meta.optuna_storage)}) on "
+          f"http://{HOST}:{port}/dashboard/studies/{study_id}; Ctrl-C stops it", file=out or sys.stdout, flush=True)
 
     def stop(signum, frame):
         raise _Stop()
@@ -125,12 +116,9 @@ def serve(name: str, port: int = DEFAULT_PORT, home: Path | None = None, out=Non
     finally:
         signal.signal(signal.SIGTERM, previous)
         httpd.server_close()
-        engine = getattr(storage, "engine", None)
-        if engine is not None:
-            engine.dispose()
+        storage.engine.dispose()
     print(f"comod: dashboard of search {name} stopped", file=sys.stderr, flush=True)
     return 0
 
 
 __all__ = ["DEFAULT_PORT", "DashboardError", "HOST", "open_study_storage", "serve", "shown_url"]
-

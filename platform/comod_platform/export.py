@@ -1,21 +1,15 @@
 """Export a search: its trial table as Parquet, its best config as an experiment YAML.
 
-``export_trials`` writes one row per trial: a typed column per config
-setting (named by its dotted path, as everywhere else), the final metrics
-(float64, null where a trial has none), the best per-epoch value of the
-search metric, how far the trial got, its wall time, state and ids.
-
-``export_best`` writes the best completed trial's config (by the search's
-metric and mode) as a plain experiment YAML that ``comod train`` runs as it
-is, with ``overrides`` (``path=value``, like ``--set``) for final training.
-With ``top_k`` > 1 it first re-runs the K best distinct configs with new
-seeds, locally and one after another, and picks the best mean over seeds;
-a report of that re-evaluation is written next to the YAML.
+The table has one row per trial: a typed column per config setting (named by
+its dotted path), the final metrics, the best per-epoch value of the search
+metric, how far the trial got, its wall time, state and ids. The best config
+is a plain experiment YAML that ``comod train`` runs as it is; with ``top_k``
+> 1 the K best distinct configs are first re-run with new seeds and the best
+mean over seeds wins.
 """
 from __future__ import annotations
 
 import json
-import logging
 import math
 import statistics
 import time
@@ -25,11 +19,9 @@ from typing import Any, Callable, Literal
 
 from comod.config import ConfigError, apply_overrides, config_to_dict, flatten, parse_config, save_config
 from comod_platform.conventions import FAILED, PRUNED, RUNNING, WALL, sort_key
-from comod_platform.results import SearchResults, TrialRecord, unwrap_optional, config_fields, load_results
+from comod_platform.results import (SearchResults, TrialRecord, config_fields, load_results, log_to_parent,
+                                    unwrap_optional)
 
-log = logging.getLogger(__name__)
-
-META_COLUMNS = ("trial_id", "run_id", "state", "stopped_epoch", "epochs", "reports", WALL)
 DEFAULT_REEVAL_SEEDS = 3
 """New seeds a top-k re-evaluation uses when none are given."""
 ARTIFACT_PATH = "export"
@@ -39,16 +31,13 @@ class ExportError(RuntimeError):
     """The export cannot be made; the one-line message says why and what to do."""
 
 
-# ----------------------------------------------------------------- trials table
-
 def _arrow_type(tp: Any):
     import pyarrow as pa
 
     tp, _ = unwrap_optional(tp)
-    origin = typing.get_origin(tp)
-    if origin is list:
+    if typing.get_origin(tp) is list:
         return pa.list_(_arrow_type(typing.get_args(tp)[0]))
-    if origin is Literal:
+    if typing.get_origin(tp) is Literal:
         kinds = {type(a) for a in typing.get_args(tp)}
         tp = kinds.pop() if len(kinds) == 1 else str
     return {bool: pa.bool_(), int: pa.int64(), float: pa.float64(), str: pa.string()}.get(tp, pa.string())
@@ -61,14 +50,10 @@ def _cell(value: Any, arrow_type) -> Any:
     if value is None:
         return None
     if pa.types.is_list(arrow_type):
-        items = value if isinstance(value, (list, tuple)) else [value]
-        return [_cell(v, arrow_type.value_type) for v in items]
-    if pa.types.is_floating(arrow_type):
-        return float(value)
-    if pa.types.is_integer(arrow_type):
-        return int(value)
-    if pa.types.is_boolean(arrow_type):
-        return bool(value)
+        return [_cell(v, arrow_type.value_type) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    for test, cast in ((pa.types.is_floating, float), (pa.types.is_integer, int), (pa.types.is_boolean, bool)):
+        if test(arrow_type):
+            return cast(value)
     return value if isinstance(value, str) else json.dumps(value)
 
 
@@ -79,36 +64,27 @@ def trials_table(search: str | SearchResults, home: Path | None = None):
     results = search if isinstance(search, SearchResults) else load_results(search, home)
     trials = results.trials
     best_column = f"best/{results.metric}"
-
-    fields: list = [pa.field("trial_id", pa.string(), nullable=False), pa.field("run_id", pa.string(), nullable=False),
-                    pa.field("state", pa.string(), nullable=False), pa.field("stopped_epoch", pa.int64()),
-                    pa.field("epochs", pa.int64()), pa.field("reports", pa.int64()), pa.field(WALL, pa.float64()),
-                    pa.field(best_column, pa.float64()), pa.field("error", pa.string())]
-    columns: dict[str, list] = {
-        "trial_id": [t.trial_id for t in trials], "run_id": [t.run_id for t in trials],
-        "state": [t.state for t in trials], "stopped_epoch": [t.stopped_epoch for t in trials],
-        "epochs": [t.epochs for t in trials], "reports": [t.reports for t in trials],
-        WALL: [t.wall_seconds for t in trials], best_column: [t.best for t in trials],
-        "error": [t.error or t.config_error for t in trials]}
-
+    meta = [("trial_id", pa.string(), lambda t: t.trial_id), ("run_id", pa.string(), lambda t: t.run_id),
+            ("state", pa.string(), lambda t: t.state), ("stopped_epoch", pa.int64(), lambda t: t.stopped_epoch),
+            ("epochs", pa.int64(), lambda t: t.epochs), ("reports", pa.int64(), lambda t: t.reports),
+            (WALL, pa.float64(), lambda t: t.wall_seconds), (best_column, pa.float64(), lambda t: t.best),
+            ("error", pa.string(), lambda t: t.error or t.config_error)]
+    fields = [pa.field(name, tp, nullable=name not in ("trial_id", "run_id", "state")) for name, tp, _ in meta]
+    columns = {name: [get(t) for t in trials] for name, _, get in meta}
     schema_paths = config_fields()
-    extra = sorted({p for t in trials for p in t.flat} - set(schema_paths))  # settings of an older schema
-    for path in [*schema_paths, *extra]:
+    settings = [*schema_paths, *sorted({p for t in trials for p in t.flat} - set(schema_paths))]  # + older ones
+    for path in settings:
         arrow_type = _arrow_type(schema_paths[path]) if path in schema_paths else pa.string()
         fields.append(pa.field(path, arrow_type))
         columns[path] = [_cell(t.flat.get(path), arrow_type) for t in trials]
-
-    taken = set(columns)
-    metric_names = sorted({k for t in trials for k in t.final} - taken)
+    metric_names = sorted({k for t in trials for k in t.final} - set(columns))
     for name in metric_names:
         fields.append(pa.field(name, pa.float64()))
         columns[name] = [t.final.get(name) for t in trials]
-
     metadata = {"comod.search": results.name, "comod.metric": results.metric, "comod.mode": results.mode,
                 "comod.best_column": best_column, "comod.metric_columns": json.dumps(metric_names),
-                "comod.config_columns": json.dumps([*schema_paths, *extra])}
-    schema = pa.schema(fields, metadata=metadata)
-    return pa.Table.from_pydict(columns, schema=schema)
+                "comod.config_columns": json.dumps(settings)}
+    return pa.Table.from_pydict(columns, schema=pa.schema(fields, metadata=metadata))
 
 
 def export_trials(name: str, out: str | Path, home: Path | None = None, log_artifact: bool = True) -> Path:
@@ -116,27 +92,13 @@ def export_trials(name: str, out: str | Path, home: Path | None = None, log_arti
     import pyarrow.parquet as pq
 
     results = load_results(name, home)
-    table = trials_table(results)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, out)
+    pq.write_table(trials_table(results), out)
     if log_artifact:
-        _log_artifacts(results, [out])
+        log_to_parent(results, [out], ARTIFACT_PATH)
     return out
 
-
-def _log_artifacts(results: SearchResults, files: list[Path]) -> None:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=results.meta.tracking_uri)
-    for path in files:
-        try:
-            client.log_artifact(results.meta.parent_run_id, str(path), ARTIFACT_PATH)
-        except Exception as err:  # noqa: BLE001 - the files are written; tracking is a copy
-            log.warning("could not log %s to the search's MLflow run: %s", path, err)
-
-
-# ----------------------------------------------------------------- best config
 
 def _with(cfg, overrides: list[str] | None = None, seed: int | None = None):
     raw = apply_overrides(config_to_dict(cfg), list(overrides or []))
@@ -147,51 +109,34 @@ def _with(cfg, overrides: list[str] | None = None, seed: int | None = None):
 
 def _distinct(ranked: list[TrialRecord], k: int) -> list[TrialRecord]:
     """The ``k`` best trials with distinct configs, the seed left out (it is what re-evaluation varies)."""
-    seen, out = set(), []
+    found: dict[str, TrialRecord] = {}
     for t in ranked:
-        if t.config is None:
-            continue
-        key = json.dumps({p: v for p, v in flatten(t.config).items() if p != "seed"}, sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            out.append(t)
-        if len(out) == k:
-            break
-    return out
+        if t.config is not None and len(found) < k:
+            found.setdefault(json.dumps({p: v for p, v in flatten(t.config).items() if p != "seed"},
+                                        sort_keys=True), t)
+    return list(found.values())
 
 
 def _new_seeds(results: SearchResults, n: int) -> list[int]:
     used = {t.flat.get("seed") for t in results.trials}
-    seeds, s = [], 0
-    while len(seeds) < n:
-        if s not in used:
-            seeds.append(s)
-        s += 1
-    return seeds
+    return [s for s in range(n + len(used)) if s not in used][:n]
 
 
 def _write_yaml(cfg, path: Path, header: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_config(cfg, path)
-    comment = "".join(f"# {line}\n" for line in header)
-    path.write_text(comment + path.read_text())
+    path.write_text("".join(f"# {line}\n" for line in header) + path.read_text())
 
 
 def export_best(name: str, out: str | Path, top_k: int = 1, reeval_seeds: list[int] | None = None,
                 overrides: list[str] | None = None, seeds: list[int] | None = None, home: Path | None = None,
                 progress: Callable[[str], None] | None = None, log_artifact: bool = True) -> dict:
-    """Write the best completed trial's config of search ``name`` to ``out`` (YAML).
-
-    ``overrides``: ``path=value`` settings applied to what is written (e.g.
-    longer schedules for final training), not to the re-evaluation.
-    ``top_k`` > 1: re-run the K best distinct configs (seed aside) with each
-    of ``reeval_seeds`` (default: 3 seeds no trial used) through
-    ``comod.train.run_experiment`` in ``<search>/reeval/TRIAL/seedS/`` and
-    pick the best mean of the search metric; ``reeval_seeds`` with
-    ``top_k`` 1 re-evaluates the best alone. The report is written beside
-    ``out`` (``STEM.reeval.md`` and ``.json``). ``seeds``: also write one
-    YAML per seed, ``STEM-seedS.yaml``. Returns what was chosen and written.
-    """
+    """Write the best completed trial's config of search ``name`` to ``out`` (YAML), with ``overrides``
+    (``path=value``, e.g. longer schedules for final training; not applied to the re-evaluation).
+    ``top_k`` > 1, or ``reeval_seeds``: re-run the K best distinct configs with each seed (default: 3
+    seeds no trial used) in ``<search>/reeval/TRIAL/seedS/`` and pick the best mean of the search metric;
+    the report goes beside ``out`` (``STEM.reeval.md`` and ``.json``). ``seeds``: also write one YAML
+    per seed, ``STEM-seedS.yaml``. Returns what was chosen and written."""
     if int(top_k) < 1:
         raise ExportError(f"top-k: got {top_k}; expected an integer >= 1")
     results = load_results(name, home)
@@ -217,14 +162,12 @@ def export_best(name: str, out: str | Path, top_k: int = 1, reeval_seeds: list[i
         reeval = _reevaluate(results, candidates, seed_list, progress)
         chosen = next(t for t in candidates if t.trial_id == reeval["chosen"])
         reeval["report"] = _write_report(results, reeval, out)
-
     value = chosen.value(metric)
     header = [f"best of search {name} by {metric} ({mode}): trial {chosen.trial_id}, MLflow run {chosen.run_id}",
               f"{metric} = {value:.6g} in the search"
               + (f"; mean {reeval['candidates'][0]['mean']:.6g} over re-evaluation seeds "
                  f"{reeval['seeds']}" if reeval else "")]
-    if overrides:
-        header.append("overrides: " + " ".join(overrides))
+    header += ["overrides: " + " ".join(overrides)] if overrides else []
     _write_yaml(_with(chosen.config, overrides), out, header)
     seed_files = []
     for s in seeds or []:
@@ -232,7 +175,7 @@ def export_best(name: str, out: str | Path, top_k: int = 1, reeval_seeds: list[i
         _write_yaml(_with(chosen.config, overrides, seed=int(s)), path, [*header, f"seed: {int(s)}"])
         seed_files.append(str(path))
     if log_artifact and reeval:
-        _log_artifacts(results, [Path(reeval["report"]["md"]), Path(reeval["report"]["json"])])
+        log_to_parent(results, [reeval["report"]["md"], reeval["report"]["json"]], ARTIFACT_PATH)
     return {"search": name, "path": str(out), "trial_id": chosen.trial_id, "run_id": chosen.run_id,
             "metric": metric, "mode": mode, "value": value, "reeval": reeval, "seed_files": seed_files}
 
@@ -242,11 +185,10 @@ def _reevaluate(results: SearchResults, candidates: list[TrialRecord], seeds: li
     """Run every candidate with every seed (resuming runs already in the folder); rank by mean."""
     from comod.data import load_data
     from comod.train import TrainingError, run_experiment
-    root = results.paths.root
-    metric, mode = results.metric, results.mode
+
+    root, metric, mode = results.paths.root, results.metric, results.mode
     data_cache: dict[str, Any] = {}
-    rows = []
-    total, done = len(candidates) * len(seeds), 0
+    rows, total = [], len(candidates) * len(seeds)
     for trial in candidates:
         runs = []
         for seed in seeds:
@@ -255,9 +197,9 @@ def _reevaluate(results: SearchResults, candidates: list[TrialRecord], seeds: li
             if key not in data_cache:
                 data_cache = {key: load_data(cfg)}  # keep one dataset in memory
             folder = root / "reeval" / trial.trial_id / f"seed{seed}"
-            done += 1
             if progress:
-                progress(f"[export] re-evaluating {trial.trial_id} with seed {seed} ({done}/{total})")
+                progress(f"[export] re-evaluating {trial.trial_id} with seed {seed} "
+                         f"({len(rows) * len(seeds) + len(runs) + 1}/{total})")
             started = time.perf_counter()
             try:
                 metrics = run_experiment(cfg, folder, data=data_cache[key], pretrain_cache=root / "pretrain_cache")
@@ -273,13 +215,11 @@ def _reevaluate(results: SearchResults, candidates: list[TrialRecord], seeds: li
                      "mean": statistics.fmean(values) if values else None,
                      "std": statistics.stdev(values) if len(values) > 1 else 0.0 if values else None,
                      "n": len(values)})
-    scored = [r for r in rows if r["mean"] is not None]
+    scored = sorted((r for r in rows if r["mean"] is not None), key=lambda r: sort_key(r["mean"], mode))
     if not scored:
         raise ExportError(f"re-evaluation reported no {metric} for any candidate; see the runs under {root}/reeval")
-    ranked = sorted(scored, key=lambda r: sort_key(r["mean"], mode))
-    ranked += [r for r in rows if r["mean"] is None]
-    return {"metric": metric, "mode": mode, "seeds": seeds, "chosen": ranked[0]["trial_id"],
-            "candidates": ranked}
+    ranked = scored + [r for r in rows if r["mean"] is None]
+    return {"metric": metric, "mode": mode, "seeds": seeds, "chosen": ranked[0]["trial_id"], "candidates": ranked}
 
 
 def _fmt(v: Any) -> str:
@@ -287,8 +227,7 @@ def _fmt(v: Any) -> str:
 
 
 def _write_report(results: SearchResults, reeval: dict, out: Path) -> dict:
-    md_path = out.with_name(f"{out.stem}.reeval.md")
-    json_path = out.with_name(f"{out.stem}.reeval.json")
+    md_path, json_path = out.with_name(f"{out.stem}.reeval.md"), out.with_name(f"{out.stem}.reeval.json")
     md_path.parent.mkdir(parents=True, exist_ok=True)
     seeds = reeval["seeds"]
     lines = [f"# Re-evaluation of the top {len(reeval['candidates'])} configs of search {results.name}", "",
@@ -299,8 +238,7 @@ def _write_report(results: SearchResults, reeval: dict, out: Path) -> dict:
     for i, row in enumerate(reeval["candidates"], 1):
         values = {r["seed"]: r["value"] for r in row["runs"]}
         lines.append(f"| {i} | `{row['trial_id']}` | {row['kind']} | {_fmt(row['search_value'])} | "
-                     + " | ".join(_fmt(values.get(s)) for s in seeds) + f" | {_fmt(row['mean'])} | "
-                     f"{_fmt(row['std'])} |")
+                     + " | ".join(_fmt(values.get(s)) for s in seeds) + f" | {_fmt(row['mean'])} | {_fmt(row['std'])} |")
     lines += ["", "Runs are in the search folder's `reeval/TRIAL/seedS/` (config.yaml, metrics.json, checkpoint.pt)."]
     md_path.write_text("\n".join(lines) + "\n")
     json_path.write_text(json.dumps({"search": results.name, **reeval}, indent=2))

@@ -1,16 +1,10 @@
 """A search's trials read back from MLflow as typed records.
 
 One :class:`TrialRecord` per child run of the search's parent run (see
-:mod:`conventions`): its Ray trial id, MLflow run id, state, the epoch it
-stopped at, the modulation kind, the experiment config rebuilt with real
-types (params -> :func:`conventions.param_value` -> ``set_path`` ->
-``parse_config``), its final metrics (empty unless it completed), the best
-per-epoch value of the search metric, its fine-tuning curves (completed
-trials) and the wall time. Pruned, failed and still-running trials are
-records too, with what they reported.
-
-MLflow is the source; a trial folder's ``metrics.json`` (embedded default,
-or shared storage) only fills final metrics that MLflow lacks.
+:mod:`conventions`), whatever its state: its ids, state, kind, the config
+rebuilt with real types, its final metrics, the best per-epoch value of the
+search metric, its curves and wall time. MLflow is the source; a trial
+folder's ``metrics.json`` only fills final metrics that MLflow lacks.
 """
 from __future__ import annotations
 
@@ -41,15 +35,12 @@ log = logging.getLogger(__name__)
 _PER_EPOCH = re.compile(r"^(pretrain|finetune)/(train_loss$|val/)|^comod/")
 """Metric names reported every epoch (the rest of a completed trial's metrics are its final ones)."""
 CURVE_METRICS = ("val/mean_f1", "val/mean_recall", "val/mean_precision", "val/mean_ece")
-"""Validation metrics whose fine-tuning curves (``finetune/<metric>``) a completed trial's record holds,
-besides the search metric's."""
+"""Validation metrics whose fine-tuning curves a completed trial's record holds, besides the search metric's."""
 
 
 class ResultsError(RuntimeError):
     """A search's results cannot be read; the message says why."""
 
-
-# ----------------------------------------------------------------- config types
 
 def unwrap_optional(tp: Any) -> tuple[Any, bool]:
     """``X | None`` -> (X, True); anything else -> (tp, False)."""
@@ -63,37 +54,22 @@ def unwrap_optional(tp: Any) -> tuple[Any, bool]:
 @lru_cache(maxsize=1)
 def config_fields() -> dict[str, Any]:
     """Every setting of :class:`ExperimentConfig` as ``{dotted.path: annotation}``, in schema order."""
-    out: dict[str, Any] = {}
-
-    def walk(cls, prefix: str) -> None:
-        hints = typing.get_type_hints(cls)
+    def walk(cls, prefix: str) -> dict[str, Any]:
+        hints, out = typing.get_type_hints(cls), {}
         for f in dataclasses.fields(cls):
             tp = hints[f.name]
-            if dataclasses.is_dataclass(tp):
-                walk(tp, f"{prefix}{f.name}.")
-            else:
-                out[f"{prefix}{f.name}"] = tp
-    walk(ExperimentConfig, "")
-    return out
-
-
-def _accepts_str(tp: Any) -> bool:
-    tp, _ = unwrap_optional(tp)
-    if tp is str:
-        return True
-    if typing.get_origin(tp) is Literal:
-        return any(isinstance(a, str) for a in typing.get_args(tp))
-    return False
+            out.update(walk(tp, f"{prefix}{f.name}.") if dataclasses.is_dataclass(tp) else {f"{prefix}{f.name}": tp})
+        return out
+    return walk(ExperimentConfig, "")
 
 
 def typed_param(path: str, text: str) -> Any:
-    """One MLflow param back to its value. YAML reads ``yes``, ``no``, ``on``,
-    ``123`` as bool/int, so a setting that takes a string keeps the text."""
+    """One MLflow param back to its value. YAML reads ``yes``, ``no``, ``on``, ``123`` as bool/int, so a
+    setting that takes a string keeps the text."""
     value = param_value(text)
-    tp = config_fields().get(path)
-    if tp is not None and _accepts_str(tp) and isinstance(value, (bool, int, float)):
-        return text
-    return value
+    tp, _ = unwrap_optional(config_fields().get(path))
+    takes_str = tp is str or (typing.get_origin(tp) is Literal and any(isinstance(a, str) for a in typing.get_args(tp)))
+    return text if takes_str and isinstance(value, (bool, int, float)) else value
 
 
 def config_from_params(params: dict[str, str]) -> tuple[ExperimentConfig | None, dict[str, Any], str | None]:
@@ -109,39 +85,27 @@ def config_from_params(params: dict[str, str]) -> tuple[ExperimentConfig | None,
     return cfg, flatten(cfg), None
 
 
-# ----------------------------------------------------------------- records
-
 @dataclass
 class TrialRecord:
     trial_id: str
     run_id: str
-    state: str
-    """completed, pruned, interrupted, failed or running (conventions.STATES)."""
+    state: str  # conventions.STATES
     kind: str | None
-    stopped_epoch: int | None
-    """Epochs reported when the trial ended (its rung if pruned), from the comod.stopped_epoch tag."""
-    config: ExperimentConfig | None
-    """None only when the params no longer load (config_error says why)."""
-    flat: dict[str, Any]
-    """The config as ``{dotted.path: typed value}``."""
-    final: dict[str, float] = field(default_factory=dict)
-    """Final metrics (val/..., test/..., test/<task>/f1, wall_seconds, steps); empty unless completed."""
-    best: float | None = None
-    """Best per-epoch value of the search metric (by the search's mode)."""
-    epochs: int | None = None
-    """Highest epoch reported (pretraining and fine-tuning epochs counted together)."""
-    reports: int = 0
-    """Reports made to Ray Tune (ASHA's time unit, training_iteration)."""
-    wall_seconds: float | None = None
-    """The trial's own wall time when it completed, else the run's duration in MLflow."""
-    start_time: float | None = None
-    """MLflow run start, seconds since the epoch."""
+    stopped_epoch: int | None  # epochs reported when the trial ended (its rung if pruned)
+    config: ExperimentConfig | None  # None only when the params no longer load (config_error says why)
+    flat: dict[str, Any]  # the config as {dotted.path: typed value}
+    final: dict[str, float] = field(default_factory=dict)  # final metrics; empty unless completed
+    best: float | None = None  # best per-epoch value of the search metric (by the search's mode)
+    epochs: int | None = None  # highest epoch reported, pretraining and fine-tuning together
+    reports: int = 0  # reports made to Ray Tune (ASHA's time unit)
+    wall_seconds: float | None = None  # the trial's own wall time when it completed, else the run's duration
+    start_time: float | None = None  # MLflow run start, seconds since the epoch
     error: str | None = None
     config_error: str | None = None
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     """Completed trials only: ``finetune/<metric>`` -> [(fine-tuning step, value)], step 0 the pretrained
-    model, for the search metric and :data:`CURVE_METRICS` (those the run logged); and
-    ``pretrain/<metric>`` -> [(pretraining step, value)], the search metric over pretraining."""
+    model, for the search metric and :data:`CURVE_METRICS`; ``pretrain/<metric>`` -> [(pretraining step,
+    value)] for the search metric."""
 
     @property
     def completed(self) -> bool:
@@ -169,7 +133,7 @@ class SearchResults:
         return self.search.search.mode
 
     def counts(self) -> dict[str, int]:
-        out = {s: 0 for s in STATES}
+        out = dict.fromkeys(STATES, 0)
         for t in self.trials:
             out[t.state] = out.get(t.state, 0) + 1
         return out
@@ -187,25 +151,26 @@ def guess_mode(metric: str) -> str:
     return "min" if re.search(r"(error|ece|loss|wall_seconds)$", metric) else "max"
 
 
-def open_search(name: str, home: Path | None = None) -> tuple[SearchPaths, SearchMeta, SearchFile]:
-    """The search's folder, ids and search file; SearchNotFound names the known searches."""
+def load_results(name: str, home: Path | None = None) -> SearchResults:
+    """Every trial of search ``name`` as a :class:`TrialRecord`, in start order; SearchNotFound names the
+    known searches."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
     paths = SearchPaths(name, home)
     meta = paths.read_meta()
     if not paths.search_file.is_file():
         raise ResultsError(f"search {name!r} has no search file at {paths.search_file}; its folder is incomplete")
     sf = parse_search(yaml.safe_load(paths.search_file.read_text()), name)
-    return paths, meta, sf
-
-
-def load_results(name: str, home: Path | None = None) -> SearchResults:
-    """Every trial of search ``name`` as a :class:`TrialRecord`, in start order."""
-    paths, meta, sf = open_search(name, home)
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient(tracking_uri=meta.tracking_uri)
+    query = f"tags.`{TAG_PARENT}` = '{meta.parent_run_id}' AND tags.`{TAG_ROLE}` = 'trial'"
     try:
-        runs = _child_runs(client, meta)
+        page = client.search_runs([meta.experiment_id], filter_string=query, max_results=1000)
+        runs = list(page)
+        while page.token:
+            page = client.search_runs([meta.experiment_id], filter_string=query, max_results=1000,
+                                      page_token=page.token)
+            runs.extend(page)
         trials = [_record(client, run, sf.search.metric, sf.search.mode, paths) for run in runs]
     except MlflowException as err:
         raise ResultsError(f"cannot read search {name!r} from MLflow at {meta.tracking_uri}: "
@@ -214,32 +179,31 @@ def load_results(name: str, home: Path | None = None) -> SearchResults:
     return SearchResults(name=name, paths=paths, meta=meta, search=sf, trials=trials)
 
 
-def _child_runs(client, meta: SearchMeta) -> list:
-    query = f"tags.`{TAG_PARENT}` = '{meta.parent_run_id}' AND tags.`{TAG_ROLE}` = 'trial'"
-    runs, token = [], None
-    while True:
-        page = client.search_runs([meta.experiment_id], filter_string=query, max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
+def log_to_parent(results: SearchResults, files: list, folder: str) -> list[str]:
+    """Log ``files`` to the search's parent MLflow run under ``folder``; one message per file that failed
+    (the files are written: tracking is a copy, so a failure is a warning, not an error)."""
+    from mlflow.tracking import MlflowClient
+
+    client, failed = MlflowClient(tracking_uri=results.meta.tracking_uri), []
+    for path in map(str, files):
+        try:
+            client.log_artifact(results.meta.parent_run_id, path, folder)
+        except Exception as err:  # noqa: BLE001 - any failure of the tracking server
+            log.warning("could not log %s to the search's MLflow run: %s", path, err)
+            failed.append(f"not logged to MLflow: {Path(path).name} ({err})")
+    return failed
 
 
-def _history(client, run_id: str, key: str) -> list:
-    return list(client.get_metric_history(run_id, key))
+def _by_step(points) -> list[tuple[int, float]]:
+    """MLflow metric history as (step, value) sorted by step; a step logged twice keeps its last value."""
+    return sorted({int(m.step): float(m.value) for m in sorted(points, key=lambda m: (m.step, m.timestamp))}.items())
 
 
 def fine_tuning_curve(points) -> list[tuple[int, float]]:
-    """MLflow metric history -> [(fine-tuning step, value)], sorted by step: the lowest step (the
-    pretrained model, logged at the number of pretraining steps) is step 0; a step logged twice keeps its
-    last value; NaN values are left out."""
-    by_step: dict[int, float] = {}
-    for m in sorted(points, key=lambda m: (m.step, m.timestamp)):
-        by_step[int(m.step)] = float(m.value)
-    if not by_step:
-        return []
-    first = min(by_step)
-    return [(s - first, v) for s, v in sorted(by_step.items()) if not math.isnan(v)]
+    """MLflow metric history -> [(fine-tuning step, value)]: the lowest step (the pretrained model, logged
+    at the number of pretraining steps) is step 0; NaN values are left out."""
+    steps = _by_step(points)
+    return [(s - steps[0][0], v) for s, v in steps if not math.isnan(v)]
 
 
 def _int(text) -> int | None:
@@ -249,65 +213,55 @@ def _int(text) -> int | None:
         return None
 
 
+def _saved_metrics(path: Path) -> dict[str, float]:
+    """The numbers of a trial folder's ``metrics.json``; none when it is missing or unreadable."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: float(v) for k, v in saved.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def _record(client, run, metric: str, mode: str, paths: SearchPaths) -> TrialRecord:
-    tags, metrics = run.data.tags, run.data.metrics
-    run_id = run.info.run_id
+    tags, metrics, run_id = run.data.tags, run.data.metrics, run.info.run_id
+
+    def history(key: str) -> list:
+        return list(client.get_metric_history(run_id, key))
+
     trial_id = tags.get(TAG_TRIAL_ID, run_id)
     cfg, flat, config_error = config_from_params(dict(run.data.params))
     state = recorded_state(tags, metrics)
+    completed = state == COMPLETED
     final: dict[str, float] = {}
-    if state == COMPLETED:
-        final = {k: float(v) for k, v in metrics.items() if not _PER_EPOCH.search(k)}
-        local = paths.trial_dir(trial_id) / "metrics.json"
-        if local.is_file():  # fills what the run lacks (e.g. wall_seconds); MLflow's values win
-            try:
-                saved = json.loads(local.read_text())
-            except (OSError, ValueError):
-                saved = {}
-            for k, v in saved.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    final.setdefault(k, float(v))
-    tuned = _history(client, run_id, f"finetune/{metric}")
-    pretrained = _history(client, run_id, f"pretrain/{metric}")
-    series = [m.value for m in pretrained + tuned]
-    if not series and metric in metrics:
-        series = [m.value for m in _history(client, run_id, metric)]
-    series = [v for v in series if not math.isnan(v)]
-    best = best_of(series, mode) if series else None
-    if TAG_EPOCHS in tags:
-        epochs, reports = _int(tags[TAG_EPOCHS]), _int(tags.get(TAG_REPORTS)) or 0
-    else:  # a store written when the epoch was a metric
-        epochs_seen = _history(client, run_id, EPOCH)
-        epochs = int(max(m.value for m in epochs_seen)) if epochs_seen else None
-        reports = len(epochs_seen)
-    stopped = tags.get(TAG_STOPPED_EPOCH)
-    try:
-        stopped_epoch = int(stopped) if stopped is not None else None
-    except ValueError:
-        stopped_epoch = None
-    wall = final.get(WALL)
-    if wall is None and run.info.end_time and run.info.start_time:
-        wall = (run.info.end_time - run.info.start_time) / 1000.0
     curves: dict[str, list[tuple[int, float]]] = {}
-    if state == COMPLETED:
+    tuned, pretrained = history(f"finetune/{metric}"), history(f"pretrain/{metric}")
+    if completed:
+        final = {k: float(v) for k, v in metrics.items() if not _PER_EPOCH.search(k)}
+        for k, v in _saved_metrics(paths.trial_dir(trial_id) / "metrics.json").items():
+            final.setdefault(k, v)  # fills what the run lacks (e.g. wall_seconds); MLflow's values win
         for key in dict.fromkeys([f"finetune/{metric}"] + [f"finetune/{m}" for m in CURVE_METRICS]):
-            if key == f"finetune/{metric}":
-                points = tuned
-            elif key in metrics:  # logged at all: one history read
-                points = _history(client, run_id, key)
-            else:
-                continue
+            points = tuned if key == f"finetune/{metric}" else history(key) if key in metrics else []
             if curve := fine_tuning_curve(points):
                 curves[key] = curve
         if pretrained:  # the pretraining's validation curve, at its optimisation steps
-            by_step = {int(m.step): float(m.value) for m in sorted(pretrained, key=lambda m: (m.step, m.timestamp))}
-            curves[f"pretrain/{metric}"] = [(s, v) for s, v in sorted(by_step.items()) if not math.isnan(v)]
-    kind = tags.get(TAG_KIND) or (flat.get("modulation.kind") if flat else None)
-    return TrialRecord(trial_id=trial_id, run_id=run_id, state=state, kind=kind, stopped_epoch=stopped_epoch,
-                       config=cfg, flat=flat, final=final, best=best, epochs=epochs, reports=reports,
+            curves[f"pretrain/{metric}"] = [(s, v) for s, v in _by_step(pretrained) if not math.isnan(v)]
+    series = [m.value for m in pretrained + tuned] or ([m.value for m in history(metric)] if metric in metrics else [])
+    series = [v for v in series if not math.isnan(v)]
+    if TAG_EPOCHS in tags:
+        epochs, reports = _int(tags[TAG_EPOCHS]), _int(tags.get(TAG_REPORTS)) or 0
+    else:  # a store written when the epoch was a metric
+        seen = history(EPOCH)
+        epochs, reports = int(max(m.value for m in seen)) if seen else None, len(seen)
+    wall = final.get(WALL)
+    if wall is None and run.info.end_time and run.info.start_time:
+        wall = (run.info.end_time - run.info.start_time) / 1000.0
+    return TrialRecord(trial_id=trial_id, run_id=run_id, state=state,
+                       kind=tags.get(TAG_KIND) or (flat.get("modulation.kind") if flat else None),
+                       stopped_epoch=_int(tags.get(TAG_STOPPED_EPOCH)), config=cfg, flat=flat, final=final,
+                       best=best_of(series, mode) if series else None, epochs=epochs, reports=reports,
                        wall_seconds=wall, start_time=(run.info.start_time or 0) / 1000.0,
                        error=tags.get(TAG_ERROR), config_error=config_error, curves=curves)
 
 
-__all__ = ["KINDS", "CURVE_METRICS", "ResultsError", "TrialRecord", "SearchResults", "load_results", "open_search",
-           "fine_tuning_curve", "config_fields", "config_from_params", "typed_param", "unwrap_optional", "guess_mode"]
+__all__ = ["KINDS", "CURVE_METRICS", "ResultsError", "TrialRecord", "SearchResults", "load_results",
+           "fine_tuning_curve", "log_to_parent", "config_fields", "config_from_params", "typed_param", "unwrap_optional", "guess_mode"]

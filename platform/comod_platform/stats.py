@@ -1,10 +1,10 @@
 """Statistics of paired per-seed differences, for samples as small as a study's seeds.
 
-The headline interval is Student's t (:func:`t_interval`); a percentile
-bootstrap sits beside it (too narrow with few values); :func:`sign_flip_test`
-is the exact permutation test of a zero mean; :func:`holm` adjusts a family
-of p-values; :func:`seeds_needed` says how many seeds an interval of a given
-half-width takes. docs/method.md ("Pitfalls") says why.
+The headline interval is Student's t; a percentile bootstrap sits beside it
+(too narrow with few values); the sign-flip test is the exact permutation
+test of a zero mean; Holm's adjustment runs over a family of p-values;
+:func:`seeds_needed` says how many seeds an interval of a given half-width
+takes. docs/method.md ("Pitfalls") says why.
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import math
 
 import numpy as np
 from scipy import stats
+
+from comod_platform.conventions import better
 
 LEVEL = 0.95
 RESAMPLES = 10_000
@@ -21,11 +23,12 @@ EXACT_MAX_N = 20
 """Up to this many pairs the sign-flip test enumerates all 2^n flips."""
 HALF_WIDTH = 0.005
 """Target 95% half-width for :func:`seeds_needed` (in the metric's units)."""
+ROUGH_N = 8
+"""Fewer seeds than this: the interval is rough."""
 
 
 def t_interval(values, level: float = LEVEL) -> tuple[float, float] | None:
-    """Student t interval of the mean (quantile from :data:`scipy.stats.t`); None with fewer than two
-    values. Equal values give the point itself."""
+    """Student t interval of the mean; None with fewer than two values."""
     x = np.asarray(values, dtype=float)
     if x.size < 2:
         return None
@@ -35,8 +38,7 @@ def t_interval(values, level: float = LEVEL) -> tuple[float, float] | None:
 
 def bootstrap_interval(values, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED,
                        level: float = LEVEL) -> tuple[float, float] | None:
-    """Percentile bootstrap interval of the mean (:func:`scipy.stats.bootstrap`, seeded); None with fewer
-    than two values. Too narrow with few values: shown beside the t interval, never instead of it."""
+    """Seeded percentile bootstrap interval of the mean; None with fewer than two values."""
     x = np.asarray(values, dtype=float)
     if x.size < 2:
         return None
@@ -45,57 +47,81 @@ def bootstrap_interval(values, resamples: int = RESAMPLES, seed: int = BOOTSTRAP
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
-def _mean_stat(x, axis=-1):
-    return np.mean(x, axis=axis)
-
-
 def sign_flip_test(values, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED,
                    exact_max: int = EXACT_MAX_N) -> dict | None:
-    """Two-sided sign-flip permutation test of a zero mean of paired differences: under the null each
-    difference is as likely negated, so p is the share of sign assignments whose mean is at least as far
-    from zero as the observed one. Up to ``exact_max`` differences all 2^n assignments are enumerated
-    (explicitly: their 2^n sums built by doubling), so p is exact and cannot go below 2/2^n (0.0625 for 5
-    pairs); beyond, ``resamples`` seeded random flips (:func:`scipy.stats.permutation_test`,
-    ``permutation_type="samples"``). ``{"p", "method", "p_min"}``, None for no difference."""
+    """Two-sided sign-flip test of a zero mean: p is the share of sign assignments whose mean is at least
+    as far from zero as the observed one. Up to ``exact_max`` values all 2^n are enumerated (p cannot go
+    below 2/2^n); beyond, ``resamples`` seeded random flips (:func:`scipy.stats.permutation_test`).
+    ``{"p", "method", "p_min"}``, None for no value."""
     x = np.asarray(values, dtype=float)
     if x.size == 0:
         return None
     if x.size <= exact_max:
         sums = np.zeros(1)
-        for v in x:
+        for v in x:  # the 2^n sums, built by doubling
             sums = np.concatenate((sums + v, sums - v))
         tolerance = 1e-9 * float(np.abs(x).sum())  # sums equal in exact arithmetic, apart in rounding
         p = float(np.mean(np.abs(sums) >= abs(float(x.sum())) - tolerance))
         return {"p": p, "method": "exact", "p_min": min(1.0, 2.0 ** (1 - x.size))}
-    res = stats.permutation_test((x,), _mean_stat, permutation_type="samples", n_resamples=resamples,
-                                 alternative="two-sided", vectorized=True, rng=np.random.default_rng(seed))
+    res = stats.permutation_test((x,), lambda v, axis=-1: np.mean(v, axis=axis), permutation_type="samples",
+                                 n_resamples=resamples, vectorized=True, rng=np.random.default_rng(seed))
     return {"p": float(res.pvalue), "method": f"monte carlo ({resamples} flips)", "p_min": 2.0 / (resamples + 1)}
 
 
 def holm(pvalues) -> list[float]:
-    """Holm's step-down adjustment of ``pvalues`` (one family), in their order: the i-th smallest p times
-    (m - i + 1), made non-decreasing in that order, capped at 1. It controls the family-wise error rate
-    under any dependence between the tests."""
+    """Holm's step-down adjustment of one family of p-values, in their order."""
     p = np.asarray(pvalues, dtype=float)
-    m = p.size
-    if m == 0:
+    if p.size == 0:
         return []
     order = np.argsort(p, kind="stable")
-    adjusted = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
-    out = np.empty(m)
-    out[order] = adjusted
+    out = np.empty(p.size)
+    out[order] = np.minimum(1.0, np.maximum.accumulate((p.size - np.arange(p.size)) * p[order]))
     return out.tolist()
 
 
 def seeds_needed(sd: float | None, half_width: float = HALF_WIDTH, level: float = LEVEL) -> int | None:
-    """Smallest n >= 2 with t_{(1+level)/2, n-1} * sd / sqrt(n) <= half_width: the seeds (pairs) a
-    ``level`` t interval of that half-width needs at spread ``sd``. None without a spread."""
+    """Smallest n >= 2 whose t interval at spread ``sd`` has at most ``half_width``; None without a spread."""
     if sd is None or not math.isfinite(sd) or half_width <= 0:
         return None
-    if sd == 0:
-        return 2
     q = (1 + level) / 2
     n = max(2, math.ceil((stats.norm.ppf(q) * sd / half_width) ** 2))  # t > z: no smaller n can do
     while stats.t.ppf(q, n - 1) * sd / math.sqrt(n) > half_width:
         n += 1
     return n
+
+
+def summary(values) -> dict:
+    """n, mean, std, median, min and max of ``values`` (None where undefined)."""
+    x = np.asarray(values, dtype=float)
+    if not x.size:
+        return {"n": 0, "mean": None, "std": None, "median": None, "min": None, "max": None}
+    return {"n": int(x.size), "mean": float(x.mean()), "std": float(x.std(ddof=1)) if x.size > 1 else None,
+            "median": float(np.median(x)), "min": float(x.min()), "max": float(x.max())}
+
+
+def describe(diffs, mode: str, resamples: int, seed: int, half_width: float | None) -> dict:
+    """Everything a report says about one set of paired differences (``a_better`` counts by ``mode``)."""
+    x = np.asarray(diffs, dtype=float)
+    sd = float(x.std(ddof=1)) if x.size > 1 else None
+    t_ci, boot, test = t_interval(x), bootstrap_interval(x, resamples, seed), sign_flip_test(x, resamples, seed)
+    return {"n": int(x.size), "differences": x.tolist(), "mean": float(x.mean()) if x.size else None, "sd": sd,
+            "ci95": list(t_ci) if t_ci else None, "bootstrap_ci95": list(boot) if boot else None,
+            "p_sign_flip": test and test["p"], "p_method": test and test["method"], "p_min": test and test["p_min"],
+            "p_holm": None, "seeds_needed": seeds_needed(sd, half_width) if half_width else None,
+            "rough": 0 < x.size < ROUGH_N, "a_better": sum(better(d, 0, mode) for d in x.tolist()),
+            "ties": int(np.sum(x == 0))}
+
+
+def paired_stats(diffs, mode: str, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED, seeds=None,
+                 half_width: float | None = HALF_WIDTH) -> dict:
+    """:func:`describe` of paired differences; with ``seeds`` (the unit of each difference) and fewer units
+    than differences, also ``by_seed``: the same over the differences averaged per unit. Differences that
+    share a seed share its pretraining, so they are not independent: the seed is the unit."""
+    out = describe(diffs, mode, resamples, seed, half_width)
+    if seeds is not None and len(set(map(str, seeds))) < len(diffs):
+        per: dict[str, list[float]] = {}
+        for d, s in zip(diffs, seeds):
+            per.setdefault(str(s), []).append(d)
+        out["by_seed"] = describe([float(np.mean(v)) for _, v in sorted(per.items())], mode, resamples, seed,
+                                  half_width)
+    return out

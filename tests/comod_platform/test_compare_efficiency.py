@@ -26,6 +26,11 @@ import numpy as np
 import pytest
 
 from comod_platform import compare as C
+from comod_platform import compare_plots as P
+from comod_platform import conditions as K
+from comod_platform import curves as U
+from comod_platform import report as R
+from comod_platform import stats as S
 from comod_platform.results import TrialRecord, fine_tuning_curve
 
 METRIC = "val/mean_f1"
@@ -77,54 +82,54 @@ def report(trials) -> dict:
 # ------------------------------------------------------------------- the curve functions
 
 def test_auc_of_known_curves():
-    assert C.curve_auc([(x, 0.5 + 0.004 * x) for x in STEPS]) == pytest.approx(0.7)
-    assert C.curve_auc([(0, 0.2), (10, 0.2)]) == pytest.approx(0.2)
+    assert U.curve_auc([(x, 0.5 + 0.004 * x) for x in STEPS]) == pytest.approx(0.7)
+    assert U.curve_auc([(0, 0.2), (10, 0.2)]) == pytest.approx(0.2)
     # uneven steps: 0..10 at 0, then 10..40 rising 0 -> 0.6: area 0 + 30 * 0.3 = 9 over 40 steps
-    assert C.curve_auc([(0, 0.0), (10, 0.0), (40, 0.6)]) == pytest.approx(9 / 40)
-    assert C.curve_auc([(0, 0.7)]) == pytest.approx(0.7)  # nothing fine-tuned: a flat curve
-    assert C.curve_auc([]) is None
+    assert U.curve_auc([(0, 0.0), (10, 0.0), (40, 0.6)]) == pytest.approx(9 / 40)
+    assert U.curve_auc([(0, 0.7)]) == pytest.approx(0.7)  # nothing fine-tuned: a flat curve
+    assert U.curve_auc([]) is None
 
 
 def test_steps_to_reach_and_targets():
     curve = [(0, 0.2), (10, 0.5), (20, 0.8), (30, 0.9)]
-    assert C.reach_target(0.8, 0.9) == pytest.approx(0.72)
-    assert C.steps_to_reach(curve, 0.72) == 20
-    assert C.steps_to_reach(curve, 0.2) == 0
-    assert C.steps_to_reach(curve, 0.95) is None
+    assert U.reach_target(0.8, 0.9) == pytest.approx(0.72)
+    assert U.steps_to_reach(curve, 0.72) == 20
+    assert U.steps_to_reach(curve, 0.2) == 0
+    assert U.steps_to_reach(curve, 0.95) is None
     errors = [(0, 0.5), (10, 0.3), (20, 0.12), (30, 0.1)]
-    assert C.reach_target(0.1, 0.9, "min") == pytest.approx(0.1 / 0.9)
-    assert C.steps_to_reach(errors, C.reach_target(0.1, 0.9, "min"), "min") == 30
-    assert C.steps_to_reach(errors, C.reach_target(0.1, 0.8, "min"), "min") == 20
+    assert U.reach_target(0.1, 0.9, "min") == pytest.approx(0.1 / 0.9)
+    assert U.steps_to_reach(errors, U.reach_target(0.1, 0.9, "min"), "min") == 30
+    assert U.steps_to_reach(errors, U.reach_target(0.1, 0.8, "min"), "min") == 20
 
 
 def test_t_interval_is_scipys():
     stats = pytest.importorskip("scipy.stats")
     x = [0.02, -0.01, 0.035, 0.004, 0.018, 0.027]
-    assert C.t_interval(x) == pytest.approx(tuple(stats.ttest_1samp(x, 0).confidence_interval(0.95)), abs=1e-12)
-    assert C.t_interval([0.3]) is None and C.t_interval([0.2, 0.2]) == pytest.approx((0.2, 0.2))
+    assert S.t_interval(x) == pytest.approx(tuple(stats.ttest_1samp(x, 0).confidence_interval(0.95)), abs=1e-12)
+    assert S.t_interval([0.3]) is None and S.t_interval([0.2, 0.2]) == pytest.approx((0.2, 0.2))
 
 
 def test_mean_curve_band_is_a_t_interval():
     curves = [[(0, 1.0 + i), (10, 2.0 + 2 * i)] for i in range(3)]  # values 1,2,3 and 2,4,6
-    c = C.mean_curve(curves)
+    c = U.mean_curve(curves)
     assert c["n"] == 3 and c["steps"] == [0, 10] and c["grid"] == "common"
     assert c["mean"] == pytest.approx([2.0, 4.0])
     half = 4.303 * np.array([1.0, 2.0]) / math.sqrt(3)
     assert c["lo"] == pytest.approx(list(np.array([2.0, 4.0]) - half), abs=1e-3)
     assert c["hi"] == pytest.approx(list(np.array([2.0, 4.0]) + half), abs=1e-3)
-    one = C.mean_curve([[(0, 0.3), (5, 0.4)]])
+    one = U.mean_curve([[(0, 0.3), (5, 0.4)]])
     assert one["n"] == 1 and one["lo"] is None and one["hi"] is None
-    assert C.mean_curve([]) is None
+    assert U.mean_curve([]) is None
 
 
 def test_curves_on_different_grids_are_interpolated_within_the_shared_range():
     a = [(0, 0.0), (10, 1.0), (20, 2.0), (30, 3.0)]
     b = [(0, 0.0), (15, 3.0)]
-    steps, values, how = C.align_curves([a, b])
+    steps, values, how = U.align_curves([a, b])
     assert how == "interpolated" and steps.tolist() == [0, 10, 15]
     assert np.allclose(values, [[0.0, 1.0, 1.5], [0.0, 2.0, 3.0]])
-    assert C.mean_curve([a, b])["mean"] == pytest.approx([0.0, 1.5, 2.25])
-    assert C.align_curves([[(5, 1.0)], [(0, 1.0), (2, 1.0)]]) is None  # no step both cover
+    assert U.mean_curve([a, b])["mean"] == pytest.approx([0.0, 1.5, 2.25])
+    assert U.align_curves([[(5, 1.0)], [(0, 1.0), (2, 1.0)]]) is None  # no step both cover
 
 
 def test_fine_tuning_curve_from_metric_history():
@@ -198,7 +203,7 @@ def test_efficiency_auc_paired(report):
 
 def test_efficiency_steps_to_fraction(report):
     st = report["efficiency"]["steps_to_fraction"]
-    assert set(st) == {"0.9", "0.95"} and report["efficiency"]["fractions"] == list(C.FRACTIONS)
+    assert set(st) == {"0.9", "0.95"} and report["efficiency"]["fractions"] == list(U.FRACTIONS)
     for f, stoch, det in (("0.9", 40, 80), ("0.95", 50, 90)):
         k = st[f]["per_kind"]
         assert k["stochastic"] == {"groups": 8, "reached": 8, "median": stoch}
@@ -274,7 +279,7 @@ def test_no_curves_gives_a_note_not_numbers():
     e = r["efficiency"]
     assert e["panels"] == [] and e["auc"] is None and e["steps_to_fraction"] is None
     assert any("No completed trial has a fine-tuning curve" in n for n in e["notes"])
-    md = C._markdown(r, [])
+    md = R.markdown(r, [])
     assert "## Fine-tuning efficiency" in md and "No completed trial has a fine-tuning curve" in md
     assert "### Area under" not in md
 
@@ -296,7 +301,7 @@ def test_empty_search_report():
     assert r["completed"] == 0 and r["by_setting"] == {} and r["by_noise_scale"] == []
     assert r["paired_metrics"]["test/mean_f1"]["stochastic-deterministic"]["n"] == 0
     json.dumps(r, allow_nan=False)
-    assert "nothing to compare" in C._markdown(r, [])
+    assert "nothing to compare" in R.markdown(r, [])
 
 
 # ------------------------------------------------------------------- markdown, JSON, plots
@@ -304,13 +309,13 @@ def test_empty_search_report():
 def test_markdown_json_and_plots(report, trials, tmp_path):
     text = json.dumps(report, allow_nan=False)
     assert json.loads(text)["efficiency"]["steps_to_fraction"]["0.9"]["per_kind"]["stochastic"]["median"] == 40
-    files = C._plots(report, trials, tmp_path)
-    names = [p.rsplit("/", 1)[-1] for p in files]
+    files = P.draw(report, trials, tmp_path)
+    names = [p.name for p in files]
     assert names == ["distribution.png", "paired.png", "win_rates.png", "curves.png"]
     for f in files:
         with open(f, "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n", f
-    md = C._markdown(report, names)
+    md = R.markdown(report, names)
     for section in ("## Paired differences on the test metrics", "## Stochastic - deterministic per varied setting",
                     "## Stochastic - deterministic by noise scale", "## Fine-tuning efficiency", "### Curves",
                     "### Area under the fine-tuning curve", "### Fine-tuning steps to reach a fraction",
@@ -326,7 +331,7 @@ def test_markdown_json_and_plots(report, trials, tmp_path):
 def test_no_curve_plot_without_curves(tmp_path):
     trials = [_trial(k, s, None, curve=False) for s in (0, 1) for k in ("deterministic", "stochastic")]
     r = C.build_report("old", trials, METRIC, "max", resamples=RESAMPLES)
-    names = [p.rsplit("/", 1)[-1] for p in C._plots(r, trials, tmp_path)]
+    names = [p.name for p in P.draw(r, trials, tmp_path)]
     assert "curves.png" not in names and "distribution.png" in names
 
 
@@ -353,19 +358,19 @@ def test_a_kind_with_nothing_to_fine_tune_pairs_by_its_flat_value():
             if kind == "none":
                 t.curves = {KEY: [(0, 0.5)]}
             trials.append(t)
-    eff = C.efficiency(trials, METRIC, "max", resamples=RESAMPLES)
+    eff = U.efficiency(trials, METRIC, "max", resamples=RESAMPLES)
     paired = eff["auc"]["paired"]["deterministic-none"]
-    det_auc = [C.curve_auc(t.curves[KEY]) for t in trials if t.kind == "deterministic"]
+    det_auc = [U.curve_auc(t.curves[KEY]) for t in trials if t.kind == "deterministic"]
     assert paired["n"] == len(SEEDS)
     assert paired["mean"] == pytest.approx(sum(det_auc) / len(det_auc) - 0.5)
 
 
 def test_seed_level_interval_averages_groups_that_share_a_seed():
-    out = C._difference([1.0, 1.0, 3.0], "max", RESAMPLES, 0, seeds=[0, 0, 1])
+    out = S.paired_stats([1.0, 1.0, 3.0], "max", RESAMPLES, 0, seeds=[0, 0, 1])
     assert out["mean"] == pytest.approx(5 / 3)
     assert out["by_seed"]["n"] == 2 and out["by_seed"]["differences"] == [1.0, 3.0]
     assert out["by_seed"]["mean"] == pytest.approx(2.0)
-    assert "by_seed" not in C._difference([1.0, 2.0], "max", RESAMPLES, 0, seeds=[0, 1])  # one group per seed
+    assert "by_seed" not in S.paired_stats([1.0, 2.0], "max", RESAMPLES, 0, seeds=[0, 1])  # one group per seed
 
 
 def test_pretraining_curves_count_each_pretraining_once_and_flag_a_kind_still_improving():
@@ -378,13 +383,13 @@ def test_pretraining_curves_count_each_pretraining_once_and_flag_a_kind_still_im
                 t.curves = {**t.curves, f"pretrain/{METRIC}": [(s, v + rise * (s // 100) + seed / 1000)
                                                                for s, v in flat_curve]}
                 trials.append(t)
-    pre = C.pretraining(trials, METRIC, "max")
+    pre = U.pretraining(trials, METRIC, "max")
     assert pre["kinds"]["none"]["n"] == len(SEEDS) and pre["kinds"]["none"]["steps"] == list(range(1, 13))
     assert pre["plateau"]["none"]["gain"] == pytest.approx(0.0, abs=1e-9)
     assert pre["plateau"]["deterministic"]["gain"] == pytest.approx(0.02 * 3)  # +0.02 an epoch, 3 epochs apart
     assert any(n.startswith("deterministic was still improving") for n in pre["notes"])
     assert not any(n.startswith("none") for n in pre["notes"])
-    assert "## Pretraining" in "\n".join(C._markdown_pretraining(pre))
+    assert "## Pretraining" in "\n".join(R.pretraining_section(pre))
 
 
 def test_paired_auc_has_a_seed_level_interval_when_arms_share_seeds(report):

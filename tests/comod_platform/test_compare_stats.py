@@ -10,6 +10,11 @@ import pytest
 from scipy import stats
 
 from comod_platform import compare as C
+from comod_platform import compare_plots as P
+from comod_platform import conditions as K
+from comod_platform import curves as U
+from comod_platform import report as R
+from comod_platform import stats as S
 from comod_platform.results import TrialRecord
 
 METRIC = "val/mean_f1"
@@ -36,26 +41,26 @@ def _trial(kind: str, seed: int, value: float, *, trainable=None, shuffle=None, 
 
 def test_t_interval_is_scipys_and_the_bootstrap_sits_beside_it():
     x = [0.021, -0.004, 0.035, 0.012, 0.018]
-    assert C.t_interval(x) == pytest.approx(tuple(stats.ttest_1samp(x, 0).confidence_interval(0.95)), abs=1e-12)
-    boot = C.bootstrap_interval(x, 5000, seed=3)
+    assert S.t_interval(x) == pytest.approx(tuple(stats.ttest_1samp(x, 0).confidence_interval(0.95)), abs=1e-12)
+    boot = S.bootstrap_interval(x, 5000, seed=3)
     expected = stats.bootstrap((np.asarray(x),), np.mean, n_resamples=5000, method="percentile",
                                rng=np.random.default_rng(3)).confidence_interval
     assert boot == pytest.approx((expected.low, expected.high))
     assert min(x) <= boot[0] < boot[1] <= max(x)
-    lo, hi = C.t_interval(x)
+    lo, hi = S.t_interval(x)
     assert lo < boot[0] and boot[1] < hi  # the percentile bootstrap is narrower with 5 values
-    assert C.bootstrap_interval([0.1]) is None and C.t_interval([]) is None
+    assert S.bootstrap_interval([0.1]) is None and S.t_interval([]) is None
 
 
 def test_exact_sign_flip_p_values():
-    five = C.sign_flip_test([0.1, 0.2, 0.05, 0.3, 0.02])
+    five = S.sign_flip_test([0.1, 0.2, 0.05, 0.3, 0.02])
     assert five == {"p": pytest.approx(0.0625), "method": "exact", "p_min": pytest.approx(0.0625)}
     # by hand: 16 sign assignments of |0.3|, |0.1|, |0.2|, |0.4| (sum 1.0, observed 0.8); |sum| >= 0.8 only
     # with no magnitude or just 0.1 negated, and the two mirror images: 4 / 16
-    assert C.sign_flip_test([0.3, -0.1, 0.2, 0.4])["p"] == pytest.approx(0.25)
-    assert C.sign_flip_test([0.0, 0.0, 0.0])["p"] == 1.0
-    assert C.sign_flip_test([0.2])["p"] == 1.0 and C.sign_flip_test([]) is None
-    assert C.sign_flip_test([-0.04] * 8)["p"] == pytest.approx(2 / 256)
+    assert S.sign_flip_test([0.3, -0.1, 0.2, 0.4])["p"] == pytest.approx(0.25)
+    assert S.sign_flip_test([0.0, 0.0, 0.0])["p"] == 1.0
+    assert S.sign_flip_test([0.2])["p"] == 1.0 and S.sign_flip_test([]) is None
+    assert S.sign_flip_test([-0.04] * 8)["p"] == pytest.approx(2 / 256)
 
 
 def test_explicit_enumeration_agrees_with_scipys_permutation_test():
@@ -64,33 +69,33 @@ def test_explicit_enumeration_agrees_with_scipys_permutation_test():
         x = rng.normal(0.01, 0.02, n)
         ref = stats.permutation_test((x,), lambda v, axis: np.mean(v, axis=axis), permutation_type="samples",
                                      n_resamples=np.inf, vectorized=True)
-        assert C.sign_flip_test(x)["p"] == pytest.approx(ref.pvalue), n
+        assert S.sign_flip_test(x)["p"] == pytest.approx(ref.pvalue), n
 
 
 def test_beyond_twenty_pairs_the_test_is_monte_carlo():
     x = np.linspace(0.01, 0.05, 25)  # all positive: no random flip reaches it
-    out = C.sign_flip_test(x, resamples=999, seed=0)
+    out = S.sign_flip_test(x, resamples=999, seed=0)
     assert out["method"].startswith("monte carlo") and out["p"] == pytest.approx(2 / 1000)
 
 
 def test_holm_on_a_hand_worked_example():
     # sorted: 0.005 x 4 = 0.02, 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, 0.04 x 1 = 0.04 -> kept non-decreasing: 0.06
-    assert C.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
-    assert C.holm([0.4, 0.6]) == pytest.approx([0.8, 0.8])
-    assert C.holm([0.7, 0.9, 0.8]) == pytest.approx([1.0, 1.0, 1.0])  # capped at 1
-    assert C.holm([]) == []
+    assert S.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert S.holm([0.4, 0.6]) == pytest.approx([0.8, 0.8])
+    assert S.holm([0.7, 0.9, 0.8]) == pytest.approx([1.0, 1.0, 1.0])  # capped at 1
+    assert S.holm([]) == []
 
 
 def test_seeds_needed_for_a_half_width_of_0005():
     # sd 0.005: n = 6 gives 2.571 x 0.005 / 2.449 = 0.00525, n = 7 gives 2.447 x 0.005 / 2.646 = 0.00462
-    assert C.seeds_needed(0.005) == 7
+    assert S.seeds_needed(0.005) == 7
     # sd 0.01: n = 17 gives 2.120 x 0.01 / 4.123 = 0.00514, n = 18 gives 2.110 x 0.01 / 4.243 = 0.00497
-    assert C.seeds_needed(0.01) == 18
+    assert S.seeds_needed(0.01) == 18
     for sd in (0.003, 0.02, 0.05):
-        n = C.seeds_needed(sd)
+        n = S.seeds_needed(sd)
         half = lambda k: stats.t.ppf(0.975, k - 1) * sd / np.sqrt(k)  # noqa: E731
         assert half(n) <= 0.005 < half(n - 1) if n > 2 else half(n) <= 0.005
-    assert C.seeds_needed(0.0) == 2 and C.seeds_needed(None) is None
+    assert S.seeds_needed(0.0) == 2 and S.seeds_needed(None) is None
 
 
 # ------------------------------------------------------------------- the report's statistics
@@ -108,12 +113,12 @@ def test_five_seeds_give_the_exact_floor_and_a_rough_warning():
     assert p["n"] == 5 and p["differences"] == pytest.approx(diffs)
     assert p["ci95"] == pytest.approx(list(stats.ttest_1samp(diffs, 0).confidence_interval(0.95)))
     assert p["p_sign_flip"] == pytest.approx(0.0625) and p["p_method"] == "exact" and p["rough"]
-    assert p["seeds_needed"] == C.seeds_needed(float(np.std(diffs, ddof=1)))
+    assert p["seeds_needed"] == S.seeds_needed(float(np.std(diffs, ddof=1)))
     families = r["holm"]["families"]
     assert p["p_holm"] >= p["p_sign_flip"] and families["conditions"]["m"] >= 1
     assert "`val/mean_f1` stochastic - deterministic" in families["conditions"]["members"]
     assert "`test/mean_f1` stochastic - deterministic" in families["test metrics: test/mean_f1"]["members"]
-    md = C._markdown(r, [])
+    md = R.markdown(r, [])
     assert ("- stochastic - deterministic: fewer than 8 seeds: the interval is rough (5 pairs; an exact sign-flip "
             "p on 5 pairs cannot go below 0.0625).") in md
     assert "| stochastic - deterministic | 5* | 0.0176 |" in md
@@ -124,13 +129,13 @@ def test_eight_seeds_give_no_warning():
     r = C.build_report("eight", _headline_study(8), METRIC, "max", resamples=RESAMPLES)
     p = r["paired"]["stochastic-deterministic"]
     assert p["n"] == 8 and not p["rough"] and p["p_sign_flip"] == pytest.approx(2 / 256)
-    assert "stochastic - deterministic: fewer than 8 seeds" not in C._markdown(r, [])
+    assert "stochastic - deterministic: fewer than 8 seeds" not in R.markdown(r, [])
 
 
 # ------------------------------------------------------------------- conditions
 
 def test_conditions_are_labelled_from_the_variant_settings():
-    label = lambda **kw: C.condition(_trial(kw.pop("kind"), 0, 0.5, **kw))  # noqa: E731
+    label = lambda **kw: K.condition(_trial(kw.pop("kind"), 0, 0.5, **kw))  # noqa: E731
     assert label(kind="deterministic", trainable=["controller"]) == "deterministic"
     assert label(kind="stochastic") == "stochastic"  # an older trial: no shuffle setting, default trainable
     assert label(kind="stochastic", shuffle=False) == "stochastic"
@@ -172,7 +177,7 @@ def _conditions_study(seeds=6) -> list[TrialRecord]:
 
 def test_conditions_are_matched_apart_and_compared_in_order():
     trials = _conditions_study()
-    assert len({C.match_key(t) for t in trials}) == 6  # one group per seed: the variants match each other
+    assert len({K.match_key(t) for t in trials}) == 6  # one group per seed: the variants match each other
     r = C.build_report("conds", trials, METRIC, "max", resamples=RESAMPLES)
     assert r["conditions"] == ["stochastic", "stochastic[shuffled]", "deterministic", "none[decoder+heads]",
                                "none[heads]"]
@@ -193,14 +198,14 @@ def test_conditions_are_matched_apart_and_compared_in_order():
         "stochasticshuf-5"
     assert r["varied_settings"] == []  # trainable, shuffle and readout.* are not arms
     assert r["paired_metrics"]["test/mean_f1"]["deterministic-none[heads]"]["mean"] == pytest.approx(0.10)
-    md = C._markdown(r, [])
+    md = R.markdown(r, [])
     assert "| stochastic - stochastic[shuffled] | 6* |" in md and "| none[heads] | 6 | 0 | 0 | 0 |" in md
 
 
 def test_comparisons_list_the_headline_always_and_other_pairs_where_present():
-    assert C.comparisons([]) == [C.HEADLINE]
-    assert C.comparisons(["stochastic", "deterministic", "none"]) == list(C.COMPARISONS)
-    assert ("stochastic", "none") not in C.comparisons(["stochastic", "deterministic", "none[heads]"])
+    assert K.comparisons([]) == [K.HEADLINE]
+    assert K.comparisons(["stochastic", "deterministic", "none"]) == list(K.COMPARISONS)
+    assert ("stochastic", "none") not in K.comparisons(["stochastic", "deterministic", "none[heads]"])
 
 
 def test_by_setting_splits_the_arms_with_conditions_present():
@@ -225,7 +230,7 @@ def test_by_setting_splits_the_arms_with_conditions_present():
     # the designs pretrain different networks: each group is a unit of its own, not averaged by seed
     headline = r["paired"]["stochastic-deterministic"]
     assert headline["n"] == 8 and "by_seed" not in headline and headline["p_holm"] is not None
-    assert "| `pretrain.modulation_kind` | same | `val/mean_f1` | 4* |" in C._markdown(r, [])
+    assert "| `pretrain.modulation_kind` | same | `val/mean_f1` | 4* |" in R.markdown(r, [])
 
 
 # ------------------------------------------------------------------- binned panels
@@ -243,16 +248,17 @@ def test_a_sampled_float_setting_is_binned_into_shared_axis_panels(tmp_path):
     e = r["efficiency"]
     assert e["binned_settings"] == ["finetune.lr.controller"]
     arms = [p["arm"] for p in e["panels"]]
-    assert 1 < len(arms) <= C.BINS < len(SAMPLED_LRS)
+    assert 1 < len(arms) <= K.BINS < len(SAMPLED_LRS)
     assert all(a.startswith("finetune.lr.controller in [") for a in arms), arms
     assert not any(str(lr) in a for lr in SAMPLED_LRS for a in arms)  # 3 significant digits
     assert arms == ["finetune.lr.controller in [0.00312, 0.00789]", "finetune.lr.controller in [0.0123, 0.0123]",
                     "finetune.lr.controller in [0.0248, 0.0248]", "finetune.lr.controller in [0.0457, 0.0568]"]
     assert sum(p["kinds"]["stochastic"]["n"] for p in e["panels"]) == len(SAMPLED_LRS)
-    fig, axes = C._curves_figure(r)
+    fig, axes = P.curves_figure(r)
     assert len(axes) == len(arms)
     assert all(axes[0].get_shared_y_axes().joined(axes[0], ax) for ax in axes[1:])
-    assert C._curves_plot(r, tmp_path / "curves.png").stat().st_size > 0
+    assert tmp_path / "curves.png" in P.draw(r, trials, tmp_path)
+    assert (tmp_path / "curves.png").stat().st_size > 0
     by = r["by_setting"]["finetune.lr.controller"]
     assert [row["value"] for row in by] == [a.split(" in ")[1] for a in arms]
 
@@ -291,7 +297,7 @@ def test_cost_section_from_trial_records():
     assert c["ratio"] == pytest.approx(250 / 310)
     r = C.build_report("cost", trials, METRIC, "max", resamples=RESAMPLES, max_concurrent=2)
     assert r["cost"] == c
-    md = C._markdown(r, [])
+    md = R.markdown(r, [])
     assert "## What the study cost" in md and "| 23.7% | under 10% |" in md and "| 0.81x | at most 0.4x |" in md
     assert "**estimate**" in md
 
@@ -304,7 +310,7 @@ def test_cost_section_from_trial_records():
 def test_cost_section_says_when_the_metrics_are_absent():
     r = C.build_report("old", _headline_study(3), METRIC, "max", resamples=RESAMPLES)
     assert r["cost"]["trials"] == 0 and r["cost"]["wait_share"] is None
-    md = C._markdown(r, [])
+    md = R.markdown(r, [])
     assert "## What the study cost" in md and "no cost figures" in md
 
 
@@ -318,7 +324,7 @@ def test_the_pretraining_section_groups_shared_pretrainings_by_design():
             trials.append(t)
     own = _trial("stochastic", 0, 0.7, flat_extra={"pretrain.modulation_kind": "same"}, tag="own")
     own.curves["pretrain/" + METRIC] = [(e, 0.6) for e in range(1, 9)]
-    pre = C.pretraining(trials + [own], METRIC, "max")
+    pre = U.pretraining(trials + [own], METRIC, "max")
     assert list(pre["kinds"]) == ["stochastic", "shared none"]
     assert pre["kinds"]["shared none"]["n"] == 3  # three seeds' files, each counted once
     assert pre["plateau"]["shared none"]["gain"] == pytest.approx(0.03)
@@ -331,7 +337,7 @@ def test_holm_adjusts_within_each_family_not_across_the_report():
     conditions = families["conditions"]
     assert conditions["m"] == len([p for p in r["paired"].values() if p["n"] >= 2])
     units = [p for p in r["paired"].values() if p["n"] >= 2]
-    assert [u["p_holm"] for u in units] == pytest.approx(C.holm([u["p_sign_flip"] for u in units]))
+    assert [u["p_holm"] for u in units] == pytest.approx(S.holm([u["p_sign_flip"] for u in units]))
     assert sum(f["m"] for f in families.values()) > conditions["m"]  # other families exist, adjusted apart
 
 
@@ -348,7 +354,7 @@ def test_groups_that_fine_tune_one_pretraining_are_one_unit():
 
 def test_the_headline_is_the_variant_pair_when_both_kinds_ran_only_with_it():
     both = "stochastic[heads+controller]", "deterministic[heads+controller]"
-    pairs = C.comparisons([*both, "none[heads]"])
+    pairs = K.comparisons([*both, "none[heads]"])
     assert pairs[0] == both and (both[1], "none[heads]") in pairs
     assert ("stochastic", "deterministic") not in pairs
-    assert C.comparisons(["stochastic", "deterministic"])[0] == ("stochastic", "deterministic")
+    assert K.comparisons(["stochastic", "deterministic"])[0] == ("stochastic", "deterministic")

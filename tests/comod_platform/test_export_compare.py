@@ -215,7 +215,7 @@ def test_compare_reports_kinds_pairs_and_win_rates(at_home, tmp_path):
     assert sorted(paired["differences"]) == pytest.approx(expected)
     from scipy import stats
 
-    from comod_platform.compare import sign_flip_test
+    from comod_platform.stats import sign_flip_test
 
     assert paired["ci95"] == pytest.approx(list(stats.ttest_1samp(expected, 0).confidence_interval(0.95)))
     lo, hi = paired["bootstrap_ci95"]

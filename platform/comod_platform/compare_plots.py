@@ -1,0 +1,139 @@
+"""The comparison's figures (PNG, matplotlib's Agg canvas, no pyplot): the metric per condition, the
+paired differences, per-task win rates, the fine-tuning curves per arm and the pretraining curves."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from comod_platform.conditions import condition, condition_order, kind_of
+from comod_platform.results import TrialRecord
+
+KIND_COLOURS = {"none": "tab:grey", "deterministic": "tab:blue", "stochastic": "tab:orange"}
+SPARE_COLOURS = ("tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+MARGINS = {"left": 0.08, "right": 0.98, "bottom": 0.14, "top": 0.86, "wspace": 0.25, "hspace": 0.45}
+
+
+def _figure(width: float, height: float, dpi: int = 110):
+    from matplotlib.figure import Figure  # no pyplot: no global backend
+
+    fig = Figure(figsize=(width, height), dpi=dpi)
+    return fig, fig.subplots()
+
+
+def _save(fig, path: Path, tight: bool = True) -> Path:
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def colours(conditions) -> dict[str, str]:
+    """Plain kinds keep their colour; every other condition takes the next spare one, in report order."""
+    conditions = sorted(set(conditions), key=condition_order)
+    spare = iter(SPARE_COLOURS * (1 + len(conditions) // len(SPARE_COLOURS)))
+    return {c: KIND_COLOURS.get(c) or next(spare) for c in conditions}
+
+
+def _jitter(n: int, rng) -> np.ndarray:
+    return rng.uniform(-0.08, 0.08, n)
+
+
+def draw(r: dict, trials: list[TrialRecord], out: Path) -> list[Path]:
+    """Every figure report ``r`` has data for, written into ``out``; their paths."""
+    metric = r["metric"]
+    done = [t for t in trials if t.completed and t.value(metric) is not None]
+    conds = sorted({condition(t) for t in done}, key=condition_order)
+    files = []
+    if conds:
+        fig, ax = _figure(max(5.5, 1.1 * len(conds) + 2), 3.8)
+        data = [[t.value(metric) for t in done if condition(t) == c] for c in conds]
+        ax.boxplot(data, showmeans=True)
+        ax.set_xticks(range(1, len(conds) + 1), [f"{c}\n(n={len(d)})" for c, d in zip(conds, data)])
+        rng = np.random.default_rng(0)
+        for i, values in enumerate(data, 1):
+            ax.scatter(i + _jitter(len(values), rng), values, s=14, alpha=0.7, zorder=3)
+        ax.set(ylabel=metric, title=f"{metric} per condition (completed trials)")
+        files.append(_save(fig, out / "distribution.png"))
+    if shown := [p for p in r["paired"].values() if p["n"]]:
+        fig, ax = _figure(max(5.5, 1.4 * len(shown) + 2), 3.8)
+        rng = np.random.default_rng(0)
+        for i, p in enumerate(shown):
+            ax.scatter(i + _jitter(p["n"], rng), p["differences"], s=14, alpha=0.6)
+            lo, hi = p["ci95"] or (p["mean"], p["mean"])
+            ax.errorbar([i + 0.25], [p["mean"]], yerr=[[p["mean"] - lo], [hi - p["mean"]]], fmt="o", color="k",
+                        capsize=4)
+        ax.axhline(0.0, color="grey", lw=0.8, ls="--")
+        ax.set_xticks(range(len(shown)), [f"{p['a']} -\n{p['b']}\n(n={p['n']})" for p in shown], fontsize=7)
+        ax.set(ylabel=f"difference in {metric}", title="paired differences (mean, Student t 95% CI)")
+        files.append(_save(fig, out / "paired.png"))
+    if rates := {t: w for t, w in r["win_rates"].items() if w["n"]}:
+        fig, ax = _figure(max(4.0, 0.6 * len(rates) + 2), 3.5)
+        ax.bar(range(len(rates)), [w["rate"] for w in rates.values()])
+        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.set_xticks(range(len(rates)), list(rates), rotation=45, ha="right")
+        ax.set(ylim=(0, 1), ylabel="stochastic win rate (test F1)", title="per-task win rate vs deterministic")
+        files.append(_save(fig, out / "win_rates.png"))
+    if made := curves_figure(r):
+        files.append(_save(made[0], out / "curves.png", tight=False))
+    if (r.get("pretraining") or {}).get("kinds"):
+        files.append(_save(pretraining_figure(r), out / "pretraining.png", tight=False))
+    return files
+
+
+def pretraining_figure(r: dict):
+    """Each kind's mean validation curve over pretraining epochs with its 95% band."""
+    pre = r["pretraining"]
+    fig, ax = _figure(5.5, 3.8, dpi=100)
+    fig.subplots_adjust(left=0.13, right=0.97, bottom=0.14, top=0.9)
+    for kind, c in pre["kinds"].items():
+        colour = KIND_COLOURS.get(kind.split()[-1]) if not kind.startswith("shared") else None
+        ax.plot(c["steps"], c["mean"], marker="o", ms=3, color=colour, label=f"{kind} (n={c['n']})")
+        if c["lo"] is not None:
+            ax.fill_between(c["steps"], c["lo"], c["hi"], color=colour, alpha=0.2, lw=0)
+    ax.set(xlabel="pretraining epoch", ylabel=r["metric"], title=f"{pre['curve_key']}: mean and t 95% band")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def curves_figure(r: dict):
+    """One panel per arm, every condition's mean fine-tuning curve with its 95% band, all panels on one y
+    scale; (figure, the panels' axes), or None without curves."""
+    from matplotlib.figure import Figure
+
+    panels = [p for p in (r.get("efficiency") or {}).get("panels", []) if p["kinds"]]
+    if not panels:
+        return None
+    colour = colours(c for p in panels for c in p["kinds"])
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    height = 3.4 * rows + 0.4
+    fig = Figure(figsize=(4.6 * cols, height), dpi=100)
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=True).ravel()
+    fig.subplots_adjust(**{**MARGINS, "top": 1 - 0.8 / height})  # room for two title lines above the panels'
+    for ax, panel in zip(axes, panels):
+        last = max(c["steps"][-1] for c in panel["kinds"].values())
+        for cond, c in panel["kinds"].items():
+            steps, mean, lo, hi = c["steps"], c["mean"], c["lo"], c["hi"]
+            flat = len(steps) == 1
+            if flat:  # nothing fine-tuned: the value holds over the panel's steps
+                steps, mean = [0, last], mean * 2
+                lo, hi = (lo * 2, hi * 2) if lo is not None else (None, None)
+            style = "--" if flat else ":" if "shuffled" in cond else "-." if cond != kind_of(cond) else "-"
+            ax.plot(steps, mean, marker="o" if len(steps) < 30 else None, ms=3, color=colour[cond], ls=style,
+                    label=f"{cond} (n={c['n']})")
+            if lo is not None:
+                ax.fill_between(steps, lo, hi, color=colour[cond], alpha=0.2, lw=0)
+        ax.set(xlabel="fine-tuning step", title=panel["arm"] if len(panel["arm"]) < 60 else panel["arm"][:57] + "...")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=7)
+        ax.yaxis.set_tick_params(labelleft=True)
+    for ax in axes[::cols]:
+        ax.set_ylabel(r["metric"])
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{r['efficiency']['curve_key']} over fine-tuning\n(step 0: the pretrained model; mean and t 95% "
+                 f"interval)", fontsize=9)
+    return fig, list(axes[:len(panels)])

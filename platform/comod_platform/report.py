@@ -1,0 +1,265 @@
+"""The comparison as Markdown (``compare.md``): :func:`markdown` of a report that
+:func:`compare.build_report` made, one section per question it answers."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from comod_platform.stats import EXACT_MAX_N, HALF_WIDTH, ROUGH_N
+
+STAT_COLUMNS = ("n | mean difference | t 95% CI | bootstrap 95% CI | sign-flip p | Holm p | first better | "
+                "seeds for ±0.005")
+STAT_RULE = "---|" * 8
+
+
+def _f(v: Any, digits: int = 4) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def _p(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}" if v >= 1e-3 else f"{v:.1e}"
+
+
+def _ci(p: dict | None, digits: int = 4, key: str = "ci95") -> str:
+    return f"[{p[key][0]:.{digits}f}, {p[key][1]:.{digits}f}]" if p and p.get(key) else "n/a"
+
+
+def _bullets(notes: list[str]) -> list[str]:
+    return [f"- {n}" for n in notes]
+
+
+def _grid(header: str, rows) -> list[str]:
+    """A Markdown table: the ``header`` cells (joined by " | ") and a line per row of cells."""
+    return [f"| {header} |", "|" + "---|" * (header.count(" | ") + 1)] + [
+        "| " + " | ".join(map(str, row)) + " |" for row in rows]
+
+
+def _stat_cells(p: dict, digits: int, unit: bool) -> str:
+    """``p``'s cells; Holm p and seeds needed only on the unit's row (the seed where groups share seeds)."""
+    n = f"{p['n']}*" if unit and p["rough"] else str(p["n"])
+    seeds = "" if not unit else p["seeds_needed"] if p["seeds_needed"] is not None else "n/a"
+    return (f"{n} | {_f(p['mean'], digits)} | {_ci(p, digits)} | {_ci(p, digits, 'bootstrap_ci95')} | "
+            f"{_p(p['p_sign_flip'])} | {_p(p['p_holm']) if unit else ''} | {p['a_better'] if p['n'] else 'n/a'} | "
+            f"{seeds}")
+
+
+def _stat_rows(cells: list[str], p: dict, digits: int = 4) -> list[str]:
+    """A row of ``p``'s statistics after ``cells``, and a second, ``by seed``, where groups share seeds."""
+    seed = p.get("by_seed")
+    rows = ["| " + " | ".join(cells) + " | " + _stat_cells(p, digits, unit=seed is None) + " |"]
+    if seed:
+        rows.append("| " + " | ".join(cells[:-1] + [cells[-1] + ", by seed"]) + " | "
+                    + _stat_cells(seed, digits, unit=True) + " |")
+    return rows
+
+
+def _table(header: str, rows: list[tuple[list[str], dict]], digits: int = 4, columns: str = STAT_COLUMNS) -> list[str]:
+    """A table of paired statistics, one or two rows per entry, with the rough-interval footnote."""
+    lines = [f"| {header} | {columns} |", "|" + "---|" * header.count("|") + "---|" + STAT_RULE]
+    for cells, p in rows:
+        lines += _stat_rows(cells, p, digits)
+    if any((p.get("by_seed") or p)["rough"] for _, p in rows):
+        lines += ["", f"\\* fewer than {ROUGH_N} seeds: the interval is rough."]
+    return lines
+
+
+def _rough_warnings(paired: dict) -> list[str]:
+    """One line per comparison with fewer than :data:`ROUGH_N` seeds."""
+    lines = []
+    for p in paired.values():
+        u = p.get("by_seed") or p
+        if u["rough"]:
+            unit = "seeds" if p.get("by_seed") else "pairs"
+            floor = (f"; an exact sign-flip p on {u['n']} {unit} cannot go below {u['p_min']:.4g}"
+                     if u["p_method"] == "exact" else "")
+            lines.append(f"- {p['a']} - {p['b']}: fewer than {ROUGH_N} seeds: the interval is rough "
+                         f"({u['n']} {unit}{floor}).")
+    return [""] + lines if lines else []
+
+
+def markdown(r: dict, images: list[str]) -> str:
+    """``compare.md`` of report ``r``, with the plots ``images`` (file names beside it)."""
+    where = ", ".join(f"`{k}={v}`" for k, v in (r.get("where") or {}).items())
+    lines = [f"# Stochastic vs deterministic modulation: search `{r['search']}`", "",
+             f"Metric `{r['metric']}` ({r['mode']}), {r['completed']} completed trials with it, "
+             f"{r['trials']} trials in all" + (f", of those with {where}" if where else "") + ".", "",
+             "## Trials per condition", "",
+             "A condition is the kind, with in brackets the groups fine-tuning trains when not only the controller "
+             "(`finetune.trainable`, e.g. `none[heads]`) and `shuffled` when the stochastic readout gain is applied "
+             "with its units permuted (`modulation.readout.shuffle`, the control).", ""]
+    lines += _grid("condition | completed | pruned | failed | running", [
+        [cond, *(c.get(s, 0) for s in ("completed", "pruned", "failed", "running"))]
+        for cond, c in r["counts"].items()])
+    test_keys = sorted({k for b in r["best"].values() if b for k in b["test"]})
+    lines += ["", "## Best trial of each condition", ""]
+    lines += _grid(" | ".join(["condition", "trial", r["metric"], *test_keys]), [
+        [cond, "none completed", *["n/a"] * (1 + len(test_keys))] if b is None else
+        [cond, f"`{b['trial_id']}`", _f(b["value"]), *(_f(b["test"].get(k)) for k in test_keys)]
+        for cond, b in r["best"].items()])
+    lines += ["", "## Distribution per condition (completed trials)", ""]
+    lines += _grid("condition | n | mean | std | median | min | max", [
+        [cond, d["n"], *(_f(d[k]) for k in ("mean", "std", "median", "min", "max"))]
+        for cond, d in r["distribution"].items()])
+    conditions_m = ((r.get("holm") or {}).get("families") or {}).get("conditions", {}).get("m", 0)
+    lines += ["", "## Paired differences", "",
+              "Trials that share every setting except the condition (`modulation.kind`, `finetune.trainable`, "
+              "`modulation.readout.shuffle`) and the kind-only settings (`modulation.noise_scale`, "
+              "`modulation.gain_form`, `modulation.readout.*`) are matched; a group's trials of one condition are "
+              "averaged. Difference = first minus second condition; stochastic - deterministic is the headline, "
+              "stochastic - stochastic[shuffled] the control (a stochastic edge the shuffled readout shares is not "
+              "comodulation).", "",
+              f"n: matched groups. Where groups fine-tune one pretrained network (the same seed, data, model and "
+              f"pretraining settings, e.g. the K arms of a seed) a second row, \"by seed\", averages them per seed: "
+              f"the seed is the unit to read, and the one Holm adjusts. **t 95% CI**: Student t interval of the mean "
+              f"difference. Bootstrap: seeded percentile bootstrap (scipy.stats.bootstrap, {r['resamples']} "
+              f"resamples, seed {r['bootstrap_seed']}), too narrow with few pairs. Sign-flip p: two-sided, every one "
+              f"of the 2^n sign flips enumerated up to n = {r.get('exact_max_n', EXACT_MAX_N)} (so with n pairs it "
+              f"cannot go below 2/2^n: 0.0625 for 5), {r['resamples']} random flips beyond "
+              f"(scipy.stats.permutation_test). Holm p: Holm's step-down adjustment within the table's family (here "
+              f"the {conditions_m} comparisons of the search metric; each test metric, the per-setting table and the "
+              f"efficiency tables are families of their own). Seeds for ±0.005: the smallest n with t(0.975, n-1) x "
+              f"sd / sqrt(n) <= {r.get('half_width', HALF_WIDTH)} at the observed spread of the differences.", "",
+              "| comparison | " + STAT_COLUMNS + " |", "|---|" + STAT_RULE]
+    for p in r["paired"].values():
+        lines += _stat_rows([f"{p['a']} - {p['b']}"], p)
+    lines += _rough_warnings(r["paired"])
+    lines += ["", "## Per-task win rates (stochastic vs deterministic, test F1)", ""]
+    if any(w["n"] for w in r["win_rates"].values()):
+        lines += _grid("task | wins | ties | losses | pairs | win rate", [
+            [task, w["wins"], w["ties"], w["losses"], w["n"], _f(w["rate"], 3)] for task, w in r["win_rates"].items()])
+    else:
+        lines.append("No matched stochastic/deterministic pairs with per-task test F1: no win rates.")
+    lines += _settings_sections(r) + efficiency_section(r.get("efficiency")) + pretraining_section(r.get("pretraining"))
+    lines += cost_section(r.get("cost")) + importances_section(r.get("importances"))
+    if r["notes"]:
+        lines += ["", "## Notes", ""] + _bullets(r["notes"])
+    if images:
+        lines += ["", "## Plots", ""] + [f"![{Path(i).stem}]({i})" for i in images]
+    return "\n".join(lines) + "\n"
+
+
+def _settings_sections(r: dict) -> list[str]:
+    """The test metrics, the varied settings and the noise scale."""
+    lines = ["", "## Paired differences on the test metrics", "",
+             "Same matched groups and statistics as above. Higher is better except for ECE (`test/mean_ece`, "
+             "calibration error), where a negative difference favours the first condition; \"first better\" counts "
+             "accordingly.", ""]
+    lines += _table("metric | comparison", [([f"`{k}`", f"{p['a']} - {p['b']}"], p)
+                                            for k, ps in r.get("paired_metrics", {}).items() for p in ps.values()])
+    lines += ["", "## Stochastic - deterministic per varied setting", ""]
+    if r.get("by_setting"):
+        lines += ["Matched groups split by the value of each setting the search varied (the seed, the condition and "
+                  "kind-only settings aside; numeric settings with many values or sampled from a range: quantile "
+                  "bins).", ""]
+        lines += _table("setting | value | metric", [([f"`{path}`", row["value"], f"`{k}`"], p)
+                                                     for path, rows in r["by_setting"].items() for row in rows
+                                                     for k, p in row["paired"].items()])
+    else:
+        lines.append("The search varied no setting besides the seed, the condition and the kind-only settings.")
+    lines += ["", "## Stochastic - deterministic by noise scale", ""]
+    if r.get("by_noise_scale"):
+        lines += ["Each stochastic trial minus the mean of its group's deterministic trials, split by "
+                  "`modulation.noise_scale`.", ""]
+        lines += _table("noise scale | metric", [([row["noise_scale"], f"`{k}`"], p) for row in r["by_noise_scale"]
+                                                 for k, p in row.items() if isinstance(p, dict)])
+    else:
+        lines.append("No stochastic trial with a deterministic trial in its matched group.")
+    return lines
+
+
+def efficiency_section(e: dict | None) -> list[str]:
+    if e is None:
+        return []
+    lines = ["", "## Fine-tuning efficiency", "",
+             f"Does one condition converge in less fine-tuning? Curve: `{e['curve_key']}` per fine-tuning step "
+             f"(step 0 is the pretrained model, so a condition that starts higher gains area without learning "
+             f"faster). Curves are averaged on {e['grid']}; band: {e['band']}."]
+    if e["panels"]:
+        lines += ["", "### Curves", ""]
+        lines += _grid("arm | condition | trials | steps | grid | start | final | final 95% CI", [
+            [panel["arm"], kind, c["n"], c["steps"][-1], c["grid"], _f(c["mean"][0]), _f(c["mean"][-1]),
+             f"[{c['lo'][-1]:.4f}, {c['hi'][-1]:.4f}]" if c["lo"] is not None else "n/a"]
+            for panel in e["panels"] for kind, c in panel["kinds"].items()])
+    if e["auc"]:
+        lines += ["", "### Area under the fine-tuning curve", "",
+                  "Normalised area: the trapezoid over fine-tuning steps divided by the step range, i.e. the mean "
+                  "score over fine-tuning. Per condition over trials; paired over matched groups (a group's curves "
+                  "of one condition averaged, the pair on their common steps).", ""]
+        lines += _grid("condition | trials | mean | std | median", [
+            [kind, d["n"], _f(d["mean"]), _f(d["std"]), _f(d["median"])] for kind, d in e["auc"]["per_kind"].items()])
+        lines += [""] + _table("comparison", [([f"{p['a']} - {p['b']}"], p) for p in e["auc"]["paired"].values()])
+    if e["steps_to_fraction"]:
+        lines += ["", "### Fine-tuning steps to reach a fraction of deterministic's final score", "",
+                  "Per matched group, the first fine-tuning step at which a condition's curve reaches the fraction "
+                  "of the final value of the group's deterministic curve (for a lower-is-better metric: the final "
+                  "value divided by the fraction). Paired: difference in steps over the groups where both "
+                  "reached it (negative: the first condition is faster; \"first better\" counts those).", ""]
+        lines += _grid("fraction | condition | groups | reached | median steps", [
+            [f, kind, k["groups"], k["reached"], _f(k["median"], 1)]
+            for f, st in e["steps_to_fraction"].items() for kind, k in st["per_kind"].items() if k["groups"]])
+        lines += [""] + _table("fraction | comparison", [([f, f"{p['a']} - {p['b']}"], p)
+                                                         for f, st in e["steps_to_fraction"].items()
+                                                         for p in st["paired"].values()],
+                               digits=1, columns=STAT_COLUMNS.replace("seeds for ±0.005", "seeds needed"))
+    return lines + ([""] + _bullets(e["notes"]) if e["notes"] else [])
+
+
+def pretraining_section(pre: dict | None) -> list[str]:
+    if not pre or not pre["kinds"]:
+        return []
+    w = pre["window"]
+    lines = ["", "## Pretraining", "",
+             f"`{pre['curve_key']}` per pretraining epoch, each distinct pretraining once (trials that share one "
+             f"through the cache count once). Plateau: the mean of the last {w} epochs minus the mean of the "
+             f"{w} before, per pretraining, with a t 95% interval; a comparison is only as good as its budget.", ""]
+    plateau = {kind: pre["plateau"].get(kind) or {} for kind in pre["kinds"]}
+    return lines + _grid("pretrained with | pretrainings | epochs | last epoch (mean) | plateau gain | 95% CI", [
+        [kind, c["n"], len(c["steps"]), _f(c["mean"][-1]), _f(plateau[kind].get("gain")), _ci(plateau[kind])]
+        for kind, c in pre["kinds"].items()]) + _bullets(pre["notes"])
+
+
+def cost_section(c: dict | None) -> list[str]:
+    if not c:
+        return []
+    lines = ["", "## What the study cost", ""]
+    if not c["trials"]:
+        return lines + _bullets(c["notes"])
+
+    def seconds(v):
+        return f"{v:.0f} s ({v / 3600:.2f} h)" if v is not None else "n/a"
+
+    share = f"{100 * c['wait_share']:.1f}%" if c["wait_share"] is not None else "n/a"
+    ratio = f"{c['ratio']:.2f}x" if c["ratio"] is not None else "n/a"
+    mean = f", {c['pretrain_seconds_mean']:.0f} s each on average" if c["pretrain_seconds_mean"] else ""
+    lines += [f"From the {c['trials']} completed trials that report `pretrain_wait_seconds`, `pretrain_seconds` "
+              f"and `wall_seconds`.", "", "| quantity | value | target |", "|---|---|---|",
+              f"| share of slot time spent waiting for a pretraining (sum of waits / sum of trial wall times) | "
+              f"{share} | under {100 * c['wait_share_target']:.0f}% |",
+              f"| pretrainings made (trials with pretrain_seconds > 0) | {c['pretrainings']}{mean} | |",
+              f"| study wall time ({c['study_wall_from'] or 'unknown'}) | {seconds(c['study_wall_seconds'])} | |",
+              f"| **estimate**: wall time had every kind pretrained its own network | "
+              f"{seconds(c['per_kind_wall_seconds'])} | |",
+              f"| ratio: study / that estimate | {ratio} | at most {c['ratio_target']:.1f}x |", "",
+              f"The estimate adds to the study's wall time the pretrainings a per-kind design would make beyond those "
+              f"made ({c['per_kind_pretrainings']} distinct kind, seed and pretraining settings - "
+              f"{c['pretrainings']} made = {c['extra_pretrainings']}) at the mean pretraining time, spread over "
+              f"max_concurrent = {c['max_concurrent'] if c['max_concurrent'] else 'unknown'} slots. It ignores waits "
+              f"and scheduling: a rough figure."]
+    return lines + _bullets(c["notes"])
+
+
+def importances_section(imp: dict | None) -> list[str]:
+    if not imp:
+        return []
+    lines = ["", "## Parameter importances", "",
+             f"How much of the variation of `{imp['metric']}` (the search metric, the objective of Optuna's study "
+             f"`{imp['study']}`) each searched setting explains among a kind's completed trials: {imp['evaluator']}, "
+             f"normalised to sum to 1, over the settings that varied. A kind needs at least {imp['min_trials']} "
+             f"completed trials; \"all kinds\" counts `modulation.kind` as a setting."]
+    rows = list(imp["kinds"].items()) + ([("all kinds", imp["all"])] if imp["all"] else [])
+    if rows:
+        lines += [""] + _grid("kind | completed trials | setting | importance", [
+            [kind, entry["trials"], "n/a", entry["note"]] if not entry["params"] else
+            [kind if i == 0 else "", entry["trials"] if i == 0 else "", f"`{param}`", f"{value:.3f}"]
+            for kind, entry in rows for i, (param, value) in enumerate((entry["params"] or {"": None}).items())])
+    return lines + ([""] + _bullets(imp["notes"]) if imp["notes"] else [])
