@@ -13,7 +13,9 @@ modules where an arrow says so, and any layer below), with no circle:
 3. the operations: ``runner`` (run and resume a search), ``jobs`` (a search as
    a Ray job on a cluster; -> ``runner``), ``export`` and ``compare``
    (-> ``results``, a search's trials read back from MLflow; compare also ->
-   ``dashboard`` to read the Optuna study), ``dashboard`` (optuna-dashboard);
+   ``conditions``, ``stats``, ``curves``, ``importances`` (-> ``dashboard``
+   to read the Optuna study), ``report`` and ``compare_plots``),
+   ``dashboard`` (optuna-dashboard);
 4. the machinery: ``trainable`` (one trial on a Ray worker; -> ``plots``,
    ``search_state``), ``tune_callbacks`` (the Ray adapter; -> ``trial_runs``,
    the runs' bookkeeping, -> ``tracking``, MLflow, -> ``empty_store``, a new
@@ -26,7 +28,7 @@ modules where an arrow says so, and any layer below), with no circle:
 5. the leaves, which import no module of the package: ``conventions`` (the
    trial-to-driver protocol: metric and tag names, trial states, which value
    is better for a mode), ``errors``, ``paths``, ``credentials``, ``writer``,
-   ``interrupts``, ``reporter``, ``watchdog``, ``charts``;
+   ``interrupts``, ``reporter``, ``watchdog``;
 6. ``comod``, the core.
 
 No module below the command layer imports ``cli`` or ``cli_search``;
@@ -38,9 +40,8 @@ Where to add:
 - a mechanism kind, a dataset or a backbone: in the core (``comod``'s package
   docstring says where); a search space reaches the new choice by its dotted
   path, with no platform code;
-- a plot of each trial: ``plots.plot_run``, drawn with ``charts`` (SVG from the
-  numbers, a few ms at the trial's end); the MLflow adapter logs every file in
-  the checkpoint's ``plots/``;
+- a plot of each trial: a figure in ``plots.plot_run`` (matplotlib, PNG); the
+  MLflow adapter logs every file in the checkpoint's ``plots/``;
 - a sampler: a line in ``searcher.SAMPLERS`` (name -> a function of the
   seed) and its name in the choices of ``searchfile.SearchSettings.sampler``;
 - a scheduler: its settings in ``searchfile.Scheduler`` (``type`` names it)

@@ -1,51 +1,83 @@
-"""Plots of one run, drawn from its checkpoint: learning curves, the couplings
+"""Plots of one run, drawn from its checkpoint with matplotlib (PNG): learning curves, the couplings
 per site and the readout gains per task (what the mechanism learned)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from comod.checkpoint import CHECKPOINT, Checkpoint
 from comod.model import task_gains
 from comod.train import load_checkpoint
-from comod_platform.charts import Panel, Series, heatmap, line_charts
+
+PHASES = {"pretrain": "tab:blue", "finetune": "tab:orange"}
+MAX_ROW_NAMES = 40
+"""A heatmap with more rows than this shows no row names."""
 
 
-def _learning_curves(history: list[dict], path: Path) -> Path | None:
-    epochs = [h for h in history if h.get("phase") in ("pretrain", "finetune")]
+def learning_curves(history: list[dict]):
+    """Training loss and validation F1 over steps, a line per phase (missing values left out); a figure,
+    or None without an epoch."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend
+
+    epochs = [h for h in history if h.get("phase") in PHASES]
     if not epochs:
         return None
-    loss = Panel("loss", "step", "training loss")
-    f1 = Panel("validation F1", "step", "validation mean F1")
-    for phase, colour in (("pretrain", "tab:blue"), ("finetune", "tab:orange")):
-        rows = [h for h in epochs if h["phase"] == phase]
-        if not rows:
-            continue
-        steps = [h["step"] for h in rows]
-        loss.series.append(Series(phase, colour, steps, [h[f"{phase}/train_loss"] for h in rows]))
-        f1.series.append(Series(phase, colour, steps, [h.get(f"{phase}/val/mean_f1", float("nan")) for h in rows]))
-    return line_charts([loss, f1], path)
+    fig = Figure(figsize=(9.5, 3.4), dpi=100)
+    loss, f1 = fig.subplots(1, 2)
+    for phase, colour in PHASES.items():
+        for ax, key in ((loss, f"{phase}/train_loss"), (f1, f"{phase}/val/mean_f1")):
+            points = [(h["step"], h[key]) for h in epochs
+                      if h["phase"] == phase and math.isfinite(h.get(key, math.nan))]
+            if points:
+                ax.plot(*zip(*points), marker="o", ms=4, color=colour, label=phase)
+    for ax, title, ylabel in ((loss, "loss", "training loss"), (f1, "validation F1", "validation mean F1")):
+        ax.set(title=title, xlabel="step", ylabel=ylabel)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def heatmap(matrix, title: str, xlabel: str, ylabel: str, row_names=()):
+    """A matrix (rows x columns) as coloured cells (viridis) with a colour bar; a figure."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    values = np.atleast_2d(np.asarray(matrix, dtype=float))
+    rows = values.shape[0]
+    fig = Figure(figsize=(8.0, 1.2 + min(4.0, 0.25 * rows)), dpi=100)
+    ax = fig.subplots()
+    fig.colorbar(ax.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest"), ax=ax)
+    ax.set(title=title, xlabel=xlabel)
+    if len(row_names) == rows <= MAX_ROW_NAMES:
+        ax.set_yticks(range(rows), list(row_names), fontsize=7)
+    else:
+        ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    return fig
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, checkpoint: Checkpoint | None = None
              ) -> list[Path]:
-    """Write the run's plots (SVG, :mod:`charts`) next to its checkpoint (or into ``out_dir``); returns their
-    paths. ``checkpoint`` is the run's last checkpoint when the caller holds it (a trial, which writes
-    the plots at its end, between its last epoch and the next trial: about 2 ms); else it is read from
-    the run's folder (about 20 ms here, most of it ``torch.load``)."""
+    """Write the run's plots into ``out_dir`` (default its folder's ``plots/``); returns their paths.
+    ``checkpoint`` is the run's last checkpoint when the caller holds it (a trial at its end); else it is
+    read from the run's folder."""
     run_dir = Path(run_dir)
-    ckpt_path = run_dir / CHECKPOINT
-    if checkpoint is None and not ckpt_path.exists():
+    if checkpoint is None and not (run_dir / CHECKPOINT).exists():
         return []
     out = Path(out_dir or run_dir / "plots")
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = checkpoint if checkpoint is not None else load_checkpoint(ckpt_path)
-    written = [_learning_curves(ckpt["history"], out / "learning_curves.svg")]
-    task_names = list(ckpt.get("task_names", []))
+    ckpt = checkpoint if checkpoint is not None else load_checkpoint(run_dir / CHECKPOINT)
+    names = list(ckpt.get("task_names", []))
     gains = task_gains(ckpt["model"], coupling=ckpt["config"]["modulation"]["coupling"])
+    figures = {"learning_curves": learning_curves(ckpt["history"])}
     for site, couplings in gains.couplings.items():
-        written.append(heatmap(couplings.float().numpy(), f"couplings at {site}", "channel", "task",
-                               out / f"couplings_{site}.svg", task_names))
+        figures[f"couplings_{site}"] = heatmap(couplings.numpy(), f"couplings at {site}", "channel", "task", names)
     if gains.readout is not None:
-        written.append(heatmap(gains.readout.float().numpy(), "readout gain per task", "decoder unit", "task",
-                               out / "readout_gains.svg", task_names))
-    return [p for p in written if p is not None]
+        figures["readout_gains"] = heatmap(gains.readout.numpy(), "readout gain per task", "decoder unit", "task",
+                                           names)
+    written = []
+    for name, fig in figures.items():
+        if fig is not None:
+            fig.savefig(out / f"{name}.png")
+            written.append(out / f"{name}.png")
+    return written

@@ -1,12 +1,9 @@
-"""A run's plots: SVG charts written from its checkpoint, checked for what they show."""
+"""A run's plots: matplotlib figures written as PNG from its checkpoint, checked for what they show."""
 from __future__ import annotations
 
-import base64
-import io
-import re
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -15,11 +12,9 @@ from comod.checkpoint import CHECKPOINT
 from comod.config import load_config
 from comod.model import task_gains
 from comod.train import load_checkpoint, run_experiment
-from comod_platform.charts import Panel, Series, heatmap, line_charts
-from comod_platform.plots import plot_run
+from comod_platform.plots import heatmap, learning_curves, plot_run
 
 REPO = Path(__file__).resolve().parents[2]
-SVG = "{http://www.w3.org/2000/svg}"
 
 
 @pytest.fixture(scope="module")
@@ -32,47 +27,48 @@ def run_dir(tmp_path_factory):
     return out
 
 
-def _cells(svg: ET.Element) -> Image.Image:
-    (image,) = svg.iter(f"{SVG}image")
-    data = image.get("href").removeprefix("data:image/png;base64,")
-    return Image.open(io.BytesIO(base64.b64decode(data)))
+def _texts(fig) -> set[str]:
+    return {t.get_text() for t in fig.findobj(lambda o: hasattr(o, "get_text"))}
 
 
 def test_a_stochastic_run_plots_its_curves_couplings_and_readout_gains(run_dir):
     written = plot_run(run_dir)
-    assert sorted(p.name for p in written) == ["couplings_layer3.svg", "learning_curves.svg", "readout_gains.svg"]
+    assert sorted(p.name for p in written) == ["couplings_layer3.png", "learning_curves.png", "readout_gains.png"]
+    for path in written:
+        assert Image.open(path).format == "PNG" and path.parent == run_dir / "plots"
     ckpt = load_checkpoint(run_dir / CHECKPOINT)
     gains = task_gains(ckpt["model"], coupling=ckpt["config"]["modulation"]["coupling"])
     names = list(ckpt["task_names"])
 
-    curves = ET.parse(run_dir / "plots" / "learning_curves.svg").getroot()
-    texts = [t.text for t in curves.iter(f"{SVG}text")]
-    assert {"loss", "validation F1", "pretrain", "finetune", "training loss"} <= set(texts)
+    curves = learning_curves(ckpt["history"])
+    assert {"loss", "validation F1", "pretrain", "finetune", "training loss"} <= _texts(curves)
     # one marker per epoch and panel: 2 pretraining + 2 fine-tuning epochs, in the loss and the F1 panel
-    assert len(list(curves.iter(f"{SVG}circle"))) == 2 * 4
+    assert sum(len(line.get_xdata()) for ax in curves.axes for line in ax.get_lines()) == 2 * 4
 
-    for name, matrix in (("couplings_layer3.svg", gains.couplings["layer3"]), ("readout_gains.svg", gains.readout)):
-        svg = ET.parse(run_dir / "plots" / name).getroot()
-        cells = _cells(svg)
-        assert cells.size == (matrix.shape[1], matrix.shape[0])  # one pixel per task and channel (or unit)
-        shown = [t.text for t in svg.iter(f"{SVG}text")]
+    for matrix in (gains.couplings["layer3"], gains.readout):
+        fig = heatmap(matrix.numpy(), "t", "x", "y", names)
+        (image,) = fig.axes[0].get_images()
+        assert image.get_array().shape == tuple(matrix.shape)  # one cell per task and channel (or unit)
+        shown = _texts(fig)
         assert names[0] in shown and names[-1] in shown
         # the brightest cell is the largest value: viridis' yellow end
         flat = int(torch.argmax(matrix))
-        r, g, b, _ = cells.getpixel((flat % matrix.shape[1], flat // matrix.shape[1]))
-        assert r > 200 and g > 200 and b < 80
+        r, g, b, _ = image.to_rgba(image.get_array())[flat // matrix.shape[1], flat % matrix.shape[1]]
+        assert r > 200 / 255 and g > 200 / 255 and b < 80 / 255
 
 
-def test_charts_ticks_span_the_data_and_skip_missing_values(tmp_path):
-    path = line_charts([Panel("p", "step", "value", [Series("a", "tab:blue", [0, 10, 20], [0.2, float("nan"), 0.8])])],
-                       tmp_path / "c.svg")
-    svg = ET.parse(path).getroot()
-    (line,) = svg.iter(f"{SVG}polyline")
-    assert len(line.get("points").split()) == 2  # the missing value leaves no point
-    labels = [float(t.text) for t in svg.iter(f"{SVG}text") if re.fullmatch(r"-?[\d.]+(e-?\d+)?", t.text or "")]
-    assert min(labels) <= 0.2 and max(labels) >= 0.8 and max(labels) >= 20
-    flat = heatmap(torch.full((2, 3), 0.5).numpy(), "t", "x", "y", tmp_path / "h.svg")
-    assert _cells(ET.parse(flat).getroot()).size == (3, 2)  # a constant matrix still draws
+def test_curves_span_the_data_and_skip_missing_values(tmp_path):
+    history = [{"phase": "pretrain", "step": s, "pretrain/train_loss": 1.0, "pretrain/val/mean_f1": f1}
+               for s, f1 in ((0, 0.2), (10, float("nan")), (20, 0.8))]
+    fig = learning_curves(history)
+    (line,) = fig.axes[1].get_lines()
+    assert len(line.get_xdata()) == 2  # the missing value leaves no point
+    (x0, x1), (y0, y1) = fig.axes[1].get_xlim(), fig.axes[1].get_ylim()
+    assert x0 <= 0 and x1 >= 20 and y0 <= 0.2 and y1 >= 0.8
+    flat = heatmap(np.full((2, 3), 0.5), "t", "x", "y")
+    assert flat.axes[0].get_images()[0].get_array().shape == (2, 3)  # a constant matrix still draws
+    flat.savefig(tmp_path / "h.png")
+    assert Image.open(tmp_path / "h.png").format == "PNG"
 
 
 def test_plots_from_the_checkpoint_in_memory_are_the_plots_from_disk(run_dir, tmp_path):
