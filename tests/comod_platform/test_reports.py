@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from ray.tune.trainable.metadata import _TrainingRunMetadata
+from ray.tune.experiment import Trial
 
 from comod_platform.conventions import (CURVE, EPOCH, FINAL_FLAG, METRICS, NODE, PROTOCOL_KEYS, STEP, pack_report,
                                         report_metrics)
@@ -30,11 +30,8 @@ def test_a_packed_report_keeps_ray_tunes_statistics_of_a_trial_small():
     many = {**ROW, **{f"test/pattern_{i}/{m}": 0.5 for i in range(20) for m in ("f1", "ece", "recall")}}
     sizes = []
     for row in (many, pack_report(many, "val/mean_f1")):
-        meta = _TrainingRunMetadata()
-        for step in range(1, 5):  # what Ray Tune keeps of each report (Trial.update_last_result)
-            meta.last_result = row
-            for key, value in row.items():
-                if isinstance(value, (int, float)):
-                    meta.update_metric(key, value, step=step)
-        sizes.append(len(meta.get_json_state()))  # what each snapshot of the experiment writes for the trial
+        trial = Trial("trainable", stub=True)
+        for step in range(1, 5):  # what Ray Tune keeps of each report
+            trial.update_last_result({**row, "training_iteration": step})
+        sizes.append(len(trial.get_json_state()[1]))  # the run metadata each snapshot of the experiment writes
     assert sizes[1] * 4 < sizes[0], sizes
