@@ -18,8 +18,7 @@ modules where an arrow says so, and any layer below), with no circle:
    ``dashboard`` (optuna-dashboard);
 4. the machinery: ``trainable`` (one trial on a Ray worker; -> ``plots``,
    ``search_state``), ``tune_callbacks`` (the Ray adapter; -> ``trial_runs``,
-   the runs' bookkeeping, -> ``tracking``, MLflow, -> ``empty_store``, a new
-   embedded store as a copy of an empty one), ``sqlite_stores`` (the runs
+   the runs' bookkeeping, -> ``tracking``, MLflow), ``sqlite_stores`` (the runs
    folder's SQLite databases in WAL mode, for the driver; -> ``paths``),
    ``searcher`` (Optuna in Ray Tune), ``study_storage`` (the study written
    behind), ``searchfile``,
@@ -52,7 +51,6 @@ Where to add:
   Tune (names shared with the driver in ``conventions``), and
   tune_callbacks.py (the Ray adapter) and trial_runs.py (the runs'
   bookkeeping) log it; for ``comod train``, ``tracking.RunLogger``.
-  ``tracking.log_batch_chunked`` keeps a batch within MLflow's per-call limits;
 - a search-file setting: a field, with its docstring and its ``validate``
   check, in ``searchfile`` (``SearchSettings`` and the classes it holds); what
   it does goes in the module that uses it, mostly ``runner``;
