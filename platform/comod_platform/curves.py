@@ -8,16 +8,13 @@ pretraining, each mechanism's validation curve and whether it still rose.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
-from scipy import stats
 
 from comod_platform.conditions import (comparisons, condition, condition_order, group_unit, levels, binned,
                                        matched_groups, varied_settings)
 from comod_platform.conventions import better, reaches
 from comod_platform.results import KINDS, TrialRecord
-from comod_platform.stats import BOOTSTRAP_SEED, LEVEL, RESAMPLES, paired_stats, summary, t_interval
+from comod_platform.stats import BOOTSTRAP_SEED, RESAMPLES, paired_stats, summary, t_half_width, t_interval
 
 FRACTIONS = (0.9, 0.95)
 """Steps to reach these fractions of the deterministic trial's final score."""
@@ -60,7 +57,7 @@ def mean_curve(curves: list[list[tuple[int, float]]]) -> dict | None:
         return None
     steps, v, how = aligned
     n, m = v.shape[0], v.mean(axis=0)
-    half = stats.t.ppf((1 + LEVEL) / 2, n - 1) * v.std(axis=0, ddof=1) / math.sqrt(n) if n > 1 else None
+    half = t_half_width(v.std(axis=0, ddof=1), n) if n > 1 else None
     return {"n": n, "steps": [int(s) for s in steps], "mean": m.tolist(), "grid": how,
             "lo": (m - half).tolist() if half is not None else None,
             "hi": (m + half).tolist() if half is not None else None}

@@ -238,7 +238,8 @@ def _write_report(results: SearchResults, reeval: dict, out: Path) -> dict:
     for i, row in enumerate(reeval["candidates"], 1):
         values = {r["seed"]: r["value"] for r in row["runs"]}
         lines.append(f"| {i} | `{row['trial_id']}` | {row['kind']} | {_fmt(row['search_value'])} | "
-                     + " | ".join(_fmt(values.get(s)) for s in seeds) + f" | {_fmt(row['mean'])} | {_fmt(row['std'])} |")
+                     + " | ".join(_fmt(values.get(s)) for s in seeds)
+                     + f" | {_fmt(row['mean'])} | {_fmt(row['std'])} |")
     lines += ["", "Runs are in the search folder's `reeval/TRIAL/seedS/` (config.yaml, metrics.json, checkpoint.pt)."]
     md_path.write_text("\n".join(lines) + "\n")
     json_path.write_text(json.dumps({"search": results.name, **reeval}, indent=2))

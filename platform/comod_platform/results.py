@@ -263,5 +263,5 @@ def _record(client, run, metric: str, mode: str, paths: SearchPaths) -> TrialRec
                        error=tags.get(TAG_ERROR), config_error=config_error, curves=curves)
 
 
-__all__ = ["KINDS", "CURVE_METRICS", "ResultsError", "TrialRecord", "SearchResults", "load_results",
-           "fine_tuning_curve", "log_to_parent", "config_fields", "config_from_params", "typed_param", "unwrap_optional", "guess_mode"]
+__all__ = ["KINDS", "CURVE_METRICS", "ResultsError", "TrialRecord", "SearchResults", "load_results", "log_to_parent",
+           "fine_tuning_curve", "config_fields", "config_from_params", "typed_param", "unwrap_optional", "guess_mode"]

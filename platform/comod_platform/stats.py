@@ -27,12 +27,17 @@ ROUGH_N = 8
 """Fewer seeds than this: the interval is rough."""
 
 
+def t_half_width(sd, n: int, level: float = LEVEL):
+    """Half-width of the Student t interval of a mean of ``n`` values of spread ``sd`` (or an array of them)."""
+    return stats.t.ppf((1 + level) / 2, n - 1) * sd / math.sqrt(n)
+
+
 def t_interval(values, level: float = LEVEL) -> tuple[float, float] | None:
     """Student t interval of the mean; None with fewer than two values."""
     x = np.asarray(values, dtype=float)
     if x.size < 2:
         return None
-    half = float(stats.t.ppf((1 + level) / 2, x.size - 1)) * float(x.std(ddof=1)) / math.sqrt(x.size)
+    half = float(t_half_width(float(x.std(ddof=1)), x.size, level))
     return float(x.mean() - half), float(x.mean() + half)
 
 
@@ -83,9 +88,8 @@ def seeds_needed(sd: float | None, half_width: float = HALF_WIDTH, level: float 
     """Smallest n >= 2 whose t interval at spread ``sd`` has at most ``half_width``; None without a spread."""
     if sd is None or not math.isfinite(sd) or half_width <= 0:
         return None
-    q = (1 + level) / 2
-    n = max(2, math.ceil((stats.norm.ppf(q) * sd / half_width) ** 2))  # t > z: no smaller n can do
-    while stats.t.ppf(q, n - 1) * sd / math.sqrt(n) > half_width:
+    n = max(2, math.ceil((stats.norm.ppf((1 + level) / 2) * sd / half_width) ** 2))  # t > z: no smaller n can do
+    while t_half_width(sd, n, level) > half_width:
         n += 1
     return n
 
