@@ -43,9 +43,6 @@ class JobsError(RuntimeError):
         self.code = code
 
 
-# --- the cluster's address -------------------------------------------------------------------------
-
-
 def dashboard_address(address: str | None) -> str:
     """The Ray dashboard's URL: ``address``, else ``$RAY_ADDRESS`` when that is an http(s) URL."""
     if not address:
@@ -108,9 +105,6 @@ def alive_nodes(address: str) -> list:
                         f"with `ray status` on its head node") from None
 
 
-# --- the job's environment ------------------------------------------------------------------------
-
-
 def parse_env(pairs: Iterable[str]) -> dict[str, str]:
     """``KEY=VALUE`` pairs (``--env``) as a dict."""
     env = {}
@@ -163,9 +157,6 @@ def entrypoint(name: str, ship: str, storage: str | None) -> str:
     if storage:
         line += f" --storage {shlex.quote(storage)}"
     return line
-
-
-# --- submit ----------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -262,15 +253,14 @@ def submit(search: str | Path, address: str | None = None, name: str | None = No
     return Submission(name, submission_id, url, command, shipped, notes)
 
 
-# --- status, logs, stop ---------------------------------------------------------------------------
-
-
 def _value(status) -> str:
     return str(getattr(status, "value", status))
 
 
-def latest_job(client, address: str, name: str):
-    """The latest job submitted for search ``name``."""
+def latest_job(address: str | None, name: str):
+    """(the dashboard's URL, a client, the latest job submitted there for search ``name``)."""
+    address = dashboard_address(address)
+    client = connect(address)
     jobs = _call(address, "list its jobs", client.list_jobs)
     mine = [j for j in jobs if j.submission_id and (j.metadata or {}).get(SEARCH_KEY) == name]
     if not mine:
@@ -278,7 +268,7 @@ def latest_job(client, address: str, name: str):
         hint = f"; searches submitted there: {', '.join(others)}" if others else "; no search was submitted there"
         raise JobsError(f"no job of a search named {name!r} on the Ray cluster at {address}{hint}; submit one "
                         f"with `comod search submit SEARCH --name {name} --address {address}`")
-    return max(mine, key=lambda j: (j.start_time or 0, j.submission_id))
+    return address, client, max(mine, key=lambda j: (j.start_time or 0, j.submission_id))
 
 
 def _when(ms: int | None) -> str:
@@ -292,9 +282,7 @@ def last_progress(logs: str) -> str | None:
 
 def status(address: str | None, name: str) -> dict:
     """The latest job of search ``name``: status, submission id, times, message, last progress line."""
-    url = dashboard_address(address)
-    client = connect(url)
-    job = latest_job(client, url, name)
+    url, client, job = latest_job(address, name)
     logs = _call(url, "give the job's logs", client.get_job_logs, job.submission_id)
     return {"name": name, "status": _value(job.status), "submission_id": job.submission_id,
             "start_time": _when(job.start_time), "end_time": _when(job.end_time), "message": job.message or "",
@@ -305,9 +293,7 @@ def logs(address: str | None, name: str, follow: bool = False, write: Callable[[
     """Write the logs of search ``name``'s latest job; with ``follow``, until the job ends. Returns its
     submission id."""
     write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
-    url = dashboard_address(address)
-    client = connect(url)
-    job = latest_job(client, url, name)
+    url, client, job = latest_job(address, name)
     if not follow:
         write(_call(url, "give the job's logs", client.get_job_logs, job.submission_id) or "")
         return job.submission_id
@@ -328,9 +314,7 @@ def logs(address: str | None, name: str, follow: bool = False, write: Callable[[
 
 def stop(address: str | None, name: str, wait: float = 60.0) -> dict:
     """Stop the latest job of search ``name`` and wait until it has ended; returns what happened."""
-    url = dashboard_address(address)
-    client = connect(url)
-    job = latest_job(client, url, name)
+    url, client, job = latest_job(address, name)
     before = _value(job.status)
     if before in TERMINAL:
         return {"name": name, "submission_id": job.submission_id, "stopped": False, "status": before,

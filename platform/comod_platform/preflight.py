@@ -1,10 +1,8 @@
 """Checks a search passes before anything of it is made (run) or before it goes on (resume).
 
-A new search: its name is free here and in the stores a team may share, the
-Optuna database answers, a trial's resources fit on a node, and every node
-sees the storage. A resumed search: its file is the one it started with, Ray
-is the version that wrote its state, and the experiment and the study of its
-name are still its own. Each failure is a :class:`SearchError` saying what to do.
+A new search's name is free here and in the stores a team may share, its Optuna database answers, a
+trial fits on a node and every node sees the storage; a resumed search's file, Ray version, experiment
+and study are the ones it started with. Each failure is a :class:`SearchError` saying what to do.
 """
 from __future__ import annotations
 
@@ -52,8 +50,7 @@ def check_optuna_storage(url: str) -> None:
 
 
 def refuse_existing(paths: SearchPaths, locked: bool = False) -> None:
-    """A name taken in this runs folder is refused: by a live driver (named; unless ``locked``, this process
-    holds the lock), or by a search that exists."""
+    """Refuse a name taken in this runs folder by a live driver (unless ``locked``: this one) or a search."""
     if not locked:
         paths.check_not_busy()
     if paths.exists():
@@ -80,10 +77,9 @@ def _study_owner(url: str, name: str) -> str | None:
 
 
 def claim_stores(name: str, search_id: str, optuna_url: str, tracking: str) -> None:
-    """A new search's name must be free in the tracking store and in the Optuna database too, which a team
-    may share: an experiment ``search/NAME`` or a study ``NAME`` made by another search folder (another
-    runs folder, another user who chose the same --name) is refused before anything is created. One made
-    by this folder (a start that failed half-way) is this search's."""
+    """A new search's name must be free in the tracking store and the Optuna database, which a team may
+    share: an experiment ``search/NAME`` or a study ``NAME`` of another search folder is refused; one of
+    this folder (a start that failed half-way) is this search's."""
     found = _experiment(tracking, name)
     if found is not None and found.tags.get(TAG_SEARCH_ID) != search_id:
         deleted = " (deleted, and its name stays taken)" if found.lifecycle_stage == "deleted" else ""
@@ -119,9 +115,8 @@ def check_owned(meta: SearchMeta) -> None:
 
 
 RESTORE_PINNED = ("ray",)
-"""Packages whose version a resume must match: Ray Tune's experiment state is a pickle of Ray's classes.
-The Optuna and MLflow stores are versioned databases and comod's own state is plain files, so a resume
-after upgrading those works (with a note)."""
+"""Packages a resume must match: Ray Tune's state is a pickle of Ray's classes (the stores are versioned
+databases and comod's state plain files, so other upgrades resume, with a note)."""
 
 
 def check_unchanged(paths: SearchPaths, meta: SearchMeta) -> None:
@@ -149,9 +144,8 @@ def check_unchanged(paths: SearchPaths, meta: SearchMeta) -> None:
 
 
 def check_resources(sf, address: str | None) -> None:
-    """A trial's request (``search.resources``) must fit on one node: on a Ray this driver started, one that
-    fits nowhere is refused at once (it would wait forever); on a cluster, which an autoscaler may grow, it
-    is said once and the trials wait for such a node."""
+    """A trial's request (``search.resources``) must fit on one node: refused at once on a Ray this driver
+    started; said once on a cluster (whose autoscaler may add such a node)."""
     r = sf.search.resources
     wanted = {"CPU": float(r.cpu), "GPU": float(r.gpu)}
     have = [{k: float((n.get("Resources") or {}).get(k, 0.0)) for k in wanted} for n in storage_mod.alive_nodes()]

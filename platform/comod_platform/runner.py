@@ -40,29 +40,28 @@ def optuna_storage_url(paths: SearchPaths) -> str:
     return os.environ.get("COMOD_OPTUNA_STORAGE") or f"sqlite:///{paths.optuna_db}"
 
 
+SERVICE_DEFAULTS = {
+    "RAY_AIR_NEW_OUTPUT": "0",  # our progress line instead of Ray's tables
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # nothing reads Ray's CSV and TensorBoard files (JSON stays)
+    # MLflow's client would retry a lost server for minutes inside each call; the writer retries on its own
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",  # see tuner.KEEP_CHECKPOINTS
+    # nothing outside the cluster is reached: no usage reports (whose sender waits for its network at exit)
+    "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0"}
+"""Environment defaults of the driver and the workers it starts; a value already set is kept."""
+
+
 def _service_defaults() -> None:
-    """Environment defaults of the driver (and of the workers it starts); a value already set is kept."""
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our progress line instead of Ray's tables
+    for key, value in SERVICE_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Ctrl-C and SIGTERM take comod's one path (interrupts)
-    # nothing reads Ray's CSV and TensorBoard result files; the JSON one stays (tuner._callbacks)
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    # MLflow's client would retry a lost server for minutes inside each call; the search's writer
-    # retries (and buffers) on its own, call by call
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # KEEP_CHECKPOINTS
-    # searches run where nothing outside the cluster is reached: no usage reports, whose sender
-    # wraps every MLflow call and waits for its network at exit
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     sqlite_stores.install()  # the runs folder's MLflow store and study in WAL mode (COMOD_SQLITE_WAL=0: not)
 
 
 def _start_tracking(sf: SearchFile, name: str, data: dict | None = None, search_id: str | None = None
                     ) -> tuple[str, str, str]:
-    """The search's experiment (tagged as model training, with comod's saved view sorted by the search's
-    metric) and its parent run: the search settings and the space as params, the base experiment's
-    dataset (``data``, loaded once by the driver) as its dataset input, which the trials' runs share."""
+    """The search's experiment and its parent run: the search settings and the space as params, the base
+    experiment's dataset (``data``, the driver's copy) as its dataset input, which the trials' runs share."""
     from mlflow.tracking import MlflowClient
 
     from comod_platform.tracking import describe_dataset, log_dataset, log_params, setup, tracking_uri
@@ -92,8 +91,8 @@ def _create_study(sf: SearchFile, name: str, url: str, search_id: str) -> None:
 
 
 def _prepare_in_background(raw: dict, stem: str) -> tuple[SearchFile, dict]:
-    """What a new search needs besides Ray: the checked search file, the shared dataset and an open
-    tracking store (imports of torch and MLflow, a fresh store's tables). Nothing here is recorded."""
+    """What a new search needs besides Ray: the checked search file, the shared dataset, an open tracking
+    store. Nothing here is recorded."""
     from comod_platform.tracking import open_store
 
     sf = parse_search(raw, stem)
@@ -104,13 +103,9 @@ def _prepare_in_background(raw: dict, stem: str) -> tuple[SearchFile, dict]:
 
 def run_search(search_path: str | Path, name: str | None = None, address: str | None = None,
                storage: str | None = None, verbose: bool | None = None) -> dict:
-    """Start a new search from a search file; returns its summary.
-
-    ``storage`` (else ``$COMOD_STORAGE``) is where Ray Tune keeps the experiment and the trials'
-    checkpoints (:mod:`storage`). A local Ray keeps its own output off the terminal unless ``verbose``
-    (default: ``$COMOD_VERBOSE``). Ray starts (or is joined) while a second thread checks the search
-    file, loads the dataset and opens the tracking store. Nothing is recorded until the file, the names,
-    the Optuna database and the storage have all passed."""
+    """Start a new search from a search file; returns its summary. ``storage`` (else ``$COMOD_STORAGE``)
+    keeps Ray Tune's experiment (:mod:`storage`). Ray starts while a second thread checks the file, loads
+    the dataset and opens the tracking store; nothing is recorded until every check has passed."""
     source = resolve_search_path(search_path).resolve()  # joining a Ray job's cluster may change the working folder
     from comod_platform.paths import runs_home, unwritable
 

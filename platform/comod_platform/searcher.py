@@ -23,12 +23,10 @@ from comod_platform.conventions import DIVERGED_FLAG, EPOCH, FINAL_FLAG, REASON,
 
 log = logging.getLogger(__name__)
 
-INTERRUPTED_ATTR = "comod.interrupted"
-"""User attribute ("1") of an Optuna trial closed as failed because its search was stopped."""
-CONTINUES_ATTR = "comod.continues"
-"""User attribute of the trial a resume opened for an interrupted one: that trial's number."""
-CLOSED_ATTR = "comod.closed"
-"""User attribute of an Optuna trial closed as failed because no Ray trial ran it (a lost driver's)."""
+# user attributes of Optuna trials
+INTERRUPTED_ATTR = "comod.interrupted"  # "1": closed as failed because its search was stopped
+CONTINUES_ATTR = "comod.continues"      # the number of the interrupted trial this one continues
+CLOSED_ATTR = "comod.closed"            # why it was closed as failed with no Ray trial to run it
 
 SAMPLERS = {
     "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed),
@@ -57,9 +55,8 @@ def points_to_evaluate(search_file) -> list[dict] | None:
 class StudySearcher(Searcher):
     """Ray Tune's searcher on the study ``study_name`` of the database ``url`` (made by the runner).
 
-    ``space``: Optuna define-by-run, a function of the trial that returns the trial's config.
-    ``points``: configs enqueued, in order, before any is sampled. ``report_intermediate``: each
-    epoch's score goes to Optuna (for a scheduler that stops trials early)."""
+    ``space``: define-by-run, the trial's config from an Optuna trial; ``points``: configs enqueued, in
+    order; ``report_intermediate``: each epoch's score goes to Optuna (for a scheduler that prunes)."""
 
     def __init__(self, space: Callable[[optuna.Trial], dict], metric: str, mode: str, url: str, study_name: str,
                  sampler: optuna.samplers.BaseSampler, points: list[dict] | None = None,
@@ -133,8 +130,7 @@ class StudySearcher(Searcher):
         return number
 
     def _continue(self, trial_id: str, frozen: optuna.trial.FrozenTrial) -> int:
-        """A new RUNNING trial for an interrupted one: its parameters and intermediate values, and which it
-        continues."""
+        """A new RUNNING trial for an interrupted one, with its parameters and intermediate values."""
         attrs = {k: v for k, v in frozen.user_attrs.items() if k != INTERRUPTED_ATTR}
         template = optuna.trial.create_trial(
             state=TrialState.RUNNING, params=frozen.params, distributions=frozen.distributions,

@@ -23,13 +23,10 @@ SUMMARY_METRICS = ("test/mean_f1", "test/mean_recall", "test/mean_precision")
 
 
 def summarise_grid(grid, sf, interrupted=()) -> dict:
-    """A finished (or stopped) search in numbers: trials by state, the best trial overall and of each kind.
-
-    ``interrupted``: the ids of trials a stopped search left unfinished (counted apart from the pruned).
-    Keys: ``trials``, ``completed``, ``pruned`` (stopped early), ``interrupted``, ``failed``, ``best`` (``{value, trial_id}`` or
-    None), ``metric``; ``best_per_kind``: ``{kind: {trial_id, value, test/mean_f1, test/mean_recall,
-    test/mean_precision} or None}`` for every kind the search's trials used (a kind with no completed trial:
-    None); ``failures``: ``[{trial_id, error}]``, each error's last line."""
+    """Keys: ``trials``, ``completed``, ``pruned``, ``interrupted`` (``interrupted``: the ids of trials a
+    stopped search left unfinished), ``failed``, ``best`` (``{value, trial_id}`` or None), ``metric``,
+    ``best_per_kind`` (``{kind: {trial_id, value, *SUMMARY_METRICS} or None}`` for every kind used) and
+    ``failures`` (``[{trial_id, error}]``, each error's last line)."""
     completed = pruned = failed = stopped = 0
     interrupted = set(interrupted)
     metric, mode = sf.search.metric, sf.search.mode

@@ -20,7 +20,6 @@ import shutil
 import tempfile
 import time
 import warnings
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -85,49 +84,25 @@ def _stage(out: Path, names: tuple[str, ...]) -> Path:
     return folder
 
 
-@contextmanager
-def _staged(out: Path, names: tuple[str, ...]):
-    folder = _stage(out, names)
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 def _report_to_tune(row: dict, folder: Path | None, metric: str) -> None:
-    """One report to Ray Tune, its metrics packed (:func:`conventions.pack_report`), with ``folder`` as
-    its checkpoint if given."""
+    """One report to Ray Tune, its metrics packed (:func:`conventions.pack_report`), with ``folder`` (then
+    deleted) as its checkpoint if given."""
     from ray import tune
 
-    tune.report(pack_report(row, metric),
-                checkpoint=tune.Checkpoint.from_directory(folder) if folder is not None else None)
+    try:
+        tune.report(pack_report(row, metric), checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _restore(checkpoint, out: Path) -> bool:
-    """Put the trial's last persisted checkpoint (if any) into ``out``; True if there was one.
-
-    Ray's checkpoint is the authority: the local folder may be missing (another
-    node) or hold epochs whose reports never reached the driver."""
-    if checkpoint is None:
-        return False
-    out.mkdir(parents=True, exist_ok=True)
-    with checkpoint.as_directory() as folder:
-        for name in os.listdir(folder):
-            src, dst = Path(folder) / name, out / name
-            if src.is_dir():
-                shutil.rmtree(dst, ignore_errors=True)
-                shutil.copytree(src, dst)
-            else:
-                tmp = dst.with_name(dst.name + ".tmp")
-                shutil.copyfile(src, tmp)
-                os.replace(tmp, dst)
-    return True
-
-
-def _placement() -> dict:
-    import ray
-
-    return {NODE: ray.get_runtime_context().get_node_id(), GPUS: ",".join(str(g) for g in ray.get_gpu_ids())}
+    """Put the trial's last persisted checkpoint (if any) into ``out``; True if there was one. Ray's
+    checkpoint is the authority: the local folder may be missing (another node) or hold epochs whose
+    reports never reached the driver."""
+    if checkpoint is not None:
+        checkpoint.to_directory(str(out))
+    return checkpoint is not None
 
 
 class TrialRun:
@@ -139,19 +114,15 @@ class TrialRun:
         self.metric = search.search.metric
         self.reporter = EpochReporter(partial(_report_to_tune, metric=self.metric))
         self.watchdog = Watchdog(search.search.trial_timeout_s, search.search.stall_timeout_s)
-        self.where = _placement()
+        import ray
+
+        self.where = {NODE: ray.get_runtime_context().get_node_id(), GPUS: ",".join(map(str, ray.get_gpu_ids()))}
         self.epochs = self.step = 0
         self.fresh, self.payload = False, None  # a checkpoint written since the last report; the last one's payload
         self.persisted, self.said = time.monotonic(), 0.0
         self.last: dict = {}  # the last epoch's row, sent with the final report
         self.held = None  # pretraining's last epoch (row, folder), until fine-tuning says whether it is the last
         self.curve: list = []  # validation points between epoch ends, sent with the next report
-
-    def callbacks(self):
-        from comod.train import Callbacks
-
-        return Callbacks(on_epoch=self.on_epoch, on_checkpoint=self.on_checkpoint, on_step=self.on_step,
-                         on_wait=self.on_wait, on_phase=self.on_phase, on_eval=self.on_eval)
 
     def row(self, metrics: dict) -> dict:
         return {**_with_aliases(metrics), STEP: self.step, EPOCH: self.epochs, **self.where}
@@ -164,9 +135,6 @@ class TrialRun:
 
     def on_checkpoint(self, path, payload) -> None:
         self.fresh, self.payload = True, payload  # the last one is the final checkpoint, the plots' source
-
-    def on_eval(self, phase: str, step: int, metrics: dict) -> None:
-        self.curve.append([step, metrics])
 
     def on_step(self, *_) -> None:
         self.watchdog.alive()
@@ -217,12 +185,15 @@ class TrialRun:
             self.curve[:0] = json.loads(row[CURVE])
 
     def run(self, data, resumed: bool, paths: SearchPaths) -> None:
-        from comod.train import DivergedError, run_experiment
+        from comod.train import Callbacks, DivergedError, run_experiment
         from comod_platform.plots import plot_run
 
+        callbacks = Callbacks(on_epoch=self.on_epoch, on_checkpoint=self.on_checkpoint, on_step=self.on_step,
+                              on_wait=self.on_wait, on_phase=self.on_phase,
+                              on_eval=lambda phase, step, metrics: self.curve.append([step, metrics]))
         try:
             with self.watchdog:
-                metrics = run_experiment(self.cfg, self.out, data=data, callbacks=self.callbacks(), resume=resumed,
+                metrics = run_experiment(self.cfg, self.out, data=data, callbacks=callbacks, resume=resumed,
                                          pretrain_cache=paths.pretrain_cache,
                                          cache_wait_s=self.search.search.trial_timeout_s)
         except (DivergedError, TrialTimeout, TimeoutError) as err:  # recorded ends, not crashes: not retried
@@ -240,8 +211,7 @@ class TrialRun:
         plot_run(self.out, checkpoint=self.payload)
         final = self.with_curve({**self.last, **metrics, FINAL_FLAG: 1, STEP: int(metrics.get("steps", 0)),
                                  EPOCH: self.epochs, **self.where})
-        with _staged(self.out, FINAL_FILES) as folder:
-            _report_to_tune(final, folder, self.metric)
+        _report_to_tune(final, _stage(self.out, FINAL_FILES), self.metric)
 
 
 def run_trial(config: dict, search=None, search_name: str = "", home: str = "", data=None,

@@ -18,27 +18,16 @@ from comod_platform.conventions import EPOCH
 from comod_platform.preflight import SearchError
 from comod_platform.summary import last_line
 
-VERBOSE_ENV = "COMOD_VERBOSE"
-"""Set (to 1) by ``--verbose``: a local search lets Ray's own output reach the terminal."""
+VERBOSE_ENV = "COMOD_VERBOSE"  # set (to 1) by --verbose: Ray's own output reaches a local search's terminal
 KEEP_CHECKPOINTS = 3
-"""Epoch checkpoints a trial keeps on the storage. Ray snapshots the whole experiment whenever a trial
-has written this many since the last snapshot (so that no snapshot names a deleted checkpoint): fewer
-kept means more snapshots in the scheduling loop, more means more storage."""
-
-
-def verbose_default(verbose: bool | None = None) -> bool:
-    """``verbose`` when given, else whether ``$COMOD_VERBOSE`` is set to something other than 0."""
-    if verbose is not None:
-        return verbose
-    return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false", "no")
+"""Epoch checkpoints a trial keeps. Ray snapshots the experiment whenever a trial has written this many
+since the last snapshot: fewer kept means more snapshots in the scheduling loop, more means more storage."""
 
 
 class QuietRayHandler(logging.Handler):
-    """The one handler of the "ray" logger in a quiet local search (ERROR and above reach it).
-
-    A failed trial's traceback becomes one line of comod's (the error is also in its MLflow run, in
-    ``comod search status`` and in the summary), Tune's closing list of unfinished trials goes (the
-    summary has them), and any other error of Ray's is printed as it is."""
+    """The "ray" logger's one handler in a quiet local search: a failed trial's traceback becomes one line
+    (the error is also in its run, its status and the summary), Tune's closing list of unfinished trials
+    goes (the summary has them), any other error is printed as it is."""
 
     FAILED = "Trial task failed for trial"
 
@@ -90,7 +79,7 @@ def init_ray(address: str | None, verbose: bool | None = None) -> None:
             # (a submitted job's own runtime environment reaches the workers already)
             env = {} if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") else storage_mod.worker_env()
             ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": env} if env else None)
-        elif verbose_default(verbose):
+        elif verbose if verbose is not None else os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false", "no"):
             ray.init(include_dashboard=False, log_to_driver=True, **local_ray_options())
         else:
             quiet_ray()
@@ -137,11 +126,10 @@ def _callbacks(sf, paths, meta):
 
     from comod_platform.tune_callbacks import MlflowTrialCallback, ProgressCallback
 
-    s = sf.search
     return [JsonLoggerCallback(),  # the result grid reads its files
             MlflowTrialCallback(sf, paths.name, meta.tracking_uri, meta.experiment_id, meta.parent_run_id,
                                 str(paths.trials)),
-            ProgressCallback(s.metric, s.mode, s.num_trials)]
+            ProgressCallback(sf.search.metric, sf.search.mode, sf.search.num_trials)]
 
 
 def build_tuner(sf, paths, meta, experiment_path: str, restore: bool, data: dict | None = None):

@@ -20,6 +20,6 @@ def test_no_private_ray_optuna_or_mlflow_use_outside_compat():
     package = Path(compat.__file__).parent
     private = re.compile(r"\b(ray|optuna|mlflow)(\.\w+)*\._\w+|\bfrom (ray|optuna|mlflow)\S* import .*\b_[a-z]\w*"
                          r"|\b_system_config\b|\._(ot_\w+|trial_id|study_id|storage)\b")
-    found = [f"{path.name}:{number}: {line.strip()}" for path in sorted(package.glob("*.py")) if path.name != "compat.py"
-             for number, line in enumerate(path.read_text().splitlines(), 1) if private.search(line)]
+    found = [f"{path.name}:{number}: {line.strip()}"
+             for path in sorted(package.glob("*.py")) if path.name != "compat.py" for number, line in enumerate(path.read_text().splitlines(), 1) if private.search(line)]
     assert not found, "private APIs used outside compat.py:\n" + "\n".join(found)
