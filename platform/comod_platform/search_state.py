@@ -1,12 +1,10 @@
 """Where a search keeps its state in the runs folder, and how it is found again.
 
-``<runs>/searches/NAME/``: ``search.yaml`` (the search file as run),
-``meta.json`` (study, storage and MLflow ids, the versions and the search file's hash it
-was started with; URLs only in their redacted form, see :mod:`credentials`),
-``driver.lock`` and ``driver.json`` (the lock of the search's one driver, and who holds it),
-``optuna.db`` (the Optuna study, embedded default), ``ray/`` (Ray Tune's experiment), ``trials/ID/``
-(each trial's outputs, from which an interrupted trial resumes) and ``pretrain_cache/`` (pretrained
-models shared by trials).
+``<runs>/searches/NAME/``: ``search.yaml`` (the search file as run), ``meta.json`` (study, storage and
+MLflow ids, versions, the search file's hash; URLs redacted, see :mod:`credentials`), ``driver.lock``
+and ``driver.json`` (the lock of the search's one driver, and who holds it), ``optuna.db`` (the study,
+embedded default), ``ray/`` (Ray Tune's experiment), ``trials/ID/`` (each trial's outputs, from which
+an interrupted trial resumes) and ``pretrain_cache/`` (pretrained models shared by trials).
 """
 from __future__ import annotations
 
@@ -73,19 +71,18 @@ class SearchMeta:
     name: str
     study_name: str
     optuna_storage: str
-    """The study's database URL, redacted (:func:`credentials.redact`); :meth:`SearchPaths.read_meta`
-    puts the password back from ``COMOD_OPTUNA_STORAGE`` when that variable names the same database."""
+    """Redacted; :meth:`SearchPaths.read_meta` restores the password from ``COMOD_OPTUNA_STORAGE``."""
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
     ray_storage: str
     created: float
     search_id: str | None = None
-    """A random id of this search, also tagged on its MLflow experiment and set on its Optuna study: a store
-    shared by a team may hold another search of the same name, and a resume checks that both are this one's."""
+    """Also on its MLflow experiment and Optuna study: a resume checks both are this search's (a shared
+    store may hold another search of the same name)."""
     versions: dict[str, str] = field(default_factory=dict)
     search_sha256: str | None = None
-    """The hash of the search file as run (its parsed settings, see :func:`search_hash`)."""
+    """:func:`search_hash` of the search file as run."""
     search_settings: dict | None = None
     """The search file as run, parsed: a resume names the first setting an edit changed."""
 
@@ -138,8 +135,7 @@ class SearchPaths:
     id_file = property(lambda self: self.root / "search.id")
 
     def search_id(self) -> str:
-        """This folder's search id: made once when the search starts (kept by a start that failed half-way,
-        so that running it again finds its own experiment and study)."""
+        """This folder's search id, made once (a start that failed half-way finds its experiment and study)."""
         if self.id_file.exists():
             return self.id_file.read_text().strip()
         made = os.urandom(8).hex()
@@ -168,8 +164,8 @@ class DriverLock:
     holds it (pid, host, command, since), for the message a second driver gets."""
 
     ENDING_S = 30.0
-    """How long a new driver waits for the lock of a driver that is ending: the command named in the lock
-    (the one a user started, see own_session) is gone from this host, and its driver dies with it."""
+    """How long a new driver waits for one that is ending: its command (see own_session) is gone from this
+    host, and the driver dies with it."""
 
     def __init__(self, paths: SearchPaths, command: str):
         self.paths, self.command, self.held = paths, command, None

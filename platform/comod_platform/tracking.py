@@ -8,6 +8,7 @@ table (``VIEW_KEY``); every run records its dataset as an MLflow dataset input (
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -23,8 +24,7 @@ from comod_platform.paths import runs_home
 
 RUN_FILE = "mlflow_run.json"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-EXPERIMENT_KIND = "custom_model_development"
-"""MLflow 3's experiment kind for model training (its other kinds are GenAI ones)."""
+EXPERIMENT_KIND = "custom_model_development"  # MLflow 3's kind for model training (the others are GenAI)
 VIEW_KEY = "comod"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 """An experiment tag holding a saved view of the UI's runs table (MLflow's envelope: ``name``,
@@ -43,9 +43,8 @@ class TrackingError(RuntimeError):
 
 
 def _quiet():
-    """MLflow's INFO lines (a new store's "Creating initial MLflow database tables") off the terminal;
-    after ``import mlflow``, which sets its logger's level itself."""
-    import mlflow  # noqa: F401
+    """MLflow's INFO lines (a new store's "Creating initial MLflow database tables") off the terminal."""
+    import mlflow  # noqa: F401 - first: it sets its logger's level itself
 
     for name in ("alembic", "mlflow", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -162,40 +161,29 @@ def runs_url(base: str, experiment_id: str, view: bool = True) -> str:
 
 # ------------------------------------------------------------------ dataset inputs
 
-_DATASET_CLASS = None
-
-
+@functools.cache
 def _dataset_class():
-    """``mlflow.data.meta_dataset.MetaDataset`` with a profile (tasks, split sizes), made on first use
-    (importing this module does not import MLflow)."""
-    global _DATASET_CLASS
-    if _DATASET_CLASS is None:
-        from mlflow.data.meta_dataset import MetaDataset
+    """MLflow's ``MetaDataset`` with a profile, made on first use (importing this module imports no MLflow)."""
+    from mlflow.data.meta_dataset import MetaDataset
 
-        class ComodDataset(MetaDataset):
-            """A dataset described by its metadata: comod keeps the data itself in memory."""
+    class ComodDataset(MetaDataset):  # described by its metadata: comod keeps the data in memory
+        def __init__(self, source, name, digest, schema, profile: dict):
+            self._profile = profile
+            super().__init__(source, name=name, digest=digest, schema=schema)
 
-            def __init__(self, source, name, digest, schema, profile: dict):
-                self._profile = profile
-                super().__init__(source, name=name, digest=digest, schema=schema)
+        @property
+        def profile(self) -> dict:
+            return self._profile
 
-            @property
-            def profile(self) -> dict:
-                return self._profile
+        def to_dict(self) -> dict[str, str]:
+            return {**super().to_dict(), "profile": json.dumps(self._profile)}
 
-            def to_dict(self) -> dict[str, str]:
-                return {**super().to_dict(), "profile": json.dumps(self._profile)}
-
-        _DATASET_CLASS = ComodDataset
-    return _DATASET_CLASS
+    return ComodDataset
 
 
 def dataset_settings(cfg: ExperimentConfig) -> dict:
     """The data settings that decide which samples a run sees (not where they live, nor which device)."""
-    settings = config_to_dict(cfg.data)
-    for key in ("root", "on_device"):
-        settings.pop(key, None)
-    return settings
+    return {k: v for k, v in config_to_dict(cfg.data).items() if k not in ("root", "on_device")}
 
 
 def dataset_name(cfg: ExperimentConfig) -> str:
@@ -218,12 +206,12 @@ def _source(where: str | None, cfg: ExperimentConfig):
                 return resolve_dataset_source(str(where))
             except Exception:  # noqa: BLE001 - a path no MLflow source takes: say where in the tags
                 pass
+    tags = {"comod.dataset": cfg.data.dataset}
     if where == "generated":
-        return CodeDatasetSource({"comod.dataset": cfg.data.dataset,
-                                  "comod.generator": f"comod.data.{cfg.data.dataset}",
-                                  "comod.split_seed": str(cfg.data.split_seed)})
-    return CodeDatasetSource({"comod.dataset": cfg.data.dataset,
-                              "comod.root": where or "searched: $COMOD_DATA, ./data, the system's places"})
+        tags.update({"comod.generator": f"comod.data.{cfg.data.dataset}", "comod.split_seed": str(cfg.data.split_seed)})
+    else:
+        tags["comod.root"] = where or "searched: $COMOD_DATA, ./data, the system's places"
+    return CodeDatasetSource(tags)
 
 
 def _summary(data) -> dict:
@@ -287,27 +275,11 @@ def log_dataset(client, run_id: str, dataset_or_input) -> None:
 
 # ------------------------------------------------------------------ params and metrics
 
-METRICS_PER_CALL, PARAMS_PER_CALL, TAGS_PER_CALL, ENTITIES_PER_CALL = 1000, 100, 100, 1000
-"""MLflow's limits on one ``log_batch`` call: metrics, params, tags, and all three together."""
-
-
-def log_batch_chunked(client, run_id: str, metrics=(), params=(), tags=()) -> None:
-    """``client.log_batch`` of any number of MLflow ``Metric``s, ``Param``s and ``RunTag``s, in as few calls
-    as MLflow's per-call limits allow (none when there is nothing), in their order."""
-    metrics, params, tags = list(metrics), list(params), list(tags)
-    while metrics or params or tags:
-        p, params = params[:PARAMS_PER_CALL], params[PARAMS_PER_CALL:]
-        t, tags = tags[:TAGS_PER_CALL], tags[TAGS_PER_CALL:]
-        room = min(METRICS_PER_CALL, ENTITIES_PER_CALL - len(p) - len(t))
-        m, metrics = metrics[:room], metrics[room:]
-        client.log_batch(run_id, metrics=m, params=p, tags=t)
-
-
 def log_params(client, run_id: str, params: dict[str, str]) -> None:
-    """Log params, values cut to MLflow's 6000 characters."""
+    """Log params, values cut to MLflow's 6000 characters (MLflow's client splits a batch to its limits)."""
     from mlflow.entities import Param
 
-    log_batch_chunked(client, run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
+    client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
 
 
 def params_of(cfg: ExperimentConfig) -> dict[str, str]:
@@ -340,8 +312,7 @@ class RunLogger:
         self.out_dir = Path(out_dir)
         run_file = self.out_dir / RUN_FILE
         self.run_id = found = None
-        self.previous_status: str | None = None
-        """Status of the re-attached run before this process (None: a new run)."""
+        self.previous_status: str | None = None  # the re-attached run's status before (None: a new run)
         if run_file.exists():
             previous = json.loads(run_file.read_text())
             if previous.get("tracking_uri") == mlflow.get_tracking_uri():
@@ -368,8 +339,7 @@ class RunLogger:
     def resumed(self) -> bool:
         return self.previous_status is not None
 
-    def logged_steps(self) -> dict[str, set[int]]:
-        """Metric name -> the steps the run already holds."""
+    def logged_steps(self) -> dict[str, set[int]]:  # metric name -> the steps the run holds
         names = self.client.get_run(self.run_id).data.metrics
         return {k: {m.step for m in self.client.get_metric_history(self.run_id, k)} for k in names}
 
@@ -378,7 +348,7 @@ class RunLogger:
         if skip_logged:
             done = self.logged_steps()
             metrics = {k: v for k, v in metrics.items() if step not in done.get(k, ())}
-        log_batch_chunked(self.client, self.run_id, metrics=metric_entities(metrics, step))
+        self.client.log_batch(self.run_id, metrics=metric_entities(metrics, step))
 
     def backfill(self, history: list[dict]) -> None:
         """Log the epochs of a checkpoint's ``history`` that the run lacks (a run stopped between an epoch's
@@ -388,7 +358,7 @@ class RunLogger:
                  for m in metric_entities({k: v for k, v in entry.items()
                                            if k not in ("phase", "epoch", "step", "finetune_step")
                                            and entry["step"] not in done.get(k, ())}, entry["step"])]
-        log_batch_chunked(self.client, self.run_id, metrics=batch)
+        self.client.log_batch(self.run_id, metrics=batch)
 
     def log_artifacts(self, paths: list[Path], artifact_path: str | None = None) -> None:
         for path in paths:

@@ -1,12 +1,11 @@
 """The MLflow runs of a search's trials: found, created, re-attached, written and ended.
 
-One child run per trial under the search's parent run, found again by its Ray trial id tag
-(``comod.ray_trial_id``), so a restored search re-attaches to its runs instead of duplicating them: a
-run that ended before the driver was lost is left as it is, one that was running (or interrupted) goes
-on. No Ray here: a trial is anything with a ``trial_id`` and its sampled ``config``, a checkpoint
-anything with ``as_directory()``. :class:`TrialRuns` puts every write on a :class:`writer.Writer`
-thread, which retries it through an outage; what piles up for a trial while that thread is busy goes
-out in one write. The plain functions are the writes themselves, on an MLflow client.
+One child run per trial under the search's parent run, found again by its Ray trial id tag, so a
+restored search re-attaches to its runs: one that had ended is left as it is, one that was running (or
+interrupted) goes on. No Ray here: a trial is anything with a ``trial_id`` and a ``config``, a
+checkpoint anything with ``as_directory()``. :class:`TrialRuns` puts every write on a
+:class:`writer.Writer` thread (what piles up for a trial meanwhile goes out in one write); the plain
+functions are the writes, on an MLflow client.
 """
 from __future__ import annotations
 
@@ -17,8 +16,8 @@ from pathlib import Path
 from comod_platform.conventions import (EPOCH, FINAL_FLAG, INTERRUPTED, PROTOCOL_KEYS, TAG_BEST_RUN, TAG_BEST_TRIAL,
                                         TAG_ERROR, TAG_KIND, TAG_PARENT, TAG_ROLE, TAG_SEARCH, TAG_STATE,
                                         TAG_STOPPED_EPOCH, TAG_TRIAL_ID, report_metrics)
-from comod_platform.tracking import (dataset_input, dataset_settings, describe_dataset, log_batch_chunked,
-                                     log_dataset, log_params, metric_entities, params_of)
+from comod_platform.tracking import (dataset_input, dataset_settings, describe_dataset, log_dataset, log_params,
+                                     metric_entities, params_of)
 from comod_platform.writer import BACKGROUND_NICE, Writer, transient
 
 log = logging.getLogger(__name__)
@@ -28,16 +27,12 @@ RAY_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp
 OWN_PLAIN = {"wall_seconds", "steps", "pretrain_seconds", "pretrain_wait_seconds"}
 """Our final metrics without a slash (Ray's own result keys have none either)."""
 RUN_STATUS = {"completed": "FINISHED", "pruned": "FINISHED", "interrupted": "KILLED", "failed": "FAILED"}
-"""The MLflow status a trial's run ends with, by the trial's state: a pruned trial ended normally (told by
-its state tag, not marked like a failure); KILLED is for a trial that a stopped search left unfinished."""
-TRIAL_FILES = ("config.yaml", "metrics.json")
-"""A trial's files logged as its run's artifacts at its end, with its ``plots/``."""
+"""A trial's run's MLflow status by its state: a pruned trial ended normally (its state tag tells)."""
 
 
 def numeric_metrics(result: dict) -> dict[str, float]:
-    """A trial's report as MLflow metrics: its numbers (those Ray Tune saw and those of its
-    ``conventions.METRICS`` text), without Ray's own keys, flags without a slash, and the report's
-    bookkeeping (epoch, step, the final and diverged flags), so that a run's charts are its results."""
+    """A trial's report as MLflow metrics: its numbers (with those of its ``conventions.METRICS`` text),
+    without Ray's keys, flags and the report's bookkeeping, so that a run's charts are its results."""
     return {k: float(v) for k, v in report_metrics(result).items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in RAY_KEYS
             and k not in PROTOCOL_KEYS and ("/" in k or k in OWN_PLAIN)}
@@ -59,8 +54,7 @@ def all_runs(client, experiment_id: str, filter_string: str, **kwargs):
 
 def create_run(client, experiment_id: str, parent_run_id: str, search_name: str, trial_id: str, cfg,
                dataset) -> str:
-    """A new child run for the trial (named by what differs between rows: kind and trial id), its params
-    and its dataset input."""
+    """A new child run for the trial (named by kind and trial id), with its params and dataset input."""
     run_id = client.create_run(experiment_id, run_name=f"{cfg.modulation.kind}-{trial_id}", tags={
         TAG_PARENT: parent_run_id, TAG_SEARCH: search_name, TAG_ROLE: "trial", TAG_TRIAL_ID: trial_id,
         TAG_KIND: cfg.modulation.kind, TAG_STATE: "running"}).info.run_id
@@ -70,9 +64,8 @@ def create_run(client, experiment_id: str, parent_run_id: str, search_name: str,
 
 
 def reattach_run(client, found, cfg) -> int | None:
-    """A trial's run made by an earlier driver: None when it had ended (kept as it is); else it is running
-    again, gets the params it lacks (lost with the server or the driver right after its creation), and the
-    last epoch step it logged is returned."""
+    """A trial's run made by an earlier driver: None when it had ended (kept as it is); else it runs again,
+    gets the params it lacks (lost right after its creation), and the last epoch step it logged is returned."""
     run_id, state = found.info.run_id, found.data.tags.get(TAG_STATE)
     if found.info.status in ("FINISHED", "KILLED", "FAILED") and state != INTERRUPTED:
         return None
@@ -87,9 +80,8 @@ def reattach_run(client, found, cfg) -> int | None:
 
 
 def drop_lost_runs(client, experiment_id: str, parent_run_id: str, known: set[str]) -> None:
-    """Runs of trials that a lost driver started after its last experiment snapshot: the restored search
-    never heard of them (Optuna closed theirs as failed) and samples that work anew, so they are ended,
-    tagged ``lost`` and deleted (MLflow keeps deleted runs; ``mlflow runs restore``)."""
+    """Runs of trials a lost driver started after its last snapshot (the restored search never heard of
+    them and samples that work anew): ended, tagged ``lost`` and deleted (``mlflow runs restore``)."""
     from mlflow.entities import ViewType
 
     # read whole before any is deleted: a deletion between two pages would shift the second
@@ -108,7 +100,7 @@ def drop_lost_runs(client, experiment_id: str, parent_run_id: str, known: set[st
 
 def log_trial_files(client, run_id: str, folder: Path) -> None:
     """The trial's config, final metrics and plots (from its last checkpoint's folder) as artifacts."""
-    for name in TRIAL_FILES:
+    for name in ("config.yaml", "metrics.json"):
         if (folder / name).exists():
             client.log_artifact(run_id, str(folder / name))
     for plot in sorted(p for p in (folder / "plots").glob("*") if p.is_file()):  # drawn by the trial
@@ -121,9 +113,8 @@ def end_tags(state: str, error: str | None, last: dict) -> dict[str, str]:
 
 
 def epochs_once(batch: list, done: int) -> tuple[list, int]:
-    """The metrics of ``batch`` ((Metric, per_epoch) pairs) to send, and the last epoch step then logged:
-    a trial restarted from an older checkpoint reports epochs again, and each epoch's step is logged once
-    (steps up to ``done`` were already, and a repeat within the batch is left out)."""
+    """The metrics of ``batch`` ((Metric, per_epoch) pairs) to send, and the last epoch step then logged: a
+    trial restarted from an older checkpoint reports epochs again, each logged once (up to ``done`` were)."""
     send, seen = [], set()
     for metric, per_epoch in batch:
         if per_epoch:
@@ -207,9 +198,8 @@ class TrialRuns:
         return run_id
 
     def _dataset_of(self, cfg):
-        """The trial's dataset input: the parent run's (the base experiment's dataset, as the driver loaded
-        it; a parent without one gets it now) when the trial's data settings are the base's, else one
-        described from the trial's config."""
+        """The parent run's dataset input (the base's, as the driver loaded it) when the trial's data
+        settings are the base's, else one described from the trial's config."""
         from mlflow.data import get_source
 
         base_cfg = self.search.base_config()
@@ -238,9 +228,8 @@ class TrialRuns:
         self._queue(trial, [(m, per_epoch) for m in metric_entities(metrics, step)], {})
 
     def queue_tags(self, trial, tags: dict[str, str], now: bool = False) -> None:
-        """Set ``tags`` with the trial's next write, or in a write of their own when ``now`` (a trial's
-        restart and its move to another node are news while it runs), which takes what waits with it, its
-        own tags winning."""
+        """Set ``tags`` with the trial's next write, or at once when ``now`` (news while it runs: a restart,
+        a move), taking what waits with them."""
         if now:
             self.writer.submit(self._send, trial, tags)
         else:
@@ -257,19 +246,16 @@ class TrialRuns:
         self.writer.submit(self._send, trial)
 
     def end(self, trial, state: str, error: str | None, last: dict | None, checkpoint=None) -> None:
-        """End the trial's run with ``state``: its tags (with what waits: one write), its artifacts from
-        ``checkpoint``, its status."""
+        """End the trial's run: its tags (with what waits), its files from ``checkpoint``, its status."""
         self._queue(trial, [], end_tags(state, error, last or {}))
         self.writer.submit(self._end, trial, state, checkpoint)
 
     def end_interrupted(self, trial, last: dict | None) -> None:
-        """The run of a trial the stopped search left unfinished (none if it never started): KILLED and
-        tagged interrupted; a resume re-opens it."""
+        """A trial a stopped search left unfinished: its run (if it started) KILLED, tagged interrupted."""
         self.writer.submit(self._end_interrupted, trial, last or {})
 
     def reconcile(self, trial, state: str, error: str | None, last: dict | None, checkpoint, step: int) -> None:
-        """After a restore: a trial that ended before the driver was lost may have ended before its last
-        writes went out; its final metrics (if it completed) and its end are written now."""
+        """After a restore: a trial that ended while the driver was lost gets its final metrics and end."""
         last = last or {}
         if last.get(FINAL_FLAG):
             self.queue_metrics(trial, numeric_metrics(last), step)
@@ -305,7 +291,8 @@ class TrialRuns:
             return
         send, done = epochs_once(batch, self._logged_step.get(trial.trial_id, -1))
         try:
-            log_batch_chunked(self.client, run_id, metrics=send, tags=[RunTag(k, v) for k, v in waiting.items()])
+            if send or waiting:
+                self.client.log_batch(run_id, metrics=send, tags=[RunTag(k, v) for k, v in waiting.items()])
         except Exception:
             with self._lock:  # back in front, in order: the writer retries this call
                 later, later_tags = self._pending.get(trial.trial_id, ([], {}))
@@ -314,8 +301,7 @@ class TrialRuns:
         self._logged_step[trial.trial_id] = done
 
     def _log_best(self, trial, metrics: dict, step: int) -> None:
-        """The best trial's final metrics and ids on the parent run (unless it has them already: a restored
-        search's driver considers the trials that had ended before it)."""
+        """The best trial's final metrics and ids on the parent run, unless it has them (after a restore)."""
         from mlflow.entities import RunTag
 
         child = self.run_id(trial)

@@ -1,14 +1,13 @@
 """Writes to a store (MLflow, the Optuna study's database) that outlast its outages.
 
-:class:`Writer` runs calls in order on a thread of its own, so the search's scheduling loop never waits
-on a store; :func:`retry_call` and :class:`RetryingClient` are the same retries for writes made where
-they are needed. A passing failure (:func:`transient`: an unreachable or failing server, a locked, full
-or vanished database, also when MLflow wraps it) is retried until it passes or the flush timeout is
-spent; anything else is the call's own fault, retried a few times and then dropped with a warning that
-names it. Nothing is dropped silently. :func:`usage` says what the writers cost (a search's summary).
+:class:`Writer` runs calls in order on a thread of its own, so the scheduling loop never waits on a
+store; :func:`retry_call` and :class:`RetryingClient` retry writes made in place. A passing failure
+(:func:`transient`) is retried until it passes or the flush timeout is spent; anything else is retried
+a few times, then dropped with a warning that names it. :func:`usage` says what the writers cost.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -27,22 +26,17 @@ FLUSH_TIMEOUT_ENV = "COMOD_MLFLOW_FLUSH_TIMEOUT"
 TRANSIENT_DATABASE_SIGNS = ("OperationalError", "database is locked", "database table is locked", "disk I/O error",
                             "database or disk is full", "No space left on device", "could not connect to server",
                             "server closed the connection unexpectedly")
-"""What MLflow's stores leave of a database error they wrap (an MlflowException with the driver's message):
-a lock held past SQLite's busy timeout, a full disk, a database server that went away. Retried, not dropped."""
+"""What MLflow leaves of a database error it wraps (a lock held past SQLite's busy timeout, a full disk, a
+database server gone): retried, not dropped."""
 
 
 def transient(err: Exception) -> bool:
-    """Whether a call failed because the store could not be reached or was failing (worth retrying until
-    it is back), rather than because the call itself was refused."""
-    if isinstance(err, (ConnectionError, TimeoutError, OSError)):
-        return True
-    try:
-        import requests
+    """Whether a call failed because the store was unreachable or failing (retried until it is back), not
+    because the call itself was refused."""
+    import requests  # MLflow's HTTP client
 
-        if isinstance(err, requests.exceptions.RequestException):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(err, (ConnectionError, TimeoutError, OSError, requests.exceptions.RequestException)):
+        return True
     chain, seen = [], set()
     while err is not None and id(err) not in seen:  # err, and what it was raised from or during
         seen.add(id(err))
@@ -58,10 +52,8 @@ def transient(err: Exception) -> bool:
 
 
 class Writer:
-    """A background thread that runs calls to a store in order.
-
-    While the store is unreachable, writes wait in the queue (in order) and the head one is retried with a
-    growing pause (at most ``max_pause`` s), so nothing is dropped. A call the store refuses is tried
+    """A thread that runs calls to a store in order. While the store is unreachable the head call is retried
+    with a growing pause (at most ``max_pause`` s), the rest waiting; a call the store refuses is tried
     ``retries`` times, then dropped with a warning. ``nice`` lowers the thread's CPU priority by that much;
     ``idle`` puts it in Linux's ``SCHED_IDLE`` class (it runs where a core would otherwise idle)."""
 
@@ -82,17 +74,13 @@ class Writer:
 
     def _loop(self) -> None:
         # this thread only (a Linux thread is its own task); not Linux, or not allowed: as it is
-        try:
+        with contextlib.suppress(AttributeError, OSError):
             if self.nice:
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
                                os.getpriority(os.PRIO_PROCESS, 0) + self.nice)
-        except (AttributeError, OSError):
-            pass
-        try:
+        with contextlib.suppress(AttributeError, OSError):
             if self.idle:
                 os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        except (AttributeError, OSError):
-            pass
         while True:
             # the call's arguments are let go before task_done: once a flush returns, this thread holds
             # nothing of the caller's (a Ray trial freed here while Ray shuts down ends the process)
@@ -150,9 +138,8 @@ class Writer:
 
 
 def usage(since: dict[str, dict] | None = None) -> dict[str, dict]:
-    """What this process's writers have cost, by thread name: ``{name: {"calls": n, "cpu_s": s}}`` (their
-    threads' CPU time in calls, retries included); with ``since`` (an earlier ``usage()``), only what came
-    after it."""
+    """What this process's writers cost, by thread name: ``{name: {"calls": n, "cpu_s": s}}``; with
+    ``since`` (an earlier ``usage()``), only what came after it."""
     total: dict[str, dict] = {}
     for writer in list(_WRITERS):
         entry = total.setdefault(writer.thread.name, {"calls": 0, "cpu_s": 0.0})
@@ -179,8 +166,7 @@ def retry_call(fn, *args, timeout: float | None = None, **kwargs):
 
 
 class RetryingClient:
-    """An MLflow client whose every call is :func:`retry_call`'s: a passing failure is waited out up to the
-    flush timeout, anything else raises at once (``comod train``'s run, a search's parent run)."""
+    """An MLflow client whose every call is :func:`retry_call`'s (``comod train``'s run, a search's parent)."""
 
     def __init__(self, client, timeout: float | None = None):
         self._client, self._timeout = client, timeout
