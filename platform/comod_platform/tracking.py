@@ -258,11 +258,10 @@ def describe_dataset(cfg: ExperimentConfig, data=None, source=None):
 def dataset_input(dataset):
     """``dataset`` (an ``mlflow.data`` dataset) as the ``DatasetInput`` that ``MlflowClient.log_inputs`` takes."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
-    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     entity = Dataset(**{k: v for k, v in dataset.to_dict().items()
                         if k in ("name", "digest", "source_type", "source", "schema", "profile")})
-    return DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, DATASET_CONTEXT)])
+    return DatasetInput(entity, tags=[InputTag("mlflow.data.context", DATASET_CONTEXT)])  # as log_input(context=)
 
 
 def log_dataset(client, run_id: str, dataset_or_input) -> None:
