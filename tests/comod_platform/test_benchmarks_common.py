@@ -105,24 +105,29 @@ def _overhead_summary(**changes) -> dict:
     return {k: v for k, v in s.items() if v is not None}
 
 
-def test_platform_overhead_targets_and_its_result_line(overhead):
+def test_platform_overhead_guard_and_its_result_line(overhead):
     s = _overhead_summary()
     s.update(overhead.checks(s))
-    assert s["targets"] == {"platform_over_floor": 1.05, "window_ratio": 1.10, "idle_gap_ms": 70}
-    assert s["checks"] == {"platform_over_floor": True, "window_ratio": True, "idle_gap_ms": True} and s["pass"]
+    assert s["targets"] == {"platform_over_floor": 1.10}
+    assert s["retired"] == {"window_ratio": 1.10, "idle_gap_ms": 70}
+    assert s["checks"] == {"platform_over_floor": True} and s["pass"]
     assert overhead.result_line(s) == "RESULT platform/bare_ray=1.045 window_platform/plain=1.070 idle_gap_ms=41"
     lines = overhead.target_lines(s)
-    assert lines[:3] == ["PASS: whole command platform / bare Ray Tune = 1.045 (target <= 1.05)",
-                         "PASS: trials' window platform / plain = 1.070 (target <= 1.1)",
-                         "PASS: idle gap per trial slot = 41 ms (target <= 70)"]
+    assert lines[:3] == ["PASS: whole command platform / bare Ray Tune = 1.045 (guard <= 1.1)",
+                         "reported: trials' window platform / plain = 1.070 (a retired target, <= 1.1)",
+                         "reported: idle gap per trial slot = 41 ms (a retired target, <= 70)"]
     # the whole command against the plain loop: reported, and why it is no target here
     assert lines[3].startswith("whole command platform / plain = 1.620, reported, not a target")
     assert "bare Ray Tune / plain, is 1.550" in lines[3] and "1.15" in lines[3]
 
+    # a slow window or gap no longer fails the run; only the guard does
     slow = _overhead_summary(window_ratio=1.2, idle_gap_ms=71)
     slow.update(overhead.checks(slow))
-    assert slow["checks"] == {"platform_over_floor": True, "window_ratio": False, "idle_gap_ms": False}
-    assert not slow["pass"] and overhead.target_lines(slow)[2].startswith("MISS: idle gap")
+    assert slow["pass"]
+    over = _overhead_summary(platform_over_floor=1.12)
+    over.update(overhead.checks(over))
+    assert over["checks"] == {"platform_over_floor": False} and not over["pass"]
+    assert overhead.target_lines(over)[0].startswith("MISS: whole command platform / bare Ray Tune = 1.120")
 
 
 def test_platform_overhead_says_what_bare_ray_tune_reaches_and_where_comods_extra_lies(overhead):
@@ -243,7 +248,7 @@ def test_platform_overhead_report_from_measured_runs(overhead):
     args = SimpleNamespace(trials=4, concurrency=2)
     s = overhead.summarise(pairs, args)
     assert s["idle_gap_ms"] == 25 and s["window_ratio"] == pytest.approx(2.05 / 2.0, abs=1e-3)
-    assert s["checks"] == {"platform_over_floor": True, "window_ratio": True, "idle_gap_ms": True}
+    assert s["checks"] == {"platform_over_floor": True} and s["pass"]
     result = {"summary": s, "pairs": pairs, "total_s": 40.0,
               "settings": {"trials": 4, "concurrency": 2, "steps_per_epoch": 30, "epochs": 2, "repeats": 1,
                            "quick": False, "warm": False},
@@ -251,9 +256,9 @@ def test_platform_overhead_report_from_measured_runs(overhead):
               "versions": {"ray": "r", "mlflow": "m", "optuna": "o", "torch": "t", "python": "p"},
               "load_wait": {"limit": 2.5, "waited_s": 0.0, "load_at_start": 0.2, "reached": True}}
     md = overhead.markdown(result)
-    assert "| 1: bare Ray Tune |" in md and "Targets: the whole command at most 1.05x the bare Ray Tune run" in md
-    assert f"**PASS: whole command platform / bare Ray Tune = {s['platform_over_floor']:.3f} (target <= 1.05)**" in md
-    assert "**PASS: idle gap per trial slot = 25 ms (target <= 70)**" in md
+    assert "| 1: bare Ray Tune |" in md and "The guard: the whole command at most 1.1x the bare Ray Tune run" in md
+    assert f"**PASS: whole command platform / bare Ray Tune = {s['platform_over_floor']:.3f} (guard <= 1.1)**" in md
+    assert "**reported: idle gap per trial slot = 25 ms (a retired target, <= 70)**" in md
     assert f"- whole command platform / plain = {s['ratio']:.3f}, reported, not a target" in md
 
 
@@ -318,10 +323,10 @@ def test_what_recording_alone_costs_the_window(overhead):
     assert r["window_ratio_at_least"] == round((12.2 + 1.1) / 11.2, 3)
     note = overhead.recording_note(r)
     assert note.startswith("recording alone: the driver's MLflow writer takes 50 ms and its study writer 5 ms")
-    assert "at least about 1.188x the plain loop's" in note and "out of reach on this machine" in note
+    assert note.endswith("so the window is at least about 1.188x the plain loop's (bare Ray Tune's window plus it)")
     cheap = overhead.recording_estimate([{**pairs[0], "platform": side(14.0, {"mlflow": 0.2, "study": 0.0})}],
                                         trials=40, cores=2)
-    assert "out of reach" not in overhead.recording_note(cheap)
+    assert "at least about 1.100x" in overhead.recording_note(cheap)
     assert "window_ratio_at_least" not in overhead.recording_estimate([{"platform": pairs[0]["platform"]}], 40, 2)
 
 
