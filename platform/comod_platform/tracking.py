@@ -17,7 +17,10 @@ import time
 import urllib.error
 import urllib.request
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
+
+from filelock import FileLock
 
 from comod.config import ExperimentConfig, config_to_dict, flatten
 from comod_platform.paths import runs_home
@@ -55,14 +58,24 @@ def embedded_uri() -> str:
 
 
 def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI``, else the embedded store (made by MLflow when first opened)."""
+    """``MLFLOW_TRACKING_URI``, else the embedded store, made here by MLflow if new."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
     runs_home().mkdir(parents=True, exist_ok=True)
     if not (runs_home() / "mlflow.db").exists():
         _quiet()  # MLflow makes the new store, and says so at INFO
+        from mlflow.tracking import MlflowClient
+
+        with _store_lock(embedded_uri()):  # two commands making one new store would race on its tables
+            MlflowClient(tracking_uri=embedded_uri()).search_experiments(max_results=1)
     return embedded_uri()
+
+
+def _store_lock(uri: str):
+    """Held while the embedded store is made or an experiment in it is made and marked, so that commands
+    started together on one runs folder take turns; a server takes care of its own."""
+    return FileLock(str(runs_home() / "mlflow.db.lock")) if uri == embedded_uri() else nullcontext()
 
 
 def artifact_root() -> str | None:
@@ -111,13 +124,16 @@ def setup(experiment: str, metric: str | None = None, mode: str = "max"):
     check_reachable(uri)
     root = artifact_root()  # before set_tracking_uri, which exports MLFLOW_TRACKING_URI
     mlflow.set_tracking_uri(uri)
-    found = mlflow.get_experiment_by_name(experiment)
-    if found is not None:
-        experiment_id, tags = found.experiment_id, found.tags
-    else:
-        experiment_id, tags = mlflow.create_experiment(experiment, artifact_location=root), {}
-    mark_experiment(MlflowClient(tracking_uri=uri), experiment_id, metric, mode, tags)
-    return experiment_id
+    with _store_lock(uri):
+        found = mlflow.get_experiment_by_name(experiment)
+        if found is None:
+            try:
+                mlflow.create_experiment(experiment, artifact_location=root)
+            except mlflow.exceptions.MlflowException:  # made meanwhile by another command on the server
+                pass
+            found = mlflow.get_experiment_by_name(experiment)
+        mark_experiment(MlflowClient(tracking_uri=uri), found.experiment_id, metric, mode, found.tags)
+    return found.experiment_id
 
 
 def view_state(metric: str | None = None, mode: str = "max") -> dict:

@@ -209,6 +209,20 @@ def test_train_records_the_mlflow_run(trained):
     assert json.loads(stored.read_text()) == metrics
 
 
+def test_two_runs_started_together_on_a_new_runs_folder_both_record(tmp_path):
+    """Two `comod train` started at once on a runs folder with no store yet: one makes the store and the
+    experiment while the other waits, and both runs are recorded (no migration or tag race)."""
+    home = tmp_path / "runs"
+    env = cli_env(home)
+    procs = [start_cli(["train", TINY, "--out", tmp_path / f"out{i}", "--no-progress"], env,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    c = client(store_uri(home))
+    assert len(c.search_experiments(filter_string="name = 'comod-train'")) == 1
+    assert sorted(r.info.status for r in runs_of(c, "comod-train")) == ["FINISHED", "FINISHED"]
+
+
 def test_rerun_of_a_finished_run_returns_its_metrics_and_logs_nothing(trained, monkeypatch, capsys):
     assert trained.proc.returncode == 0, trained.proc.stderr
     monkeypatch.setenv("COMOD_HOME", str(trained.home))
