@@ -118,10 +118,9 @@ def parse_env(pairs: Iterable[str]) -> dict[str, str]:
 
 
 def job_env(extra: dict[str, str], storage: str | None, notes: list[str] | None = None) -> dict[str, str]:
-    """The job's environment variables: the submitter's MLflow, Optuna and storage settings, then
-    ``--env`` pairs, then ``--storage``. Ray's dashboard shows a job's runtime environment, so no secret
-    goes there: a forwarded URL with a password is left to the cluster's own environment (said in
-    ``notes``), and an ``--env`` secret is refused (:mod:`credentials`)."""
+    """The job's environment: the submitter's MLflow, Optuna and storage settings, ``--env``, ``--storage``.
+    Ray's dashboard shows it, so a forwarded URL with a password is left out (said in ``notes``) and an
+    ``--env`` secret is refused (:mod:`credentials`)."""
     from comod_platform.credentials import is_secret, redact
 
     env = {}
@@ -187,18 +186,15 @@ def _loopback(url: str) -> bool:
 def submit(search: str | Path, address: str | None = None, name: str | None = None, storage: str | None = None,
            ship: str = "wheel", env_pairs: Iterable[str] = (), log: Callable[[str], None] | None = None
            ) -> Submission:
-    """Check ``search`` here, then submit it to the cluster as a Ray job; returns what was submitted.
-
-    A broken search file, a bad name or a bad ``--env`` fail before the cluster is contacted; a
-    cluster of several nodes without shared storage, or a search whose job is still running there,
-    is refused before anything is uploaded.
-    """
+    """Check ``search`` here, then submit it as a Ray job; returns what was submitted. A broken file, name
+    or ``--env`` fails before the cluster is contacted; several nodes without shared storage, or a job of
+    the search still running there, before anything is uploaded."""
+    from comod_platform.search_state import default_name
     from comod_platform.searchfile import load_search, resolve_search_path
 
     log = log or (lambda line: print(line, file=sys.stderr))
     sf = load_search(search)  # raises comod.config.ConfigError: the caller's exit status 2
     source = resolve_search_path(search)
-    from comod_platform.search_state import default_name
 
     name = check_name(name) if name else default_name(sf.name)
     if ship not in SHIP_CHOICES:
@@ -290,8 +286,7 @@ def status(address: str | None, name: str) -> dict:
 
 
 def logs(address: str | None, name: str, follow: bool = False, write: Callable[[str], None] | None = None) -> str:
-    """Write the logs of search ``name``'s latest job; with ``follow``, until the job ends. Returns its
-    submission id."""
+    """Write the logs of search ``name``'s latest job (``follow``: until it ends); returns its id."""
     write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     url, client, job = latest_job(address, name)
     if not follow:
@@ -320,15 +315,9 @@ def stop(address: str | None, name: str, wait: float = 60.0) -> dict:
         return {"name": name, "submission_id": job.submission_id, "stopped": False, "status": before,
                 "address": url}
     _call(url, "stop the job", client.stop_job, job.submission_id)
-    deadline = time.time() + wait
-    now = before
-    while time.time() < deadline:
-        now = _value(_call(url, "give the job's status", client.get_job_status, job.submission_id))
-        if now in TERMINAL:
-            break
+    deadline, now = time.time() + wait, before
+    while time.time() < deadline and now not in TERMINAL:
         time.sleep(0.5)
+        now = _value(_call(url, "give the job's status", client.get_job_status, job.submission_id))
     return {"name": name, "submission_id": job.submission_id, "stopped": True, "status": now, "address": url}
 
-
-__all__ = ["JobsError", "Submission", "build_wheel", "dashboard_address", "logs", "status", "stop",
-           "submit"]

@@ -80,5 +80,3 @@ class EpochReporter:
         self._stopped.set()
         self._queue.put(None)
 
-
-__all__ = ["EpochReporter"]

@@ -31,9 +31,6 @@ from comod_platform.searchfile import SearchFile, load_search, parse_search, rea
 from comod_platform.summary import last_line, summarise_grid
 from comod_platform.tuner import VERBOSE_ENV, build_tuner, init_ray, load_shared_data
 
-PROGRESS_PREFIX = "[search]"
-"""Lines a Ray job's driver prints for ``comod search status`` to find (:mod:`jobs`)."""
-
 
 def optuna_storage_url(paths: SearchPaths) -> str:
     """The study's database: ``COMOD_OPTUNA_STORAGE`` (a team database), else SQLite in the search folder."""
@@ -191,8 +188,7 @@ def _fit(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, restore: bool = F
     status = "KILLED"
     with interrupts.StopOnSignal(meta.name):
         try:
-            tuner = build_tuner(sf, paths, meta, storage_mod.join(meta.ray_storage, meta.name), restore, data)
-            grid = tuner.fit()
+            grid = build_tuner(sf, paths, meta, storage_mod.join(meta.ray_storage, meta.name), restore, data).fit()
             status = "KILLED" if interrupts.requested() else "FINISHED"
         except Exception:
             status = "FAILED"
@@ -233,7 +229,7 @@ def run_or_resume(search: str | Path, name: str, address: str | None = None, sto
     if yaml.safe_load(source.read_text()) != yaml.safe_load(paths.search_file.read_text()):
         raise SearchError(f"a search named {name!r} exists already ({paths.root}) with another search file than "
                           f"{source}; continue it with the same file, or choose another --name")
-    print(f"{PROGRESS_PREFIX} resuming search {name} from {paths.root}", file=sys.stderr, flush=True)
+    print(f"[search] resuming search {name} from {paths.root}", file=sys.stderr, flush=True)
     return resume_search(name, address=address, **more)
 
 

@@ -28,14 +28,10 @@ INTERRUPTED_ATTR = "comod.interrupted"  # "1": closed as failed because its sear
 CONTINUES_ATTR = "comod.continues"      # the number of the interrupted trial this one continues
 CLOSED_ATTR = "comod.closed"            # why it was closed as failed with no Ray trial to run it
 
-SAMPLERS = {
-    "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed),
-    "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
-    "cmaes": lambda seed: optuna.samplers.CmaEsSampler(seed=seed),
-    "qmc": lambda seed: optuna.samplers.QMCSampler(seed=seed),
-    # a grid's points are enqueued in the study (grid_points); the sampler is never asked for a value
-    "grid": lambda seed: optuna.samplers.RandomSampler(seed=seed),
-}
+SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
+            "cmaes": optuna.samplers.CmaEsSampler, "qmc": optuna.samplers.QMCSampler,
+            # a grid's points are enqueued in the study (grid_points); the sampler is never asked for a value
+            "grid": optuna.samplers.RandomSampler}
 
 
 def create_sampler(search_file) -> optuna.samplers.BaseSampler:
@@ -43,7 +39,7 @@ def create_sampler(search_file) -> optuna.samplers.BaseSampler:
     s = search_file.search
     if s.sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {s.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    return SAMPLERS[s.sampler](s.seed)
+    return SAMPLERS[s.sampler](seed=s.seed)
 
 
 def points_to_evaluate(search_file) -> list[dict] | None:
@@ -77,8 +73,8 @@ class StudySearcher(Searcher):
         self._running: set[str] = set()  # Ray trials whose Optuna trial this driver knows is RUNNING
 
     def __getstate__(self) -> dict:  # Ray Tune pickles the searcher it was given: the database holds the study
-        keep = ("space", "url", "study_name", "sampler", "report_intermediate", "_metric", "_mode")
-        return {key: value for key, value in self.__dict__.items() if key in keep}
+        return {k: self.__dict__[k] for k in ("space", "url", "study_name", "sampler", "report_intermediate",
+                                              "_metric", "_mode")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)

@@ -20,7 +20,6 @@ import shutil
 import tempfile
 import time
 import warnings
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -55,12 +54,9 @@ def unpack(packed: dict) -> TaskData:
 
 
 def _with_aliases(metrics: dict) -> dict:
-    row = dict(metrics)
-    for key, value in metrics.items():
-        phase, _, rest = key.partition("/")
-        if phase in ("pretrain", "finetune") and rest.startswith("val/"):
-            row[rest] = value
-    return row
+    """``pretrain/val/X`` and ``finetune/val/X`` also as ``val/X``: one curve across both phases."""
+    return {**metrics, **{key.partition("/")[2]: value for key, value in metrics.items()
+                          if key.startswith(("pretrain/val/", "finetune/val/"))}}
 
 
 CHECKPOINT_FILES = ("checkpoint.pt", "config.yaml")
@@ -96,26 +92,17 @@ def _report_to_tune(row: dict, folder: Path | None, metric: str) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _restore(checkpoint, out: Path) -> bool:
-    """Put the trial's last persisted checkpoint (if any) into ``out``; True if there was one. Ray's
-    checkpoint is the authority: the local folder may be missing (another node) or hold epochs whose
-    reports never reached the driver."""
-    if checkpoint is not None:
-        checkpoint.to_directory(str(out))
-    return checkpoint is not None
-
-
 class TrialRun:
     """The experiment's callbacks in one trial: each epoch goes to Ray Tune (through an
     :class:`EpochReporter`), the last one with the final metrics; see the module's docstring."""
 
     def __init__(self, search, cfg, trial_id: str, out: Path):
-        self.search, self.cfg, self.trial_id, self.out = search, cfg, trial_id, out
-        self.metric = search.search.metric
-        self.reporter = EpochReporter(partial(_report_to_tune, metric=self.metric))
-        self.watchdog = Watchdog(search.search.trial_timeout_s, search.search.stall_timeout_s)
         import ray
 
+        self.search, self.cfg, self.trial_id, self.out = search, cfg, trial_id, out
+        self.metric = search.search.metric
+        self.reporter = EpochReporter(lambda row, folder: _report_to_tune(row, folder, self.metric))
+        self.watchdog = Watchdog(search.search.trial_timeout_s, search.search.stall_timeout_s)
         self.where = {NODE: ray.get_runtime_context().get_node_id(), GPUS: ",".join(map(str, ray.get_gpu_ids()))}
         self.epochs = self.step = 0
         self.fresh, self.payload = False, None  # a checkpoint written since the last report; the last one's payload
@@ -223,6 +210,8 @@ def run_trial(config: dict, search=None, search_name: str = "", home: str = "", 
     trial_id = tune.get_context().get_trial_id()
     paths = SearchPaths(search_name, Path(home))
     out = paths.trial_dir(trial_id)
-    resumed = _restore(tune.get_checkpoint(), out)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:  # the authority: the local folder may be missing or hold unreported epochs
+        checkpoint.to_directory(str(out))
     shared = unpack(data) if data is not None and data_key(cfg) == shared_key else None
-    TrialRun(search, cfg, trial_id, out).run(shared, resumed, paths)
+    TrialRun(search, cfg, trial_id, out).run(shared, checkpoint is not None, paths)

@@ -1,10 +1,9 @@
 """Ray for a search's driver, and the search's Ray Tune ``Tuner``.
 
-``init_ray`` starts a local Ray (its own output kept off the terminal unless
-verbose) or joins a cluster. ``build_tuner`` makes the Tuner of a new search
-(the trainable with the shared dataset, :class:`searcher.StudySearcher`, ASHA
-on the trials' epochs, the MLflow and progress callbacks), or restores a
-stopped one, whose trials, study and runs all go on.
+``init_ray`` starts a local Ray (its output kept off the terminal unless verbose) or joins a cluster.
+``build_tuner`` makes a new search's Tuner (the trainable with the shared dataset,
+:class:`searcher.StudySearcher`, ASHA on the trials' epochs, the MLflow and progress callbacks), or
+restores a stopped one, whose trials, study and runs all go on.
 """
 from __future__ import annotations
 
@@ -49,9 +48,8 @@ class QuietRayHandler(logging.Handler):
 
 
 def quiet_ray() -> None:
-    """Keep Ray's notices, INFO and WARNING lines and Python warnings off a local search's terminal; its
-    errors go through :class:`QuietRayHandler`. Called before ``ray.init`` and after it (which takes
-    Ray's handlers off the "ray" logger). Token authentication is left as Ray sets it up."""
+    """Keep Ray's notices, INFO and WARNING lines and warnings off a local search's terminal (errors go
+    through :class:`QuietRayHandler`); called before ``ray.init`` and after it, which resets the logger."""
     import warnings
 
     warnings.filterwarnings("ignore", module=r"ray(\.|$)")

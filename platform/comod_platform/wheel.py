@@ -1,12 +1,9 @@
 """The project's own wheel, ready to ship with a Ray job in ``py_modules``.
 
-Ray installs a shipped wheel on each node with ``pip install WHEEL
---target=DIR``, which installs every declared dependency again from the index
-(torch, ray, mlflow...): the shipped wheel declares none, the dependencies are
-the cluster's own. Ray names an uploaded wheel by its file name and skips the
-upload when that name exists, so the name carries a hash of the contents (in
-the wheel's build tag): changed code is a new package, unchanged code is
-uploaded and installed once.
+Ray installs it on each node with ``pip install WHEEL --target=DIR``, which would install every declared
+dependency again: the shipped wheel declares none (they are the cluster's own). Ray skips the upload of a
+file name it has, so the name carries a hash of the contents (the build tag): changed code is a new
+package, unchanged code is uploaded and installed once.
 """
 from __future__ import annotations
 
