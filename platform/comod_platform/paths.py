@@ -32,9 +32,8 @@ def disk_message(err: OSError, where: Path, what: str = "--out") -> str:
 
 
 def unwritable(folder: Path, what: str) -> str | None:
-    """Why ``folder`` cannot take a file, in one line; None when it can. Leaves nothing behind: folders it
-    had to make for the probe are removed again."""
-    made = [p for p in (folder, *folder.parents) if not p.exists()]  # what the probe makes, it removes
+    """Why ``folder`` cannot take a file, in one line; None when it can. Folders made for the probe go again."""
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".comod-write-{os.getpid()}"

@@ -1,13 +1,13 @@
 """Where a search keeps its state in the runs folder, and how it is found again.
 
-``<runs>/searches/NAME/``: ``search.yaml`` (the search file as run), ``meta.json`` (study, storage and
-MLflow ids, versions, the search file's hash; URLs redacted, see :mod:`credentials`), ``driver.lock``
-and ``driver.json`` (the lock of the search's one driver, and who holds it), ``optuna.db`` (the study,
-embedded default), ``ray/`` (Ray Tune's experiment), ``trials/ID/`` (each trial's outputs, from which
-an interrupted trial resumes) and ``pretrain_cache/`` (pretrained models shared by trials).
+``<runs>/searches/NAME/``: ``search.yaml`` (the search file as run), ``meta.json`` (ids, versions, the
+search file's hash; URLs redacted, see :mod:`credentials`), ``driver.lock`` and ``driver.json`` (the one
+driver's lock, and who holds it), ``optuna.db`` (the embedded study), ``ray/`` (Ray Tune's experiment),
+``trials/ID/`` (each trial's outputs) and ``pretrain_cache/`` (pretrained models shared by trials).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -38,8 +38,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 def check_name(name: str) -> str:
-    """``name`` when it can name a search (a folder, an MLflow experiment, an Optuna study, a Ray job);
-    else :class:`BadName`: no path separators, no ``..``, no control characters."""
+    """``name`` when it can name a folder, an MLflow experiment, an Optuna study and a Ray job; else
+    :class:`BadName`."""
     if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
         raise BadName(f"--name {name!r}: a search's name is letters, digits, '.', '_' and '-' (at most 100, "
                       f"starting with a letter or digit, no '..'), e.g. --name tiny-lr-sweep")
@@ -47,8 +47,7 @@ def check_name(name: str) -> str:
 
 
 def default_name(stem: str) -> str:
-    """A new search's name when none is given: the search file's name, the time to the second and a random
-    suffix, so two searches started in the same second never share a name."""
+    """A new search's name: the search file's, the time and a random suffix (two in one second differ)."""
     stem = re.sub(r"\.{2,}", ".", re.sub(r"[^A-Za-z0-9._-]", "-", stem)).strip(".-_") or "search"
     return check_name(f"{stem[:70]}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}")
 
@@ -78,11 +77,9 @@ class SearchMeta:
     ray_storage: str
     created: float
     search_id: str | None = None
-    """Also on its MLflow experiment and Optuna study: a resume checks both are this search's (a shared
-    store may hold another search of the same name)."""
+    """Also on its experiment and study: a resume checks both are this search's, not a namesake's."""
     versions: dict[str, str] = field(default_factory=dict)
-    search_sha256: str | None = None
-    """:func:`search_hash` of the search file as run."""
+    search_sha256: str | None = None  # search_hash of the search file as run
     search_settings: dict | None = None
     """The search file as run, parsed: a resume names the first setting an edit changed."""
 
@@ -98,6 +95,9 @@ class SearchPaths:
     pretrain_cache = property(lambda self: self.root / "pretrain_cache")
     ray_storage = property(lambda self: self.root / "ray")
     optuna_db = property(lambda self: self.root / "optuna.db")
+    lock_file = property(lambda self: self.root / "driver.lock")
+    holder_file = property(lambda self: self.root / "driver.json")
+    id_file = property(lambda self: self.root / "search.id")
 
     def trial_dir(self, trial_id: str) -> Path:
         return self.trials / trial_id
@@ -130,10 +130,6 @@ class SearchPaths:
         tmp.write_text(json.dumps(record, indent=2, default=str))  # a YAML date in the settings: as text
         os.replace(tmp, self.meta_file)
 
-    lock_file = property(lambda self: self.root / "driver.lock")
-    holder_file = property(lambda self: self.root / "driver.json")
-    id_file = property(lambda self: self.root / "search.id")
-
     def search_id(self) -> str:
         """This folder's search id, made once (a start that failed half-way finds its experiment and study)."""
         if self.id_file.exists():
@@ -159,13 +155,10 @@ class SearchPaths:
 
 
 class DriverLock:
-    """The one driver of a search: a :class:`filelock.FileLock` on ``driver.lock``, held for the driver's
-    lifetime and released by the kernel when its process ends, however it ends. ``driver.json`` says who
-    holds it (pid, host, command, since), for the message a second driver gets."""
+    """The one driver of a search: a :class:`filelock.FileLock` on ``driver.lock``, released by the kernel
+    when the driver's process ends, however it ends; ``driver.json`` says who holds it, for a second driver."""
 
-    ENDING_S = 30.0
-    """How long a new driver waits for one that is ending: its command (see own_session) is gone from this
-    host, and the driver dies with it."""
+    ENDING_S = 30.0  # the wait for a driver whose command (see own_session) is gone from this host: it is ending
 
     def __init__(self, paths: SearchPaths, command: str):
         self.paths, self.command, self.held = paths, command, None
@@ -227,7 +220,6 @@ class DriverLock:
 
 def search_hash(settings: dict) -> str:
     """A stable hash of a search file's parsed settings (key order and formatting do not count)."""
-    import hashlib
 
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -1,11 +1,9 @@
 """The runs folder's SQLite databases in write-ahead-log mode, for the search driver.
 
-The driver writes the embedded MLflow store and its study a commit at a time while ``comod ui`` and
-``comod search status`` read them. In WAL mode readers and the writer do not wait for each other, and
-with ``synchronous=NORMAL`` a process killed mid-search loses no committed write (a power cut can lose
-the last few, never the file). Only databases inside the runs folder are switched; ``COMOD_SQLITE_WAL=0``
-leaves them as they are (a runs folder on a network file system, where WAL cannot work). Until SQLite's
-checkpoint (at the latest when the last connection closes), ``NAME-wal`` beside a database is part of it.
+While the driver writes the embedded MLflow store and the study, ``comod ui`` and ``comod search status``
+read them without waiting; with ``synchronous=NORMAL`` a killed process loses no committed write. Only
+databases inside the runs folder are switched; ``COMOD_SQLITE_WAL=0`` leaves them as they are (a network
+file system, where WAL cannot work). Until SQLite's checkpoint, ``NAME-wal`` beside a database is part of it.
 """
 from __future__ import annotations
 
@@ -25,8 +23,8 @@ def enabled() -> bool:
 
 
 def install() -> None:
-    """From now on in this process, every new SQLite connection of SQLAlchemy's (MLflow's, Optuna's) to a
-    database inside the runs folder is switched to WAL with ``synchronous=NORMAL`` (unless switched off)."""
+    """Switch every new SQLAlchemy (MLflow, Optuna) SQLite connection of this process to a database inside
+    the runs folder to WAL with ``synchronous=NORMAL`` (unless switched off)."""
     global _installed
     if _installed or not enabled():
         return
@@ -39,7 +37,7 @@ def install() -> None:
 
 def _on_connect(connection, _record) -> None:
     if not isinstance(connection, sqlite3.Connection):
-        return
+        return  # a database server's connection
     try:
         path = next((row[2] for row in connection.execute("PRAGMA database_list") if row[1] == "main"), "")
         if not path or not Path(path).resolve().is_relative_to(runs_home()):
