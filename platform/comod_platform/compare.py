@@ -1,12 +1,9 @@
 """Modulation conditions compared across a search's trials (docs/method.md, "Claims to test").
 
-``compare(name)`` builds the report (:func:`build_report`): per condition (:mod:`conditions`) the
-counts, best trial and distribution; paired differences over matched groups (:mod:`stats`),
-Holm-adjusted within each family, for the search metric, the test metrics, each varied setting and
-noise scale; per-task win rates; the curves (:mod:`curves`); what the study cost; parameter
-importances (:mod:`importances`). It writes ``compare.md`` (:mod:`report`), ``compare.json``,
-``importances.json`` and the plots (:mod:`compare_plots`), logs them to the search's parent MLflow run
-and returns the report. With too few trials the report says so instead of inventing numbers.
+:func:`build_report`: per condition the counts, best trial and distribution; paired differences over
+matched groups, Holm-adjusted per family; per-task win rates; the curves; the study's cost; parameter
+importances. :func:`compare` writes it as ``compare.md``, ``compare.json``, ``importances.json`` and
+plots, logged to the search's parent MLflow run. With too few trials the report says so.
 """
 from __future__ import annotations
 
@@ -40,7 +37,6 @@ HOLM_FAMILIES = {
     "settings": "stochastic - deterministic per value of each varied setting and per noise scale",
     "efficiency": "the paired fine-tuning AUC and steps to each fraction",
 }
-"""One family per question the report asks; a family holds its comparisons with at least two units."""
 _TASK_F1 = re.compile(r"^test/([^/]+)/f1$")
 
 
@@ -50,8 +46,7 @@ class CompareError(RuntimeError):
 
 def paired_differences(groups: dict, key: str, mode: str, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED,
                        pairs=None) -> dict[str, dict]:
-    """Per pair ``a-b`` (default :func:`comparisons`): one difference of ``key`` (a's group mean - b's) per
-    matched group that has both, with :func:`stats.paired_stats` over them."""
+    """Per pair ``a-b`` (default :func:`comparisons`): ``key``'s a - b group means over the matched groups."""
     out = {}
     for a, b in pairs if pairs is not None else comparisons({c for g in groups.values() for c in g}):
         rows = [(g, mean_of(g[a], key), mean_of(g[b], key)) for g in groups.values() if a in g and b in g]
@@ -68,6 +63,14 @@ def _keys(metric: str, mode: str) -> dict[str, str]:
     return {metric: mode, "test/mean_f1": mode if metric == "test/mean_f1" else guess_mode("test/mean_f1")}
 
 
+def _split(rows: list, values: list, ranged: bool) -> list[tuple[str, list]]:
+    """(label, rows) per level of ``values`` (one per row; quantile bins where :func:`binned`), in order."""
+    split: dict[tuple, list] = {}
+    for row, level in zip(rows, levels(values, binned(values, ranged))):
+        split.setdefault(level, []).append(row)
+    return [(label, members) for (_, label), members in sorted(split.items())]
+
+
 def by_setting(groups: dict, settings: list[str], metric: str, mode: str, resamples: int = RESAMPLES,
                seed: int = BOOTSTRAP_SEED, ranges=()) -> dict[str, list[dict]]:
     """Per varied setting, per value or quantile bin (``ranges``: settings sampled from a float range):
@@ -76,12 +79,10 @@ def by_setting(groups: dict, settings: list[str], metric: str, mode: str, resamp
     items = list(groups.values())
     for path in settings:
         values = [next(iter(g.values()))[0].flat.get(path) for g in items]
-        split: dict[tuple, dict] = {}
-        for i, (group, level) in enumerate(zip(items, levels(values, binned(values, path in ranges)))):
-            split.setdefault(level, {})[str(i)] = group
         out[path] = [{"value": label, "paired": {
-            k: paired_differences(sub, k, m, resamples, seed, pairs=(HEADLINE,))["stochastic-deterministic"]
-            for k, m in _keys(metric, mode).items()}} for (_, label), sub in sorted(split.items())]
+            k: paired_differences(dict(enumerate(sub)), k, m, resamples, seed, pairs=(HEADLINE,))[
+                "stochastic-deterministic"] for k, m in _keys(metric, mode).items()}}
+            for label, sub in _split(items, values, path in ranges)]
     return out
 
 
@@ -91,11 +92,8 @@ def by_noise_scale(groups: dict, metric: str, mode: str, resamples: int = RESAMP
     ``modulation.noise_scale`` (quantile bins when it takes many or sampled values)."""
     rows = [(t, g["deterministic"]) for g in groups.values() if "deterministic" in g for t in g.get("stochastic", [])]
     values = [t.flat.get("modulation.noise_scale") for t, _ in rows]
-    split: dict[tuple, list] = {}
-    for row, level in zip(rows, levels(values, binned(values, "modulation.noise_scale" in ranges))):
-        split.setdefault(level, []).append(row)
     out = []
-    for (_, label), members in sorted(split.items()):
+    for label, members in _split(rows, values, "modulation.noise_scale" in ranges):
         entry = {"noise_scale": label, "trials": [t.trial_id for t, _ in members]}
         for k, m in _keys(metric, mode).items():
             kept = [(a - b, t.flat.get("seed")) for t, det in members
@@ -119,17 +117,15 @@ def win_rates(groups: dict, trials: list[TrialRecord]) -> dict[str, dict]:
 
 
 def _pretraining_key(trial: TrialRecord) -> str:
-    """The pretraining the trial would need had every kind pretrained its own network: its settings in
-    :data:`comod.pretrain_cache.DETERMINING` (the kind among them), ``pretrain.modulation_kind`` aside."""
+    """The pretraining the trial would need had every kind pretrained its own network."""
     kept = {p: v for p, v in trial.flat.items() if p.split(".")[0] in DETERMINING and p != "pretrain.modulation_kind"}
     kept["modulation.kind"] = trial.kind or trial.flat.get("modulation.kind")
     return json.dumps(kept, sort_keys=True, default=str)
 
 
 def study_cost(trials: list[TrialRecord], max_concurrent: int | None = None) -> dict:
-    """From the completed trials' :data:`COST_METRICS`: the share of slot time spent waiting for a
-    pretraining, the pretrainings made, the study's wall time and an estimate of it had every kind
-    pretrained its own network (the pretrainings that design adds, at the mean time, over the slots)."""
+    """From the completed trials' :data:`COST_METRICS`: share of slot time spent waiting for a pretraining,
+    pretrainings made, study wall time and an estimate of it had every kind pretrained its own network."""
     have = [t for t in trials if t.completed and all(t.final.get(k) is not None for k in COST_METRICS)]
     out: dict[str, Any] = {"metrics": list(COST_METRICS), "trials": len(have), "max_concurrent": max_concurrent,
                            "wait_seconds": None, "wall_seconds_sum": None, "wait_share": None,
@@ -170,23 +166,21 @@ def study_cost(trials: list[TrialRecord], max_concurrent: int | None = None) -> 
     return out
 
 
+def _text(value: Any) -> str:
+    return json.dumps(value, default=str)
+
+
 def select_trials(trials: list[TrialRecord], where: dict[str, Any]) -> list[TrialRecord]:
-    """The trials whose settings equal every ``{dotted.path: value}`` of ``where``; an unknown path or a
-    value no trial has raises :class:`CompareError`."""
+    """The trials whose settings equal every ``{dotted.path: value}`` of ``where``, else CompareError."""
     for path, value in where.items():
-        values = {json.dumps(t.flat[path], default=str) for t in trials if path in t.flat}
+        values, wanted = {_text(t.flat[path]) for t in trials if path in t.flat}, _text(value)
         if not values:
             raise CompareError(f"--where {path}: not a setting of this search's trials; use a dotted setting "
                                f"such as pretrain.modulation_kind")
-        if json.dumps(value, default=str) not in values:
+        if wanted not in values:
             raise CompareError(f"--where {path}={value!r}: no trial has it; its values: {', '.join(sorted(values))}")
-        trials = [t for t in trials if json.dumps(t.flat.get(path), default=str) == json.dumps(value, default=str)]
+        trials = [t for t in trials if _text(t.flat.get(path)) == wanted]
     return trials
-
-
-def usable(trials: list[TrialRecord], metric: str) -> list[TrialRecord]:
-    """The completed trials that have ``metric``."""
-    return [t for t in trials if t.completed and t.value(metric) is not None]
 
 
 def _best(trials: list[TrialRecord], metric: str, mode: str) -> dict | None:
@@ -199,9 +193,9 @@ def _best(trials: list[TrialRecord], metric: str, mode: str) -> dict | None:
 
 def build_report(name: str, trials: list[TrialRecord], metric: str, mode: str, resamples: int = RESAMPLES,
                  seed: int = BOOTSTRAP_SEED, ranges=(), max_concurrent: int | None = None) -> dict:
-    """The comparison of ``trials`` (any state) as a JSON-ready dict, without MLflow or files. ``ranges``:
-    settings sampled from a float range (binned); ``max_concurrent``: the search's, for the cost."""
-    done = usable(trials, metric)
+    """The comparison of ``trials`` (any state) as a JSON-ready dict. ``ranges``: settings sampled from a
+    float range (binned); ``max_concurrent``: the search's, for the cost."""
+    done = [t for t in trials if t.completed and t.value(metric) is not None]
     present = sorted({condition(t) for t in done}, key=condition_order)
     listed = sorted(set(KINDS) | set(present), key=condition_order)
     counts = {c: dict.fromkeys((COMPLETED, PRUNED, FAILED, RUNNING), 0) for c in listed}  # interrupted: where seen
@@ -232,8 +226,7 @@ def build_report(name: str, trials: list[TrialRecord], metric: str, mode: str, r
 
 
 def _families(r: dict) -> dict[str, list[tuple[str, dict]]]:
-    """The report's paired comparisons by Holm family, labelled, each as its unit entry (``by_seed`` where
-    groups share a seed, else the entry)."""
+    """The report's paired comparisons by Holm family, labelled, each as its unit entry (``by_seed`` or it)."""
     metric, e = r["metric"], r.get("efficiency") or {}
     out = {"conditions": [(f"`{metric}` {p['a']} - {p['b']}", p) for p in r["paired"].values()]}
     out.update({f"test metrics: {k}": [(f"`{k}` {p['a']} - {p['b']}", p) for p in ps.values()]
@@ -250,8 +243,7 @@ def _families(r: dict) -> dict[str, list[tuple[str, dict]]]:
 
 
 def apply_holm(r: dict) -> dict:
-    """Sets ``p_holm`` on each unit entry of report ``r``, Holm within each family; returns the families'
-    sizes and members."""
+    """Sets ``p_holm`` on each unit entry of report ``r``, Holm within each family; returns the families."""
     families = {}
     for name, items in _families(r).items():
         family = [(label, u) for label, u in items if u["n"] >= 2 and u["p_sign_flip"] is not None]
@@ -286,8 +278,7 @@ def _notes(trials: list[TrialRecord], done, by_cond, paired) -> list[str]:
 def compare(name: str, metric: str | None = None, out_dir: str | Path | None = None, home: Path | None = None,
             resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED, log_artifact: bool = True,
             where: dict[str, Any] | None = None) -> dict:
-    """Compare the modulation conditions in search ``name`` (only its trials matching ``where``, when
-    given: :func:`select_trials`); see the module docstring."""
+    """Compare the modulation conditions in search ``name`` (only its trials matching ``where``)."""
     from comod_platform.compare_plots import draw
     from comod_platform.report import markdown
 

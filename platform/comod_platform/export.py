@@ -21,6 +21,7 @@ from comod.config import ConfigError, apply_overrides, config_to_dict, flatten, 
 from comod_platform.conventions import FAILED, PRUNED, RUNNING, WALL, sort_key
 from comod_platform.results import (SearchResults, TrialRecord, config_fields, load_results, log_to_parent,
                                     unwrap_optional)
+from comod_platform.report import fmt
 
 DEFAULT_REEVAL_SEEDS = 3
 """New seeds a top-k re-evaluation uses when none are given."""
@@ -222,10 +223,6 @@ def _reevaluate(results: SearchResults, candidates: list[TrialRecord], seeds: li
     return {"metric": metric, "mode": mode, "seeds": seeds, "chosen": ranked[0]["trial_id"], "candidates": ranked}
 
 
-def _fmt(v: Any) -> str:
-    return "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
-
-
 def _write_report(results: SearchResults, reeval: dict, out: Path) -> dict:
     md_path, json_path = out.with_name(f"{out.stem}.reeval.md"), out.with_name(f"{out.stem}.reeval.json")
     md_path.parent.mkdir(parents=True, exist_ok=True)
@@ -237,9 +234,9 @@ def _write_report(results: SearchResults, reeval: dict, out: Path) -> dict:
              "|---|---|---|---|" + "---|" * len(seeds) + "---|---|"]
     for i, row in enumerate(reeval["candidates"], 1):
         values = {r["seed"]: r["value"] for r in row["runs"]}
-        lines.append(f"| {i} | `{row['trial_id']}` | {row['kind']} | {_fmt(row['search_value'])} | "
-                     + " | ".join(_fmt(values.get(s)) for s in seeds)
-                     + f" | {_fmt(row['mean'])} | {_fmt(row['std'])} |")
+        lines.append(f"| {i} | `{row['trial_id']}` | {row['kind']} | {fmt(row['search_value'])} | "
+                     + " | ".join(fmt(values.get(s)) for s in seeds)
+                     + f" | {fmt(row['mean'])} | {fmt(row['std'])} |")
     lines += ["", "Runs are in the search folder's `reeval/TRIAL/seedS/` (config.yaml, metrics.json, checkpoint.pt)."]
     md_path.write_text("\n".join(lines) + "\n")
     json_path.write_text(json.dumps({"search": results.name, **reeval}, indent=2))

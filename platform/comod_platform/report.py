@@ -1,5 +1,4 @@
-"""The comparison as Markdown (``compare.md``): :func:`markdown` of a report that
-:func:`compare.build_report` made, one section per question it answers."""
+"""``compare.md``: :func:`markdown` of a :func:`compare.build_report` report, a section per question."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,10 +8,9 @@ from comod_platform.stats import EXACT_MAX_N, HALF_WIDTH, ROUGH_N
 
 STAT_COLUMNS = ("n | mean difference | t 95% CI | bootstrap 95% CI | sign-flip p | Holm p | first better | "
                 "seeds for ±0.005")
-STAT_RULE = "---|" * 8
 
 
-def _f(v: Any, digits: int = 4) -> str:
+def fmt(v: Any, digits: int = 4) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
@@ -35,10 +33,10 @@ def _grid(header: str, rows) -> list[str]:
 
 
 def _stat_cells(p: dict, digits: int, unit: bool) -> str:
-    """``p``'s cells; Holm p and seeds needed only on the unit's row (the seed where groups share seeds)."""
+    """``p``'s cells; Holm p and seeds needed only on the unit's row."""
     n = f"{p['n']}*" if unit and p["rough"] else str(p["n"])
     seeds = "" if not unit else p["seeds_needed"] if p["seeds_needed"] is not None else "n/a"
-    return (f"{n} | {_f(p['mean'], digits)} | {_ci(p, digits)} | {_ci(p, digits, 'bootstrap_ci95')} | "
+    return (f"{n} | {fmt(p['mean'], digits)} | {_ci(p, digits)} | {_ci(p, digits, 'bootstrap_ci95')} | "
             f"{_p(p['p_sign_flip'])} | {_p(p['p_holm']) if unit else ''} | {p['a_better'] if p['n'] else 'n/a'} | "
             f"{seeds}")
 
@@ -53,14 +51,19 @@ def _stat_rows(cells: list[str], p: dict, digits: int = 4) -> list[str]:
     return rows
 
 
-def _table(header: str, rows: list[tuple[list[str], dict]], digits: int = 4, columns: str = STAT_COLUMNS) -> list[str]:
+def _table(header: str, rows: list[tuple[list[str], dict]], digits: int = 4, columns: str = STAT_COLUMNS,
+           footnote: bool = True) -> list[str]:
     """A table of paired statistics, one or two rows per entry, with the rough-interval footnote."""
-    lines = [f"| {header} | {columns} |", "|" + "---|" * header.count("|") + "---|" + STAT_RULE]
+    lines = _grid(f"{header} | {columns}", [])
     for cells, p in rows:
         lines += _stat_rows(cells, p, digits)
-    if any((p.get("by_seed") or p)["rough"] for _, p in rows):
+    if footnote and any((p.get("by_seed") or p)["rough"] for _, p in rows):
         lines += ["", f"\\* fewer than {ROUGH_N} seeds: the interval is rough."]
     return lines
+
+
+def _by_pair(paired: dict) -> list[tuple[list[str], dict]]:
+    return [([f"{p['a']} - {p['b']}"], p) for p in paired.values()]
 
 
 def _rough_warnings(paired: dict) -> list[str]:
@@ -94,11 +97,11 @@ def markdown(r: dict, images: list[str]) -> str:
     lines += ["", "## Best trial of each condition", ""]
     lines += _grid(" | ".join(["condition", "trial", r["metric"], *test_keys]), [
         [cond, "none completed", *["n/a"] * (1 + len(test_keys))] if b is None else
-        [cond, f"`{b['trial_id']}`", _f(b["value"]), *(_f(b["test"].get(k)) for k in test_keys)]
+        [cond, f"`{b['trial_id']}`", fmt(b["value"]), *(fmt(b["test"].get(k)) for k in test_keys)]
         for cond, b in r["best"].items()])
     lines += ["", "## Distribution per condition (completed trials)", ""]
     lines += _grid("condition | n | mean | std | median | min | max", [
-        [cond, d["n"], *(_f(d[k]) for k in ("mean", "std", "median", "min", "max"))]
+        [cond, d["n"], *(fmt(d[k]) for k in ("mean", "std", "median", "min", "max"))]
         for cond, d in r["distribution"].items()])
     conditions_m = ((r.get("holm") or {}).get("families") or {}).get("conditions", {}).get("m", 0)
     lines += ["", "## Paired differences", "",
@@ -118,15 +121,12 @@ def markdown(r: dict, images: list[str]) -> str:
               f"(scipy.stats.permutation_test). Holm p: Holm's step-down adjustment within the table's family (here "
               f"the {conditions_m} comparisons of the search metric; each test metric, the per-setting table and the "
               f"efficiency tables are families of their own). Seeds for ±0.005: the smallest n with t(0.975, n-1) x "
-              f"sd / sqrt(n) <= {r.get('half_width', HALF_WIDTH)} at the observed spread of the differences.", "",
-              "| comparison | " + STAT_COLUMNS + " |", "|---|" + STAT_RULE]
-    for p in r["paired"].values():
-        lines += _stat_rows([f"{p['a']} - {p['b']}"], p)
-    lines += _rough_warnings(r["paired"])
+              f"sd / sqrt(n) <= {r.get('half_width', HALF_WIDTH)} at the observed spread of the differences.", ""]
+    lines += _table("comparison", _by_pair(r["paired"]), footnote=False) + _rough_warnings(r["paired"])
     lines += ["", "## Per-task win rates (stochastic vs deterministic, test F1)", ""]
     if any(w["n"] for w in r["win_rates"].values()):
         lines += _grid("task | wins | ties | losses | pairs | win rate", [
-            [task, w["wins"], w["ties"], w["losses"], w["n"], _f(w["rate"], 3)] for task, w in r["win_rates"].items()])
+            [task, w["wins"], w["ties"], w["losses"], w["n"], fmt(w["rate"], 3)] for task, w in r["win_rates"].items()])
     else:
         lines.append("No matched stochastic/deterministic pairs with per-task test F1: no win rates.")
     lines += _settings_sections(r) + efficiency_section(r.get("efficiency")) + pretraining_section(r.get("pretraining"))
@@ -177,7 +177,7 @@ def efficiency_section(e: dict | None) -> list[str]:
     if e["panels"]:
         lines += ["", "### Curves", ""]
         lines += _grid("arm | condition | trials | steps | grid | start | final | final 95% CI", [
-            [panel["arm"], kind, c["n"], c["steps"][-1], c["grid"], _f(c["mean"][0]), _f(c["mean"][-1]),
+            [panel["arm"], kind, c["n"], c["steps"][-1], c["grid"], fmt(c["mean"][0]), fmt(c["mean"][-1]),
              f"[{c['lo'][-1]:.4f}, {c['hi'][-1]:.4f}]" if c["lo"] is not None else "n/a"]
             for panel in e["panels"] for kind, c in panel["kinds"].items()])
     if e["auc"]:
@@ -186,8 +186,8 @@ def efficiency_section(e: dict | None) -> list[str]:
                   "score over fine-tuning. Per condition over trials; paired over matched groups (a group's curves "
                   "of one condition averaged, the pair on their common steps).", ""]
         lines += _grid("condition | trials | mean | std | median", [
-            [kind, d["n"], _f(d["mean"]), _f(d["std"]), _f(d["median"])] for kind, d in e["auc"]["per_kind"].items()])
-        lines += [""] + _table("comparison", [([f"{p['a']} - {p['b']}"], p) for p in e["auc"]["paired"].values()])
+            [kind, d["n"], fmt(d["mean"]), fmt(d["std"]), fmt(d["median"])] for kind, d in e["auc"]["per_kind"].items()])
+        lines += [""] + _table("comparison", _by_pair(e["auc"]["paired"]))
     if e["steps_to_fraction"]:
         lines += ["", "### Fine-tuning steps to reach a fraction of deterministic's final score", "",
                   "Per matched group, the first fine-tuning step at which a condition's curve reaches the fraction "
@@ -195,7 +195,7 @@ def efficiency_section(e: dict | None) -> list[str]:
                   "value divided by the fraction). Paired: difference in steps over the groups where both "
                   "reached it (negative: the first condition is faster; \"first better\" counts those).", ""]
         lines += _grid("fraction | condition | groups | reached | median steps", [
-            [f, kind, k["groups"], k["reached"], _f(k["median"], 1)]
+            [f, kind, k["groups"], k["reached"], fmt(k["median"], 1)]
             for f, st in e["steps_to_fraction"].items() for kind, k in st["per_kind"].items() if k["groups"]])
         lines += [""] + _table("fraction | comparison", [([f, f"{p['a']} - {p['b']}"], p)
                                                          for f, st in e["steps_to_fraction"].items()
@@ -214,7 +214,7 @@ def pretraining_section(pre: dict | None) -> list[str]:
              f"{w} before, per pretraining, with a t 95% interval; a comparison is only as good as its budget.", ""]
     plateau = {kind: pre["plateau"].get(kind) or {} for kind in pre["kinds"]}
     return lines + _grid("pretrained with | pretrainings | epochs | last epoch (mean) | plateau gain | 95% CI", [
-        [kind, c["n"], len(c["steps"]), _f(c["mean"][-1]), _f(plateau[kind].get("gain")), _ci(plateau[kind])]
+        [kind, c["n"], len(c["steps"]), fmt(c["mean"][-1]), fmt(plateau[kind].get("gain")), _ci(plateau[kind])]
         for kind, c in pre["kinds"].items()]) + _bullets(pre["notes"])
 
 
