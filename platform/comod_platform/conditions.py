@@ -1,9 +1,7 @@
 """The conditions a comparison sets side by side, and the trials it matches (docs/method.md).
 
-A condition is a trial's modulation kind plus what sets it apart from the
-kind's default run (``none[heads]``, ``stochastic[shuffled]``). Trials that
-share every setting except the condition and the kind-only settings form a
-matched group; a varied setting splits groups by value or quantile bin.
+A condition is a kind plus what sets it apart from its default run (``none[heads]``); trials equal in
+every setting but the condition and the kind-only ones form a matched group.
 """
 from __future__ import annotations
 
@@ -96,7 +94,7 @@ def comparisons(present) -> list[tuple[str, str]]:
 
 
 def unmatched(path: str) -> bool:
-    """The kind, the kind-only and the variant settings: those a matched group's trials may differ in."""
+    """The settings a matched group's trials may differ in."""
     return path == "modulation.kind" or path in KIND_ONLY or path.startswith(KIND_ONLY_PREFIXES) or path in VARIANTS
 
 
@@ -145,8 +143,8 @@ def _is_number(value: Any) -> bool:
 
 
 def binned(values: list, ranged: bool = False) -> bool:
-    """All numbers, and more than :data:`MAX_LEVELS` distinct, or floats sampled from a range (``ranged``:
-    the search space says so; else any float with more than 6 significant digits)."""
+    """All numbers, and more than :data:`MAX_LEVELS` distinct or sampled from a range (``ranged``, or any
+    float with more than 6 significant digits)."""
     if not values or not all(_is_number(v) for v in values):
         return False
     sampled = any(isinstance(v, float) and math.isfinite(v) and float(f"{v:.6g}") != v for v in values)

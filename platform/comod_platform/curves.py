@@ -1,10 +1,8 @@
 """Learning curves in a comparison: fine-tuning efficiency and the pretraining's plateau.
 
-Does one condition converge in less fine-tuning? Per arm (a value or bin of
-the varied settings) and condition, the mean ``finetune/<metric>`` curve with
-a t 95% band; per matched group, the paired normalised area under the curve
-and the steps to reach a fraction of deterministic's final score. Over
-pretraining, each mechanism's validation curve and whether it still rose.
+Per arm and condition the mean ``finetune/<metric>`` curve with a t 95% band; per matched group the
+paired normalised AUC and the steps to a fraction of deterministic's final score; per pretraining
+mechanism its validation curve and whether it still rose.
 """
 from __future__ import annotations
 
@@ -25,8 +23,7 @@ PLATEAU_WINDOW = 3
 
 
 def curve_auc(curve: list[tuple[int, float]]) -> float | None:
-    """Trapezoid area over the curve's steps divided by their range: the mean score over fine-tuning. One
-    point (nothing to fine-tune) is a flat curve: its value. None for no point."""
+    """Trapezoid area over the steps divided by their range (one point: its value; none: None)."""
     if not curve:
         return None
     if len(curve) == 1:
@@ -36,8 +33,8 @@ def curve_auc(curve: list[tuple[int, float]]) -> float | None:
 
 
 def align_curves(curves: list[list[tuple[int, float]]]) -> tuple[np.ndarray, np.ndarray, str] | None:
-    """The curves on one grid: (steps, values [curve, step], ``common`` or ``interpolated`` onto the union
-    of their steps within the range all of them cover). None for no curve or no step all cover."""
+    """(steps, values [curve, step], ``common`` or ``interpolated`` onto the union of their steps within
+    the range all cover); None for no curve or no step all cover."""
     grids = [[s for s, _ in c] for c in curves if c]
     if not grids:
         return None
@@ -78,8 +75,7 @@ def _points(curve: dict | None) -> list[tuple[int, float]]:
 
 
 def _panels(have: list[TrialRecord], key: str, ranges, out: dict) -> None:
-    """The curves per arm (a value or bin of each varied setting) and condition, into ``out``; the settings
-    with the most levels stop being arms beyond :data:`MAX_PANELS` panels."""
+    """The curves per arm (a value or bin of each varied setting) and condition, into ``out``."""
     arms = varied_settings(have)
     values = {p: [t.flat.get(p) for t in have] for p in arms}
     in_bins = {p: binned(values[p], p in ranges) for p in arms}
@@ -109,9 +105,8 @@ def _panels(have: list[TrialRecord], key: str, ranges, out: dict) -> None:
 
 def efficiency(trials: list[TrialRecord], metric: str, mode: str, resamples: int = RESAMPLES,
                seed: int = BOOTSTRAP_SEED, fractions=FRACTIONS, ranges=(), pairs=None) -> dict:
-    """The fine-tuning curves of ``finetune/<metric>`` of completed trials, per arm and condition; per
-    matched group (a condition's trials averaged into one curve) the paired normalised AUC (``pairs``,
-    default :func:`comparisons`) and the steps to each fraction of deterministic's final value."""
+    """``finetune/<metric>`` curves per arm and condition; per matched group the paired AUC (``pairs``) and
+    the steps to each fraction of deterministic's final value."""
     key = f"finetune/{metric}"
     notes: list[str] = []
     out = {"curve_key": key, "fractions": list(fractions), "arm_settings": [], "binned_settings": [], "panels": [],
@@ -187,17 +182,14 @@ def efficiency(trials: list[TrialRecord], metric: str, mode: str, resamples: int
 
 
 def pretrained_with(trial: TrialRecord) -> str:
-    """``shared none`` or ``shared deterministic`` (one pretraining per seed for every kind,
-    ``pretrain.modulation_kind``), else the trial's own kind."""
+    """``shared <pretrain.modulation_kind>`` where set, else the trial's own kind."""
     design = trial.flat.get("pretrain.modulation_kind", "same")
     return f"shared {design}" if design not in (None, "same") else (trial.kind or "unknown")
 
 
 def pretraining(trials: list[TrialRecord], metric: str, mode: str) -> dict:
-    """The mean ``pretrain/<metric>`` curve per pretraining mechanism (:func:`pretrained_with`; each
-    distinct pretraining once) over epochs, and a plateau check: the mean of the last
-    :data:`PLATEAU_WINDOW` epochs minus the mean of the ones before, with a t 95% interval over the
-    pretrainings. A kind still improving when pretraining ends is flagged."""
+    """Mean ``pretrain/<metric>`` curve per :func:`pretrained_with` (each pretraining once) and a plateau
+    check: the last :data:`PLATEAU_WINDOW` epochs minus the ones before, with a t 95% interval."""
     key = f"pretrain/{metric}"
     out = {"curve_key": key, "window": PLATEAU_WINDOW, "kinds": {}, "plateau": {}, "notes": []}
     w = PLATEAU_WINDOW

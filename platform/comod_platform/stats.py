@@ -1,10 +1,8 @@
 """Statistics of paired per-seed differences, for samples as small as a study's seeds.
 
-The headline interval is Student's t; a percentile bootstrap sits beside it
-(too narrow with few values); the sign-flip test is the exact permutation
-test of a zero mean; Holm's adjustment runs over a family of p-values;
-:func:`seeds_needed` says how many seeds an interval of a given half-width
-takes. docs/method.md ("Pitfalls") says why.
+Student's t interval, a percentile bootstrap beside it (too narrow with few values), the exact sign-flip
+test of a zero mean, Holm's adjustment over a family, and the seeds a half-width takes. docs/method.md
+("Pitfalls") says why.
 """
 from __future__ import annotations
 
@@ -54,10 +52,8 @@ def bootstrap_interval(values, resamples: int = RESAMPLES, seed: int = BOOTSTRAP
 
 def sign_flip_test(values, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED,
                    exact_max: int = EXACT_MAX_N) -> dict | None:
-    """Two-sided sign-flip test of a zero mean: p is the share of sign assignments whose mean is at least
-    as far from zero as the observed one. Up to ``exact_max`` values all 2^n are enumerated (p cannot go
-    below 2/2^n); beyond, ``resamples`` seeded random flips (:func:`scipy.stats.permutation_test`).
-    ``{"p", "method", "p_min"}``, None for no value."""
+    """Two-sided sign-flip test of a zero mean: ``{"p", "method", "p_min"}``, None for no value. Up to
+    ``exact_max`` values all 2^n flips are enumerated (p >= 2/2^n); beyond, ``resamples`` seeded ones."""
     x = np.asarray(values, dtype=float)
     if x.size == 0:
         return None
@@ -76,8 +72,6 @@ def sign_flip_test(values, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEE
 def holm(pvalues) -> list[float]:
     """Holm's step-down adjustment of one family of p-values, in their order."""
     p = np.asarray(pvalues, dtype=float)
-    if p.size == 0:
-        return []
     order = np.argsort(p, kind="stable")
     out = np.empty(p.size)
     out[order] = np.minimum(1.0, np.maximum.accumulate((p.size - np.arange(p.size)) * p[order]))
@@ -118,9 +112,8 @@ def describe(diffs, mode: str, resamples: int, seed: int, half_width: float | No
 
 def paired_stats(diffs, mode: str, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED, seeds=None,
                  half_width: float | None = HALF_WIDTH) -> dict:
-    """:func:`describe` of paired differences; with ``seeds`` (the unit of each difference) and fewer units
-    than differences, also ``by_seed``: the same over the differences averaged per unit. Differences that
-    share a seed share its pretraining, so they are not independent: the seed is the unit."""
+    """:func:`describe` of paired differences; with ``seeds`` (each one's unit) and fewer units than
+    differences, also ``by_seed`` over the per-unit means: differences sharing a pretraining are not independent."""
     out = describe(diffs, mode, resamples, seed, half_width)
     if seeds is not None and len(set(map(str, seeds))) < len(diffs):
         per: dict[str, list[float]] = {}
