@@ -12,6 +12,8 @@ from comod_platform.results import TrialRecord
 
 KIND_COLOURS = {"none": "tab:grey", "deterministic": "tab:blue", "stochastic": "tab:orange"}
 SPARE_COLOURS = ("tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+JITTER = 0.08
+"""Half-width of the random horizontal offset of a plotted point, so equal values stay apart."""
 MARGINS = {"left": 0.08, "right": 0.98, "bottom": 0.14, "top": 0.86, "wspace": 0.25, "hspace": 0.45}
 
 
@@ -36,10 +38,6 @@ def colours(conditions) -> dict[str, str]:
     return {c: KIND_COLOURS.get(c) or next(spare) for c in conditions}
 
 
-def _jitter(n: int, rng) -> np.ndarray:
-    return rng.uniform(-0.08, 0.08, n)
-
-
 def draw(r: dict, trials: list[TrialRecord], out: Path) -> list[Path]:
     """Every figure report ``r`` has data for, written into ``out``; their paths."""
     metric = r["metric"]
@@ -53,14 +51,14 @@ def draw(r: dict, trials: list[TrialRecord], out: Path) -> list[Path]:
         ax.set_xticks(range(1, len(conds) + 1), [f"{c}\n(n={len(d)})" for c, d in zip(conds, data)])
         rng = np.random.default_rng(0)
         for i, values in enumerate(data, 1):
-            ax.scatter(i + _jitter(len(values), rng), values, s=14, alpha=0.7, zorder=3)
+            ax.scatter(i + rng.uniform(-JITTER, JITTER, len(values)), values, s=14, alpha=0.7, zorder=3)
         ax.set(ylabel=metric, title=f"{metric} per condition (completed trials)")
         files.append(_save(fig, out / "distribution.png"))
     if shown := [p for p in r["paired"].values() if p["n"]]:
         fig, ax = _figure(max(5.5, 1.4 * len(shown) + 2), 3.8)
         rng = np.random.default_rng(0)
         for i, p in enumerate(shown):
-            ax.scatter(i + _jitter(p["n"], rng), p["differences"], s=14, alpha=0.6)
+            ax.scatter(i + rng.uniform(-JITTER, JITTER, p["n"]), p["differences"], s=14, alpha=0.6)
             lo, hi = p["ci95"] or (p["mean"], p["mean"])
             ax.errorbar([i + 0.25], [p["mean"]], yerr=[[p["mean"] - lo], [hi - p["mean"]]], fmt="o", color="k",
                         capsize=4)

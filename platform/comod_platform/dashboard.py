@@ -1,10 +1,7 @@
 """optuna-dashboard on the Optuna study of a search (``comod dashboard N``).
 
-Every search keeps its study in a database that ``meta.json`` names (the
-search folder's ``optuna.db``, or the team database). :func:`serve` runs
-optuna-dashboard (the ``dashboard`` extra) for it on 127.0.0.1 until Ctrl-C
-or SIGTERM, which free the port; :func:`open_study_storage` opens a
-search's study for reading (the comparison's importances read it too).
+:func:`serve` runs optuna-dashboard (the ``dashboard`` extra) on 127.0.0.1 until Ctrl-C or SIGTERM,
+which free the port; :func:`open_study_storage` opens the study that ``meta.json`` names for reading.
 """
 from __future__ import annotations
 
@@ -87,9 +84,7 @@ def _server(app, port: int):
 
 
 def serve(name: str, port: int = DEFAULT_PORT, home: Path | None = None, out=None) -> int:
-    """Serve optuna-dashboard for search ``name`` until Ctrl-C or SIGTERM; returns 0 once stopped.
-    SearchNotFound for an unknown search; DashboardError when the extra is missing, the study cannot be
-    opened or the port is taken."""
+    """Serve optuna-dashboard for search ``name`` until Ctrl-C or SIGTERM; returns 0 once stopped."""
     from comod_platform.search_state import SearchPaths
 
     meta = SearchPaths(name, home).read_meta()

@@ -1,11 +1,8 @@
 """Export a search: its trial table as Parquet, its best config as an experiment YAML.
 
-The table has one row per trial: a typed column per config setting (named by
-its dotted path), the final metrics, the best per-epoch value of the search
-metric, how far the trial got, its wall time, state and ids. The best config
-is a plain experiment YAML that ``comod train`` runs as it is; with ``top_k``
-> 1 the K best distinct configs are first re-run with new seeds and the best
-mean over seeds wins.
+The table has a row per trial: a typed column per setting, the final metrics, the best per-epoch
+value, progress, wall time, state and ids. The best config runs with ``comod train`` as it is; with
+``top_k`` > 1 the K best distinct configs are re-run with new seeds and the best mean wins.
 """
 from __future__ import annotations
 
@@ -132,12 +129,10 @@ def _write_yaml(cfg, path: Path, header: list[str]) -> None:
 def export_best(name: str, out: str | Path, top_k: int = 1, reeval_seeds: list[int] | None = None,
                 overrides: list[str] | None = None, seeds: list[int] | None = None, home: Path | None = None,
                 progress: Callable[[str], None] | None = None, log_artifact: bool = True) -> dict:
-    """Write the best completed trial's config of search ``name`` to ``out`` (YAML), with ``overrides``
-    (``path=value``, e.g. longer schedules for final training; not applied to the re-evaluation).
-    ``top_k`` > 1, or ``reeval_seeds``: re-run the K best distinct configs with each seed (default: 3
-    seeds no trial used) in ``<search>/reeval/TRIAL/seedS/`` and pick the best mean of the search metric;
-    the report goes beside ``out`` (``STEM.reeval.md`` and ``.json``). ``seeds``: also write one YAML
-    per seed, ``STEM-seedS.yaml``. Returns what was chosen and written."""
+    """Write search ``name``'s best config to ``out`` (YAML) with ``overrides`` (``path=value``, not used
+    in re-evaluation). ``top_k`` > 1 or ``reeval_seeds``: re-run the K best distinct configs per seed
+    (default: 3 unused) in ``<search>/reeval/TRIAL/seedS/``, pick the best mean and report it beside
+    ``out`` (``STEM.reeval.md``, ``.json``). ``seeds``: also ``STEM-seedS.yaml`` each. Returns the choice."""
     if int(top_k) < 1:
         raise ExportError(f"top-k: got {top_k}; expected an integer >= 1")
     results = load_results(name, home)

@@ -18,9 +18,8 @@ IMPORTANCES_FILE = "importances.json"
 
 def param_importances(trials: list, min_trials: int = IMPORTANCE_MIN_TRIALS, seed: int = IMPORTANCE_SEED,
                       direction: str = "maximize") -> dict:
-    """Importances over Optuna ``FrozenTrial``s (the completed ones count), over the parameters every
-    completed trial has and that took more than one value among them. ``{"trials": n, "params": {name:
-    importance} (largest first) or None, "note": why None, or None}``."""
+    """Importances over the completed Optuna ``FrozenTrial``s, of the parameters all have that varied:
+    ``{"trials": n, "params": {name: importance} largest first, or None, "note": why None}``."""
     import optuna
     from optuna.trial import TrialState
 
@@ -63,13 +62,11 @@ def _study_trials(meta) -> list:
 
 def importances(results, metric: str | None = None, min_trials: int = IMPORTANCE_MIN_TRIALS,
                 seed: int = IMPORTANCE_SEED) -> dict:
-    """The importances for search ``results``' metric (its study's objective), per kind (the trial's
-    ``modulation.kind`` param, else the base experiment's) and, with several kinds, over all of them (the
-    kind then a parameter). Never raises: a study that cannot be read is a note."""
+    """The importances of the search metric per kind and, with several kinds, over all of them (the kind
+    a parameter). Never raises: a study that cannot be read is a note."""
     out: dict[str, Any] = {"metric": results.metric, "study": getattr(results.meta, "study_name", None),
                            "evaluator": f"fANOVA (optuna.importance.FanovaImportanceEvaluator, seed {seed})",
-                           "min_trials": min_trials, "kinds": {}, "all": None,
-                           "notes": []}
+                           "min_trials": min_trials, "kinds": {}, "all": None, "notes": []}
     if metric is not None and metric != results.metric:
         out["notes"].append(f"Importances are of `{results.metric}`, the search metric that Optuna's study was "
                             f"told, not of `{metric}`.")

@@ -58,9 +58,8 @@ def heatmap(matrix, title: str, xlabel: str, ylabel: str, row_names=()):
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, checkpoint: Checkpoint | None = None
              ) -> list[Path]:
-    """Write the run's plots into ``out_dir`` (default its folder's ``plots/``); returns their paths.
-    ``checkpoint`` is the run's last checkpoint when the caller holds it (a trial at its end); else it is
-    read from the run's folder."""
+    """Write the run's plots into ``out_dir`` (default its ``plots/``), from ``checkpoint`` or the one in
+    its folder; returns their paths."""
     run_dir = Path(run_dir)
     if checkpoint is None and not (run_dir / CHECKPOINT).exists():
         return []

@@ -1,10 +1,8 @@
 """A search's trials read back from MLflow as typed records.
 
-One :class:`TrialRecord` per child run of the search's parent run (see
-:mod:`conventions`), whatever its state: its ids, state, kind, the config
-rebuilt with real types, its final metrics, the best per-epoch value of the
-search metric, its curves and wall time. MLflow is the source; a trial
-folder's ``metrics.json`` only fills final metrics that MLflow lacks.
+One :class:`TrialRecord` per child run of the search's parent run, whatever its state, with the config
+rebuilt with real types. MLflow is the source; a trial folder's ``metrics.json`` only fills final
+metrics that MLflow lacks.
 """
 from __future__ import annotations
 
@@ -152,8 +150,7 @@ def guess_mode(metric: str) -> str:
 
 
 def load_results(name: str, home: Path | None = None) -> SearchResults:
-    """Every trial of search ``name`` as a :class:`TrialRecord`, in start order; SearchNotFound names the
-    known searches."""
+    """Every trial of search ``name`` as a :class:`TrialRecord`, in start order."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -165,11 +162,10 @@ def load_results(name: str, home: Path | None = None) -> SearchResults:
     client = MlflowClient(tracking_uri=meta.tracking_uri)
     query = f"tags.`{TAG_PARENT}` = '{meta.parent_run_id}' AND tags.`{TAG_ROLE}` = 'trial'"
     try:
-        page = client.search_runs([meta.experiment_id], filter_string=query, max_results=1000)
-        runs = list(page)
-        while page.token:
+        runs, page = [], None
+        while page is None or page.token:
             page = client.search_runs([meta.experiment_id], filter_string=query, max_results=1000,
-                                      page_token=page.token)
+                                      page_token=page and page.token)
             runs.extend(page)
         trials = [_record(client, run, sf.search.metric, sf.search.mode, paths) for run in runs]
     except MlflowException as err:
@@ -180,8 +176,7 @@ def load_results(name: str, home: Path | None = None) -> SearchResults:
 
 
 def log_to_parent(results: SearchResults, files: list, folder: str) -> list[str]:
-    """Log ``files`` to the search's parent MLflow run under ``folder``; one message per file that failed
-    (the files are written: tracking is a copy, so a failure is a warning, not an error)."""
+    """Log ``files`` to the search's parent MLflow run under ``folder``; a warning per file that failed."""
     from mlflow.tracking import MlflowClient
 
     client, failed = MlflowClient(tracking_uri=results.meta.tracking_uri), []
@@ -200,8 +195,8 @@ def _by_step(points) -> list[tuple[int, float]]:
 
 
 def fine_tuning_curve(points) -> list[tuple[int, float]]:
-    """MLflow metric history -> [(fine-tuning step, value)]: the lowest step (the pretrained model, logged
-    at the number of pretraining steps) is step 0; NaN values are left out."""
+    """MLflow metric history -> [(fine-tuning step, value)], the lowest step (the pretrained model) as 0,
+    without NaN."""
     steps = _by_step(points)
     return [(s - steps[0][0], v) for s, v in steps if not math.isnan(v)]
 
