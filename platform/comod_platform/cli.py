@@ -1,9 +1,6 @@
-"""The ``comod`` command line: ``comod train`` and ``comod ui`` here, the search commands in :mod:`cli_search`.
-
-``comod train CONFIG [--set path=value ...] [--out DIR]`` runs one experiment and logs it to MLflow;
-``comod ui [NAME] [--open]`` serves the MLflow UI of the runs folder on 127.0.0.1 (telemetry off) and
-prints, or opens, the runs page of search NAME. Bad input exits non-zero with one message that names the
-problem and the fix, never a bare traceback (docs/guides/train.md, docs/guides/failures.md).
+"""The ``comod`` command line: ``comod train`` (one experiment, logged to MLflow) and ``comod ui`` (the
+runs folder's MLflow UI on 127.0.0.1, telemetry off) here, the search commands in :mod:`cli_search`. Bad
+input exits non-zero with one message that names the problem and the fix (docs/guides/failures.md).
 """
 from __future__ import annotations
 
@@ -16,13 +13,13 @@ import shlex
 import signal
 import subprocess
 import sys
+from contextlib import suppress
 from pathlib import Path
 
-from comod_platform.errors import EXIT_FAILED, EXIT_USAGE, UserError  # noqa: F401 - re-exported
+from comod_platform.errors import EXIT_FAILED, EXIT_USAGE, UserError, user_errors  # noqa: F401 - re-exported
 
 
 def installed_version() -> str:
-    """The version of the installed ``comod`` distribution."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -88,8 +85,8 @@ _training: list[bool] = [False]
 
 
 def _stop_signal(signum, frame):
-    """Ctrl-C and SIGTERM end ``comod train`` alike (exit 130 or 143); while it trains, at the next step
-    (:func:`_stop_at_step`), so that the stop never lands inside a database write."""
+    """Ctrl-C and SIGTERM end ``comod train`` (exit 130 or 143); while it trains, at the next step, so that
+    the stop never lands inside a database write."""
     _terminated.append(signum)
     if not _training[0]:
         raise KeyboardInterrupt
@@ -98,14 +95,6 @@ def _stop_signal(signum, frame):
 def _stop_at_step(*_) -> None:
     if _terminated:
         raise KeyboardInterrupt
-
-
-def check_writable(folder: Path, what: str) -> None:
-    from comod_platform.paths import unwritable
-
-    problem = unwritable(folder, what)
-    if problem:
-        raise UserError(problem, EXIT_FAILED)
 
 
 def cmd_train(args) -> int:
@@ -122,21 +111,21 @@ def cmd_train(args) -> int:
 def _train(args) -> int:
     from comod.config import ConfigError, load_config
 
-    try:
+    with user_errors(ConfigError, code=EXIT_USAGE):
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        raise UserError(str(err)) from None
     # imported once the config is good: a config error need not wait for MLflow's import
     from comod.data import load_data
     from comod.data.taskdata import DatasetNotFoundError
     from comod.train import (CHECKPOINT, TrainingError, check_same_config, load_checkpoint, run_experiment,
                              task_indices)
-    from comod_platform.paths import default_train_dir
+    from comod_platform.paths import default_train_dir, disk_message, unwritable
     from comod_platform.progress import ProgressCallbacks
     from comod_platform.tracking import RUN_FILE, RunLogger, TrackingError, check_reachable, tracking_uri
 
     out = args.out or default_train_dir(cfg.name)
-    check_writable(out, "--out" if args.out else "COMOD_HOME")
+    problem = unwritable(out, "--out" if args.out else "COMOD_HOME")
+    if problem:
+        raise UserError(problem, EXIT_FAILED)
     saved = None
     if args.restart:
         # only what a run writes: --out may be a folder that holds other files
@@ -145,27 +134,19 @@ def _train(args) -> int:
     elif (out / CHECKPOINT).exists():
         # checked before the MLflow run is touched, so a mismatch changes nothing recorded
         fix = "pass --restart to discard it and start over, or choose another --out"
-        try:
+        with user_errors(TrainingError):
             saved = load_checkpoint(out / CHECKPOINT, fix=fix)
-        except TrainingError as err:
-            raise UserError(str(err), EXIT_FAILED) from None
-        try:
+        with user_errors(TrainingError, code=EXIT_USAGE):
             check_same_config(saved, cfg, out, fix)
-        except TrainingError as err:
-            raise UserError(str(err)) from None
     finished = saved is not None and saved.get("metrics") is not None
     data = None
-    try:
+    with user_errors(TrackingError, DatasetNotFoundError), user_errors(TrainingError, code=EXIT_USAGE):
         check_reachable(tracking_uri())
         if not finished:  # bad data or task names fail here, before an MLflow run exists
             data = load_data(cfg)
             for phase in ("pretrain", "finetune"):
                 task_indices(data, getattr(cfg, phase).tasks, f"{phase}.tasks")
         logger = RunLogger(cfg, out, experiment=args.experiment, data=data)
-    except (TrackingError, DatasetNotFoundError) as err:
-        raise UserError(str(err), EXIT_FAILED) from None
-    except TrainingError as err:
-        raise UserError(str(err)) from None
     if finished and logger.previous_status == "FINISHED":
         metrics = saved["metrics"]  # nothing to run or log again
     else:
@@ -183,8 +164,6 @@ def _train(args) -> int:
         except (DatasetNotFoundError, TrainingError, ValueError, FileNotFoundError) as err:
             raise UserError(str(err), EXIT_FAILED) from None
         except OSError as err:  # a full disk, a folder made read-only under the run
-            from comod_platform.paths import disk_message
-
             raise UserError(disk_message(err, out), EXIT_FAILED) from None
         except KeyboardInterrupt:
             status = "KILLED"  # the run is ended below, once this handler has let go of the interrupted frames
@@ -211,8 +190,7 @@ def _train(args) -> int:
 
 
 UI_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
-"""The UI server's environment: MLflow answers the UI's telemetry question with "disabled", so the pages
-send no usage events."""
+"""The UI server's environment: its pages send no usage events."""
 
 
 def experiment_page(name: str, uri: str) -> tuple[str, str]:
@@ -291,7 +269,7 @@ def cmd_ui(args) -> int:
     root = artifact_root()
     if root:
         command += ["--default-artifact-root", root]
-    log, output = _server_log(runs_home() / "ui.log", args.verbose)
+    log, output = (None, None) if args.verbose else _server_log(runs_home() / "ui.log")
     shown = "" if log is None else f"; its log: {log}"
     print(f"MLflow UI of {uri} on {base} (runs folder {runs_home()}{shown}); Ctrl-C stops it", flush=True)
     # in a session of its own: the server and the uvicorn workers it starts are one process group, which
@@ -304,10 +282,7 @@ def cmd_ui(args) -> int:
         if output not in (None, subprocess.DEVNULL):
             output.close()
 
-    def _terminate(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
     try:
         page = runs_url(base, experiment_id) if experiment_id else f"{base}/#/experiments?{UI_MODE}"
         serving = _wait_until_serving(base, proc)
@@ -331,10 +306,8 @@ def cmd_ui(args) -> int:
         _stop(proc)
 
 
-def _server_log(path: Path, verbose: bool):
-    """(log file, server's stdout): the terminal when ``verbose``, else ``path`` (DEVNULL where unwritable)."""
-    if verbose:
-        return None, None
+def _server_log(path: Path):
+    """(log file, server's stdout): ``path``, or no log and DEVNULL where it is unwritable."""
     try:
         return path, open(path, "w")
     except OSError:
@@ -356,24 +329,19 @@ def _server_error(log: Path) -> str:
 def _stop(proc: subprocess.Popen) -> None:
     """End the server and its workers (its process group): SIGTERM and a little time for a clean stop,
     then SIGKILL to whatever is left of the group, so that no worker keeps the port."""
-    if proc.poll() is None:
-        try:
+    with suppress(ProcessLookupError, subprocess.TimeoutExpired):
+        if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-    try:
+    with suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
     if proc.poll() is None:
         proc.wait(5)
 
 
 def run() -> None:
-    """The console script: :func:`main`, then an exit that skips the interpreter's teardown (unloading
-    torch, Ray and MLflow takes seconds); every write went out before ``main`` returned, and Ray is shut
-    down and the output flushed here."""
+    """The console script: :func:`main`, Ray shut down and the output flushed, then an exit that skips the
+    interpreter's teardown (unloading torch, Ray and MLflow takes seconds)."""
     code = main(console=True)
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():

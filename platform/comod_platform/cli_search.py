@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
 from comod_platform.conventions import COMPLETED, FAILED, INTERRUPTED, PRUNED
-from comod_platform.errors import EXIT_FAILED, EXIT_USAGE, UserError
+from comod_platform.errors import EXIT_FAILED, EXIT_USAGE, UserError, user_errors
+from comod_platform.interrupts import EXIT_CODES, requested
 
 SEARCH_HELP = "search file (search_spaces/NAME.yaml) or the NAME of one in search_spaces/"
 RAY_HELP = "Ray cluster address (default: $RAY_ADDRESS, else a local Ray)"
@@ -124,8 +126,6 @@ def cmd_search(args) -> int:
         name = getattr(args, "name", None)
         again = f"comod search resume {name}" if name and _exists(name) else "the same command again"
         print(f"comod: interrupted before any trial ran; start it with {again}", file=sys.stderr, flush=True)
-        from comod_platform.interrupts import EXIT_CODES, requested
-
         return EXIT_CODES.get(requested(), 130)
     except OSError as err:
         import errno
@@ -146,10 +146,6 @@ def cmd_search(args) -> int:
     else:
         print(format_summary(summary), flush=True)
     if summary.get("stopped_by"):
-        import signal
-
-        from comod_platform.interrupts import EXIT_CODES
-
         print(f"interrupted: continue with comod search resume {summary['name']}", file=sys.stderr, flush=True)
         return EXIT_CODES.get(getattr(signal, summary["stopped_by"]), 130)
     if summary[COMPLETED] == 0:
@@ -271,7 +267,18 @@ def _job_command(args) -> int:
 
     try:
         if args.search_command == "submit":
-            return _submit(args, jobs)
+            sub = jobs.submit(args.search, address=args.address, name=args.name, storage=args.storage,
+                              ship=args.ship, env_pairs=args.env)
+            for note in sub.notes:
+                print(f"comod: note: {note}", file=sys.stderr)
+            where = f"--address {sub.address}"
+            print(f"name: {sub.name}\nsubmission id: {sub.submission_id}\nentrypoint: {sub.entrypoint}\n"
+                  f"follow it:  comod search logs {sub.name} {where} --follow\n"
+                  f"status:     comod search status {sub.name} {where}\n"
+                  f"stop it:    comod search stop {sub.name} {where}\n"
+                  f"continue:   comod search submit {args.search} --name {sub.name} {where} (resumes where it "
+                  f"stopped)")
+            return 0
         if args.search_command == "status":
             s = jobs.status(args.address, args.name)
             print(f"search {s['name']}: {s['status']}\n  job        {s['submission_id']} on {s['address']}\n"
@@ -305,20 +312,6 @@ def _job_command(args) -> int:
         raise UserError(str(err), err.code) from None
 
 
-def _submit(args, jobs) -> int:
-    sub = jobs.submit(args.search, address=args.address, name=args.name, storage=args.storage, ship=args.ship,
-                      env_pairs=args.env)
-    for note in sub.notes:
-        print(f"comod: note: {note}", file=sys.stderr)
-    where = f"--address {sub.address}"
-    print(f"name: {sub.name}\nsubmission id: {sub.submission_id}\nentrypoint: {sub.entrypoint}\n"
-          f"follow it:  comod search logs {sub.name} {where} --follow\n"
-          f"status:     comod search status {sub.name} {where}\n"
-          f"stop it:    comod search stop {sub.name} {where}\n"
-          f"continue:   comod search submit {args.search} --name {sub.name} {where} (resumes where it stopped)")
-    return 0
-
-
 def _short(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -330,14 +323,12 @@ def _short(value) -> str:
 def cmd_export(args) -> int:
     from comod_platform.export import ExportError, export_best, export_trials
 
-    try:
+    with user_errors(ExportError, *_user_errors()):
         if args.export_command == "trials":
             print(f"wrote {export_trials(args.name, args.out)}")
             return 0
         chosen = export_best(args.name, args.out, top_k=args.top_k, reeval_seeds=args.seeds,
                              overrides=args.overrides, progress=lambda line: print(line, file=sys.stderr))
-    except (ExportError, *_user_errors()) as err:
-        raise UserError(str(err), EXIT_FAILED) from None
     print(f"wrote {chosen['path']}: trial {chosen['trial_id']} ({chosen['metric']}={chosen['value']:.4f}); "
           f"run it with: comod train {chosen['path']}")
     return 0
@@ -354,10 +345,8 @@ def cmd_compare(args) -> int:
         if not sep or not path.strip():
             raise UserError(f"--where {item!r}: expected PATH=VALUE, e.g. pretrain.modulation_kind=none")
         where[path.strip()] = yaml.safe_load(text) if text.strip() else text
-    try:
+    with user_errors(CompareError, *_user_errors()):
         result = compare(args.name, metric=args.metric, out_dir=args.out, where=where)
-    except (CompareError, *_user_errors()) as err:
-        raise UserError(str(err), EXIT_FAILED) from None
     report = next((f for f in result.get("files", []) if f.endswith(".md")), None)
     if report:
         print(Path(report).read_text())
@@ -371,7 +360,5 @@ def cmd_dashboard(args) -> int:
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port}: expected a port number from 1 to 65535", EXIT_USAGE)
-    try:
+    with user_errors(SearchNotFound, DashboardError):
         return serve(args.name, args.port)
-    except (SearchNotFound, DashboardError) as err:
-        raise UserError(str(err), EXIT_FAILED) from None

@@ -1,16 +1,9 @@
 """Credentials are passed by reference and never written, printed or shipped in clear.
 
-A database or server URL may carry a password (``postgresql://USER:PASSWORD@HOST/DB``,
-``http://USER:PASSWORD@HOST``). comod keeps only its redacted form (``USER:***@``) in a
-search's ``meta.json`` and in every message, and takes the password back from the
-environment that has it (``COMOD_OPTUNA_STORAGE``, ``MLFLOW_TRACKING_URI``) when a command
-needs the connection. Better still, leave it out of the URL: libpq reads ``PGPASSWORD`` or a
-``PGPASSFILE``, MLflow reads ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``, boto3
-reads ``AWS_SHARED_CREDENTIALS_FILE`` or the instance's role.
-
-A Ray job's runtime environment is shown by Ray's dashboard, so secret-bearing variables
-(:func:`is_secret`) are never put there: the cluster's own environment (its nodes' variables,
-a Kubernetes secret, a credentials file every node mounts) provides them.
+A URL's password (``postgresql://USER:PASSWORD@HOST/DB``) is kept only redacted (``USER:***@``), in a
+search's ``meta.json`` and in every message, and taken back from the environment that has it
+(``COMOD_OPTUNA_STORAGE``, ``MLFLOW_TRACKING_URI``) when a command connects. Secret-bearing variables
+(:func:`is_secret`) never go into a Ray job's runtime environment, which Ray's dashboard shows.
 """
 from __future__ import annotations
 

@@ -1,15 +1,10 @@
 """Ctrl-C and SIGTERM in a search's driver: a clean stop first, an immediate one on a second signal.
 
-The first SIGINT (Ctrl-C) or SIGTERM (``kill``, ``comod search stop``, Kubernetes) asks Ray Tune to
-end its loop the way its own SIGUSR1 does: the trials stop, the experiment state is saved, the
-callbacks flush what MLflow has not yet received and end the unfinished trials' runs as
-interrupted, and the driver closes the parent run and the study's running trials, then exits 130
-(SIGINT) or 143 (SIGTERM) with the command that continues the search. A second signal ends the
-process at once, saying what may be left RUNNING (a resume repairs it).
-
-Ray Tune's own SIGINT handler is switched off (``TUNE_DISABLE_SIGINT_HANDLER``), so that both
-signals take this one path; the handlers are Python's, installed after ``ray.init``, so Ray's
-native fatal-signal handler (which prints a C++ stack dump) never sees them in the driver.
+The first SIGINT or SIGTERM asks Ray Tune to end its loop as its own SIGUSR1 does: the trials stop, the
+state is saved, unfinished trials' runs end as interrupted, and the driver exits 130 (SIGINT) or 143
+(SIGTERM) with the command that continues the search. A second signal ends the process at once.
+Ray Tune's SIGINT handler is off (``TUNE_DISABLE_SIGINT_HANDLER``) so that both signals take this path;
+installed after ``ray.init``, these Python handlers keep Ray's native fatal-signal handler out of it.
 """
 from __future__ import annotations
 

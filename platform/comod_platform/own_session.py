@@ -1,15 +1,10 @@
 """A local search's driver, and the Ray it starts, in a process session of their own.
 
-Slurm's ``scancel`` and time limit, ``systemctl stop``, ``kill -- -PGID``, GNU ``timeout`` and Ray's
-job stop send SIGTERM to every process of a job's group. A local Ray started by the driver is in the
-driver's group, so such a signal killed Ray under the search, which then could not stop cleanly.
-
-:func:`enter` forks the command once, before Ray, torch or MLflow are loaded. The child calls
-``setsid`` and goes on as the driver: the Ray it starts belongs to the child's new session, which no
-signal to the caller's group reaches. The parent stays in the caller's group, passes SIGINT and SIGTERM
-(SIGHUP as SIGTERM) on to the driver, and exits with the driver's status, so a signal to the group ends
-the search exactly as one to the driver alone. The driver dies with the parent (``PR_SET_PDEATHSIG``),
-so a SIGKILL to the command still ends everything, as before.
+Slurm, ``systemctl stop``, ``kill -- -PGID``, GNU ``timeout`` and Ray's job stop signal a job's whole
+group, which would kill a local Ray under the search before it could stop cleanly. :func:`enter` forks
+once, before Ray, torch or MLflow load: the child calls ``setsid`` and goes on as the driver; the parent
+stays in the caller's group, passes SIGINT and SIGTERM (SIGHUP as SIGTERM) on, and exits with the driver's
+status. The driver dies with the parent (``PR_SET_PDEATHSIG``), so a SIGKILL still ends everything.
 """
 from __future__ import annotations
 
@@ -19,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import suppress
 
 FORWARDED = {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM, signal.SIGHUP: signal.SIGTERM}
 SAME_STOP_S = 0.2
@@ -35,14 +31,12 @@ def driver_pid() -> int:
 
 
 def possible() -> bool:
-    """Linux (the driver's death with its parent needs ``prctl``), and no thread yet (a fork copies only
-    the calling thread)."""
+    """Linux (for ``prctl``), and no thread yet (a fork copies only the calling thread)."""
     return sys.platform.startswith("linux") and threading.active_count() == 1
 
 
 def enter() -> None:
-    """Go on in a new session as the driver; this process waits for it, forwarding signals, and exits
-    with its status. Does nothing where :func:`possible` is false."""
+    """Go on as the driver in a new session, this process forwarding signals to it (where :func:`possible`)."""
     global parent_pid
 
     if not possible():
@@ -75,10 +69,8 @@ def _forward_until_exit(child: int) -> int:
         if now - last.get(sent, -1e9) < SAME_STOP_S:
             return
         last[sent] = now
-        try:
+        with suppress(ProcessLookupError):
             os.kill(child, sent)
-        except ProcessLookupError:
-            pass
 
     for signum in FORWARDED:
         signal.signal(signum, forward)

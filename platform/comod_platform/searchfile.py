@@ -1,15 +1,13 @@
 """Search files (search_spaces/NAME.yaml): a base experiment, a space, settings (docs/guides/searches.md).
 
-``space`` maps a config's dotted paths to distributions, e.g.
-``modulation.noise_scale: {type: float, low: 0.05, high: 2.0, log: true, when: {modulation.kind: stochastic}}``.
-It becomes an Optuna define-by-run space (:meth:`SearchFile.suggest`) or a grid; a ``when`` condition names
-values of paths suggested earlier in the file or set in the base experiment. The whole file is checked
-before any trial starts: every path must be a setting and every bound and choice must pass the experiment
-loader, so a broken search fails with the dotted path and the problem.
+``space`` maps dotted config paths to distributions (``{type: float, low: 0.05, high: 2.0, log: true,
+when: {modulation.kind: stochastic}}``): an Optuna define-by-run space or a grid. The whole file is checked
+before any trial starts, so a broken search fails with the dotted path and the problem.
 """
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -99,24 +97,20 @@ class SearchSettings:
     mode: Literal["max", "min"] = "max"
     num_trials: int = 8
     sampler: Literal["tpe", "random", "cmaes", "qmc", "grid"] = "tpe"
-    """grid runs every combination of the space's choices, in order, the space's first path varying
-    slowest (no float ranges; a conditional path only where its condition holds)."""
+    """grid: every combination of the space's choices (no float ranges), the first path varying slowest."""
     scheduler: Scheduler = field(default_factory=Scheduler)
     resources: Resources = field(default_factory=Resources)
     max_concurrent: int = 2
     max_retries: int = 2
     """Times a crashing trial is restarted from its last epoch checkpoint before it counts as failed."""
     checkpoint_interval_s: float = 10.0
-    """Seconds of training a crash may lose: an epoch's checkpoint goes to the search's storage when this
-    long has passed since the trial's last one (0: every epoch). The final report always carries one.
-    Short trials thus persist only their end, and the experiment snapshots this forces stay rare."""
+    """Seconds of training a crash may lose: an epoch's checkpoint is stored when this long has passed since
+    the trial's last one (0: every epoch); the final report always carries one."""
     seed: int = 0
     trial_timeout_s: float | None = None
-    """Wall seconds a trial may take (None: no limit); a trial past it is failed with that reason (not
-    retried) and the search goes on."""
+    """Wall seconds a trial may take (None: no limit); past it the trial fails, is not retried."""
     stall_timeout_s: float | None = None
-    """Seconds a trial may go without progress, an optimisation step or a report (None: no check): a
-    hung trial is failed with that reason. Waiting for another trial's pretraining is not a stall."""
+    """Seconds a trial may go without a step or a report (None: no check); past it the trial fails."""
 
     def validate(self, path: str):
         check(self.num_trials >= 1, f"{path}.num_trials", self.num_trials, "an integer >= 1")
@@ -163,8 +157,7 @@ class SearchFile:
             most[phase] = max([getattr(base, phase).epochs, *searched])
         return most
 
-    def max_epochs(self) -> int:
-        """The most epochs a trial can train, both phases (ASHA's clock)."""
+    def max_epochs(self) -> int:  # ASHA's clock
         return sum(self.epochs_per_phase().values())
 
     def grid(self) -> dict[str, list]:
@@ -174,9 +167,8 @@ class SearchFile:
                 for path, dist in self.space.items()}
 
     def grid_points(self) -> list[dict[str, Any]]:
-        """The grid's points (Optuna labels), in order: the space's first path varies slowest; a path
-        with a ``when`` condition only where its condition holds (no duplicate points for the settings
-        a point does not use)."""
+        """The grid's points (Optuna labels), the first path varying slowest; a conditional path only
+        where its condition holds."""
         points: list[dict[str, Any]] = [{}]
         for path, choices in self.grid().items():
             grown = []
@@ -187,9 +179,6 @@ class SearchFile:
                     grown.append(point)
             points = grown
         return points
-
-    def grid_size(self) -> int:
-        return len(self.grid_points())
 
     def suggest(self, trial) -> dict[str, Any]:
         """Optuna define-by-run: suggest every active path, return ``{path: value}``."""
@@ -219,8 +208,6 @@ def decode_choice(label: Any) -> Any:
 
 def _check_condition(where: str, path: str, key: str, value: Any, dist: Dist | None, settable: dict) -> None:
     """A ``when`` value its setting can take; else the setting it guards would never be sampled."""
-    import difflib
-
     if dist is None:
         if value != settable[key]:
             raise ConfigError(f"{where}.when: {key} is not searched and is {settable[key]!r} in the experiment, never "
@@ -241,10 +228,7 @@ def _check_condition(where: str, path: str, key: str, value: Any, dist: Dist | N
 
 
 def _did_you_mean(path: str, settable) -> str:
-    """The closest setting to an unknown dotted path, as the config loader suggests one: the whole path, else
-    its last part among the settings' last parts (``noise_scal`` -> ``modulation.noise_scale``)."""
-    import difflib
-
+    """The closest setting to an unknown path, else to its last part (``noise_scal`` -> ``modulation.noise_scale``)."""
     names = list(settable)
     inside = [name for name in names if name.startswith(f"{path}.")]
     if inside:  # a section, not a setting
@@ -305,8 +289,9 @@ def parse_search(raw: Any, name: str) -> SearchFile:
               f"at most {sf.max_epochs()}, the epochs a trial trains (pretrain.epochs {phases['pretrain']} + "
               f"finetune.epochs {phases['finetune']}): ASHA may stop a trial only after grace_period epochs")
     if search.sampler == "grid":
-        check(search.num_trials == sf.grid_size(), "search.num_trials", search.num_trials,
-              f"{sf.grid_size()}, the number of points of the grid")
+        points = len(sf.grid_points())
+        check(search.num_trials == points, "search.num_trials", search.num_trials,
+              f"{points}, the number of points of the grid")
     for path, dist in space.items():
         for value in dist.values_to_check():
             try:
@@ -322,8 +307,7 @@ def load_search(path: str | Path) -> SearchFile:
 
 
 def resolve_search_path(name_or_path: str | Path) -> Path:
-    """The search file that ``name_or_path`` means: that path, or search_spaces/NAME.yaml for a ``NAME``
-    (no suffix) that is no path here. Not checked: :func:`read_search` says when it is no file."""
+    """That path, or search_spaces/NAME.yaml for a ``NAME`` (no suffix) that is no path here."""
     path = Path(name_or_path)
     if not path.exists() and not path.suffix and (SEARCH_SPACES / f"{path}.yaml").exists():
         return SEARCH_SPACES / f"{path}.yaml"
@@ -331,8 +315,7 @@ def resolve_search_path(name_or_path: str | Path) -> Path:
 
 
 def read_search(path: str | Path) -> tuple[dict, str]:
-    """A search file's YAML and its name, unchecked: a missing file or broken YAML fails here, without
-    torch (``parse_search`` checks the contents)."""
+    """A search file's YAML and its name, unchecked (a missing file or broken YAML fails here, without torch)."""
     path = resolve_search_path(path)
     if not path.is_file():
         known = sorted(p.stem for p in SEARCH_SPACES.glob("*.yaml"))

@@ -1,17 +1,16 @@
 """Where Ray Tune keeps a search's experiment state and trial checkpoints (docs/guides/cluster.md).
 
-The embedded default is the search's own ``ray/`` folder; on a cluster, ``--storage`` or ``$COMOD_STORAGE``:
-a folder on a mount every node shares, or a URI that pyarrow's filesystems read (``s3://bucket/prefix``;
-S3-compatible servers through ``AWS_ENDPOINT_URL`` or ``?endpoint_override=HOST:PORT&scheme=http``), so a
-trial restarted on another node, or after the driver was lost, continues from its last epoch. A search on
-several nodes first checks that every node reads what the driver writes there (:func:`check_shared`);
-``python -m comod_platform.storage check STORAGE`` runs the same check from a Ray job.
+The search's own ``ray/`` folder by default; on a cluster, ``--storage`` or ``$COMOD_STORAGE``: a folder every
+node mounts, or a URI pyarrow reads (``s3://bucket/prefix``; S3-compatible servers through ``AWS_ENDPOINT_URL``
+or ``?endpoint_override=HOST:PORT&scheme=http``). :func:`check_shared` checks that every node reads what the
+driver writes there; ``python -m comod_platform.storage check STORAGE`` runs it from a Ray job.
 """
 from __future__ import annotations
 
 import os
 import sys
 import uuid
+from contextlib import suppress
 
 ENV = "COMOD_STORAGE"
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_DEFAULT_REGION",
@@ -88,9 +87,8 @@ def alive_nodes() -> list[dict]:
 
 
 def check_shared(storage: str) -> int:
-    """On a Ray cluster of several nodes, check that each node reads a file
-    this process writes to ``storage``; returns the number of nodes checked.
-    Needs ``ray.init`` first. One node needs no check (beyond writing)."""
+    """Check that each node of the Ray cluster (``ray.init`` first) reads a file this process writes to
+    ``storage`` (one node: that it can be written); returns the number of nodes."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -121,17 +119,14 @@ def check_shared(storage: str) -> int:
                 f"node shares, or s3://BUCKET/PREFIX")
         return len(nodes)
     finally:
-        try:
+        with suppress(Exception):  # a probe file left behind is harmless
             fs, _ = filesystem(storage)
             fs.delete_file(path)
-        except Exception:  # noqa: BLE001 - a probe file left behind is harmless
-            pass
 
 
 def worker_env() -> dict[str, str]:
-    """The forwarded settings this driver has, for a remote cluster's workers, secrets left out: Ray's
-    dashboard shows a driver's runtime environment, so the cluster's nodes must have the secret keys in
-    their own environment (or a credentials file they mount, ``AWS_SHARED_CREDENTIALS_FILE``)."""
+    """The forwarded settings this driver has, for a remote cluster's workers, secrets left out (Ray's
+    dashboard shows a runtime environment: the nodes need their own keys or a mounted credentials file)."""
     from comod_platform.credentials import is_secret
 
     return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k) and not is_secret(k, os.environ[k])}

@@ -1,11 +1,9 @@
 """A trial's time limits: ``search.trial_timeout_s`` (its whole run) and ``search.stall_timeout_s`` (no
-progress: no optimisation step, no report, no word from the pretraining cache's wait).
+step, no report, no word from the pretraining cache's wait).
 
-A thread of the trial's own process watches the clock. Past a limit it raises :class:`TrialTimeout` in
-the thread that runs the trial (Python delivers it at that thread's next bytecode), which the trial
-reports as its recorded end, with the reason, so Ray does not retry it and the search goes on. A trial
-stuck inside native code never gets there: ``grace_s`` later the watchdog ends the worker process, and
-Ray records the trial as failed.
+Past a limit a thread of the trial's process raises :class:`TrialTimeout` in the trial's thread, which
+reports it as its recorded end, so Ray does not retry it. A trial stuck in native code is ended with its
+worker process ``grace_s`` later, and Ray records it as failed.
 """
 from __future__ import annotations
 
