@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+from contextlib import suppress
 from pathlib import Path
 
 from comod_platform.conventions import COMPLETED, FAILED, INTERRUPTED, PRUNED
@@ -171,10 +172,9 @@ def _number(value) -> str:
 def _exists(name: str) -> bool:
     from comod_platform.search_state import BadName, SearchPaths
 
-    try:
+    with suppress(BadName):
         return SearchPaths(name).exists()
-    except BadName:
-        return False
+    return False
 
 
 def format_summary(summary: dict) -> str:
@@ -220,8 +220,7 @@ def _status(name: str) -> int:
 
     results = load_results(name)
     metric, searched = results.metric, list(results.search.space)
-    header = ["trial", "state", "epochs", metric, f"best {metric}"] + searched
-    table = [header]
+    table = [["trial", "state", "epochs", metric, f"best {metric}"] + searched]
     for t in results.trials:
         final, best = t.value(metric), t.best
         table.append([t.trial_id, t.state, str(t.epochs), f"{final:.4f}" if final is not None else "-",

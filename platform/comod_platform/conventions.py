@@ -58,8 +58,8 @@ PROTOCOL_KEYS = frozenset({FINAL_FLAG, DIVERGED_FLAG, REASON, NODE, GPUS, CURVE,
 
 
 def pack_report(row: dict, metric: str) -> dict:
-    """A trial's report as it goes to Ray Tune: the protocol's keys and the search's ``metric`` as they are
-    (the scheduler and the searcher read them), the rest as :data:`METRICS` text."""
+    """A trial's report as it goes to Ray Tune: the protocol's keys and ``metric`` as they are, the rest as
+    :data:`METRICS` text."""
     kept = {k: v for k, v in row.items() if k in PROTOCOL_KEYS or k == metric}
     rest = {k: v for k, v in row.items() if k not in kept}
     if rest:
@@ -68,8 +68,7 @@ def pack_report(row: dict, metric: str) -> dict:
 
 
 def report_metrics(result: dict | None) -> dict:
-    """A report as the trial made it: the keys Ray Tune saw, with the metrics of :data:`METRICS` put back
-    in its place (a report without it, as it is)."""
+    """A report as the trial made it: the metrics of :data:`METRICS` unpacked in its place."""
     result = dict(result or {})
     packed = result.pop(METRICS, None)
     if isinstance(packed, str):
@@ -129,9 +128,8 @@ def outcome(last: dict | None, errored: bool = False) -> str:
 
 
 def recorded_state(tags: dict, metrics: dict) -> str:
-    """A trial's state from its MLflow run's tags and metrics: its state tag (``running`` without one), or
-    ``completed`` when it has not ended but its final report arrived (only the end-of-trial tags are missing):
-    its test metrics, which only the final report carries (or, in a store written before, the final flag)."""
+    """A trial's state from its MLflow run: its state tag (``running`` without one), or ``completed`` when
+    its final report arrived (test metrics, or in an older store the final flag) but not its end-of-trial tags."""
     state = tags.get(TAG_STATE, RUNNING)
     if state not in ENDED and (metrics.get(FINAL_FLAG) or any(k.startswith("test/") for k in metrics)):
         return COMPLETED

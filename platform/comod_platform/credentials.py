@@ -45,6 +45,3 @@ def is_secret(key: str, value: str = "") -> bool:
     """Whether an environment variable holds a secret: its name says so, or its value is a URL with a
     password."""
     return (key not in _NOT_SECRET and bool(_SECRET_KEY.search(key))) or redact(value) != value
-
-
-__all__ = ["MASK", "is_redacted", "is_secret", "redact", "redact_all", "restore"]

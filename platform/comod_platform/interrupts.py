@@ -63,6 +63,3 @@ class StopOnSignal:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous.clear()
-
-
-__all__ = ["EXIT_CODES", "StopOnSignal", "requested", "unfinished"]

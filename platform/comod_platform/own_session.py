@@ -78,6 +78,3 @@ def _forward_until_exit(child: int) -> int:
     _, status = os.waitpid(child, 0)  # retried by Python after each forwarded signal
     code = os.waitstatus_to_exitcode(status)
     return 128 - code if code < 0 else code
-
-
-__all__ = ["driver_pid", "enter", "parent_pid", "possible"]

@@ -67,6 +67,3 @@ class Watchdog:
             print(f"comod: trial {reason}; it did not stop within {self.grace:g} s (stuck in native code): "
                   f"ending its worker", file=sys.stderr, flush=True)
             os._exit(1)
-
-
-__all__ = ["TrialTimeout", "Watchdog"]
