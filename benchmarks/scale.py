@@ -47,9 +47,13 @@ Reported:
   Optuna (``searches/N/optuna.db``), Ray Tune's storage, the trial folders;
 * the machine, the versions and the 1-minute load average during the run.
 
-Results go to ``benchmarks/results/scale.json`` and ``.md`` (``--quick``: 12
-trials on 2 nodes, no waiting for the load, a smoke check that writes nothing
-unless ``--out`` is given).
+Results go to ``benchmarks/results/scale.json`` and ``.md``, or
+``scale_N.json`` and ``.md`` for another ``--trials N``; such a run is put
+beside the 200-trial run in the same folder (driver CPU and idle slot time
+per trial at both sizes; target: driver CPU per trial at most
+``GROWTH_TARGET`` times that at 200), so run the two one after the other.
+``--quick``: 12 trials on 2 nodes, no waiting for the load, a smoke check
+that writes nothing unless ``--out`` is given.
 """
 from __future__ import annotations
 
@@ -76,6 +80,9 @@ from _common import (REPO, LoadSampler, add_run_options, clean_env, code_version
                      kill_processes_mentioning, machine, results_folder, versions, wait_for_load, write_results)
 
 SEARCH_NAME = "scale"
+BASE_TRIALS = 200
+GROWTH_TARGET = 1.5
+"""Driver CPU per trial of a larger run at most this times that of the 200-trial run."""
 OBJECT_STORE_BYTES = 150 * 1024 * 1024  # per node (Ray's minimum is 75 MiB; the dataset is a few KB)
 
 
@@ -581,6 +588,9 @@ def markdown(result: dict) -> str:
     ]
     if st.get("note"):
         lines += ["", f"Note: {st['note']}"]
+    if result.get("beside_base"):
+        lines += ["", f"Beside the {BASE_TRIALS}-trial run in the same folder (`scale.json`, run just before): "
+                  + growth_line(result["beside_base"])]
     return "\n".join(lines) + "\n"
 
 
@@ -614,9 +624,31 @@ def main(argv=None) -> int:
     if failed and r.get("log_tail"):
         print(r["log_tail"])
     out = results_folder(args.out, args.quick)
+    stem = "scale" if args.trials == BASE_TRIALS or args.quick else f"scale_{args.trials}"
+    if out is not None and stem != "scale" and (out / "scale.json").exists():
+        result["beside_base"] = growth(json.loads((out / "scale.json").read_text())["run"], r)
+        print(growth_line(result["beside_base"]))
     if out is not None:
-        write_results(out, "scale", result, markdown(result))
+        write_results(out, stem, result, markdown(result))
     return 1 if failed else 0
+
+
+def growth(base: dict, run: dict) -> dict:
+    """How the per-trial costs grow from the 200-trial run ``base`` to ``run``."""
+    keys = ("driver_cpu_per_trial_ms", "window_gap_per_trial_slot_ms")
+    b, r = base["time"], run["time"]
+    out = {k: {"base": b[k], "this": r[k], "ratio": round(r[k] / b[k], 3) if b[k] else None} for k in keys}
+    ratio = out["driver_cpu_per_trial_ms"]["ratio"]
+    out["target"] = GROWTH_TARGET
+    out["pass"] = ratio is not None and ratio <= GROWTH_TARGET
+    return out
+
+
+def growth_line(g: dict) -> str:
+    cpu, idle = g["driver_cpu_per_trial_ms"], g["window_gap_per_trial_slot_ms"]
+    return (f"{'PASS' if g['pass'] else 'MISS'}: driver CPU per trial {cpu['this']:.0f} ms against "
+            f"{cpu['base']:.0f} ms at {BASE_TRIALS} trials = {cpu['ratio']}x (target <= {g['target']}); idle slot "
+            f"time per trial {idle['this']:.0f} ms against {idle['base']:.0f} ms")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,11 @@ def vs():
     return _load("vs_hand_written")
 
 
+@pytest.fixture(scope="module")
+def scale():
+    return _load("scale")
+
+
 # ------------------------------------------------------------------- _common
 
 def test_results_go_to_out_or_the_results_folder_and_nowhere_for_a_quick_check(common, tmp_path, capsys):
@@ -388,3 +393,15 @@ def test_recording_off_checks_its_patch_took_and_says_what_the_numbers_mean(reco
     fast = recording_off.summarise({**runs, "no_mlflow": [side(15.2, 0.05)]})
     assert fast["no_mlflow_meets_window"] and fast["no_mlflow_meets_gap"]
     assert recording_off.verdict(fast).startswith("Without MLflow recording the platform meets both targets")
+
+
+# ------------------------------------------------------------------- scale
+
+def test_a_larger_scale_run_is_put_beside_the_200_trial_run(scale):
+    base = {"time": {"driver_cpu_per_trial_ms": 100.0, "window_gap_per_trial_slot_ms": 600.0}}
+    cheap = scale.growth(base, {"time": {"driver_cpu_per_trial_ms": 140.0, "window_gap_per_trial_slot_ms": 500.0}})
+    assert cheap["driver_cpu_per_trial_ms"] == {"base": 100.0, "this": 140.0, "ratio": 1.4} and cheap["pass"]
+    assert cheap["window_gap_per_trial_slot_ms"]["ratio"] == 0.833
+    assert scale.growth_line(cheap).startswith("PASS: driver CPU per trial 140 ms against 100 ms at 200 trials = 1.4x")
+    dear = scale.growth(base, {"time": {"driver_cpu_per_trial_ms": 151.0, "window_gap_per_trial_slot_ms": 600.0}})
+    assert not dear["pass"] and scale.growth_line(dear).startswith("MISS")
