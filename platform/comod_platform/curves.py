@@ -74,6 +74,11 @@ def _points(curve: dict | None) -> list[tuple[int, float]]:
     return list(zip(curve["steps"], curve["mean"])) if curve else []
 
 
+def _paired(a: str, b: str, rows: list[tuple[float, str]], mode: str, resamples: int, seed: int, **kw) -> dict:
+    """:func:`stats.paired_stats` of a - b over (difference, unit) ``rows``."""
+    return {"a": a, "b": b, **paired_stats([d for d, _ in rows], mode, resamples, seed, [u for _, u in rows], **kw)}
+
+
 def _panels(have: list[TrialRecord], key: str, ranges, out: dict) -> None:
     """The curves per arm (a value or bin of each varied setting) and condition, into ``out``."""
     arms = varied_settings(have)
@@ -127,8 +132,8 @@ def efficiency(trials: list[TrialRecord], metric: str, mode: str, resamples: int
     pairs = [tuple(p) for p in pairs] if pairs is not None else comparisons(present)
     to_det = [(c, "deterministic") for c in sorted({"stochastic", "none", *present}, key=condition_order)
               if c != "deterministic"]
-    auc: dict[tuple, tuple[list, list]] = {p: ([], []) for p in pairs}
-    steps_paired: dict[tuple, tuple[list, list]] = {(f, a, b): ([], []) for f in fractions for a, b in to_det}
+    auc: dict[tuple, list] = {p: [] for p in pairs}  # (difference, unit) per matched group
+    steps_paired: dict[tuple, list] = {(f, a, b): [] for f in fractions for a, b in to_det}
     reached = {f: {k: [] for k in present} for f in fractions}
     for group in matched_groups(have).values():
         unit = group_unit(group)
@@ -144,8 +149,7 @@ def efficiency(trials: list[TrialRecord], metric: str, mode: str, resamples: int
                     ca, cb = list(zip(x, v[0])), list(zip(x, v[1]))
                 elif min(len(ca), len(cb)) != 1:  # one point: a condition with nothing to fine-tune, its value
                     continue
-                auc[(a, b)][0].append(curve_auc(ca) - curve_auc(cb))
-                auc[(a, b)][1].append(unit)
+                auc[(a, b)].append((curve_auc(ca) - curve_auc(cb), unit))
         if curves.get("deterministic"):
             final = curves["deterministic"]["mean"][-1]
             for f in fractions:
@@ -156,21 +160,17 @@ def efficiency(trials: list[TrialRecord], metric: str, mode: str, resamples: int
                     reached[f][k].append(s)
                 for a, b in to_det:
                     if steps.get(a) is not None and steps.get(b) is not None:
-                        steps_paired[(f, a, b)][0].append(float(steps[a] - steps[b]))
-                        steps_paired[(f, a, b)][1].append(unit)
+                        steps_paired[(f, a, b)].append((float(steps[a] - steps[b]), unit))
         out["groups"].append(row)
     by_kind = {k: [a for t in have if condition(t) == k for a in [curve_auc(t.curves[key])] if a is not None]
                for k in present}
     out["auc"] = {"per_kind": {k: summary(v) for k, v in by_kind.items()},
-                  "paired": {f"{a}-{b}": {"a": a, "b": b, **paired_stats(auc[(a, b)][0], mode, resamples, seed,
-                                                                         auc[(a, b)][1])}
-                             for a, b in pairs}}
+                  "paired": {f"{a}-{b}": _paired(a, b, auc[(a, b)], mode, resamples, seed) for a, b in pairs}}
     out["steps_to_fraction"] = {f"{f:g}": {
         "per_kind": {k: {"groups": len(s), "reached": sum(x is not None for x in s),
                          "median": float(np.median(hit)) if (hit := [x for x in s if x is not None]) else None}
                      for k, s in reached[f].items()},
-        "paired": {f"{a}-{b}": {"a": a, "b": b, **paired_stats(steps_paired[(f, a, b)][0], "min", resamples, seed,
-                                                               steps_paired[(f, a, b)][1], half_width=None)}
+        "paired": {f"{a}-{b}": _paired(a, b, steps_paired[(f, a, b)], "min", resamples, seed, half_width=None)
                    for a, b in to_det}} for f in fractions}
     for what, p in [("AUC", p) for p in out["auc"]["paired"].values()] + [
             (f"steps to {f}", p) for f, st in out["steps_to_fraction"].items() for p in st["paired"].values()]:

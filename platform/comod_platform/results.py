@@ -13,6 +13,7 @@ import math
 import re
 import types
 import typing
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -131,10 +132,7 @@ class SearchResults:
         return self.search.search.mode
 
     def counts(self) -> dict[str, int]:
-        out = dict.fromkeys(STATES, 0)
-        for t in self.trials:
-            out[t.state] = out.get(t.state, 0) + 1
-        return out
+        return {**dict.fromkeys(STATES, 0), **Counter(t.state for t in self.trials)}
 
     def ranked(self, metric: str | None = None, mode: str | None = None) -> list[TrialRecord]:
         """Completed trials that have ``metric`` (default: the search's), best first; ties keep start order."""
