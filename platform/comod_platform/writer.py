@@ -2,8 +2,7 @@
 
 :class:`Writer` runs calls in order on a thread of its own, so the scheduling loop never waits on a
 store; :func:`retry_call` and :class:`RetryingClient` retry writes made in place. A passing failure
-(:func:`transient`) is retried until it passes or the flush timeout is spent; anything else is retried
-a few times, then dropped with a warning that names it. :func:`usage` says what the writers cost.
+(:func:`transient`) is retried until it passes; anything else a few times, then dropped with a warning.
 """
 from __future__ import annotations
 
@@ -18,33 +17,26 @@ import weakref
 
 log = logging.getLogger(__name__)
 _WRITERS: "weakref.WeakSet[Writer]" = weakref.WeakSet()
-BACKGROUND_NICE = 19
-"""The CPU priority of the driver's writer threads: the lowest, below Ray's workers (nice 15), so that
-the trials come first where they take every core; no write is on a trial's path."""
-FLUSH_TIMEOUT_ENV = "COMOD_MLFLOW_FLUSH_TIMEOUT"
-"""Seconds the end of a search waits for an unreachable tracking server (default 900)."""
+BACKGROUND_NICE = 19  # below Ray's workers (nice 15): the trials come first; no write is on a trial's path
+FLUSH_TIMEOUT_ENV = "COMOD_MLFLOW_FLUSH_TIMEOUT"  # s the end of a search waits for a store away (default 900)
 TRANSIENT_DATABASE_SIGNS = ("OperationalError", "database is locked", "database table is locked", "disk I/O error",
                             "database or disk is full", "No space left on device", "could not connect to server",
                             "server closed the connection unexpectedly")
-"""What MLflow leaves of a database error it wraps (a lock held past SQLite's busy timeout, a full disk, a
-database server gone): retried, not dropped."""
+"""What MLflow leaves of a database error it wraps (a lock held too long, a full disk, a server gone)."""
 
 
 def transient(err: Exception) -> bool:
-    """Whether a call failed because the store was unreachable or failing (retried until it is back), not
-    because the call itself was refused."""
+    """Whether a call failed because the store was away or failing (not because it refused the call)."""
     import requests  # MLflow's HTTP client
 
     if isinstance(err, (ConnectionError, TimeoutError, OSError, requests.exceptions.RequestException)):
         return True
-    chain, seen = [], set()
+    text, seen = str(err), set()
     while err is not None and id(err) not in seen:  # err, and what it was raised from or during
+        if type(err).__name__ == "OperationalError":
+            return True  # SQLAlchemy's or sqlite3's: a locked, unreachable or full database, maybe wrapped
         seen.add(id(err))
-        chain.append(err)
         err = err.__cause__ or err.__context__
-    if any(type(e).__name__ == "OperationalError" for e in chain):
-        return True  # SQLAlchemy's or sqlite3's: a locked, unreachable or full database, maybe wrapped
-    text = str(chain[0])
     if any(sign in text for sign in TRANSIENT_DATABASE_SIGNS):  # MLflow's wrapping of the same, as text
         return True
     return "API request to" in text and any(
@@ -52,10 +44,9 @@ def transient(err: Exception) -> bool:
 
 
 class Writer:
-    """A thread that runs calls to a store in order. While the store is unreachable the head call is retried
-    with a growing pause (at most ``max_pause`` s), the rest waiting; a call the store refuses is tried
-    ``retries`` times, then dropped with a warning. ``nice`` lowers the thread's CPU priority by that much;
-    ``idle`` puts it in Linux's ``SCHED_IDLE`` class (it runs where a core would otherwise idle)."""
+    """A thread that runs calls to a store in order. While the store is away the head call is retried with a
+    growing pause (at most ``max_pause`` s); a refused call is tried ``retries`` times, then dropped.
+    ``nice`` lowers the thread's CPU priority; ``idle`` puts it in Linux's ``SCHED_IDLE`` class."""
 
     def __init__(self, retries: int = 5, max_pause: float = 15.0, describe: str = "MLflow",
                  name: str = "comod-mlflow-writer", nice: int = 0, idle: bool = False):
@@ -82,8 +73,8 @@ class Writer:
             if self.idle:
                 os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         while True:
-            # the call's arguments are let go before task_done: once a flush returns, this thread holds
-            # nothing of the caller's (a Ray trial freed here while Ray shuts down ends the process)
+            # arguments let go before task_done: after a flush this thread holds nothing of the caller's
+            # (a Ray trial freed here while Ray shuts down ends the process)
             call = self.queue.get()
             started = time.thread_time()
             self._call(*call)
@@ -166,7 +157,7 @@ def retry_call(fn, *args, timeout: float | None = None, **kwargs):
 
 
 class RetryingClient:
-    """An MLflow client whose every call is :func:`retry_call`'s (``comod train``'s run, a search's parent)."""
+    """An MLflow client whose every call is :func:`retry_call`'s."""
 
     def __init__(self, client, timeout: float | None = None):
         self._client, self._timeout = client, timeout
