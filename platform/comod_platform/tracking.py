@@ -1,10 +1,9 @@
 """MLflow tracking of experiments, following docs/guides/tracking.md.
 
-The store is ``MLFLOW_TRACKING_URI`` (a team server), else an embedded SQLite store in the runs folder
-with a local artifact folder. Params are the flattened config, metrics are logged per epoch with the
-global step; a resumed run re-attaches to its MLflow run (its id kept beside the checkpoint). Every
-experiment is tagged as model training (``mlflow.experimentKind``) and carries a saved view of its runs
-table (``VIEW_KEY``); every run records its dataset as an MLflow dataset input (:func:`describe_dataset`).
+The store is ``MLFLOW_TRACKING_URI`` (a team server), else an embedded SQLite store and artifact folder
+in the runs folder. Params are the flattened config, metrics per epoch at the global step; a resumed run
+re-attaches to its MLflow run (its id kept beside the checkpoint). Experiments are tagged as model training
+with a saved view of their runs table (``VIEW_KEY``); runs record their dataset as a dataset input.
 """
 from __future__ import annotations
 
@@ -29,16 +28,11 @@ RUN_FILE = "mlflow_run.json"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # MLflow 3's kind for model training (the others are GenAI)
 VIEW_KEY = "comod"
-VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
-"""An experiment tag holding a saved view of the UI's runs table (MLflow's envelope: ``name``,
-``createdAt``, ``state``); ``#/experiments/ID/runs?viewStateShareKey=comod`` opens it."""
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"  # a saved view of the runs table, opened by viewStateShareKey
 VIEW_NAME = "comod: compare trials"
-KEY_METRICS = ("val/mean_f1", "test/mean_f1", "test/mean_recall", "test/mean_precision")
-"""The final metrics the saved view shows as columns (with the search's own metric)."""
+KEY_METRICS = ("val/mean_f1", "test/mean_f1", "test/mean_recall", "test/mean_precision")  # the view's columns
 DATASET_CONTEXT = "train/val/test"
-UI_MODE = "workflowType=machine_learning"
-"""The query parameter that opens MLflow 3's UI in its *Model training* mode (the runs table), whatever
-mode its sidebar's switch (*GenAI* by default, remembered by the browser) was left in."""
+UI_MODE = "workflowType=machine_learning"  # MLflow 3's UI in Model training mode, whatever its switch says
 
 
 class TrackingError(RuntimeError):
@@ -73,14 +67,13 @@ def tracking_uri() -> str:
 
 
 def _store_lock(uri: str):
-    """Held while the embedded store is made or an experiment in it is made and marked, so that commands
-    started together on one runs folder take turns; a server takes care of its own."""
+    """Held while the embedded store, or an experiment in it, is made: commands started together take turns."""
     return FileLock(str(runs_home() / "mlflow.db.lock")) if uri == embedded_uri() else nullcontext()
 
 
 def artifact_root() -> str | None:
-    """Local artifact folder for the embedded store; a server chooses its own. (``mlflow.set_tracking_uri``
-    exports ``MLFLOW_TRACKING_URI``: the embedded store is known by its URI, not by the variable unset.)"""
+    """Local artifact folder for the embedded store (known by its URI: ``mlflow.set_tracking_uri`` exports
+    ``MLFLOW_TRACKING_URI``); a server chooses its own."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri and uri != embedded_uri():
         return None
@@ -102,8 +95,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 
 def open_store() -> str:
-    """Reach the tracking store once (a new embedded store makes its tables here) and return its URI;
-    creates no experiment and no run, so a search can do this while Ray starts."""
+    """Reach the tracking store once (a new embedded store makes its tables) and return its URI."""
     _quiet()
     from mlflow.tracking import MlflowClient
 
@@ -114,14 +106,11 @@ def open_store() -> str:
 
 
 def setup(experiment: str, metric: str | None = None, mode: str = "max"):
-    """Point MLflow at the tracking store and return the experiment's id, the experiment (found, or made)
-    marked by :func:`mark_experiment`, its view sorted by ``metric`` when given (a search's)."""
-    _quiet()
+    """Point MLflow at the store; the experiment's id, found or made, marked (:func:`mark_experiment`)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    uri = tracking_uri()
-    check_reachable(uri)
+    uri = open_store()
     root = artifact_root()  # before set_tracking_uri, which exports MLFLOW_TRACKING_URI
     mlflow.set_tracking_uri(uri)
     with _store_lock(uri):
@@ -137,8 +126,7 @@ def setup(experiment: str, metric: str | None = None, mode: str = "max"):
 
 
 def view_state(metric: str | None = None, mode: str = "max") -> dict:
-    """The saved view's runs table: the dataset, the modulation kind, the state and the key metrics as
-    columns; sorted by ``metric`` (best first) when given, else by start time, children nested."""
+    """The saved view's columns (dataset, modulation kind, state, key metrics), sorted by ``metric`` if given."""
     from comod_platform.conventions import TAG_STATE
 
     metrics = list(dict.fromkeys(([metric] if metric else []) + list(KEY_METRICS)))
@@ -151,8 +139,8 @@ def view_state(metric: str | None = None, mode: str = "max") -> dict:
 
 def mark_experiment(client, experiment_id: str, metric: str | None = None, mode: str = "max",
                     tags: dict[str, str] | None = None) -> None:
-    """Tag the experiment as model training and give it comod's saved view, unless it has both already
-    (``tags``: its tags, when the caller has them). Without ``metric`` a view already there is kept."""
+    """Tag the experiment as model training and give it comod's saved view, unless it has both (``tags``: its
+    tags, when the caller has them). Without ``metric`` a view already there is kept."""
     if tags is None:
         tags = client.get_experiment(experiment_id).tags
     if tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
@@ -169,13 +157,10 @@ def mark_experiment(client, experiment_id: str, metric: str | None = None, mode:
 
 
 def runs_url(base: str, experiment_id: str, view: bool = True) -> str:
-    """The experiment's runs table in MLflow 3's UI at ``base`` (``http://HOST:PORT``), in model-training
-    mode (``UI_MODE``) and, with ``view``, in comod's saved view."""
+    """The experiment's runs table in MLflow's UI at ``base`` (``http://HOST:PORT``), with ``view`` comod's."""
     query = f"viewStateShareKey={VIEW_KEY}&{UI_MODE}" if view else UI_MODE
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
 
-
-# ------------------------------------------------------------------ dataset inputs
 
 @functools.cache
 def _dataset_class():
@@ -200,14 +185,6 @@ def _dataset_class():
 def dataset_settings(cfg: ExperimentConfig) -> dict:
     """The data settings that decide which samples a run sees (not where they live, nor which device)."""
     return {k: v for k, v in config_to_dict(cfg.data).items() if k not in ("root", "on_device")}
-
-
-def dataset_name(cfg: ExperimentConfig) -> str:
-    """``DATASET/TASK_SET``, e.g. ``fashion_mnist/attributes`` (a folder of one's own images: its folder's name)."""
-    d = cfg.data
-    tasks = d.tasks if isinstance(d.tasks, str) else ",".join(d.tasks)
-    dataset = f"folder:{Path(str(d.root)).name}" if d.dataset == "folder" and d.root else d.dataset
-    return f"{dataset}/{tasks}"
 
 
 def _source(where: str | None, cfg: ExperimentConfig):
@@ -244,10 +221,9 @@ def _summary(data) -> dict:
 
 
 def describe_dataset(cfg: ExperimentConfig, data=None, source=None):
-    """The run's dataset as an MLflow dataset: named ``DATASET/TASK_SET``, its source the data folder, its
-    digest a hash of the data settings and, for a loaded dataset (``data``), of the task names and split
-    sizes, which the schema and the profile hold. Without ``data`` (a trial whose data the driver never
-    loads) it is described from the config alone, with ``source`` where the caller knows it."""
+    """The run's dataset as an MLflow dataset named ``DATASET/TASK_SET``, its digest a hash of the data
+    settings and, for loaded ``data``, of its tasks and split sizes. Without ``data`` (a trial's, which the
+    driver never loads) it is described from the config, with ``source`` where the caller knows it."""
     from mlflow.types import ColSpec, DataType, Schema
 
     settings = dataset_settings(cfg)
@@ -268,30 +244,31 @@ def describe_dataset(cfg: ExperimentConfig, data=None, source=None):
                    **{f"{split}_limit": settings.get(f"{split}_limit") for split in ("train", "test")}}
         schema = None
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
-    return _dataset_class()(source, name=dataset_name(cfg), digest=digest, schema=schema, profile=profile)
+    d = cfg.data  # a folder of one's own images is named by its folder
+    name = f"folder:{Path(str(d.root)).name}" if d.dataset == "folder" and d.root else d.dataset
+    name += "/" + (d.tasks if isinstance(d.tasks, str) else ",".join(d.tasks))
+    return _dataset_class()(source, name=name, digest=digest, schema=schema, profile=profile)
 
 
 def dataset_input(dataset):
-    """``dataset`` (an ``mlflow.data`` dataset) as the ``DatasetInput`` that ``MlflowClient.log_inputs`` takes."""
+    """``dataset`` (an ``mlflow.data`` dataset) as the ``DatasetInput`` that ``MlflowClient.log_inputs`` takes
+    (a ``DatasetInput`` as it is)."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
+    if isinstance(dataset, DatasetInput):
+        return dataset
     entity = Dataset(**{k: v for k, v in dataset.to_dict().items()
                         if k in ("name", "digest", "source_type", "source", "schema", "profile")})
     return DatasetInput(entity, tags=[InputTag("mlflow.data.context", DATASET_CONTEXT)])  # as log_input(context=)
 
 
-def log_dataset(client, run_id: str, dataset_or_input) -> None:
+def log_dataset(client, run_id: str, dataset) -> None:
     """Record the run's dataset (an ``mlflow.data`` dataset, or a ``DatasetInput`` already made)."""
-    from mlflow.entities import DatasetInput
+    client.log_inputs(run_id, datasets=[dataset_input(dataset)])
 
-    entry = dataset_or_input if isinstance(dataset_or_input, DatasetInput) else dataset_input(dataset_or_input)
-    client.log_inputs(run_id, datasets=[entry])
-
-
-# ------------------------------------------------------------------ params and metrics
 
 def log_params(client, run_id: str, params: dict[str, str]) -> None:
-    """Log params, values cut to MLflow's 6000 characters (MLflow's client splits a batch to its limits)."""
+    """Log params, values cut to MLflow's 6000 characters (its client splits a batch to its limits)."""
     from mlflow.entities import Param
 
     client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
@@ -314,8 +291,7 @@ def metric_entities(metrics: dict[str, float], step: int) -> list:
 class RunLogger:
     """Logs one experiment (``comod train``) to one MLflow run, re-attached on resume."""
 
-    def __init__(self, cfg: ExperimentConfig, out_dir: Path, experiment: str = "comod-train",
-                 tags: dict[str, str] | None = None, parent_run_id: str | None = None, data=None):
+    def __init__(self, cfg: ExperimentConfig, out_dir: Path, experiment: str = "comod-train", data=None):
         import mlflow
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
@@ -334,7 +310,7 @@ class RunLogger:
                 try:
                     found = self.client.get_run(previous["run_id"])
                 except MlflowException:  # deleted from the store: start a new one
-                    found = None
+                    pass
         if found is not None and found.info.lifecycle_stage == "active":
             self.run_id, self.previous_status = found.info.run_id, found.info.status
             if self.previous_status != "FINISHED":
@@ -342,9 +318,8 @@ class RunLogger:
             if data is not None and not found.inputs.dataset_inputs:  # a run recorded before datasets were
                 log_dataset(self.client, self.run_id, describe_dataset(cfg, data))
             return
-        all_tags = {"comod.modulation_kind": cfg.modulation.kind, "comod.dataset": cfg.data.dataset,
-                    **(tags or {}), **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
-        self.run_id = self.client.create_run(self.experiment_id, run_name=cfg.name, tags=all_tags).info.run_id
+        tags = {"comod.modulation_kind": cfg.modulation.kind, "comod.dataset": cfg.data.dataset}
+        self.run_id = self.client.create_run(self.experiment_id, run_name=cfg.name, tags=tags).info.run_id
         log_params(self.client, self.run_id, params_of(cfg))
         log_dataset(self.client, self.run_id, describe_dataset(cfg, data))
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -366,8 +341,7 @@ class RunLogger:
         self.client.log_batch(self.run_id, metrics=metric_entities(metrics, step))
 
     def backfill(self, history: list[dict]) -> None:
-        """Log the epochs of a checkpoint's ``history`` that the run lacks (a run stopped between an epoch's
-        checkpoint and its logging resumes after that epoch)."""
+        """Log the epochs of a checkpoint's ``history`` that the run lacks (it may have stopped in between)."""
         done = self.logged_steps()
         batch = [m for entry in history if entry.get("phase") in ("pretrain", "finetune", "curve")
                  for m in metric_entities({k: v for k, v in entry.items()
