@@ -69,19 +69,16 @@ def versions() -> dict[str, str]:
 class SearchMeta:
     name: str
     study_name: str
-    optuna_storage: str
-    """Redacted; :meth:`SearchPaths.read_meta` restores the password from ``COMOD_OPTUNA_STORAGE``."""
+    optuna_storage: str  # redacted; read_meta restores the password from COMOD_OPTUNA_STORAGE
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
     ray_storage: str
     created: float
-    search_id: str | None = None
-    """Also on its experiment and study: a resume checks both are this search's, not a namesake's."""
+    search_id: str | None = None  # also on its experiment and study: a resume checks both are this search's
     versions: dict[str, str] = field(default_factory=dict)
     search_sha256: str | None = None  # search_hash of the search file as run
-    search_settings: dict | None = None
-    """The search file as run, parsed: a resume names the first setting an edit changed."""
+    search_settings: dict | None = None  # parsed: a resume names the first setting an edit changed
 
 
 class SearchPaths:

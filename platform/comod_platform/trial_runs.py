@@ -1,11 +1,10 @@
 """The MLflow runs of a search's trials: found, created, re-attached, written and ended.
 
-One child run per trial under the search's parent run, found again by its Ray trial id tag, so a
-restored search re-attaches to its runs: one that had ended is left as it is, one that was running (or
-interrupted) goes on. No Ray here: a trial is anything with a ``trial_id`` and a ``config``, a
-checkpoint anything with ``as_directory()``. :class:`TrialRuns` puts every write on a
-:class:`writer.Writer` thread (what piles up for a trial meanwhile goes out in one write); the plain
-functions are the writes, on an MLflow client.
+One child run per trial under the search's parent run, found again by its Ray trial id tag: a restored
+search leaves an ended run as it is and goes on with one that was running. No Ray here: a trial is
+anything with ``trial_id`` and ``config``, a checkpoint anything with ``as_directory()``.
+:class:`TrialRuns` puts every write on a :class:`writer.Writer` thread (what piles up for a trial
+meanwhile goes out in one write); the plain functions are the writes, on an MLflow client.
 """
 from __future__ import annotations
 
@@ -22,23 +21,19 @@ from comod_platform.writer import BACKGROUND_NICE, Writer, transient
 
 log = logging.getLogger(__name__)
 RAY_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "iterations_since_restore",
-            "time_since_restore", "pid", "done"}
-"""Ray Tune's own keys of a result, which are not the trial's metrics."""
-OWN_PLAIN = {"wall_seconds", "steps", "pretrain_seconds", "pretrain_wait_seconds"}
-"""Our final metrics without a slash (Ray's own result keys have none either)."""
+            "time_since_restore", "pid", "done"}  # Ray Tune's own keys of a result, not the trial's metrics
+OWN_PLAIN = {"wall_seconds", "steps", "pretrain_seconds", "pretrain_wait_seconds"}  # final metrics without a slash
 RUN_STATUS = {"completed": "FINISHED", "pruned": "FINISHED", "interrupted": "KILLED", "failed": "FAILED"}
 """A trial's run's MLflow status by its state: a pruned trial ended normally (its state tag tells)."""
 
 
 def numeric_metrics(result: dict) -> dict[str, float]:
-    """A trial's report as MLflow metrics: its numbers (with those of its ``conventions.METRICS`` text),
-    without Ray's keys, flags and the report's bookkeeping, so that a run's charts are its results."""
+    """A trial's report as MLflow metrics: its numbers (with its ``conventions.METRICS`` text's), without
+    Ray's keys, flags and the report's bookkeeping."""
     return {k: float(v) for k, v in report_metrics(result).items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in RAY_KEYS
             and k not in PROTOCOL_KEYS and ("/" in k or k in OWN_PLAIN)}
 
-
-# -- the writes ---------------------------------------------------------------------------------------
 
 def all_runs(client, experiment_id: str, filter_string: str, **kwargs):
     """Every run of the experiment that ``filter_string`` matches, page by page (newest first)."""
@@ -65,7 +60,7 @@ def create_run(client, experiment_id: str, parent_run_id: str, search_name: str,
 
 def reattach_run(client, found, cfg) -> int | None:
     """A trial's run made by an earlier driver: None when it had ended (kept as it is); else it runs again,
-    gets the params it lacks (lost right after its creation), and the last epoch step it logged is returned."""
+    gets the params it lacks, and the last epoch step it logged is returned."""
     run_id, state = found.info.run_id, found.data.tags.get(TAG_STATE)
     if found.info.status in ("FINISHED", "KILLED", "FAILED") and state != INTERRUPTED:
         return None
@@ -80,8 +75,8 @@ def reattach_run(client, found, cfg) -> int | None:
 
 
 def drop_lost_runs(client, experiment_id: str, parent_run_id: str, known: set[str]) -> None:
-    """Runs of trials a lost driver started after its last snapshot (the restored search never heard of
-    them and samples that work anew): ended, tagged ``lost`` and deleted (``mlflow runs restore``)."""
+    """Runs of trials a lost driver started after its last snapshot (the restored search samples that work
+    anew): ended, tagged ``lost`` and deleted (``mlflow runs restore`` brings one back)."""
     from mlflow.entities import ViewType
 
     # read whole before any is deleted: a deletion between two pages would shift the second
@@ -113,8 +108,8 @@ def end_tags(state: str, error: str | None, last: dict) -> dict[str, str]:
 
 
 def epochs_once(batch: list, done: int) -> tuple[list, int]:
-    """The metrics of ``batch`` ((Metric, per_epoch) pairs) to send, and the last epoch step then logged: a
-    trial restarted from an older checkpoint reports epochs again, each logged once (up to ``done`` were)."""
+    """The metrics of ``batch`` ((Metric, per_epoch) pairs) to send, and the last epoch step then logged:
+    each epoch of a trial restarted from an older checkpoint is logged once (up to ``done`` were)."""
     send, seen = [], set()
     for metric, per_epoch in batch:
         if per_epoch:
@@ -124,8 +119,6 @@ def epochs_once(batch: list, done: int) -> tuple[list, int]:
         send.append(metric)
     return send, max([done, *(step for _, step in seen)])
 
-
-# -- the runs of a search -----------------------------------------------------------------------------
 
 class TrialRuns:
     """The runs of one search's trials, written from one writer thread (its only MLflow writer)."""
@@ -150,7 +143,7 @@ class TrialRuns:
                 ("search", "search_name", "tracking_uri", "experiment_id", "parent_run_id")}
 
     def __setstate__(self, state):
-        self.__dict__.update({k: v for k, v in state.items() if k != "coalesce_s"})
+        self.__dict__.update(state)
         self._reset()
 
     @property
@@ -178,8 +171,7 @@ class TrialRuns:
                 self._earlier.setdefault(run.data.tags.get(TAG_TRIAL_ID), run)  # a trial's newest run
         found = self._earlier.pop(trial_id, None)
         if found is None and trial_id in self._tried:
-            # an earlier try failed part-way (the server went away after taking create_run): complete
-            # that run rather than make a second
+            # an earlier try failed part-way (after create_run): complete that run rather than make a second
             found = next(all_runs(self.client, self.experiment_id, f"tags.`{TAG_TRIAL_ID}` = '{trial_id}'"), None)
         self._tried.add(trial_id)
         cfg = self.search.config_for(trial.config)
@@ -198,8 +190,8 @@ class TrialRuns:
         return run_id
 
     def _dataset_of(self, cfg):
-        """The parent run's dataset input (the base's, as the driver loaded it) when the trial's data
-        settings are the base's, else one described from the trial's config."""
+        """The parent run's dataset input when the trial's data settings are the base's, else one
+        described from the trial's config."""
         from mlflow.data import get_source
 
         base_cfg = self.search.base_config()
@@ -228,8 +220,7 @@ class TrialRuns:
         self._queue(trial, [(m, per_epoch) for m in metric_entities(metrics, step)], {})
 
     def queue_tags(self, trial, tags: dict[str, str], now: bool = False) -> None:
-        """Set ``tags`` with the trial's next write, or at once when ``now`` (news while it runs: a restart,
-        a move), taking what waits with them."""
+        """Set ``tags`` with the trial's next write, or at once (with what waits) when ``now``."""
         if now:
             self.writer.submit(self._send, trial, tags)
         else:

@@ -1,10 +1,8 @@
 """Ray Tune callbacks of a search: MLflow tracking and terminal progress.
 
-Both run in the driver. :class:`MlflowTrialCallback` is the search's only MLflow writer: a thin adapter
-from Ray Tune's hooks to :class:`trial_runs.TrialRuns`, whose writes go out from a thread of their own.
-What it decides itself needs Ray's view of the trials: a trial's outcome (``conventions.outcome``), the
-best completed trial so far (for the parent run), the trials a stopped search left unfinished, and which
-checkpoints are kept (the best ``keep_checkpoints``).
+Both run in the driver. :class:`MlflowTrialCallback` adapts Ray Tune's hooks to :class:`trial_runs.TrialRuns`
+(the search's only MLflow writer); it decides what needs Ray's view of the trials: outcomes, the best trial
+(for the parent run), the trials a stopped search left unfinished, and the checkpoints kept.
 """
 from __future__ import annotations
 
@@ -24,8 +22,7 @@ from comod_platform.trial_runs import TrialRuns, numeric_metrics
 from comod_platform.writer import FLUSH_TIMEOUT_ENV
 
 log = logging.getLogger(__name__)
-PARENT_METRIC_PREFIXES = ("val/mean_", "test/mean_")
-"""The best trial's final metrics that the parent run carries (with the search's metric)."""
+PARENT_METRIC_PREFIXES = ("val/mean_", "test/mean_")  # the best trial's metrics on the parent (and the search's)
 _KEPT = ("runs", "trials_root", "metric", "mode", "keep_checkpoints")
 
 
@@ -92,8 +89,7 @@ class MlflowTrialCallback(Callback):
 
     # -- Ray Tune hooks -------------------------------------------------
     def on_step_begin(self, iteration, trials, **info):
-        # After a restore: trials that ended before the driver was lost may have ended before their last
-        # MLflow writes went out; finish those runs now.
+        # after a restore: trials that ended while the driver was lost may lack their last writes
         if self._reconciled:
             return
         self._reconciled = True
@@ -169,9 +165,8 @@ class MlflowTrialCallback(Callback):
         return value if self.mode == "max" else -value
 
     def _consider_best(self, trials, current=None, result=None) -> None:
-        """When the best completed trial (by the search's metric) changed, queue its final metrics and ids
-        for the parent run, at the step of the number of trials completed so far (so the parent's history
-        of the metric is the best after each completion)."""
+        """When the best completed trial changed, queue its final metrics and ids for the parent run, at the
+        step of the number of trials completed so far (the parent's history: the best after each completion)."""
         lasts = {t.trial_id: (t, t.last_result or {}) for t in trials}
         if current is not None:  # its report, which its last result may not be yet
             lasts[current.trial_id] = (current, result)
