@@ -17,6 +17,7 @@ from contextlib import suppress
 from pathlib import Path
 
 from comod_platform.errors import EXIT_FAILED, EXIT_USAGE, UserError, user_errors  # noqa: F401 - re-exported
+from comod_platform.paths import default_train_dir, disk_message, runs_home, unwritable
 
 
 def installed_version() -> str:
@@ -118,7 +119,6 @@ def _train(args) -> int:
     from comod.data.taskdata import DatasetNotFoundError
     from comod.train import (CHECKPOINT, TrainingError, check_same_config, load_checkpoint, run_experiment,
                              task_indices)
-    from comod_platform.paths import default_train_dir, disk_message, unwritable
     from comod_platform.progress import ProgressCallbacks
     from comod_platform.tracking import RUN_FILE, RunLogger, TrackingError, check_reachable, tracking_uri
 
@@ -242,25 +242,24 @@ def _wait_until_serving(url: str, proc: subprocess.Popen, timeout: float = 300.0
     return False
 
 
-def _open(url: str) -> None:
+def _show(page: str, name: str | None, open_page: bool) -> None:
+    """Print the runs page of search ``name`` (if any); with ``open_page``, open it in a web browser."""
     import webbrowser
 
-    if not webbrowser.open(url):
-        print(f"comod: no web browser found here; open {url} yourself", file=sys.stderr)
+    if name:
+        print(f"{name}: {page}", flush=True)
+    if open_page and not webbrowser.open(page):
+        print(f"comod: no web browser found here; open {page} yourself", file=sys.stderr)
 
 
 def cmd_ui(args) -> int:
-    from comod_platform.paths import runs_home
     from comod_platform.tracking import UI_MODE, artifact_root, runs_url, tracking_uri
 
     uri, experiment_id = experiment_page(args.name, tracking_uri()) if args.name else (tracking_uri(), None)
     if uri.startswith(("http://", "https://")):
         page = runs_url(uri, experiment_id) if experiment_id else f"{uri.rstrip('/')}/#/experiments?{UI_MODE}"
         print(f"MLFLOW_TRACKING_URI points at a server; its UI is {uri}")
-        if experiment_id:
-            print(f"{args.name}: {page}")
-        if args.open:
-            _open(page)
+        _show(page, args.name, args.open)
         return 0
     base = f"http://127.0.0.1:{args.port}"
     # one worker: a local single-user UI (MLflow's default of 4 takes a minute to start on 2 cores)
@@ -287,10 +286,7 @@ def cmd_ui(args) -> int:
         page = runs_url(base, experiment_id) if experiment_id else f"{base}/#/experiments?{UI_MODE}"
         serving = _wait_until_serving(base, proc)
         if serving:
-            if experiment_id:
-                print(f"{args.name}: {page}", flush=True)
-            if args.open:
-                _open(page)
+            _show(page, args.name, args.open)
         code = proc.wait()
         if serving and not code:
             return 0

@@ -12,8 +12,10 @@ from contextlib import suppress
 from pathlib import Path
 
 from comod_platform.conventions import COMPLETED, FAILED, INTERRUPTED, PRUNED
+from comod_platform.dashboard import DEFAULT_PORT, DashboardError, serve
 from comod_platform.errors import EXIT_FAILED, EXIT_USAGE, UserError, user_errors
 from comod_platform.interrupts import EXIT_CODES, requested
+from comod_platform.paths import disk_message, runs_home
 
 SEARCH_HELP = "search file (search_spaces/NAME.yaml) or the NAME of one in search_spaces/"
 RAY_HELP = "Ray cluster address (default: $RAY_ADDRESS, else a local Ray)"
@@ -68,8 +70,6 @@ def add_commands(sub) -> dict:
     compare.add_argument("--where", action="append", default=[], metavar="PATH=VALUE",
                          help="compare only the trials with this setting (repeatable; values as YAML), e.g. "
                               "--where pretrain.modulation_kind=none")
-    from comod_platform.dashboard import DEFAULT_PORT
-
     dash = sub.add_parser("dashboard", help="serve optuna-dashboard on 127.0.0.1 for a search's Optuna study")
     dash.add_argument("name", help="the search (see comod search list)")
     dash.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port on 127.0.0.1 (default {DEFAULT_PORT})")
@@ -133,8 +133,6 @@ def cmd_search(args) -> int:
 
         if err.errno not in (errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT):
             raise
-        from comod_platform.paths import disk_message, runs_home
-
         raise UserError(disk_message(err, runs_home(), "COMOD_HOME (the runs folder)"), EXIT_FAILED) from None
     except Exception as err:
         errors = _user_errors()  # imported here, not before: a search starts Ray while torch loads
@@ -354,7 +352,6 @@ def cmd_compare(args) -> int:
 
 
 def cmd_dashboard(args) -> int:
-    from comod_platform.dashboard import DashboardError, serve
     from comod_platform.search_state import SearchNotFound
 
     if not 0 < args.port < 65536:
