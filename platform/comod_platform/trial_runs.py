@@ -245,9 +245,8 @@ class TrialRuns:
         """A trial a stopped search left unfinished: its run (if it started) KILLED, tagged interrupted."""
         self.writer.submit(self._end_interrupted, trial, last or {})
 
-    def reconcile(self, trial, state: str, error: str | None, last: dict | None, checkpoint, step: int) -> None:
+    def reconcile(self, trial, state: str, error: str | None, last: dict, checkpoint, step: int) -> None:
         """After a restore: a trial that ended while the driver was lost gets its final metrics and end."""
-        last = last or {}
         if last.get(FINAL_FLAG):
             self.queue_metrics(trial, numeric_metrics(last), step)
         self.end(trial, state, error, last, checkpoint)

@@ -221,8 +221,7 @@ class ProgressCallback(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._print(trials)
 
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._print(trials)
+    on_trial_error = on_trial_complete
 
     def on_experiment_end(self, trials, **info):
         if not interrupts.requested():  # a stopped search's trials all read TERMINATED now: its summary counts

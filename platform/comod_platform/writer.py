@@ -54,8 +54,7 @@ class Writer:
         self.nice, self.idle = nice, idle
         self.retries, self.max_pause, self.describe = retries, max_pause, describe
         self.outage_since: float | None = None
-        self.dropped = 0
-        self.calls, self.cpu_s = 0, 0.0  # calls made, and the CPU time this thread spent in them
+        self.dropped, self.calls, self.cpu_s = 0, 0, 0.0  # calls dropped, made, and the CPU time spent in them
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.thread.start()
         _WRITERS.add(self)
