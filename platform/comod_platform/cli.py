@@ -194,8 +194,8 @@ UI_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
 
 
 def experiment_page(name: str, uri: str) -> tuple[str, str]:
-    """(tracking URI, experiment id) of search ``name``, else of the MLflow experiment ``name`` at ``uri``,
-    tagged as comod's (model-training kind, saved view) so that its page opens on the runs table."""
+    """(tracking URI, experiment id) of search ``name``, else of experiment ``name`` at ``uri``, tagged so
+    that its page opens on the runs table."""
     from mlflow.tracking import MlflowClient
 
     from comod_platform.search_state import SearchPaths, known_searches
@@ -323,8 +323,7 @@ def _server_error(log: Path) -> str:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """End the server and its workers (its process group): SIGTERM and a little time for a clean stop,
-    then SIGKILL to whatever is left of the group, so that no worker keeps the port."""
+    """End the server's process group: SIGTERM for a clean stop, then SIGKILL so that no worker keeps the port."""
     with suppress(ProcessLookupError, subprocess.TimeoutExpired):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)

@@ -176,8 +176,7 @@ def _exists(name: str) -> bool:
 
 
 def format_summary(summary: dict) -> str:
-    """The end of ``comod search run`` / ``resume`` for a person: trials by state, the best trial of each kind
-    with the search metric and its test F1, recall and precision, failed trials' errors, the next commands."""
+    """The end of ``comod search run`` / ``resume``: trials by state, the best of each kind, errors, next commands."""
     name, metric = summary.get("name") or "SEARCH", summary.get("metric", "val/mean_f1")
     states = [f"{summary.get(COMPLETED, 0)} completed", f"{summary.get(PRUNED, 0)} stopped early",
               f"{summary.get(FAILED, 0)} failed"]

@@ -1,9 +1,7 @@
 """Names shared by the search runner, tracking, export and compare (docs/guides/tracking.md).
 
-One MLflow experiment per search (``search/NAME``), one parent run for the search, one child run per trial
-(tag ``mlflow.parentRunId``). Params are the flattened experiment config (dotted paths, values as JSON text
-so they parse back to their types); metrics are logged per epoch with the global optimisation step. A
-trial's report to Ray Tune carries the protocol's keys below.
+One MLflow experiment per search (``search/NAME``), a parent run, a child run per trial; params are the
+flattened config (values as JSON text), metrics are logged per epoch at the global optimisation step.
 """
 from __future__ import annotations
 

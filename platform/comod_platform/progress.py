@@ -9,8 +9,7 @@ from comod.train import Callbacks
 
 
 class ProgressCallbacks(Callbacks):
-    """A tqdm bar per phase; each epoch's metrics go to the run logger (if any)
-    and one summary line to the terminal."""
+    """A tqdm bar per phase; each epoch's metrics to the run logger (if any) and one line to the terminal."""
 
     def __init__(self, logger=None, enabled: bool = True):
         super().__init__(on_epoch=self._epoch, on_step=self._step, on_phase=self._phase, on_eval=self._eval)
