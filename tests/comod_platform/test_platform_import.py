@@ -141,6 +141,24 @@ def test_platform_imports_run_one_way():
         f"modules below the command layer import cli_search: {sorted(set(importers['cli_search']) - COMMANDS)}"
 
 
+def longest_chain(graph: dict[str, set[str]]) -> list[str]:
+    """The longest chain of imports (``[a, b, ...]``: a imports b ...) of an acyclic graph."""
+    memo: dict[str, list[str]] = {}
+
+    def chain(module: str) -> list[str]:
+        if module not in memo:
+            memo[module] = [module] + max((chain(d) for d in sorted(graph.get(module, ()))), key=len, default=[])
+        return memo[module]
+
+    return max((chain(m) for m in sorted(graph)), key=len, default=[])
+
+
+def test_the_import_chain_is_at_most_eight_modules_deep():
+    assert longest_chain({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == ["a", "b", "c"]
+    chain = longest_chain(package_imports())
+    assert len(chain) <= 8, f"imports {len(chain)} modules deep: {' -> '.join(chain)}"
+
+
 def test_a_search_driver_on_synthetic_data_does_not_import_torchvision():
     """The driver parses the search, loads the base experiment's data and builds the trainable without
     torchvision (about 1.5 s of its start-up, with torch._dynamo); the trials import it, to build models."""
