@@ -1,9 +1,12 @@
 """Plots of one run, drawn from its checkpoint with matplotlib (PNG): learning curves, the couplings
-per site and the readout gains per task (what the mechanism learned)."""
+per site and the readout gains per task (what the mechanism learned). A search trial writes only the
+gain matrices, as bare images (:func:`gain_images`); its curves are MLflow's charts of its metrics."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
+
+import numpy as np
 
 from comod.checkpoint import CHECKPOINT, Checkpoint
 from comod.model import task_gains
@@ -12,6 +15,8 @@ from comod.train import load_checkpoint
 PHASES = {"pretrain": "tab:blue", "finetune": "tab:orange"}
 MAX_ROW_NAMES = 40
 """A heatmap with more rows than this shows no row names."""
+CELL = 6
+"""Pixels per side of one task-and-channel cell in :func:`gain_images`."""
 
 
 def learning_curves(history: list[dict]):
@@ -39,7 +44,6 @@ def learning_curves(history: list[dict]):
 
 def heatmap(matrix, title: str, xlabel: str, ylabel: str, row_names=()):
     """A matrix (rows x columns) as coloured cells (viridis) with a colour bar; a figure."""
-    import numpy as np
     from matplotlib.figure import Figure
 
     values = np.atleast_2d(np.asarray(matrix, dtype=float))
@@ -56,27 +60,55 @@ def heatmap(matrix, title: str, xlabel: str, ylabel: str, row_names=()):
     return fig
 
 
+def _matrices(run_dir: Path, checkpoint: Checkpoint | None):
+    """The run's checkpoint (``checkpoint``, else the one in its folder; None without one), its task names
+    and its gain matrices by plot name."""
+    if checkpoint is None and not (run_dir / CHECKPOINT).exists():
+        return None, [], {}
+    ckpt = checkpoint if checkpoint is not None else load_checkpoint(run_dir / CHECKPOINT)
+    gains = task_gains(ckpt["model"], coupling=ckpt["config"]["modulation"]["coupling"])
+    matrices = {f"couplings_{site}": c.numpy() for site, c in gains.couplings.items()}
+    if gains.readout is not None:
+        matrices["readout_gains"] = gains.readout.numpy()
+    return ckpt, list(ckpt.get("task_names", [])), matrices
+
+
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, checkpoint: Checkpoint | None = None
              ) -> list[Path]:
     """Write the run's plots into ``out_dir`` (default its ``plots/``), from ``checkpoint`` or the one in
     its folder; returns their paths."""
     run_dir = Path(run_dir)
-    if checkpoint is None and not (run_dir / CHECKPOINT).exists():
+    ckpt, names, matrices = _matrices(run_dir, checkpoint)
+    if ckpt is None:
         return []
     out = Path(out_dir or run_dir / "plots")
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = checkpoint if checkpoint is not None else load_checkpoint(run_dir / CHECKPOINT)
-    names = list(ckpt.get("task_names", []))
-    gains = task_gains(ckpt["model"], coupling=ckpt["config"]["modulation"]["coupling"])
     figures = {"learning_curves": learning_curves(ckpt["history"])}
-    for site, couplings in gains.couplings.items():
-        figures[f"couplings_{site}"] = heatmap(couplings.numpy(), f"couplings at {site}", "channel", "task", names)
-    if gains.readout is not None:
-        figures["readout_gains"] = heatmap(gains.readout.numpy(), "readout gain per task", "decoder unit", "task",
-                                           names)
+    for name, matrix in matrices.items():
+        title, xlabel = (("readout gain per task", "decoder unit") if name == "readout_gains"
+                         else (f"couplings at {name.removeprefix('couplings_')}", "channel"))
+        figures[name] = heatmap(matrix, title, xlabel, "task", names)
     written = []
     for name, fig in figures.items():
         if fig is not None:
             fig.savefig(out / f"{name}.png")
             written.append(out / f"{name}.png")
+    return written
+
+
+def gain_images(run_dir: str | Path, out_dir: str | Path | None = None, checkpoint: Checkpoint | None = None
+                ) -> list[Path]:
+    """A search trial's plots: each gain matrix as a bare PNG, a :data:`CELL`-pixel square of viridis per
+    task (row) and channel or unit (column), the largest value brightest. A few milliseconds each, where a
+    figure with axes takes a fraction of a second of a trial's CPU."""
+    from matplotlib.image import imsave
+
+    run_dir = Path(run_dir)
+    _, _, matrices = _matrices(run_dir, checkpoint)
+    out = Path(out_dir or run_dir / "plots")
+    written = []
+    for name, matrix in matrices.items():
+        out.mkdir(parents=True, exist_ok=True)
+        imsave(out / f"{name}.png", np.kron(np.atleast_2d(matrix), np.ones((CELL, CELL))), cmap="viridis")
+        written.append(out / f"{name}.png")
     return written

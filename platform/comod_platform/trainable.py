@@ -173,7 +173,7 @@ class TrialRun:
 
     def run(self, data, resumed: bool, paths: SearchPaths) -> None:
         from comod.train import Callbacks, DivergedError, run_experiment
-        from comod_platform.plots import plot_run
+        from comod_platform.plots import gain_images
 
         callbacks = Callbacks(on_epoch=self.on_epoch, on_checkpoint=self.on_checkpoint, on_step=self.on_step,
                               on_wait=self.on_wait, on_phase=self.on_phase,
@@ -195,7 +195,7 @@ class TrialRun:
         self.reporter.close()  # every epoch's report went out before the final one
         if not self.epochs:  # a finished run read back: its epochs were reported before
             self.epochs = self.cfg.pretrain.epochs + self.cfg.finetune.epochs
-        plot_run(self.out, checkpoint=self.payload)
+        gain_images(self.out, checkpoint=self.payload)  # the curves are MLflow's charts of the metrics
         final = self.with_curve({**self.last, **metrics, FINAL_FLAG: 1, STEP: int(metrics.get("steps", 0)),
                                  EPOCH: self.epochs, **self.where})
         _report_to_tune(final, _stage(self.out, FINAL_FILES), self.metric)

@@ -12,7 +12,7 @@ from comod.checkpoint import CHECKPOINT
 from comod.config import load_config
 from comod.model import task_gains
 from comod.train import load_checkpoint, run_experiment
-from comod_platform.plots import heatmap, learning_curves, plot_run
+from comod_platform.plots import CELL, gain_images, heatmap, learning_curves, plot_run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -81,3 +81,21 @@ def test_plots_from_the_checkpoint_in_memory_are_the_plots_from_disk(run_dir, tm
     finally:
         (run_dir / "moved.pt").rename(run_dir / CHECKPOINT)
     assert from_memory == from_disk and len(from_memory) == 3
+
+
+def test_a_search_trial_writes_its_gains_as_bare_images(run_dir, tmp_path):
+    """A trial's plots: one image per gain matrix, a CELL x CELL square per task and channel (or unit),
+    the largest value yellow; from the checkpoint in memory as from disk."""
+    written = gain_images(run_dir, tmp_path / "trial")
+    assert sorted(p.name for p in written) == ["couplings_layer3.png", "readout_gains.png"]
+    ckpt = load_checkpoint(run_dir / CHECKPOINT)
+    gains = task_gains(ckpt["model"], coupling=ckpt["config"]["modulation"]["coupling"])
+    for path, matrix in zip(sorted(written), (gains.couplings["layer3"], gains.readout)):
+        image = np.asarray(Image.open(path).convert("RGB"))
+        assert image.shape[:2] == (matrix.shape[0] * CELL, matrix.shape[1] * CELL)
+        flat = int(torch.argmax(matrix))
+        r, g, b = image[(flat // matrix.shape[1]) * CELL, (flat % matrix.shape[1]) * CELL]
+        assert r > 200 and g > 200 and b < 80
+    again = gain_images(run_dir, tmp_path / "memory", checkpoint=ckpt)
+    assert [p.read_bytes() for p in sorted(again)] == [p.read_bytes() for p in sorted(written)]
+    assert gain_images(tmp_path / "no-run") == []
