@@ -14,6 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from filelock import FileLock
 from mlflow.tracking import MlflowClient
 
 from comod_platform.conventions import TAG_STATE, TAG_TRIAL_ID
@@ -57,9 +58,12 @@ def _wait_for(predicate, timeout: float, what: str, log: Path):
 
 def _trial_reported(home: Path, name: str) -> bool:
     db = home / "mlflow.db"
-    if not db.exists():
+    if not home.is_dir():
         return False
-    client = MlflowClient(f"sqlite:///{db}")
+    with FileLock(str(home / "mlflow.db.lock")):  # the search makes its new store under this lock
+        if not db.exists():
+            return False
+        client = MlflowClient(f"sqlite:///{db}")
     if client.get_experiment_by_name(f"search/{name}") is None:
         return False
     return any(c.data.metrics for c in search_runs(client, name)[1])
