@@ -57,11 +57,12 @@ def tracking_uri() -> str:
     if uri:
         return uri
     runs_home().mkdir(parents=True, exist_ok=True)
-    if not (runs_home() / "mlflow.db").exists():
-        _quiet()  # MLflow makes the new store, and says so at INFO
-        from mlflow.tracking import MlflowClient
+    # made under the lock, and looked for under it: a command never opens a store another is still making
+    with _store_lock(embedded_uri()):
+        if not (runs_home() / "mlflow.db").exists():
+            _quiet()  # MLflow makes the new store, and says so at INFO
+            from mlflow.tracking import MlflowClient
 
-        with _store_lock(embedded_uri()):  # two commands making one new store would race on its tables
             MlflowClient(tracking_uri=embedded_uri()).search_experiments(max_results=1)
     return embedded_uri()
 

@@ -223,6 +223,27 @@ def test_two_runs_started_together_on_a_new_runs_folder_both_record(tmp_path):
     assert sorted(r.info.status for r in runs_of(c, "comod-train")) == ["FINISHED", "FINISHED"]
 
 
+def test_a_command_waits_for_a_store_another_is_still_making(tmp_path, monkeypatch):
+    """A half-made store (the file exists, its maker holds the lock) is not opened until it is made."""
+    import threading
+
+    from filelock import FileLock
+
+    from comod_platform import tracking
+
+    monkeypatch.setenv("COMOD_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    got = []
+    with FileLock(str(tmp_path / "mlflow.db.lock")):
+        (tmp_path / "mlflow.db").touch()  # the maker has begun
+        reader = threading.Thread(target=lambda: got.append(tracking.tracking_uri()))
+        reader.start()
+        reader.join(timeout=2)
+        assert reader.is_alive() and got == []  # waiting for the maker
+    reader.join(timeout=60)
+    assert got == [tracking.embedded_uri()]
+
+
 def test_rerun_of_a_finished_run_returns_its_metrics_and_logs_nothing(trained, monkeypatch, capsys):
     assert trained.proc.returncode == 0, trained.proc.stderr
     monkeypatch.setenv("COMOD_HOME", str(trained.home))
