@@ -8,26 +8,23 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 from ray.tune import Callback
 
 from comod_platform import interrupts
-from comod_platform.conventions import (CURVE, DIVERGED_FLAG, EPOCH, FINAL_FLAG, GPUS, NODE, REASON, STEP,
-                                        TAG_BEST_RUN, TAG_BEST_TRIAL, TAG_EPOCHS, TAG_ERROR, TAG_GPUS, TAG_NODE,
-                                        TAG_REPORTS, TAG_RETRIES, better, outcome)
+from comod_platform.conventions import (CURVE, DIVERGED_FLAG, EPOCH, FINAL_FLAG, GPUS, NODE, REASON, STEP, TAG_EPOCHS,
+                                        TAG_ERROR, TAG_GPUS, TAG_NODE, TAG_REPORTS, TAG_RETRIES, better, outcome)
 from comod_platform.trial_runs import TrialRuns, numeric_metrics
 from comod_platform.writer import FLUSH_TIMEOUT_ENV
 
 log = logging.getLogger(__name__)
 PARENT_METRIC_PREFIXES = ("val/mean_", "test/mean_")  # the best trial's metrics on the parent (and the search's)
 _KEPT = ("runs", "trials_root", "metric", "mode", "keep_checkpoints")
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and value == value
 
 
 def _error_line(trial) -> str:
@@ -69,23 +66,8 @@ class MlflowTrialCallback(Callback):
         return {k: self.__dict__[k] for k in _KEPT}
 
     def __setstate__(self, state):
-        if "runs" not in state:  # a callback pickled before the runs' bookkeeping had its own home
-            state = {"runs": TrialRuns(*(state[k] for k in ("search", "search_name", "tracking_uri",
-                                                            "experiment_id", "parent_run_id"))),
-                     **{k: state[k] for k in _KEPT[1:]}}
         self.__dict__.update(state)
         self._reset()
-
-    search = property(lambda self: self.runs.search)
-    tracking_uri = property(lambda self: self.runs.tracking_uri)
-    experiment_id = property(lambda self: self.runs.experiment_id)
-
-    def run_id(self, trial) -> str:
-        """The trial's MLflow run (found or created now)."""
-        return self.runs.run_id(trial)
-
-    def flush(self) -> None:
-        self.runs.flush()
 
     # -- Ray Tune hooks -------------------------------------------------
     def on_step_begin(self, iteration, trials, **info):
@@ -156,7 +138,7 @@ class MlflowTrialCallback(Callback):
             self.runs.log_checkpoint(trial, trial.checkpoint)
         if not self.runs.flush(float(os.environ.get(FLUSH_TIMEOUT_ENV, 900))):
             log.warning("MLflow at %s stayed unreachable: %d writes not sent; `comod search resume %s` "
-                        "finishes the runs once it is back", self.tracking_uri, self.runs.pending(),
+                        "finishes the runs once it is back", self.runs.tracking_uri, self.runs.pending(),
                         self.runs.search_name)
 
     def _signed(self, last: dict) -> float:
@@ -170,8 +152,8 @@ class MlflowTrialCallback(Callback):
         lasts = {t.trial_id: (t, t.last_result or {}) for t in trials}
         if current is not None:  # its report, which its last result may not be yet
             lasts[current.trial_id] = (current, result)
-        finals = [(self._signed(last), trial, last) for trial, last in lasts.values()
-                  if last.get(FINAL_FLAG) and _number(last.get(self.metric))]
+        finals = [(signed, trial, last) for trial, last in lasts.values()
+                  if last.get(FINAL_FLAG) and not math.isnan(signed := self._signed(last))]
         if not finals:
             return
         _, trial, last = max(finals, key=lambda entry: entry[0])
@@ -195,15 +177,12 @@ class ProgressCallback(Callback):
         return {**self.__dict__, "stream": None}
 
     def _print(self, trials) -> None:
-        counts = {"RUNNING": 0, "TERMINATED": 0, "ERROR": 0, "PENDING": 0, "PAUSED": 0}
-        pruned = 0
+        counts, pruned = Counter(), 0
         for t in trials:
             last = t.last_result or {}
-            if t.status == "TERMINATED" and last.get(DIVERGED_FLAG):
-                counts["ERROR"] += 1  # ended with a recorded reason: a failure, not a result
-                continue
-            counts[t.status] = counts.get(t.status, 0) + 1
-            pruned += t.status == "TERMINATED" and not last.get(FINAL_FLAG)
+            diverged = t.status == "TERMINATED" and last.get(DIVERGED_FLAG)  # a recorded reason: a failure
+            counts["ERROR" if diverged else t.status] += 1
+            pruned += t.status == "TERMINATED" and not diverged and not last.get(FINAL_FLAG)
         best = f"; best {self.metric}={self.best[0]:.4f} ({self.best[1]})" if self.best else ""
         line = (f"[search] {counts['RUNNING']} running, {counts['TERMINATED']} done ({pruned} stopped early), "
                 f"{counts['ERROR']} failed, of {self.total}{best}")
@@ -226,6 +205,3 @@ class ProgressCallback(Callback):
     def on_experiment_end(self, trials, **info):
         if not interrupts.requested():  # a stopped search's trials all read TERMINATED now: its summary counts
             self._print(trials)
-
-
-__all__ = ["MlflowTrialCallback", "ProgressCallback", "TAG_BEST_RUN", "TAG_BEST_TRIAL", "numeric_metrics"]

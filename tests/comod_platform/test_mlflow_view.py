@@ -15,12 +15,12 @@ from mlflow.tracking import MlflowClient
 from comod.config import load_config
 from comod_platform import cli, runner, tracking
 from comod_platform import interrupts
-from comod_platform.conventions import (EPOCH, FINAL_FLAG, PROTOCOL_KEYS, STEP, TAG_EPOCHS, TAG_REPORTS, TAG_ROLE,
-                                        TAG_STATE, TAG_TRIAL_ID, recorded_state)
+from comod_platform.conventions import (EPOCH, FINAL_FLAG, PROTOCOL_KEYS, STEP, TAG_BEST_RUN, TAG_BEST_TRIAL,
+                                        TAG_EPOCHS, TAG_REPORTS, TAG_ROLE, TAG_STATE, TAG_TRIAL_ID, recorded_state)
 from comod_platform.results import load_results
 from comod_platform.search_state import SearchMeta, SearchPaths
 from comod_platform.searchfile import load_search
-from comod_platform.tune_callbacks import TAG_BEST_RUN, TAG_BEST_TRIAL, MlflowTrialCallback
+from comod_platform.tune_callbacks import MlflowTrialCallback
 from searches import REPO
 
 TINY_SEARCH = REPO / "search_spaces" / "tiny.yaml"
@@ -153,14 +153,14 @@ def test_every_run_of_a_search_records_its_dataset(home, tiny_data):
     assert (parent_input.dataset.name, parent_input.dataset.digest) == ("synthetic/attributes", expected.digest)
     assert parent_input.tags[0].key == "mlflow.data.context"
 
-    same = client.get_run(callback.run_id(_trial("same")))
+    same = client.get_run(callback.runs.run_id(_trial("same")))
     (entry,) = same.inputs.dataset_inputs
     assert (entry.dataset.name, entry.dataset.digest) == (expected.name, expected.digest)
     assert json.loads(entry.dataset.profile)["train_size"] == 128
     assert same.data.params["modulation.kind"] == "deterministic"  # the kind, also as a param
 
     # data settings of its own: described from its config, not as the base's dataset
-    smaller = client.get_run(callback.run_id(_trial("smaller", **{"data.train_limit": 64})))
+    smaller = client.get_run(callback.runs.run_id(_trial("smaller", **{"data.train_limit": 64})))
     (entry,) = smaller.inputs.dataset_inputs
     assert entry.dataset.name == "synthetic/attributes" and entry.dataset.digest != expected.digest
     assert json.loads(entry.dataset.profile)["train_limit"] == 64
@@ -175,7 +175,7 @@ def test_a_run_found_again_without_a_dataset_gets_it(home, tiny_data):
     search, packed, uri, experiment_id, parent, callback = _search(home, tiny_data)
     client = store(home)
     created = client.create_run(experiment_id, tags={TAG_ROLE: "trial", TAG_TRIAL_ID: "t1"}).info.run_id
-    assert callback.run_id(_trial("t1")) == created
+    assert callback.runs.run_id(_trial("t1")) == created
     assert client.get_run(created).inputs.dataset_inputs[0].dataset.digest == (
         client.get_run(parent).inputs.dataset_inputs[0].dataset.digest)
 
@@ -198,24 +198,24 @@ def test_the_parent_run_carries_the_best_trials_metrics(home, tiny_data):
     callback.on_trial_result(0, trials, a, _final(a, 0.6))
     callback.on_trial_result(0, trials, b, _final(b, 0.8))
     callback.on_trial_result(0, trials, c, _final(c, 0.7))  # not better: the parent keeps b's
-    callback.flush()
+    callback.runs.flush()
     run = client.get_run(parent)
     assert run.data.tags[TAG_BEST_TRIAL] == "b"
-    assert run.data.tags[TAG_BEST_RUN] == callback.run_id(b)
+    assert run.data.tags[TAG_BEST_RUN] == callback.runs.run_id(b)
     assert run.data.metrics == pytest.approx({"val/mean_f1": 0.8, "test/mean_f1": 0.7, "test/mean_recall": 0.6,
                                               "test/mean_precision": 0.5})
     # the parent's history: the best after each completion that changed it
     assert [(m.step, m.value) for m in client.get_metric_history(parent, "val/mean_f1")] == [(1, 0.6), (2, 0.8)]
     # every child holds its own final metrics, the key ones among them
     for trial, value in ((a, 0.6), (b, 0.8), (c, 0.7)):
-        metrics = client.get_run(callback.run_id(trial)).data.metrics
+        metrics = client.get_run(callback.runs.run_id(trial)).data.metrics
         assert {k: metrics[k] for k in tracking.KEY_METRICS} == pytest.approx(
             {"val/mean_f1": value, "test/mean_f1": value - 0.1, "test/mean_recall": value - 0.2,
              "test/mean_precision": value - 0.3})
 
     # a restored driver that hears of no new result still gives the parent the best, once
-    again = MlflowTrialCallback(callback.search, "v", callback.tracking_uri, callback.experiment_id, parent,
-                                callback.trials_root)
+    again = MlflowTrialCallback(callback.runs.search, "v", callback.runs.tracking_uri, callback.runs.experiment_id,
+                                parent, callback.trials_root)
     again.on_experiment_end(trials)
     assert len(client.get_metric_history(parent, "val/mean_f1")) == 2
 

@@ -72,7 +72,7 @@ def test_a_run_found_again_gets_the_params_it_lost(tmp_path):
                                                   TAG_STATE: "running"}).info.run_id
 
     callback = MlflowTrialCallback(search, "p", uri, experiment, parent, str(tmp_path / "trials"))
-    assert callback.run_id(trial) == created
+    assert callback.runs.run_id(trial) == created
     params = {k: param_value(v) for k, v in client.get_run(created).data.params.items()}
     assert params == flatten(search.config_for(trial.config))
     assert params["finetune.lr.controller"] == 0.01

@@ -29,8 +29,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from comod_platform import tracking
-from comod_platform.conventions import PROTOCOL_KEYS, TAG_PARENT, TAG_ROLE, TAG_STATE
-from comod_platform.tune_callbacks import TAG_BEST_RUN, TAG_BEST_TRIAL
+from comod_platform.conventions import PROTOCOL_KEYS, TAG_BEST_RUN, TAG_BEST_TRIAL, TAG_PARENT, TAG_ROLE, TAG_STATE
 from servers import free_port, processes_mentioning, stop_group
 
 NAME = "tiny"
