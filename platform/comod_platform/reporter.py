@@ -1,12 +1,10 @@
 """Epoch reports that do not stop training while the driver handles them.
 
-``tune.report`` blocks until the driver has processed the result (callbacks,
-scheduler, searcher) and asks for the next one. Here a thread of the trial
-hands the reports to Ray Tune in order while training goes on. A trial the
-scheduler stops gets Ray's ``SystemExit(0)`` at its pending report, which ends
-training at its next optimisation step (:meth:`EpochReporter.check`); a report
-that fails (its checkpoint cannot be persisted, say) fails training there too,
-so Ray retries the trial as it would have.
+``tune.report`` blocks until the driver has processed the result (callbacks, scheduler, searcher). Here a
+thread of the trial hands the reports to Ray Tune in order while training goes on. A trial the scheduler
+stops gets Ray's ``SystemExit(0)`` at its pending report, which ends training at its next optimisation step
+(:meth:`EpochReporter.check`); a report that fails (its checkpoint cannot be persisted, say) fails training
+there too, so Ray retries the trial as it would have.
 """
 from __future__ import annotations
 
@@ -18,9 +16,8 @@ from typing import Callable
 
 
 class EpochReporter:
-    """Calls ``report(row, folder)`` for each :meth:`submit`, in order, from its own thread.
-
-    ``folder`` (or None) is a staged checkpoint folder, deleted once it has been reported."""
+    """Calls ``report(row, folder)`` for each :meth:`submit`, in order, from its own thread; ``folder`` (or
+    None) is a staged checkpoint folder, deleted once it has been reported."""
 
     def __init__(self, report: Callable[[dict, Path | None], None]):
         self._report = report
@@ -31,24 +28,18 @@ class EpochReporter:
         self._thread.start()
 
     def _loop(self) -> None:
-        while True:
-            item = self._queue.get()
+        for row, folder in iter(self._queue.get, None):
             try:
-                if item is None:
-                    return
-                row, folder = item
-                if self._stopped.is_set():
-                    continue  # stopped: nothing more goes to Ray, staged folders are still removed
-                try:
+                if not self._stopped.is_set():  # stopped: nothing more goes to Ray; staged folders still go
                     self._report(row, folder)
-                except SystemExit:  # Ray stops the trial at a report
-                    self._stopped.set()
-                except BaseException as err:  # noqa: BLE001 - raised again in the training thread
-                    self._error = err
-                    self._stopped.set()
+            except SystemExit:  # Ray stops the trial at a report
+                self._stopped.set()
+            except BaseException as err:  # noqa: BLE001 - raised again in the training thread
+                self._error = err
+                self._stopped.set()
             finally:
-                if item is not None and item[1] is not None:
-                    shutil.rmtree(item[1], ignore_errors=True)
+                if folder is not None:
+                    shutil.rmtree(folder, ignore_errors=True)
                 self._queue.task_done()
 
     def check(self) -> None:
@@ -79,4 +70,3 @@ class EpochReporter:
         """End the thread after what is queued, without waiting (the training thread is failing anyway)."""
         self._stopped.set()
         self._queue.put(None)
-

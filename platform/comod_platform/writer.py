@@ -7,6 +7,7 @@ store; :func:`retry_call` and :class:`RetryingClient` retry writes made in place
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import queue
@@ -68,7 +69,6 @@ class Writer:
             if self.nice:
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
                                os.getpriority(os.PRIO_PROCESS, 0) + self.nice)
-        with contextlib.suppress(AttributeError, OSError):
             if self.idle:
                 os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         while True:
@@ -163,11 +163,4 @@ class RetryingClient:
 
     def __getattr__(self, name: str):
         attribute = getattr(self._client, name)
-        if not callable(attribute):
-            return attribute
-
-        def call(*args, **kwargs):
-            return retry_call(attribute, *args, timeout=self._timeout, **kwargs)
-
-        call.__name__ = name
-        return call
+        return functools.partial(retry_call, attribute, timeout=self._timeout) if callable(attribute) else attribute
