@@ -13,10 +13,9 @@ import json
 import logging
 import os
 import time
-import urllib.error
 import urllib.request
 import warnings
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from pathlib import Path
 
 from filelock import FileLock
@@ -76,9 +75,7 @@ def artifact_root() -> str | None:
     """Local artifact folder for the embedded store (known by its URI: ``mlflow.set_tracking_uri`` exports
     ``MLFLOW_TRACKING_URI``); a server chooses its own."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri and uri != embedded_uri():
-        return None
-    return (runs_home() / "artifacts").as_uri()
+    return (runs_home() / "artifacts").as_uri() if not uri or uri == embedded_uri() else None
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -86,9 +83,8 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     if not uri.startswith(("http://", "https://")):
         return
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
-            response.read()
-    except (urllib.error.URLError, OSError) as err:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except OSError as err:  # urllib's URLError among them
         reason = getattr(err, "reason", err)
         raise TrackingError(f"MLflow tracking server {uri} is unreachable ({reason}); start it "
                             f"(mlflow server --host 127.0.0.1 ...) or unset MLFLOW_TRACKING_URI to use "
@@ -117,36 +113,29 @@ def setup(experiment: str, metric: str | None = None, mode: str = "max"):
     with _store_lock(uri):
         found = mlflow.get_experiment_by_name(experiment)
         if found is None:
-            try:
+            with suppress(mlflow.exceptions.MlflowException):  # made meanwhile by another command on the server
                 mlflow.create_experiment(experiment, artifact_location=root)
-            except mlflow.exceptions.MlflowException:  # made meanwhile by another command on the server
-                pass
             found = mlflow.get_experiment_by_name(experiment)
         mark_experiment(MlflowClient(tracking_uri=uri), found.experiment_id, metric, mode, found.tags)
     return found.experiment_id
 
 
-def view_state(metric: str | None = None, mode: str = "max") -> dict:
-    """The saved view's columns (dataset, modulation kind, state, key metrics), sorted by ``metric`` if given."""
-    from comod_platform.conventions import TAG_STATE
-
-    metrics = list(dict.fromkeys(([metric] if metric else []) + list(KEY_METRICS)))
-    state = {"selectedColumns": ["attributes.`Dataset`", "params.`modulation.kind`", f"tags.`{TAG_STATE}`",
-                                 *[f"metrics.`{m}`" for m in metrics]]}
-    if metric:
-        state.update(orderByKey=f"metrics.`{metric}`", orderByAsc=mode == "min")
-    return state
-
-
 def mark_experiment(client, experiment_id: str, metric: str | None = None, mode: str = "max",
                     tags: dict[str, str] | None = None) -> None:
-    """Tag the experiment as model training and give it comod's saved view, unless it has both (``tags``: its
-    tags, when the caller has them). Without ``metric`` a view already there is kept."""
+    """Tag the experiment as model training and give it comod's saved view (dataset, modulation kind, state,
+    key metrics; sorted by ``metric`` if given), unless it has both (``tags``: its tags, when the caller has
+    them). Without ``metric`` a view already there is kept."""
+    from comod_platform.conventions import TAG_STATE
+
     if tags is None:
         tags = client.get_experiment(experiment_id).tags
     if tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
         client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-    state = view_state(metric, mode)
+    metrics = dict.fromkeys(([metric] if metric else []) + list(KEY_METRICS))
+    state = {"selectedColumns": ["attributes.`Dataset`", "params.`modulation.kind`", f"tags.`{TAG_STATE}`",
+                                 *[f"metrics.`{m}`" for m in metrics]]}
+    if metric:
+        state.update(orderByKey=f"metrics.`{metric}`", orderByAsc=mode == "min")
     try:
         current = json.loads(json.loads(tags[VIEW_TAG])["state"])
     except (KeyError, TypeError, ValueError):
@@ -194,12 +183,9 @@ def _source(where: str | None, cfg: ExperimentConfig):
     if where and where != "generated":
         from mlflow.data.dataset_source_registry import resolve_dataset_source
 
-        with warnings.catch_warnings():  # MLflow registers its local source twice and says so
-            warnings.simplefilter("ignore", UserWarning)
-            try:
-                return resolve_dataset_source(str(where))
-            except Exception:  # noqa: BLE001 - a path no MLflow source takes: say where in the tags
-                pass
+        with warnings.catch_warnings(), suppress(Exception):  # a path no MLflow source takes: say where in tags
+            warnings.simplefilter("ignore", UserWarning)  # MLflow registers its local source twice and says so
+            return resolve_dataset_source(str(where))
     tags = {"comod.dataset": cfg.data.dataset}
     if where == "generated":
         tags.update({"comod.generator": f"comod.data.{cfg.data.dataset}", "comod.split_seed": str(cfg.data.split_seed)})
@@ -230,7 +216,7 @@ def describe_dataset(cfg: ExperimentConfig, data=None, source=None):
     settings = dataset_settings(cfg)
     if data is not None:
         summary = _summary(data)
-        source = _source(summary["source"], cfg) if source is None else source
+        where = summary["source"]
         identity = {"data": settings, "sizes": summary["sizes"], "tasks": summary["tasks"]}
         profile = {"tasks": list(summary["tasks"]), "num_classes": summary["tasks"],
                    **{f"{split}_size": n for split, n in summary["sizes"].items()},
@@ -238,12 +224,12 @@ def describe_dataset(cfg: ExperimentConfig, data=None, source=None):
         schema = Schema([ColSpec(DataType.binary, "image"),
                          *[ColSpec(DataType.long, task) for task in summary["tasks"]]])
     else:
-        if source is None:
-            source = _source(cfg.data.root or ("generated" if cfg.data.dataset == "synthetic" else None), cfg)
+        where = cfg.data.root or ("generated" if cfg.data.dataset == "synthetic" else None)
         identity = {"data": settings}
         profile = {"tasks": None, "described_from": "config (not loaded by the driver)", "settings": settings,
                    **{f"{split}_limit": settings.get(f"{split}_limit") for split in ("train", "test")}}
         schema = None
+    source = _source(where, cfg) if source is None else source
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
     d = cfg.data  # a folder of one's own images is named by its folder
     name = f"folder:{Path(str(d.root)).name}" if d.dataset == "folder" and d.root else d.dataset
@@ -308,16 +294,12 @@ class RunLogger:
         if run_file.exists():
             previous = json.loads(run_file.read_text())
             if previous.get("tracking_uri") == mlflow.get_tracking_uri():
-                try:
+                with suppress(MlflowException):  # deleted from the store: start a new one
                     found = self.client.get_run(previous["run_id"])
-                except MlflowException:  # deleted from the store: start a new one
-                    pass
         if found is not None and found.info.lifecycle_stage == "active":
             self.run_id, self.previous_status = found.info.run_id, found.info.status
             if self.previous_status != "FINISHED":
                 self.client.update_run(self.run_id, status="RUNNING")
-            if data is not None and not found.inputs.dataset_inputs:  # a run recorded before datasets were
-                log_dataset(self.client, self.run_id, describe_dataset(cfg, data))
             return
         tags = {"comod.modulation_kind": cfg.modulation.kind, "comod.dataset": cfg.data.dataset}
         self.run_id = self.client.create_run(self.experiment_id, run_name=cfg.name, tags=tags).info.run_id
