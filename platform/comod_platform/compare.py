@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from comod.pretrain_cache import DETERMINING
-from comod_platform.conditions import (HEADLINE, VARIANTS, binned, comparisons, condition, condition_order,
-                                       group_unit, levels, matched_groups, mean_of, varied_settings)
+from comod_platform.conditions import (HEADLINE, VARIANTS, binned, canonical, comparisons, condition,
+                                       condition_order, group_unit, levels, matched_groups, mean_of, varied_settings)
 from comod_platform.conventions import COMPLETED, FAILED, PRUNED, RUNNING, WALL, best_of
 from comod_platform.curves import efficiency, pretraining
 from comod_platform.importances import IMPORTANCES_FILE, importances
@@ -37,6 +37,7 @@ HOLM_FAMILIES = {
     "settings": "stochastic - deterministic per value of each varied setting and per noise scale",
     "efficiency": "the paired fine-tuning AUC and steps to each fraction",
 }
+STATES = (COMPLETED, PRUNED, FAILED, RUNNING)
 _TASK_F1 = re.compile(r"^test/([^/]+)/f1$")
 
 
@@ -44,17 +45,15 @@ class CompareError(RuntimeError):
     """The comparison cannot be made; the message says why."""
 
 
-def paired_differences(groups: dict, key: str, mode: str, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED,
-                       pairs=None) -> dict[str, dict]:
-    """Per pair ``a-b`` (default :func:`comparisons`): ``key``'s a - b group means over the matched groups."""
+def paired_differences(groups: list[dict], key: str, mode: str, resamples: int, seed: int, pairs) -> dict[str, dict]:
+    """Per pair ``a-b`` of ``pairs``: ``key``'s a - b group means over the matched groups with both."""
     out = {}
-    for a, b in pairs if pairs is not None else comparisons({c for g in groups.values() for c in g}):
-        rows = [(g, mean_of(g[a], key), mean_of(g[b], key)) for g in groups.values() if a in g and b in g]
-        rows = [(g, va, vb) for g, va, vb in rows if va is not None and vb is not None]
-        out[f"{a}-{b}"] = {"a": a, "b": b, "groups": [{a: [t.trial_id for t in g[a]], b: [t.trial_id for t in g[b]]}
-                                                      for g, _, _ in rows],
-                           **paired_stats([va - vb for _, va, vb in rows], mode, resamples, seed,
-                                          [group_unit(g) for g, _, _ in rows])}
+    for a, b in pairs:
+        rows = [(g, va - vb) for g in groups if a in g and b in g
+                for va, vb in [(mean_of(g[a], key), mean_of(g[b], key))] if va is not None and vb is not None]
+        out[f"{a}-{b}"] = {"a": a, "b": b, "groups": [{c: [t.trial_id for t in g[c]] for c in (a, b)} for g, _ in rows],
+                           **paired_stats([d for _, d in rows], mode, resamples, seed,
+                                          [group_unit(g) for g, _ in rows])}
     return out
 
 
@@ -71,26 +70,24 @@ def _split(rows: list, values: list, ranged: bool) -> list[tuple[str, list]]:
     return [(label, members) for (_, label), members in sorted(split.items())]
 
 
-def by_setting(groups: dict, settings: list[str], metric: str, mode: str, resamples: int = RESAMPLES,
+def by_setting(groups: list[dict], settings: list[str], metric: str, mode: str, resamples: int = RESAMPLES,
                seed: int = BOOTSTRAP_SEED, ranges=()) -> dict[str, list[dict]]:
     """Per varied setting, per value or quantile bin (``ranges``: settings sampled from a float range):
     stochastic - deterministic of ``metric`` and test F1 over the matched groups with it."""
     out: dict[str, list[dict]] = {}
-    items = list(groups.values())
     for path in settings:
-        values = [next(iter(g.values()))[0].flat.get(path) for g in items]
+        values = [next(iter(g.values()))[0].flat.get(path) for g in groups]
         out[path] = [{"value": label, "paired": {
-            k: paired_differences(dict(enumerate(sub)), k, m, resamples, seed, pairs=(HEADLINE,))[
-                "stochastic-deterministic"] for k, m in _keys(metric, mode).items()}}
-            for label, sub in _split(items, values, path in ranges)]
+            k: paired_differences(sub, k, m, resamples, seed, [HEADLINE])["stochastic-deterministic"]
+            for k, m in _keys(metric, mode).items()}} for label, sub in _split(groups, values, path in ranges)]
     return out
 
 
-def by_noise_scale(groups: dict, metric: str, mode: str, resamples: int = RESAMPLES,
+def by_noise_scale(groups: list[dict], metric: str, mode: str, resamples: int = RESAMPLES,
                    seed: int = BOOTSTRAP_SEED, ranges=()) -> list[dict]:
     """Each stochastic trial minus its group's deterministic mean (``metric`` and test F1), split by
     ``modulation.noise_scale`` (quantile bins when it takes many or sampled values)."""
-    rows = [(t, g["deterministic"]) for g in groups.values() if "deterministic" in g for t in g.get("stochastic", [])]
+    rows = [(t, g["deterministic"]) for g in groups if "deterministic" in g for t in g.get("stochastic", [])]
     values = [t.flat.get("modulation.noise_scale") for t, _ in rows]
     out = []
     for label, members in _split(rows, values, "modulation.noise_scale" in ranges):
@@ -103,12 +100,12 @@ def by_noise_scale(groups: dict, metric: str, mode: str, resamples: int = RESAMP
     return out
 
 
-def win_rates(groups: dict, trials: list[TrialRecord]) -> dict[str, dict]:
+def win_rates(groups: list[dict], trials: list[TrialRecord]) -> dict[str, dict]:
     """Per task, the matched groups where stochastic's test F1 beats, ties or loses to deterministic's."""
     out = {}
     for task in sorted({m.group(1) for t in trials for k in t.final for m in [_TASK_F1.match(k)] if m}):
         pairs = [(mean_of(g["stochastic"], f"test/{task}/f1"), mean_of(g["deterministic"], f"test/{task}/f1"))
-                 for g in groups.values() if "stochastic" in g and "deterministic" in g]
+                 for g in groups if "stochastic" in g and "deterministic" in g]
         pairs = [(s, d) for s, d in pairs if s is not None and d is not None]
         wins = sum(s > d for s, d in pairs)
         out[task] = {"wins": wins, "ties": sum(s == d for s, d in pairs), "losses": sum(s < d for s, d in pairs),
@@ -120,7 +117,7 @@ def _pretraining_key(trial: TrialRecord) -> str:
     """The pretraining the trial would need had every kind pretrained its own network."""
     kept = {p: v for p, v in trial.flat.items() if p.split(".")[0] in DETERMINING and p != "pretrain.modulation_kind"}
     kept["modulation.kind"] = trial.kind or trial.flat.get("modulation.kind")
-    return json.dumps(kept, sort_keys=True, default=str)
+    return canonical(kept)
 
 
 def study_cost(trials: list[TrialRecord], max_concurrent: int | None = None) -> dict:
@@ -166,20 +163,16 @@ def study_cost(trials: list[TrialRecord], max_concurrent: int | None = None) -> 
     return out
 
 
-def _text(value: Any) -> str:
-    return json.dumps(value, default=str)
-
-
 def select_trials(trials: list[TrialRecord], where: dict[str, Any]) -> list[TrialRecord]:
     """The trials whose settings equal every ``{dotted.path: value}`` of ``where``, else CompareError."""
     for path, value in where.items():
-        values, wanted = {_text(t.flat[path]) for t in trials if path in t.flat}, _text(value)
+        values, wanted = {canonical(t.flat[path]) for t in trials if path in t.flat}, canonical(value)
         if not values:
             raise CompareError(f"--where {path}: not a setting of this search's trials; use a dotted setting "
                                f"such as pretrain.modulation_kind")
         if wanted not in values:
             raise CompareError(f"--where {path}={value!r}: no trial has it; its values: {', '.join(sorted(values))}")
-        trials = [t for t in trials if _text(t.flat.get(path)) == wanted]
+        trials = [t for t in trials if canonical(t.flat.get(path)) == wanted]
     return trials
 
 
@@ -198,9 +191,9 @@ def build_report(name: str, trials: list[TrialRecord], metric: str, mode: str, r
     done = [t for t in trials if t.completed and t.value(metric) is not None]
     present = sorted({condition(t) for t in done}, key=condition_order)
     listed = sorted(set(KINDS) | set(present), key=condition_order)
-    counts = {c: dict.fromkeys((COMPLETED, PRUNED, FAILED, RUNNING), 0) for c in listed}  # interrupted: where seen
+    counts = {c: dict.fromkeys(STATES, 0) for c in listed}  # interrupted: where seen
     for t in trials:
-        by_state = counts.setdefault(condition(t), dict.fromkeys((COMPLETED, PRUNED, FAILED, RUNNING), 0))
+        by_state = counts.setdefault(condition(t), dict.fromkeys(STATES, 0))
         by_state[t.state] = by_state.get(t.state, 0) + 1
     by_cond = {c: [t for t in done if condition(t) == c] for c in listed}
     best = {c: _best(members, metric, mode) for c, members in by_cond.items()}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from itertools import combinations
 from typing import Any
 
 import numpy as np
@@ -19,19 +20,20 @@ KIND_ONLY_PREFIXES = ("modulation.readout.",)
 """Settings that matter for one kind only; left out when matching trials."""
 VARIANTS = ("finetune.trainable", "modulation.readout.shuffle", "finetune.readout_reset")
 """Settings that make a condition of a kind (:func:`condition`); left out when matching trials."""
-DEFAULT_TRAINABLE = ("controller",)
 READOUT_KINDS = ("stochastic",)
 """Kinds with a readout gain, the only ones the readout's shuffle and reset change."""
-CARRIED = "readout carried"
 HEADLINE = ("stochastic", "deterministic")
 SHUFFLED = "stochastic[shuffled]"
-COMPARISONS = (("stochastic", "deterministic"), ("stochastic", "none"), ("deterministic", "none"))
-"""Pairs every report lists (with no pairs where a condition is missing); see :func:`comparisons`."""
 UNIT_SECTIONS = ("seed", "precision", "data", "model", "pretrain")
 """Sections whose settings make a group's pretrained network: groups equal in them are one unit."""
 MAX_LEVELS = 6
 """A numeric setting with more distinct values, or floats sampled from a range, goes into BINS quantile bins."""
 BINS = 4
+
+
+def canonical(value: Any) -> str:
+    """``value`` as JSON text with sorted keys: equal settings, equal text."""
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def _truthy(value: Any) -> bool:
@@ -51,13 +53,13 @@ def condition(trial: TrialRecord) -> str:
     trainable = trial.flat.get("finetune.trainable")
     if trainable is not None:
         groups = [trainable] if isinstance(trainable, str) else list(trainable)
-        if sorted(groups) != sorted(DEFAULT_TRAINABLE):
-            order = {g: i for i, g in enumerate(GROUPS)}
-            parts.append("+".join(sorted(groups, key=lambda g: (order.get(g, len(order)), g))) or "nothing")
+        if sorted(groups) != ["controller"]:
+            parts.append("+".join(sorted(groups, key=lambda g: (GROUPS.index(g) if g in GROUPS else len(GROUPS), g)))
+                         or "nothing")
     if kind in READOUT_KINDS and _truthy(trial.flat.get("modulation.readout.shuffle")):
         parts.append("shuffled")
     if kind in READOUT_KINDS and not _truthy(trial.flat.get("finetune.readout_reset", True)):
-        parts.append(CARRIED)
+        parts.append("readout carried")
     return f"{kind}[{','.join(parts)}]" if parts else kind
 
 
@@ -67,30 +69,20 @@ def condition_order(cond: str) -> tuple:
     return ({"stochastic": 0, "deterministic": 1, "none": 2}.get(kind, 3), kind, cond != kind, cond)
 
 
-def _headline(present: list[str]) -> tuple[str, str]:
-    """stochastic - deterministic; where neither plain kind ran but both ran with the same variant, that pair."""
-    if "stochastic" not in present and "deterministic" not in present:
-        for cond in present:
-            if kind_of(cond) == "stochastic" and "deterministic" + cond[len("stochastic"):] in present:
-                return cond, "deterministic" + cond[len("stochastic"):]
-    return HEADLINE
-
-
 def comparisons(present) -> list[tuple[str, str]]:
-    """The pairs a report compares (first minus second): the headline, stochastic - stochastic[shuffled]
-    (the control) where present, the headline's conditions minus each none condition, then every other
-    pair of the ``present`` conditions, in :func:`condition_order`."""
+    """The pairs a report compares (first minus second): the headline (stochastic - deterministic, else the
+    variant pair where both kinds ran only with the same variant), stochastic - stochastic[shuffled] (the
+    control) where present, the headline's conditions minus each none condition, then every other pair of
+    the ``present`` conditions, in :func:`condition_order`."""
     present = sorted(set(present), key=condition_order)
-    headline = _headline(present)
+    headline = HEADLINE
+    if not set(HEADLINE) & set(present):
+        variants = [(c, "deterministic" + c[len("stochastic"):]) for c in present if kind_of(c) == "stochastic"]
+        headline = next((p for p in variants if p[1] in present), HEADLINE)
     out = [headline] + ([("stochastic", SHUFFLED)] if SHUFFLED in present else [])
     out += [(a, n) for a in headline for n in present if kind_of(n) == "none"]
     seen = {frozenset(p) for p in out}
-    for i, a in enumerate(present):
-        for b in present[i + 1:]:
-            if frozenset((a, b)) not in seen:
-                seen.add(frozenset((a, b)))
-                out.append((a, b))
-    return out
+    return out + [p for p in combinations(present, 2) if frozenset(p) not in seen]
 
 
 def unmatched(path: str) -> bool:
@@ -100,22 +92,20 @@ def unmatched(path: str) -> bool:
 
 def match_key(trial: TrialRecord) -> str:
     """Every setting but the :func:`unmatched` ones, as canonical text."""
-    return json.dumps({p: v for p, v in trial.flat.items() if not unmatched(p)}, sort_keys=True, default=str)
+    return canonical({p: v for p, v in trial.flat.items() if not unmatched(p)})
 
 
-def matched_groups(trials: list[TrialRecord]) -> dict[str, dict[str, list[TrialRecord]]]:
-    """``{match_key: {condition: [trials]}}``."""
+def matched_groups(trials: list[TrialRecord]) -> list[dict[str, list[TrialRecord]]]:
+    """The matched groups, each ``{condition: [trials]}``."""
     groups: dict[str, dict[str, list[TrialRecord]]] = {}
     for t in trials:
         groups.setdefault(match_key(t), {}).setdefault(condition(t), []).append(t)
-    return groups
+    return list(groups.values())
 
 
 def group_unit(group: dict) -> str:
     """The group's unit: its settings in :data:`UNIT_SECTIONS` (its seed with what makes its pretraining)."""
-    flat = next(iter(group.values()))[0].flat
-    return json.dumps({p: v for p, v in flat.items() if p.split(".")[0] in UNIT_SECTIONS}, sort_keys=True,
-                      default=str)
+    return canonical({p: v for p, v in next(iter(group.values()))[0].flat.items() if p.split(".")[0] in UNIT_SECTIONS})
 
 
 def mean_of(trials: list[TrialRecord], key: str) -> float | None:
@@ -126,7 +116,7 @@ def mean_of(trials: list[TrialRecord], key: str) -> float | None:
 def varied_settings(trials: list[TrialRecord]) -> list[str]:
     """Settings whose value differs among ``trials``, the seed and the :func:`unmatched` ones aside."""
     return [p for p in dict.fromkeys(p for t in trials for p in t.flat) if p != "seed" and not unmatched(p)
-            and len({json.dumps(t.flat.get(p), sort_keys=True, default=str) for t in trials}) > 1]
+            and len({canonical(t.flat.get(p)) for t in trials}) > 1]
 
 
 def show(value: Any) -> str:

@@ -135,7 +135,7 @@ def efficiency(trials: list[TrialRecord], metric: str, mode: str, resamples: int
     auc: dict[tuple, list] = {p: [] for p in pairs}  # (difference, unit) per matched group
     steps_paired: dict[tuple, list] = {(f, a, b): [] for f in fractions for a, b in to_det}
     reached = {f: {k: [] for k in present} for f in fractions}
-    for group in matched_groups(have).values():
+    for group in matched_groups(have):
         unit = group_unit(group)
         curves = {k: mean_curve([t.curves[key] for t in ts]) for k, ts in group.items()}
         row = {"trials": {k: [t.trial_id for t in ts] for k, ts in group.items()},
@@ -162,9 +162,8 @@ def efficiency(trials: list[TrialRecord], metric: str, mode: str, resamples: int
                     if steps.get(a) is not None and steps.get(b) is not None:
                         steps_paired[(f, a, b)].append((float(steps[a] - steps[b]), unit))
         out["groups"].append(row)
-    by_kind = {k: [a for t in have if condition(t) == k for a in [curve_auc(t.curves[key])] if a is not None]
-               for k in present}
-    out["auc"] = {"per_kind": {k: summary(v) for k, v in by_kind.items()},
+    out["auc"] = {"per_kind": {k: summary([curve_auc(t.curves[key]) for t in have if condition(t) == k])
+                               for k in present},
                   "paired": {f"{a}-{b}": _paired(a, b, auc[(a, b)], mode, resamples, seed) for a, b in pairs}}
     out["steps_to_fraction"] = {f"{f:g}": {
         "per_kind": {k: {"groups": len(s), "reached": sum(x is not None for x in s),
