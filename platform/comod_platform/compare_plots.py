@@ -17,11 +17,11 @@ JITTER = 0.08
 MARGINS = {"left": 0.08, "right": 0.98, "bottom": 0.14, "top": 0.86, "wspace": 0.25, "hspace": 0.45}
 
 
-def _figure(width: float, height: float, dpi: int = 110):
+def _figure(width: float, height: float, dpi: int = 110, **grid):
     from matplotlib.figure import Figure  # no pyplot: no global backend
 
     fig = Figure(figsize=(width, height), dpi=dpi)
-    return fig, fig.subplots()
+    return fig, fig.subplots(**grid)
 
 
 def _save(fig, path: Path, tight: bool = True) -> Path:
@@ -29,6 +29,13 @@ def _save(fig, path: Path, tight: bool = True) -> Path:
         fig.tight_layout()
     fig.savefig(path)
     return path
+
+
+def _band(ax, c: dict, colour, label: str, **style) -> None:
+    """Mean curve ``c`` over its steps, with its 95% band where it has one."""
+    ax.plot(c["steps"], c["mean"], ms=3, color=colour, label=label, **style)
+    if c["lo"] is not None:
+        ax.fill_between(c["steps"], c["lo"], c["hi"], color=colour, alpha=0.2, lw=0)
 
 
 def colours(conditions) -> dict[str, str]:
@@ -40,13 +47,11 @@ def colours(conditions) -> dict[str, str]:
 
 def draw(r: dict, trials: list[TrialRecord], out: Path) -> list[Path]:
     """Every figure report ``r`` has data for, written into ``out``; their paths."""
-    metric = r["metric"]
-    done = [t for t in trials if t.completed and t.value(metric) is not None]
-    conds = sorted({condition(t) for t in done}, key=condition_order)
-    files = []
+    metric, conds, files = r["metric"], r["conditions"], []
     if conds:
         fig, ax = _figure(max(5.5, 1.1 * len(conds) + 2), 3.8)
-        data = [[t.value(metric) for t in done if condition(t) == c] for c in conds]
+        data = [[t.value(metric) for t in trials if t.completed and t.value(metric) is not None and condition(t) == c]
+                for c in conds]
         ax.boxplot(data, showmeans=True)
         ax.set_xticks(range(1, len(conds) + 1), [f"{c}\n(n={len(d)})" for c, d in zip(conds, data)])
         rng = np.random.default_rng(0)
@@ -75,7 +80,7 @@ def draw(r: dict, trials: list[TrialRecord], out: Path) -> list[Path]:
         files.append(_save(fig, out / "win_rates.png"))
     if made := curves_figure(r):
         files.append(_save(made[0], out / "curves.png", tight=False))
-    if (r.get("pretraining") or {}).get("kinds"):
+    if r["pretraining"]["kinds"]:
         files.append(_save(pretraining_figure(r), out / "pretraining.png", tight=False))
     return files
 
@@ -86,12 +91,9 @@ def pretraining_figure(r: dict):
     fig, ax = _figure(5.5, 3.8, dpi=100)
     fig.subplots_adjust(left=0.13, right=0.97, bottom=0.14, top=0.9)
     for kind, c in pre["kinds"].items():
-        colour = KIND_COLOURS.get(kind.split()[-1]) if not kind.startswith("shared") else None
-        ax.plot(c["steps"], c["mean"], marker="o", ms=3, color=colour, label=f"{kind} (n={c['n']})")
-        if c["lo"] is not None:
-            ax.fill_between(c["steps"], c["lo"], c["hi"], color=colour, alpha=0.2, lw=0)
-    ax.set(xlabel="pretraining epoch", ylabel=r["metric"], title=f"{pre['curve_key']}: mean and t 95% band")
-    ax.title.set_fontsize(9)
+        _band(ax, c, None if kind.startswith("shared") else KIND_COLOURS.get(kind), f"{kind} (n={c['n']})", marker="o")
+    ax.set(xlabel="pretraining epoch", ylabel=r["metric"])
+    ax.set_title(f"{pre['curve_key']}: mean and t 95% band", fontsize=9)
     ax.legend(fontsize=8)
     return fig
 
@@ -99,33 +101,25 @@ def pretraining_figure(r: dict):
 def curves_figure(r: dict):
     """One panel per arm, every condition's mean fine-tuning curve with its 95% band, all panels on one y
     scale; (figure, the panels' axes), or None without curves."""
-    from matplotlib.figure import Figure
-
-    panels = [p for p in (r.get("efficiency") or {}).get("panels", []) if p["kinds"]]
+    panels = [p for p in r["efficiency"]["panels"] if p["kinds"]]
     if not panels:
         return None
     colour = colours(c for p in panels for c in p["kinds"])
-    cols = min(3, len(panels))
-    rows = math.ceil(len(panels) / cols)
+    cols, rows = min(3, len(panels)), math.ceil(len(panels) / 3)
     height = 3.4 * rows + 0.4
-    fig = Figure(figsize=(4.6 * cols, height), dpi=100)
-    axes = fig.subplots(rows, cols, squeeze=False, sharey=True).ravel()
+    fig, axes = _figure(4.6 * cols, height, 100, nrows=rows, ncols=cols, squeeze=False, sharey=True)
+    axes = axes.ravel()
     fig.subplots_adjust(**{**MARGINS, "top": 1 - 0.8 / height})  # room for two title lines above the panels'
     for ax, panel in zip(axes, panels):
         last = max(c["steps"][-1] for c in panel["kinds"].values())
         for cond, c in panel["kinds"].items():
-            steps, mean, lo, hi = c["steps"], c["mean"], c["lo"], c["hi"]
-            flat = len(steps) == 1
-            if flat:  # nothing fine-tuned: the value holds over the panel's steps
-                steps, mean = [0, last], mean * 2
-                lo, hi = (lo * 2, hi * 2) if lo is not None else (None, None)
-            style = "--" if flat else ":" if "shuffled" in cond else "-." if cond != kind_of(cond) else "-"
-            ax.plot(steps, mean, marker="o" if len(steps) < 30 else None, ms=3, color=colour[cond], ls=style,
-                    label=f"{cond} (n={c['n']})")
-            if lo is not None:
-                ax.fill_between(steps, lo, hi, color=colour[cond], alpha=0.2, lw=0)
-        ax.set(xlabel="fine-tuning step", title=panel["arm"] if len(panel["arm"]) < 60 else panel["arm"][:57] + "...")
-        ax.title.set_fontsize(9)
+            if len(c["steps"]) == 1:  # nothing fine-tuned: the value holds over the panel's steps
+                c, style = {**c, "steps": [0, last], **{k: 2 * c[k] for k in ("mean", "lo", "hi") if c[k]}}, "--"
+            else:
+                style = ":" if "shuffled" in cond else "-." if cond != kind_of(cond) else "-"
+            _band(ax, c, colour[cond], f"{cond} (n={c['n']})", ls=style, marker="o" if len(c["steps"]) < 30 else None)
+        ax.set_title(panel["arm"] if len(panel["arm"]) < 60 else panel["arm"][:57] + "...", fontsize=9)
+        ax.set_xlabel("fine-tuning step")
         ax.legend(fontsize=7)
         ax.yaxis.set_tick_params(labelleft=True)
     for ax in axes[::cols]:
