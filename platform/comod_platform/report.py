@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from comod_platform.stats import EXACT_MAX_N, HALF_WIDTH, ROUGH_N
+from comod_platform.stats import ROUGH_N
 
 STAT_COLUMNS = ("n | mean difference | t 95% CI | bootstrap 95% CI | sign-flip p | Holm p | first better | "
                 "seeds for ±0.005")
@@ -32,31 +32,25 @@ def _grid(header: str, rows) -> list[str]:
         "| " + " | ".join(map(str, row)) + " |" for row in rows]
 
 
-def _stat_cells(p: dict, digits: int, unit: bool) -> str:
+def _stat_cells(p: dict, digits: int, unit: bool) -> list:
     """``p``'s cells; Holm p and seeds needed only on the unit's row."""
-    n = f"{p['n']}*" if unit and p["rough"] else str(p["n"])
-    seeds = "" if not unit else p["seeds_needed"] if p["seeds_needed"] is not None else "n/a"
-    return (f"{n} | {fmt(p['mean'], digits)} | {_ci(p, digits)} | {_ci(p, digits, 'bootstrap_ci95')} | "
-            f"{_p(p['p_sign_flip'])} | {_p(p['p_holm']) if unit else ''} | {p['a_better'] if p['n'] else 'n/a'} | "
-            f"{seeds}")
-
-
-def _stat_rows(cells: list[str], p: dict, digits: int = 4) -> list[str]:
-    """A row of ``p``'s statistics after ``cells``, and a second, ``by seed``, where groups share seeds."""
-    seed = p.get("by_seed")
-    rows = ["| " + " | ".join(cells) + " | " + _stat_cells(p, digits, unit=seed is None) + " |"]
-    if seed:
-        rows.append("| " + " | ".join(cells[:-1] + [cells[-1] + ", by seed"]) + " | "
-                    + _stat_cells(seed, digits, unit=True) + " |")
-    return rows
+    seeds = ("n/a" if p["seeds_needed"] is None else p["seeds_needed"]) if unit else ""
+    return [f"{p['n']}*" if unit and p["rough"] else p["n"], fmt(p["mean"], digits), _ci(p, digits),
+            _ci(p, digits, "bootstrap_ci95"), _p(p["p_sign_flip"]), _p(p["p_holm"]) if unit else "",
+            p["a_better"] if p["n"] else "n/a", seeds]
 
 
 def _table(header: str, rows: list[tuple[list[str], dict]], digits: int = 4, columns: str = STAT_COLUMNS,
            footnote: bool = True) -> list[str]:
-    """A table of paired statistics, one or two rows per entry, with the rough-interval footnote."""
-    lines = _grid(f"{header} | {columns}", [])
-    for cells, p in rows:
-        lines += _stat_rows(cells, p, digits)
+    """A table of paired statistics, a row per entry and a second, ``by seed``, where groups share seeds;
+    with the rough-interval footnote."""
+    cells = []
+    for head, p in rows:
+        seed = p.get("by_seed")
+        cells.append([*head, *_stat_cells(p, digits, unit=seed is None)])
+        if seed:
+            cells.append([*head[:-1], head[-1] + ", by seed", *_stat_cells(seed, digits, unit=True)])
+    lines = _grid(f"{header} | {columns}", cells)
     if footnote and any((p.get("by_seed") or p)["rough"] for _, p in rows):
         lines += ["", f"\\* fewer than {ROUGH_N} seeds: the interval is rough."]
     return lines
@@ -70,9 +64,8 @@ def _rough_warnings(paired: dict) -> list[str]:
     """One line per comparison with fewer than :data:`ROUGH_N` seeds."""
     lines = []
     for p in paired.values():
-        u = p.get("by_seed") or p
+        u, unit = (p["by_seed"], "seeds") if p.get("by_seed") else (p, "pairs")
         if u["rough"]:
-            unit = "seeds" if p.get("by_seed") else "pairs"
             floor = (f"; an exact sign-flip p on {u['n']} {unit} cannot go below {u['p_min']:.4g}"
                      if u["p_method"] == "exact" else "")
             lines.append(f"- {p['a']} - {p['b']}: fewer than {ROUGH_N} seeds: the interval is rough "
@@ -103,7 +96,6 @@ def markdown(r: dict, images: list[str]) -> str:
     lines += _grid("condition | n | mean | std | median | min | max", [
         [cond, d["n"], *(fmt(d[k]) for k in ("mean", "std", "median", "min", "max"))]
         for cond, d in r["distribution"].items()])
-    conditions_m = ((r.get("holm") or {}).get("families") or {}).get("conditions", {}).get("m", 0)
     lines += ["", "## Paired differences", "",
               "Trials that share every setting except the condition (`modulation.kind`, `finetune.trainable`, "
               "`modulation.readout.shuffle`) and the kind-only settings (`modulation.noise_scale`, "
@@ -116,12 +108,13 @@ def markdown(r: dict, images: list[str]) -> str:
               f"the seed is the unit to read, and the one Holm adjusts. **t 95% CI**: Student t interval of the mean "
               f"difference. Bootstrap: seeded percentile bootstrap (scipy.stats.bootstrap, {r['resamples']} "
               f"resamples, seed {r['bootstrap_seed']}), too narrow with few pairs. Sign-flip p: two-sided, every one "
-              f"of the 2^n sign flips enumerated up to n = {r.get('exact_max_n', EXACT_MAX_N)} (so with n pairs it "
-              f"cannot go below 2/2^n: 0.0625 for 5), {r['resamples']} random flips beyond "
-              f"(scipy.stats.permutation_test). Holm p: Holm's step-down adjustment within the table's family (here "
-              f"the {conditions_m} comparisons of the search metric; each test metric, the per-setting table and the "
-              f"efficiency tables are families of their own). Seeds for ±0.005: the smallest n with t(0.975, n-1) x "
-              f"sd / sqrt(n) <= {r.get('half_width', HALF_WIDTH)} at the observed spread of the differences.", ""]
+              f"of the 2^n sign flips enumerated up to n = {r['exact_max_n']} (so with n pairs it cannot go below "
+              f"2/2^n: 0.0625 for 5), {r['resamples']} random flips beyond (scipy.stats.permutation_test). Holm p: "
+              f"Holm's step-down adjustment within the table's family (here the "
+              f"{r['holm']['families']['conditions']['m']} comparisons of the search metric; each test metric, the "
+              f"per-setting table and the efficiency tables are families of their own). Seeds for ±0.005: the "
+              f"smallest n with t(0.975, n-1) x sd / sqrt(n) <= {r['half_width']} at the observed spread of the "
+              f"differences.", ""]
     lines += _table("comparison", _by_pair(r["paired"]), footnote=False) + _rough_warnings(r["paired"])
     lines += ["", "## Per-task win rates (stochastic vs deterministic, test F1)", ""]
     if any(w["n"] for w in r["win_rates"].values()):
@@ -129,8 +122,8 @@ def markdown(r: dict, images: list[str]) -> str:
             [task, w["wins"], w["ties"], w["losses"], w["n"], fmt(w["rate"], 3)] for task, w in r["win_rates"].items()])
     else:
         lines.append("No matched stochastic/deterministic pairs with per-task test F1: no win rates.")
-    lines += _settings_sections(r) + efficiency_section(r.get("efficiency")) + pretraining_section(r.get("pretraining"))
-    lines += cost_section(r.get("cost")) + importances_section(r.get("importances"))
+    lines += _settings_sections(r) + efficiency_section(r["efficiency"]) + pretraining_section(r["pretraining"])
+    lines += cost_section(r["cost"]) + importances_section(r.get("importances"))
     if r["notes"]:
         lines += ["", "## Notes", ""] + _bullets(r["notes"])
     if images:
@@ -145,9 +138,9 @@ def _settings_sections(r: dict) -> list[str]:
              "calibration error), where a negative difference favours the first condition; \"first better\" counts "
              "accordingly.", ""]
     lines += _table("metric | comparison", [([f"`{k}`", f"{p['a']} - {p['b']}"], p)
-                                            for k, ps in r.get("paired_metrics", {}).items() for p in ps.values()])
+                                            for k, ps in r["paired_metrics"].items() for p in ps.values()])
     lines += ["", "## Stochastic - deterministic per varied setting", ""]
-    if r.get("by_setting"):
+    if r["by_setting"]:
         lines += ["Matched groups split by the value of each setting the search varied (the seed, the condition and "
                   "kind-only settings aside; numeric settings with many values or sampled from a range: quantile "
                   "bins).", ""]
@@ -157,7 +150,7 @@ def _settings_sections(r: dict) -> list[str]:
     else:
         lines.append("The search varied no setting besides the seed, the condition and the kind-only settings.")
     lines += ["", "## Stochastic - deterministic by noise scale", ""]
-    if r.get("by_noise_scale"):
+    if r["by_noise_scale"]:
         lines += ["Each stochastic trial minus the mean of its group's deterministic trials, split by "
                   "`modulation.noise_scale`.", ""]
         lines += _table("noise scale | metric", [([row["noise_scale"], f"`{k}`"], p) for row in r["by_noise_scale"]
@@ -167,9 +160,7 @@ def _settings_sections(r: dict) -> list[str]:
     return lines
 
 
-def efficiency_section(e: dict | None) -> list[str]:
-    if e is None:
-        return []
+def efficiency_section(e: dict) -> list[str]:
     lines = ["", "## Fine-tuning efficiency", "",
              f"Does one condition converge in less fine-tuning? Curve: `{e['curve_key']}` per fine-tuning step "
              f"(step 0 is the pretrained model, so a condition that starts higher gains area without learning "
@@ -186,7 +177,8 @@ def efficiency_section(e: dict | None) -> list[str]:
                   "score over fine-tuning. Per condition over trials; paired over matched groups (a group's curves "
                   "of one condition averaged, the pair on their common steps).", ""]
         lines += _grid("condition | trials | mean | std | median", [
-            [kind, d["n"], fmt(d["mean"]), fmt(d["std"]), fmt(d["median"])] for kind, d in e["auc"]["per_kind"].items()])
+            [kind, d["n"], fmt(d["mean"]), fmt(d["std"]), fmt(d["median"])]
+            for kind, d in e["auc"]["per_kind"].items()])
         lines += [""] + _table("comparison", _by_pair(e["auc"]["paired"]))
     if e["steps_to_fraction"]:
         lines += ["", "### Fine-tuning steps to reach a fraction of deterministic's final score", "",
@@ -204,8 +196,8 @@ def efficiency_section(e: dict | None) -> list[str]:
     return lines + ([""] + _bullets(e["notes"]) if e["notes"] else [])
 
 
-def pretraining_section(pre: dict | None) -> list[str]:
-    if not pre or not pre["kinds"]:
+def pretraining_section(pre: dict) -> list[str]:
+    if not pre["kinds"]:
         return []
     w = pre["window"]
     lines = ["", "## Pretraining", "",
@@ -218,9 +210,7 @@ def pretraining_section(pre: dict | None) -> list[str]:
         for kind, c in pre["kinds"].items()]) + _bullets(pre["notes"])
 
 
-def cost_section(c: dict | None) -> list[str]:
-    if not c:
-        return []
+def cost_section(c: dict) -> list[str]:
     lines = ["", "## What the study cost", ""]
     if not c["trials"]:
         return lines + _bullets(c["notes"])
