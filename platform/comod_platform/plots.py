@@ -61,16 +61,17 @@ def heatmap(matrix, title: str, xlabel: str, ylabel: str, row_names=()):
 
 
 def _matrices(run_dir: Path, checkpoint: Checkpoint | None):
-    """The run's checkpoint (``checkpoint``, else the one in its folder; None without one), its task names
-    and its gain matrices by plot name."""
+    """The run's checkpoint (``checkpoint``, else the one in its folder; None without one) and its gain
+    matrices by plot name, each with its title and column name."""
     if checkpoint is None and not (run_dir / CHECKPOINT).exists():
-        return None, [], {}
+        return None, {}
     ckpt = checkpoint if checkpoint is not None else load_checkpoint(run_dir / CHECKPOINT)
     gains = task_gains(ckpt["model"], coupling=ckpt["config"]["modulation"]["coupling"])
-    matrices = {f"couplings_{site}": c.numpy() for site, c in gains.couplings.items()}
+    matrices = {f"couplings_{site}": (c.numpy(), f"couplings at {site}", "channel")
+                for site, c in gains.couplings.items()}
     if gains.readout is not None:
-        matrices["readout_gains"] = gains.readout.numpy()
-    return ckpt, list(ckpt.get("task_names", [])), matrices
+        matrices["readout_gains"] = (gains.readout.numpy(), "readout gain per task", "decoder unit")
+    return ckpt, matrices
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, checkpoint: Checkpoint | None = None
@@ -78,37 +79,30 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, checkpoint:
     """Write the run's plots into ``out_dir`` (default its ``plots/``), from ``checkpoint`` or the one in
     its folder; returns their paths."""
     run_dir = Path(run_dir)
-    ckpt, names, matrices = _matrices(run_dir, checkpoint)
+    ckpt, matrices = _matrices(run_dir, checkpoint)
     if ckpt is None:
         return []
     out = Path(out_dir or run_dir / "plots")
     out.mkdir(parents=True, exist_ok=True)
-    figures = {"learning_curves": learning_curves(ckpt["history"])}
-    for name, matrix in matrices.items():
-        title, xlabel = (("readout gain per task", "decoder unit") if name == "readout_gains"
-                         else (f"couplings at {name.removeprefix('couplings_')}", "channel"))
-        figures[name] = heatmap(matrix, title, xlabel, "task", names)
-    written = []
+    names = list(ckpt.get("task_names", []))
+    figures = {"learning_curves": learning_curves(ckpt["history"]), **{
+        name: heatmap(matrix, title, xlabel, "task", names) for name, (matrix, title, xlabel) in matrices.items()}}
+    figures = {name: fig for name, fig in figures.items() if fig is not None}
     for name, fig in figures.items():
-        if fig is not None:
-            fig.savefig(out / f"{name}.png")
-            written.append(out / f"{name}.png")
-    return written
+        fig.savefig(out / f"{name}.png")
+    return [out / f"{name}.png" for name in figures]
 
 
 def gain_images(run_dir: str | Path, out_dir: str | Path | None = None, checkpoint: Checkpoint | None = None
                 ) -> list[Path]:
     """A search trial's plots: each gain matrix as a bare PNG, a :data:`CELL`-pixel square of viridis per
-    task (row) and channel or unit (column), the largest value brightest. A few milliseconds each, where a
-    figure with axes takes a fraction of a second of a trial's CPU."""
+    task (row) and channel or unit (column), the largest value brightest; far cheaper than a figure with axes."""
     from matplotlib.image import imsave
 
     run_dir = Path(run_dir)
-    _, _, matrices = _matrices(run_dir, checkpoint)
+    matrices = _matrices(run_dir, checkpoint)[1]
     out = Path(out_dir or run_dir / "plots")
-    written = []
-    for name, matrix in matrices.items():
+    for name, (matrix, _, _) in matrices.items():
         out.mkdir(parents=True, exist_ok=True)
         imsave(out / f"{name}.png", np.kron(np.atleast_2d(matrix), np.ones((CELL, CELL))), cmap="viridis")
-        written.append(out / f"{name}.png")
-    return written
+    return [out / f"{name}.png" for name in matrices]
