@@ -40,38 +40,33 @@ def param_importances(trials: list, min_trials: int = IMPORTANCE_MIN_TRIALS, see
         study.add_trials(done)
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
         found = optuna.importance.get_param_importances(study, evaluator=evaluator, params=varied)
+        out["params"] = {p: float(v) for p, v in sorted(found.items(), key=lambda kv: -kv[1])}
     except Exception as err:  # noqa: BLE001 - e.g. a metric equal in every trial (zero variance)
         out["note"] = f"no importances: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
-        return out
     finally:
         optuna.logging.set_verbosity(level)
-    out["params"] = {p: float(v) for p, v in sorted(found.items(), key=lambda kv: -kv[1])}
     return out
-
-
-def _study_trials(meta) -> list:
-    """Every trial of the search's Optuna study; DashboardError when it cannot be read."""
-    from comod_platform.dashboard import open_study_storage
-
-    storage, study_id = open_study_storage(meta.optuna_storage, meta.study_name, meta.name)
-    try:
-        return storage.get_all_trials(study_id, deepcopy=False)
-    finally:
-        storage.engine.dispose()
 
 
 def importances(results, metric: str | None = None, min_trials: int = IMPORTANCE_MIN_TRIALS,
                 seed: int = IMPORTANCE_SEED) -> dict:
     """The importances of the search metric per kind and, with several kinds, over all of them (the kind
     a parameter). Never raises: a study that cannot be read is a note."""
-    out: dict[str, Any] = {"metric": results.metric, "study": getattr(results.meta, "study_name", None),
+    from comod_platform.dashboard import open_study_storage
+
+    meta = results.meta
+    out: dict[str, Any] = {"metric": results.metric, "study": getattr(meta, "study_name", None),
                            "evaluator": f"fANOVA (optuna.importance.FanovaImportanceEvaluator, seed {seed})",
                            "min_trials": min_trials, "kinds": {}, "all": None, "notes": []}
     if metric is not None and metric != results.metric:
         out["notes"].append(f"Importances are of `{results.metric}`, the search metric that Optuna's study was "
                             f"told, not of `{metric}`.")
     try:
-        trials = _study_trials(results.meta)
+        storage, study_id = open_study_storage(meta.optuna_storage, meta.study_name, meta.name)
+        try:
+            trials = storage.get_all_trials(study_id, deepcopy=False)
+        finally:
+            storage.engine.dispose()
         base_kind = results.search.base_config().modulation.kind
     except Exception as err:  # noqa: BLE001 - the rest of the report stands without them
         out["notes"].append(f"The search's Optuna study cannot be read, so no importances: {err}")
