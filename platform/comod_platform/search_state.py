@@ -109,8 +109,7 @@ class SearchPaths:
             raise SearchNotFound(f"no search named {self.name!r} in {self.root.parent}{hint}")
         try:
             raw = json.loads(self.meta_file.read_text())
-            known = {f.name for f in fields(SearchMeta)}
-            meta = SearchMeta(**{k: v for k, v in raw.items() if k in known})
+            meta = SearchMeta(**{f.name: raw[f.name] for f in fields(SearchMeta) if f.name in raw})
         except (ValueError, TypeError) as err:
             raise SearchNotFound(f"the search {self.name!r} has an unreadable {self.meta_file} ({err}); restore "
                                  f"it from a backup, or run the search again under another --name") from None
@@ -139,12 +138,11 @@ class SearchPaths:
         """Raise :class:`SearchBusy` when a live driver holds the search's lock (creates nothing)."""
         if not self.lock_file.exists():
             return
-        probe = FileLock(self.lock_file)
         try:
-            probe.acquire(timeout=0)
+            with FileLock(self.lock_file, timeout=0):
+                return  # free: no live driver holds it
         except Timeout:
             raise SearchBusy(DriverLock(self, "").busy_message()) from None
-        probe.release()
 
     def lock(self, command: str) -> "DriverLock":
         """Take the search's driver lock (:class:`DriverLock`), or raise :class:`SearchBusy`."""
@@ -183,14 +181,12 @@ class DriverLock:
 
     def _holder_gone(self) -> bool:
         holder = self._holder()
-        if holder.get("host") != socket.gethostname():
-            return False
         try:
             os.kill(int(holder["pid"]), 0)
         except ProcessLookupError:
-            return True
+            return holder.get("host") == socket.gethostname()
         except (OSError, ValueError, KeyError, TypeError):
-            return False
+            pass
         return False
 
     def busy_message(self) -> str:
@@ -217,7 +213,6 @@ class DriverLock:
 
 def search_hash(settings: dict) -> str:
     """A stable hash of a search file's parsed settings (key order and formatting do not count)."""
-
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
