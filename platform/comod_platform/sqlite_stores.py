@@ -2,8 +2,9 @@
 
 While the driver writes the embedded MLflow store and the study, ``comod ui`` and ``comod search status``
 read them without waiting; with ``synchronous=NORMAL`` a killed process loses no committed write. Only
-databases inside the runs folder are switched; ``COMOD_SQLITE_WAL=0`` leaves them as they are (a network
-file system, where WAL cannot work). Until SQLite's checkpoint, ``NAME-wal`` beside a database is part of it.
+databases inside the runs folder are switched; ``COMOD_SQLITE_WAL=0`` (or ``false``, ``no``, ``off``) leaves
+them as they are (a network file system, where WAL cannot work). Until SQLite's checkpoint, ``NAME-wal``
+beside a database is part of it.
 """
 from __future__ import annotations
 
@@ -13,26 +14,17 @@ from pathlib import Path
 
 from comod_platform.paths import runs_home
 
-ENV = "COMOD_SQLITE_WAL"
-"""``0`` (or ``false``, ``no``, ``off``) keeps SQLite's default journal in the runs folder."""
-_installed = False
-
-
-def enabled() -> bool:
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
-
 
 def install() -> None:
     """Switch every new SQLAlchemy (MLflow, Optuna) SQLite connection of this process to a database inside
     the runs folder to WAL with ``synchronous=NORMAL`` (unless switched off)."""
-    global _installed
-    if _installed or not enabled():
+    if os.environ.get("COMOD_SQLITE_WAL", "1").strip().lower() in ("0", "false", "no", "off"):
         return
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
 
-    event.listen(Engine, "connect", _on_connect)
-    _installed = True
+    if not event.contains(Engine, "connect", _on_connect):
+        event.listen(Engine, "connect", _on_connect)
 
 
 def _on_connect(connection, _record) -> None:
