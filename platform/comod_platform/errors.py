@@ -17,8 +17,9 @@ class UserError(Exception):
 
 @contextmanager
 def user_errors(*kinds: type[BaseException], code: int = EXIT_FAILED):
-    """Raise errors of ``kinds`` as a :class:`UserError` with their message and exit status ``code``."""
+    """Raise errors of ``kinds`` as a :class:`UserError` with their message and exit status ``code`` (an
+    error's own ``code``, where it has one)."""
     try:
         yield
     except kinds as err:
-        raise UserError(str(err), code) from None
+        raise UserError(str(err), getattr(err, "code", code)) from None
