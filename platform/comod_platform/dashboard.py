@@ -1,32 +1,20 @@
-"""optuna-dashboard on the Optuna study of a search (``comod dashboard N``).
-
-:func:`serve` runs optuna-dashboard (the ``dashboard`` extra) on 127.0.0.1 until Ctrl-C or SIGTERM,
-which free the port; :func:`open_study_storage` opens the study that ``meta.json`` names for reading.
-"""
+"""``comod dashboard N``: optuna-dashboard (the ``dashboard`` extra) on a search's Optuna study, served on
+127.0.0.1 until Ctrl-C or SIGTERM, which free the port."""
 from __future__ import annotations
 
 import signal
 import sys
+from contextlib import suppress
 from pathlib import Path
+
+from comod_platform.credentials import redact
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
-INSTALL = "pip install 'comod[dashboard]' (in this checkout: .venv/bin/pip install optuna-dashboard)"
 
 
 class DashboardError(RuntimeError):
     """The dashboard cannot be served; the message says why and what to do."""
-
-
-def shown_url(url: str) -> str:
-    """A storage URL fit to print: the password hidden."""
-    try:
-        import sqlalchemy
-
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy parses: print it without its user part
-        head, sep, tail = url.partition("@")
-        return f"{head.split('//')[0]}//***@{tail}" if sep else url
 
 
 def _first_line(err: Exception) -> str:
@@ -34,11 +22,11 @@ def _first_line(err: Exception) -> str:
 
 
 def open_study_storage(url: str, study_name: str, search: str):
-    """(Optuna storage, study id) of the search's study; DashboardError when the database or study is not
-    there. A SQLite file that does not exist is refused rather than made."""
+    """(Optuna storage, study id) of the search's study; DashboardError when the database (never made here)
+    or the study is not there."""
     import optuna
 
-    shown = shown_url(url)
+    shown = redact(url)
     path = Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
     if path is not None and not path.is_file():
         raise DashboardError(f"search {search!r} has no Optuna database at {path}; its folder is incomplete, "
@@ -61,10 +49,6 @@ def open_study_storage(url: str, study_name: str, search: str):
         raise DashboardError(f"cannot read study {study_name!r} from {shown}: {_first_line(err)}") from None
 
 
-class _Stop(Exception):
-    """SIGTERM, raised in the main thread so the server's loop ends and its port is closed."""
-
-
 def _server(app, port: int):
     from socketserver import ThreadingMixIn
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -83,31 +67,28 @@ def _server(app, port: int):
                              f"dashboard?) uses that port: choose another with --port") from None
 
 
-def serve(name: str, port: int = DEFAULT_PORT, home: Path | None = None, out=None) -> int:
+def serve(name: str, port: int = DEFAULT_PORT) -> int:
     """Serve optuna-dashboard for search ``name`` until Ctrl-C or SIGTERM; returns 0 once stopped."""
     from comod_platform.search_state import SearchPaths
 
-    meta = SearchPaths(name, home).read_meta()
+    meta = SearchPaths(name).read_meta()
     try:
         import optuna_dashboard
     except ImportError:
-        raise DashboardError(f"comod dashboard needs optuna-dashboard, which is not installed: {INSTALL}") from None
+        raise DashboardError("comod dashboard needs optuna-dashboard, which is not installed: pip install "
+                             "'comod[dashboard]' (in this checkout: .venv/bin/pip install optuna-dashboard)") from None
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage, study_id = open_study_storage(meta.optuna_storage, meta.study_name, name)
     httpd = _server(optuna_dashboard.wsgi(storage), port)
-    print(f"Optuna dashboard of search {name} (study {meta.study_name} in {shown_url(meta.optuna_storage)}) on "
-          f"http://{HOST}:{port}/dashboard/studies/{study_id}; Ctrl-C stops it", file=out or sys.stdout, flush=True)
+    print(f"Optuna dashboard of search {name} (study {meta.study_name} in {redact(meta.optuna_storage)}) on "
+          f"http://{HOST}:{port}/dashboard/studies/{study_id}; Ctrl-C stops it", flush=True)
 
-    def stop(signum, frame):
-        raise _Stop()
-
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
     try:
-        httpd.serve_forever(poll_interval=0.25)
-    except (KeyboardInterrupt, _Stop):
-        pass
+        with suppress(KeyboardInterrupt):
+            httpd.serve_forever(poll_interval=0.25)
     finally:
         signal.signal(signal.SIGTERM, previous)
         httpd.server_close()
@@ -116,4 +97,4 @@ def serve(name: str, port: int = DEFAULT_PORT, home: Path | None = None, out=Non
     return 0
 
 
-__all__ = ["DEFAULT_PORT", "DashboardError", "HOST", "open_study_storage", "serve", "shown_url"]
+__all__ = ["DEFAULT_PORT", "DashboardError", "HOST", "open_study_storage", "serve"]
