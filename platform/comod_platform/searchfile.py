@@ -1,8 +1,8 @@
 """Search files (search_spaces/NAME.yaml): a base experiment, a space, settings (docs/guides/searches.md).
 
 ``space`` maps dotted config paths to distributions (``{type: float, low: 0.05, high: 2.0, log: true,
-when: {modulation.kind: stochastic}}``): an Optuna define-by-run space or a grid. The whole file is checked
-before any trial starts, so a broken search fails with the dotted path and the problem.
+when: {modulation.kind: stochastic}}``), sampled define-by-run or as a grid. The whole file is checked before
+any trial starts.
 """
 from __future__ import annotations
 
@@ -61,9 +61,7 @@ class Dist:
         """Values that must all pass the experiment loader: the bounds, or every choice."""
         if self.type == "categorical":
             return list(self.choices)
-        if self.type == "int":
-            return [int(self.low), int(self.high)]
-        return [self.low, self.high]
+        return [int(v) if self.type == "int" else v for v in (self.low, self.high)]
 
 
 @dataclass
@@ -149,34 +147,27 @@ class SearchFile:
 
     def epochs_per_phase(self) -> dict[str, int]:
         """The most epochs a trial can train in each phase (its base's, or the space's largest)."""
-        base = self.base_config()
         most = {}
         for phase in ("pretrain", "finetune"):
             dist = self.space.get(f"{phase}.epochs")
-            searched = [int(v) for v in dist.values_to_check()] if dist else []
-            most[phase] = max([getattr(base, phase).epochs, *searched])
+            values = [self._base_flat[f"{phase}.epochs"], *(dist.values_to_check() if dist else [])]
+            most[phase] = max(int(v) for v in values)
         return most
 
     def max_epochs(self) -> int:  # ASHA's clock
         return sum(self.epochs_per_phase().values())
 
-    def grid(self) -> dict[str, list]:
-        """Every choice (as Optuna labels) per searched path."""
-        return {path: [encode_choice(c) for c in dist.choices] if dist.type == "categorical"
-                else list(range(int(dist.low), int(dist.high) + 1, int(dist.step or 1)))
-                for path, dist in self.space.items()}
-
     def grid_points(self) -> list[dict[str, Any]]:
         """The grid's points (Optuna labels), the first path varying slowest; a conditional path only
         where its condition holds."""
         points: list[dict[str, Any]] = [{}]
-        for path, choices in self.grid().items():
+        for path, dist in self.space.items():
+            choices = ([encode_choice(c) for c in dist.choices] if dist.type == "categorical"
+                       else range(int(dist.low), int(dist.high) + 1, int(dist.step or 1)))
             grown = []
             for point in points:
-                if self.space[path].active({k: decode_choice(v) for k, v in point.items()}, self._base_flat):
-                    grown.extend({**point, path: c} for c in choices)
-                else:
-                    grown.append(point)
+                active = dist.active({k: decode_choice(v) for k, v in point.items()}, self._base_flat)
+                grown.extend([{**point, path: c} for c in choices] if active else [point])
             points = grown
         return points
 
@@ -235,11 +226,8 @@ def _did_you_mean(path: str, settable) -> str:
         return f"{path} is a section; search one of its settings: {', '.join(inside[:8])}"
     close = difflib.get_close_matches(path, names, n=1)
     if not close:
-        leaves: dict[str, str] = {}
-        for name in names:
-            leaves.setdefault(name.rsplit(".", 1)[-1], name)
-        leaf = difflib.get_close_matches(path.rsplit(".", 1)[-1], list(leaves), n=1)
-        close = [leaves[leaf[0]]] if leaf else []
+        leaves = {name.rsplit(".", 1)[-1]: name for name in reversed(names)}  # a leaf's first setting
+        close = [leaves[leaf] for leaf in difflib.get_close_matches(path.rsplit(".", 1)[-1], list(leaves), n=1)]
     hint = "settings look like modulation.noise_scale or finetune.lr.controller"
     return f"did you mean {close[0]}?" if close else hint
 
@@ -277,21 +265,19 @@ def parse_search(raw: Any, name: str) -> SearchFile:
             _check_condition(where, path, key, value, space.get(key), settable)
         space[path] = dist
     search = from_dict(SearchSettings, raw.get("search") or {}, "search")
+    sf = SearchFile(name=name, experiment=experiment, space=space, search=search)
     if search.sampler == "grid":
         for path, dist in space.items():
             check(dist.type != "float", f"space.{path}.type", dist.type,
                   "int or categorical with search.sampler: grid (a float range has no grid)")
-    sf = SearchFile(name=name, experiment=experiment, space=space, search=search)
-    if search.scheduler.type == "asha":
-        phases = sf.epochs_per_phase()
-        check(search.scheduler.grace_period <= sf.max_epochs(), "search.scheduler.grace_period",
-              search.scheduler.grace_period,
-              f"at most {sf.max_epochs()}, the epochs a trial trains (pretrain.epochs {phases['pretrain']} + "
-              f"finetune.epochs {phases['finetune']}): ASHA may stop a trial only after grace_period epochs")
-    if search.sampler == "grid":
         points = len(sf.grid_points())
         check(search.num_trials == points, "search.num_trials", search.num_trials,
               f"{points}, the number of points of the grid")
+    if search.scheduler.type == "asha":
+        phases, grace = sf.epochs_per_phase(), search.scheduler.grace_period
+        check(grace <= sf.max_epochs(), "search.scheduler.grace_period", grace,
+              f"at most {sf.max_epochs()}, the epochs a trial trains (pretrain.epochs {phases['pretrain']} + "
+              f"finetune.epochs {phases['finetune']}): ASHA may stop a trial only after grace_period epochs")
     for path, dist in space.items():
         for value in dist.values_to_check():
             try:
