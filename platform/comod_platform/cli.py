@@ -1,7 +1,6 @@
 """The ``comod`` command line: ``comod train`` (one experiment, logged to MLflow) and ``comod ui`` (the
 runs folder's MLflow UI on 127.0.0.1, telemetry off) here, the search commands in :mod:`cli_search`. Bad
-input exits non-zero with one message that names the problem and the fix (docs/guides/failures.md).
-"""
+input exits non-zero with one message that names the problem and the fix (docs/guides/failures.md)."""
 from __future__ import annotations
 
 import argparse
@@ -16,22 +15,19 @@ import sys
 from contextlib import suppress
 from pathlib import Path
 
-from comod_platform.errors import EXIT_FAILED, EXIT_USAGE, UserError, user_errors  # noqa: F401 - re-exported
+from comod_platform.errors import EXIT_FAILED, EXIT_USAGE, UserError, user_errors
 from comod_platform.paths import default_train_dir, disk_message, runs_home, unwritable
 
 
-def installed_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+def _parser() -> tuple[argparse.ArgumentParser, dict]:
+    from importlib import metadata
 
     try:
-        return version("comod")
-    except PackageNotFoundError:  # a checkout that was never installed
-        return "unknown (not installed: pip install -e .)"
-
-
-def _parser() -> tuple[argparse.ArgumentParser, dict]:
+        version = metadata.version("comod")
+    except metadata.PackageNotFoundError:  # a checkout that was never installed
+        version = "unknown (not installed: pip install -e .)"
     parser = argparse.ArgumentParser(prog="comod", description="Task adaptation by stochastic comodulation.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}",
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version}",
                         help="print comod's version (the installed package's) and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -63,8 +59,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict]:
 
 
 def main(argv: list[str] | None = None, console: bool = False) -> int:
-    """Run the command ``argv``; ``console``: this process is the command's own (the console script), not
-    a caller's that runs it in-process, so a search may go on in a session of its own (see own_session)."""
+    """Run the command ``argv``; ``console``: as the console script, whose search may fork (own_session)."""
     parser, handlers = _parser()
     args = parser.parse_args(argv)
     args.console = console
@@ -119,12 +114,12 @@ def _train(args) -> int:
     from comod.data.taskdata import DatasetNotFoundError
     from comod.train import (CHECKPOINT, TrainingError, check_same_config, load_checkpoint, run_experiment,
                              task_indices)
+    from comod_platform.plots import plot_run
     from comod_platform.progress import ProgressCallbacks
     from comod_platform.tracking import RUN_FILE, RunLogger, TrackingError, check_reachable, tracking_uri
 
     out = args.out or default_train_dir(cfg.name)
-    problem = unwritable(out, "--out" if args.out else "COMOD_HOME")
-    if problem:
+    if problem := unwritable(out, "--out" if args.out else "COMOD_HOME"):
         raise UserError(problem, EXIT_FAILED)
     saved = None
     if args.restart:
@@ -179,18 +174,12 @@ def _train(args) -> int:
             raise KeyboardInterrupt
         logger.log_metrics(metrics, step=int(metrics.get("steps", 0)), skip_logged=logger.resumed)
         logger.log_artifacts([out / "config.yaml", out / "metrics.json", out / "checkpoint.pt"])
-        from comod_platform.plots import plot_run
-
         logger.log_artifacts(plot_run(out), "plots")
         logger.finish("FINISHED")
     summary = {k: round(v, 4) for k, v in metrics.items() if k.startswith("test/mean_")}
     print(json.dumps(summary, indent=2))
     print(f"outputs in {out}; MLflow run {logger.run_id} (browse with: comod ui {shlex.quote(args.experiment)} --open)")
     return 0
-
-
-UI_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
-"""The UI server's environment: its pages send no usage events."""
 
 
 def experiment_page(name: str, uri: str) -> tuple[str, str]:
@@ -202,28 +191,21 @@ def experiment_page(name: str, uri: str) -> tuple[str, str]:
     from comod_platform.tracking import TrackingError, check_reachable, mark_experiment
 
     paths = SearchPaths(name)
-    metric = mode = None
-    try:
-        if paths.exists():
-            meta = paths.read_meta()
-            uri, experiment_id = meta.tracking_uri, meta.experiment_id
-            check_reachable(uri)
-            client = MlflowClient(tracking_uri=uri)
-            params = client.get_run(meta.parent_run_id).data.params
-            metric, mode = params.get("search.metric"), params.get("search.mode", "max")
+    with user_errors(TrackingError):
+        meta = paths.read_meta() if paths.exists() else None
+        uri = meta.tracking_uri if meta else uri
+        check_reachable(uri)
+        client = MlflowClient(tracking_uri=uri)
+        if meta:
+            experiment_id, params = meta.experiment_id, client.get_run(meta.parent_run_id).data.params
+        elif (found := client.get_experiment_by_name(name)) is not None:
+            experiment_id, params = found.experiment_id, {}
         else:
-            check_reachable(uri)
-            client = MlflowClient(tracking_uri=uri)
-            found = client.get_experiment_by_name(name)
-            if found is None:
-                known = known_searches()
-                hint = f"searches here: {', '.join(known)}" if known else "no search has been run here yet"
-                raise UserError(f"no search or MLflow experiment named {name!r} in {uri} ({hint}); "
-                                f"`comod search list` lists the searches", EXIT_FAILED)
-            experiment_id = found.experiment_id
-        mark_experiment(client, experiment_id, metric, mode or "max")
-    except TrackingError as err:
-        raise UserError(str(err), EXIT_FAILED) from None
+            known = known_searches()
+            hint = f"searches here: {', '.join(known)}" if known else "no search has been run here yet"
+            raise UserError(f"no search or MLflow experiment named {name!r} in {uri} ({hint}); "
+                            f"`comod search list` lists the searches", EXIT_FAILED)
+        mark_experiment(client, experiment_id, params.get("search.metric"), params.get("search.mode") or "max")
     return uri, experiment_id
 
 
@@ -256,25 +238,30 @@ def cmd_ui(args) -> int:
     from comod_platform.tracking import UI_MODE, artifact_root, runs_url, tracking_uri
 
     uri, experiment_id = experiment_page(args.name, tracking_uri()) if args.name else (tracking_uri(), None)
-    if uri.startswith(("http://", "https://")):
-        page = runs_url(uri, experiment_id) if experiment_id else f"{uri.rstrip('/')}/#/experiments?{UI_MODE}"
+    server = uri.startswith(("http://", "https://"))
+    base = uri.rstrip("/") if server else f"http://127.0.0.1:{args.port}"
+    page = runs_url(base, experiment_id) if experiment_id else f"{base}/#/experiments?{UI_MODE}"
+    if server:
         print(f"MLFLOW_TRACKING_URI points at a server; its UI is {uri}")
         _show(page, args.name, args.open)
         return 0
-    base = f"http://127.0.0.1:{args.port}"
     # one worker: a local single-user UI (MLflow's default of 4 takes a minute to start on 2 cores)
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(args.port),
                "--workers", "1", "--backend-store-uri", uri]
-    root = artifact_root()
-    if root:
+    if root := artifact_root():
         command += ["--default-artifact-root", root]
-    log, output = (None, None) if args.verbose else _server_log(runs_home() / "ui.log")
+    log = None if args.verbose else runs_home() / "ui.log"
+    try:
+        output = open(log, "w") if log else None
+    except OSError:  # an unwritable runs folder: no log
+        log, output = None, subprocess.DEVNULL
     shown = "" if log is None else f"; its log: {log}"
     print(f"MLflow UI of {uri} on {base} (runs folder {runs_home()}{shown}); Ctrl-C stops it", flush=True)
     # in a session of its own: the server and the uvicorn workers it starts are one process group, which
     # _stop ends as a whole when this command ends (Ctrl-C, SIGTERM, or the server's own exit)
     try:
-        env = {**os.environ, **UI_ENV, **({"PYTHONUNBUFFERED": "1"} if log is not None else {})}  # a live log
+        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",  # no usage events
+               **({"PYTHONUNBUFFERED": "1"} if log is not None else {})}  # a live log
         proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=output,
                                 stderr=subprocess.STDOUT if output is not None else None)
     finally:
@@ -283,7 +270,6 @@ def cmd_ui(args) -> int:
 
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
     try:
-        page = runs_url(base, experiment_id) if experiment_id else f"{base}/#/experiments?{UI_MODE}"
         serving = _wait_until_serving(base, proc)
         if serving:
             _show(page, args.name, args.open)
@@ -302,14 +288,6 @@ def cmd_ui(args) -> int:
         _stop(proc)
 
 
-def _server_log(path: Path):
-    """(log file, server's stdout): ``path``, or no log and DEVNULL where it is unwritable."""
-    try:
-        return path, open(path, "w")
-    except OSError:
-        return None, subprocess.DEVNULL
-
-
 def _server_error(log: Path) -> str:
     """The server's last ERROR line (else its last line), without the time stamp, and where its log is."""
     try:
@@ -317,8 +295,7 @@ def _server_error(log: Path) -> str:
     except OSError:
         lines = []
     errors = [line for line in lines if "ERROR" in line or "Error" in line]
-    last = (errors or lines or ["no output"])[-1]
-    last = last.split("ERROR:", 1)[-1].strip() if "ERROR:" in last else last
+    last = (errors or lines or ["no output"])[-1].split("ERROR:", 1)[-1].strip()
     return f"{last[:300]} (its log: {log})"
 
 
@@ -335,8 +312,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def run() -> None:
-    """The console script: :func:`main`, Ray shut down and the output flushed, then an exit that skips the
-    interpreter's teardown (unloading torch, Ray and MLflow takes seconds)."""
+    """The console script: :func:`main`, then an exit that skips the interpreter's slow teardown."""
     code = main(console=True)
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
