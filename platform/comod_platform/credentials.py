@@ -1,9 +1,6 @@
-"""Credentials are passed by reference and never written, printed or shipped in clear.
-
-A URL's password (``postgresql://USER:PASSWORD@HOST/DB``) is kept only redacted (``USER:***@``), in a
-search's ``meta.json`` and in every message, and taken back from the environment that has it
-(``COMOD_OPTUNA_STORAGE``, ``MLFLOW_TRACKING_URI``) when a command connects. Secret-bearing variables
-(:func:`is_secret`) never go into a Ray job's runtime environment, which Ray's dashboard shows.
+"""Credentials never written, printed or shipped in clear: a URL's password is kept only redacted
+(``USER:***@``), in ``meta.json`` and messages, and taken back from the environment (:func:`restore`) to
+connect; secrets (:func:`is_secret`) never go into a Ray job's runtime environment, which Ray's dashboard shows.
 """
 from __future__ import annotations
 
@@ -26,19 +23,10 @@ def redact_all(text: str) -> str:
     return re.sub(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"]+", lambda m: redact(m[0]), str(text))
 
 
-def is_redacted(url: str) -> bool:
-    return redact(url) == url and f":{MASK}@" in url
-
-
 def restore(url: str, *candidates: str | None) -> str:
     """``url`` as recorded (maybe redacted), with its password from the first candidate (a URL from the
     environment) whose redacted form is the same; ``url`` itself when none matches."""
-    if not is_redacted(url):
-        return url
-    for candidate in candidates:
-        if candidate and redact(candidate) == url:
-            return candidate
-    return url
+    return next((candidate for candidate in candidates if candidate and redact(candidate) == url), url)
 
 
 def is_secret(key: str, value: str = "") -> bool:
