@@ -1,10 +1,6 @@
-"""A trial's time limits: ``search.trial_timeout_s`` (its whole run) and ``search.stall_timeout_s`` (no
-step, no report, no word from the pretraining cache's wait).
-
-Past a limit a thread of the trial's process raises :class:`TrialTimeout` in the trial's thread, which
-reports it as its recorded end, so Ray does not retry it. A trial stuck in native code is ended with its
-worker process ``grace_s`` later, and Ray records it as failed.
-"""
+"""A trial's ``search.trial_timeout_s`` and ``search.stall_timeout_s``: past one, :class:`TrialTimeout` is
+raised in the trial's thread, which reports it as its recorded end (not retried); a trial stuck in native
+code is ended with its worker process ``grace_s`` later, and Ray records it as failed."""
 from __future__ import annotations
 
 import ctypes
@@ -24,9 +20,7 @@ class Watchdog:
         self.total, self.stall, self.grace, self.poll = trial_timeout_s, stall_timeout_s, grace_s, poll_s
         self.started = self.last = time.monotonic()
         self.reason: str | None = None
-        self._target = threading.get_ident()
         self._done = threading.Event()
-        self._thread: threading.Thread | None = None
 
     @property
     def active(self) -> bool:
@@ -37,10 +31,9 @@ class Watchdog:
         self.last = time.monotonic()
 
     def __enter__(self) -> "Watchdog":
-        if self.active:
-            self._target = threading.get_ident()  # the thread that runs the trial
-            self._thread = threading.Thread(target=self._watch, name="comod-watchdog", daemon=True)
-            self._thread.start()
+        if self.active:  # watching the thread that runs the trial
+            threading.Thread(target=self._watch, args=(threading.get_ident(),), name="comod-watchdog",
+                             daemon=True).start()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -55,15 +48,14 @@ class Watchdog:
                     f"search.stall_timeout_s ({self.stall:g})")
         return None
 
-    def _watch(self) -> None:
-        while not self._done.wait(self.poll):
-            reason = self._overdue()
-            if reason is None:
-                continue
-            self.reason = reason
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._target), ctypes.py_object(TrialTimeout))
-            if self._done.wait(self.grace):
+    def _watch(self, target: int) -> None:
+        while (reason := self._overdue()) is None:
+            if self._done.wait(self.poll):
                 return
-            print(f"comod: trial {reason}; it did not stop within {self.grace:g} s (stuck in native code): "
-                  f"ending its worker", file=sys.stderr, flush=True)
-            os._exit(1)
+        self.reason = reason
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(target), ctypes.py_object(TrialTimeout))
+        if self._done.wait(self.grace):
+            return
+        print(f"comod: trial {reason}; it did not stop within {self.grace:g} s (stuck in native code): "
+              f"ending its worker", file=sys.stderr, flush=True)
+        os._exit(1)
