@@ -1,11 +1,7 @@
-"""Ctrl-C and SIGTERM in a search's driver: a clean stop first, an immediate one on a second signal.
-
-The first SIGINT or SIGTERM asks Ray Tune to end its loop as its own SIGUSR1 does: the trials stop, the
-state is saved, unfinished trials' runs end as interrupted, and the driver exits 130 (SIGINT) or 143
-(SIGTERM) with the command that continues the search. A second signal ends the process at once.
-Ray Tune's SIGINT handler is off (``TUNE_DISABLE_SIGINT_HANDLER``) so that both signals take this path;
-installed after ``ray.init``, these Python handlers keep Ray's native fatal-signal handler out of it.
-"""
+"""Ctrl-C and SIGTERM in a search's driver: the first ends Ray Tune's loop as its own SIGUSR1 does, a second
+ends the process at once (docs/architecture.md, "Stops, limits and refusals"). Ray Tune's SIGINT handler is
+off (``TUNE_DISABLE_SIGINT_HANDLER``) so that both signals take this path; installed after ``ray.init``,
+these Python handlers keep Ray's native fatal-signal handler out of it."""
 from __future__ import annotations
 
 import os
@@ -26,14 +22,14 @@ def requested() -> int | None:
 
 class StopOnSignal:
     """While active (a ``with`` block in the main thread), SIGINT and SIGTERM stop the search cleanly
-    once (``on_first``: what to tell the user) and at once the second time."""
+    once and at once the second time."""
 
-    def __init__(self, name: str, stream=None):
-        self.name, self.stream = name, stream
+    def __init__(self, name: str):
+        self.name = name
         self._previous: dict[int, object] = {}
 
     def _say(self, text: str) -> None:
-        print(f"comod: {text}", file=self.stream or sys.stderr, flush=True)
+        print(f"comod: {text}", file=sys.stderr, flush=True)
 
     def _handle(self, signum: int, frame) -> None:
         if _requested:

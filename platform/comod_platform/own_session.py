@@ -1,10 +1,6 @@
-"""A local search's driver, and the Ray it starts, in a process session of their own.
-
-Slurm, ``systemctl stop``, ``kill -- -PGID``, GNU ``timeout`` and Ray's job stop signal a job's whole
-group, which would kill a local Ray under the search before it could stop cleanly. :func:`enter` forks
-once, before Ray, torch or MLflow load: the child calls ``setsid`` and goes on as the driver; the parent
-stays in the caller's group, passes SIGINT and SIGTERM (SIGHUP as SIGTERM) on, and exits with the driver's
-status. The driver dies with the parent (``PR_SET_PDEATHSIG``), so a SIGKILL still ends everything.
+"""A local search's driver, and the Ray it starts, in a process session of their own: Slurm, ``timeout``,
+``kill -- -PGID`` and Ray's job stop signal a whole group, which would kill a local Ray before the search
+could stop cleanly (docs/architecture.md, "Stops, limits and refusals").
 """
 from __future__ import annotations
 
@@ -30,16 +26,13 @@ def driver_pid() -> int:
     return parent_pid or os.getpid()
 
 
-def possible() -> bool:
-    """Linux (for ``prctl``), and no thread yet (a fork copies only the calling thread)."""
-    return sys.platform.startswith("linux") and threading.active_count() == 1
-
-
 def enter() -> None:
-    """Go on as the driver in a new session, this process forwarding signals to it (where :func:`possible`)."""
+    """Fork before Ray, torch or MLflow load: the child goes on as the driver in a new session and dies with
+    this process (``PR_SET_PDEATHSIG``), which passes SIGINT and SIGTERM (SIGHUP as SIGTERM) on and exits
+    with the driver's status. Only on Linux (``prctl``) and with no thread yet (a fork copies only one)."""
     global parent_pid
 
-    if not possible():
+    if not sys.platform.startswith("linux") or threading.active_count() > 1:
         return
     sys.stdout.flush()
     sys.stderr.flush()
@@ -51,8 +44,7 @@ def enter() -> None:
     if child == 0:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
         os.setsid()
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG: a SIGKILL of the parent ends the driver too
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG: a SIGKILL of the parent ends it too
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(137)
         parent_pid = parent
