@@ -1,8 +1,5 @@
-"""Names shared by the search runner, tracking, export and compare (docs/guides/tracking.md).
-
-One MLflow experiment per search (``search/NAME``), a parent run, a child run per trial; params are the
-flattened config (values as JSON text), metrics are logged per epoch at the global optimisation step.
-"""
+"""Names shared by the search runner, the trials, tracking, export and compare, and the helpers that read
+them (the MLflow conventions: docs/guides/tracking.md)."""
 from __future__ import annotations
 
 import json
@@ -56,8 +53,7 @@ PROTOCOL_KEYS = frozenset({FINAL_FLAG, DIVERGED_FLAG, REASON, NODE, GPUS, CURVE,
 
 
 def pack_report(row: dict, metric: str) -> dict:
-    """A trial's report as it goes to Ray Tune: the protocol's keys and ``metric`` as they are, the rest as
-    :data:`METRICS` text."""
+    """A trial's report to Ray Tune: the protocol's keys and ``metric`` as they are, the rest as :data:`METRICS`."""
     kept = {k: v for k, v in row.items() if k in PROTOCOL_KEYS or k == metric}
     rest = {k: v for k, v in row.items() if k not in kept}
     if rest:
@@ -92,7 +88,6 @@ def param_value(text: str) -> Any:
 
 
 def better(a: float, b: float, mode: str) -> bool:
-    """Whether ``a`` beats ``b`` for a metric of ``mode`` (``max`` or ``min``)."""
     return a > b if mode == "max" else a < b
 
 
@@ -102,17 +97,14 @@ def sort_key(value: float, mode: str) -> float:
 
 
 def best_of(values, mode: str, key=None):
-    """The best of ``values`` (by ``key``) for ``mode``: the first of them on a tie, as ``max``/``min``."""
     return (max if mode == "max" else min)(values, key=key)
 
 
 def reaches(value: float, target: float, mode: str) -> bool:
-    """Whether ``value`` is at least as good as ``target`` for ``mode`` (>= for max, <= for min)."""
     return value >= target if mode == "max" else value <= target
 
 
 def direction(mode: str) -> str:
-    """Optuna's study direction for a metric of ``mode``: ``maximize`` or ``minimize``."""
     return "maximize" if mode == "max" else "minimize"
 
 

@@ -1,9 +1,5 @@
-"""Where the embedded default keeps everything: one local runs folder.
-
-``$COMOD_HOME`` if set, else ``./comod-runs``. It holds the MLflow SQLite
-store (``mlflow.db``) and artifact folder (``artifacts/``), the searches
-(``searches/NAME/``) and training outputs (``train/NAME-TIME/``).
-"""
+"""The runs folder, ``$COMOD_HOME`` if set, else ``./comod-runs`` (its layout: docs/architecture.md), and
+one-line messages for a folder that cannot be written."""
 from __future__ import annotations
 
 import errno

@@ -9,9 +9,9 @@ from comod.train import Callbacks
 
 
 class ProgressCallbacks(Callbacks):
-    """A tqdm bar per phase; each epoch's metrics to the run logger (if any) and one line to the terminal."""
+    """A tqdm bar per phase; each epoch's metrics to the run logger and one line to the terminal."""
 
-    def __init__(self, logger=None, enabled: bool = True):
+    def __init__(self, logger, enabled: bool = True):
         super().__init__(on_epoch=self._epoch, on_step=self._step, on_phase=self._phase, on_eval=self._eval)
         self.logger, self.enabled = logger, enabled and sys.stderr.isatty()
         self.bar: tqdm | None = None
@@ -25,22 +25,19 @@ class ProgressCallbacks(Callbacks):
             print(f"{phase}: resuming after epoch {first_epoch}/{epochs}", file=sys.stderr)
 
     def _step(self, phase: str, step: int, steps: int) -> None:
-        if not self.enabled:
-            return
-        if self.bar is None:
-            self.bar = tqdm(total=steps, desc=phase, unit="step", leave=False, dynamic_ncols=True)
-        self.bar.update(1)
+        if self.enabled:
+            if self.bar is None:
+                self.bar = tqdm(total=steps, desc=phase, unit="step", leave=False, dynamic_ncols=True)
+            self.bar.update(1)
 
     def _epoch(self, phase: str, epoch: int, step: int, metrics: dict) -> None:
         self.close()
-        if self.logger is not None:
-            self.logger.log_metrics(metrics, step)
+        self.logger.log_metrics(metrics, step)
         shown = ", ".join(f"{k.split('/')[-1]}={v:.4f}" for k, v in metrics.items())
         print(f"{phase} epoch {epoch}/{self.epochs}: {shown}", file=sys.stderr)
 
     def _eval(self, phase: str, step: int, metrics: dict) -> None:
-        if self.logger is not None:  # a learning-curve point: to MLflow only, the bar goes on
-            self.logger.log_metrics(metrics, step)
+        self.logger.log_metrics(metrics, step)  # a learning-curve point: to MLflow only, the bar goes on
 
     def close(self) -> None:
         if self.bar is not None:
