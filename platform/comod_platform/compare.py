@@ -218,28 +218,25 @@ def build_report(name: str, trials: list[TrialRecord], metric: str, mode: str, r
     return report
 
 
-def _families(r: dict) -> dict[str, list[tuple[str, dict]]]:
-    """The report's paired comparisons by Holm family, labelled, each as its unit entry (``by_seed`` or it)."""
-    metric, e = r["metric"], r.get("efficiency") or {}
-    out = {"conditions": [(f"`{metric}` {p['a']} - {p['b']}", p) for p in r["paired"].values()]}
-    out.update({f"test metrics: {k}": [(f"`{k}` {p['a']} - {p['b']}", p) for p in ps.values()]
-                for k, ps in r["paired_metrics"].items() if k != metric})
-    out["settings"] = [(f"`{k}` stochastic - deterministic at {path}={row['value']}", p)
-                       for path, rows in r["by_setting"].items() for row in rows for k, p in row["paired"].items()]
-    out["settings"] += [(f"`{k}` stochastic - deterministic at noise scale {row['noise_scale']}", p)
-                        for row in r["by_noise_scale"] for k, p in row.items() if isinstance(p, dict)]
-    out["efficiency"] = [(f"AUC of `{e['curve_key']}` {p['a']} - {p['b']}", p)
-                         for p in (e.get("auc") or {}).get("paired", {}).values()]
-    out["efficiency"] += [(f"steps to {f} of deterministic's final {p['a']} - {p['b']}", p)
-                          for f, st in (e.get("steps_to_fraction") or {}).items() for p in st["paired"].values()]
-    return {name: [(label, p.get("by_seed") or p) for label, p in items] for name, items in out.items()}
-
-
 def apply_holm(r: dict) -> dict:
-    """Sets ``p_holm`` on each unit entry of report ``r``, Holm within each family; returns the families."""
+    """Sets ``p_holm`` on each unit entry (``by_seed``, else the entry itself) of report ``r``'s paired
+    comparisons, Holm within each family; returns the families."""
+    metric, e = r["metric"], r["efficiency"]
+    found = {"conditions": [(f"`{metric}` {p['a']} - {p['b']}", p) for p in r["paired"].values()]}
+    found.update({f"test metrics: {k}": [(f"`{k}` {p['a']} - {p['b']}", p) for p in ps.values()]
+                  for k, ps in r["paired_metrics"].items() if k != metric})
+    found["settings"] = [(f"`{k}` stochastic - deterministic at {path}={row['value']}", p)
+                         for path, rows in r["by_setting"].items() for row in rows for k, p in row["paired"].items()]
+    found["settings"] += [(f"`{k}` stochastic - deterministic at noise scale {row['noise_scale']}", p)
+                          for row in r["by_noise_scale"] for k, p in row.items() if isinstance(p, dict)]
+    found["efficiency"] = [(f"AUC of `{e['curve_key']}` {p['a']} - {p['b']}", p)
+                           for p in (e["auc"] or {"paired": {}})["paired"].values()]
+    found["efficiency"] += [(f"steps to {f} of deterministic's final {p['a']} - {p['b']}", p)
+                            for f, st in (e["steps_to_fraction"] or {}).items() for p in st["paired"].values()]
     families = {}
-    for name, items in _families(r).items():
-        family = [(label, u) for label, u in items if u["n"] >= 2 and u["p_sign_flip"] is not None]
+    for name, items in found.items():
+        family = [(label, u) for label, p in items for u in [p.get("by_seed") or p]
+                  if u["n"] >= 2 and u["p_sign_flip"] is not None]
         for (_, u), adjusted in zip(family, holm([u["p_sign_flip"] for _, u in family])):
             u["p_holm"] = adjusted
         families[name] = {"m": len(family), "members": [label for label, _ in family]}
