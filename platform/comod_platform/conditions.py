@@ -121,8 +121,6 @@ def varied_settings(trials: list[TrialRecord]) -> list[str]:
 
 def show(value: Any) -> str:
     """A setting's value as text: floats to 3 significant digits."""
-    if value is None:
-        return "null"
     if isinstance(value, float):
         return f"{value:.3g}"
     return value if isinstance(value, str) else json.dumps(value)
