@@ -12,6 +12,7 @@ import math
 import os
 import sys
 from collections import Counter
+from contextlib import suppress
 from pathlib import Path
 
 from ray.tune import Callback
@@ -29,11 +30,8 @@ _KEPT = ("runs", "trials_root", "metric", "mode", "keep_checkpoints")
 
 def _error_line(trial) -> str:
     path = getattr(trial, "error_file", None)
-    try:
-        if path and Path(path).exists():
-            return Path(path).read_text().strip().splitlines()[-1][:500]
-    except OSError:
-        pass
+    with suppress(OSError, IndexError):  # none, or empty
+        return Path(path).read_text().strip().splitlines()[-1][:500] if path else ""
     return ""
 
 
@@ -93,11 +91,10 @@ class MlflowTrialCallback(Callback):
                     self.runs.queue_metrics(trial, point, int(step))
                     self._curve_step[trial.trial_id] = done = step
         final = result.get(FINAL_FLAG)
-        metrics = numeric_metrics(result)
         if final:
             self._consider_best(trials, trial, result)
-        else:  # per-epoch aliases repeat pretrain/val/..., finetune/val/...
-            metrics = {k: v for k, v in metrics.items() if not k.startswith("val/")}
+        # an epoch's aliases (val/...) repeat its pretrain/val/... or finetune/val/...
+        metrics = {k: v for k, v in numeric_metrics(result).items() if final or not k.startswith("val/")}
         step = int(result.get(STEP, result.get("training_iteration", 0)))
         self.runs.queue_metrics(trial, metrics, step, per_epoch=not final and not result.get(DIVERGED_FLAG))
         # the report's bookkeeping, as tags with its metrics (the step is theirs already)
@@ -119,8 +116,7 @@ class MlflowTrialCallback(Callback):
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         # restarted from its last checkpoint (Ray's FailureConfig); the run goes on
-        retries = getattr(trial.run_metadata, "num_failures", None)
-        self.runs.queue_tags(trial, {TAG_RETRIES: str(retries if retries is not None else "?"),
+        self.runs.queue_tags(trial, {TAG_RETRIES: str(getattr(trial.run_metadata, "num_failures", "?")),
                                      TAG_ERROR: f"restarted after: {_error_line(trial)}"}, now=True)
 
     def on_experiment_end(self, trials, **info):
