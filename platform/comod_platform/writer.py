@@ -1,4 +1,4 @@
-"""Writes to a store (MLflow, the Optuna study's database) that outlast its outages.
+"""Writes to a store (MLflow) that outlast its outages.
 
 :class:`Writer` runs calls in order on a thread of its own, so the scheduling loop never waits on a
 store; :func:`retry_call` and :class:`RetryingClient` retry writes made in place. A passing failure
@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import weakref
+from collections import Counter
 
 log = logging.getLogger(__name__)
 _WRITERS: "weakref.WeakSet[Writer]" = weakref.WeakSet()
@@ -130,15 +131,12 @@ class Writer:
 def usage(since: dict[str, dict] | None = None) -> dict[str, dict]:
     """What this process's writers cost, by thread name: ``{name: {"calls": n, "cpu_s": s}}``; with
     ``since`` (an earlier ``usage()``), only what came after it."""
-    total: dict[str, dict] = {}
-    for writer in list(_WRITERS):
-        entry = total.setdefault(writer.thread.name, {"calls": 0, "cpu_s": 0.0})
-        entry["calls"] += writer.calls
-        entry["cpu_s"] += writer.cpu_s
-    before = since or {}
-    return {name: {"calls": entry["calls"] - before.get(name, {}).get("calls", 0),
-                   "cpu_s": round(entry["cpu_s"] - before.get(name, {}).get("cpu_s", 0.0), 3)}
-            for name, entry in total.items() if entry["calls"] > before.get(name, {}).get("calls", 0)}
+    total: dict[str, Counter] = {}
+    for writer in list(_WRITERS):  # each name's count starts at minus its count ``since``
+        earlier = (since or {}).get(writer.thread.name, {})
+        entry = total.setdefault(writer.thread.name, Counter({k: -v for k, v in earlier.items()}))
+        entry.update(calls=writer.calls, cpu_s=writer.cpu_s)
+    return {name: {"calls": e["calls"], "cpu_s": round(e["cpu_s"], 3)} for name, e in total.items() if e["calls"] > 0}
 
 
 def retry_call(fn, *args, timeout: float | None = None, **kwargs):
