@@ -32,7 +32,7 @@ class ExportError(RuntimeError):
 def _arrow_type(tp: Any):
     import pyarrow as pa
 
-    tp, _ = unwrap_optional(tp)
+    tp = unwrap_optional(tp)
     if typing.get_origin(tp) is list:
         return pa.list_(_arrow_type(typing.get_args(tp)[0]))
     if typing.get_origin(tp) is Literal:
@@ -98,11 +98,8 @@ def export_trials(name: str, out: str | Path, home: Path | None = None, log_arti
     return out
 
 
-def _with(cfg, overrides: list[str] | None = None, seed: int | None = None):
-    raw = apply_overrides(config_to_dict(cfg), list(overrides or []))
-    if seed is not None:
-        raw["seed"] = int(seed)
-    return parse_config(raw, "exported config")
+def _with(cfg, overrides: list[str]):
+    return parse_config(apply_overrides(config_to_dict(cfg), overrides), "exported config")
 
 
 def _distinct(ranked: list[TrialRecord], k: int) -> list[TrialRecord]:
@@ -147,6 +144,7 @@ def export_best(name: str, out: str | Path, top_k: int = 1, reeval_seeds: list[i
     if not candidates:
         raise ExportError(f"search {name!r}: no completed trial's params load as a config with this version "
                           f"of comod ({ranked[0].config_error})")
+    overrides = list(overrides or [])
     try:
         _with(candidates[0].config, overrides)
     except ConfigError as err:
@@ -168,7 +166,7 @@ def export_best(name: str, out: str | Path, top_k: int = 1, reeval_seeds: list[i
     seed_files = []
     for s in seeds or []:
         path = out.with_name(f"{out.stem}-seed{int(s)}{out.suffix or '.yaml'}")
-        _write_yaml(_with(chosen.config, overrides, seed=int(s)), path, [*header, f"seed: {int(s)}"])
+        _write_yaml(_with(chosen.config, [*overrides, f"seed={int(s)}"]), path, [*header, f"seed: {int(s)}"])
         seed_files.append(str(path))
     if log_artifact and reeval:
         log_to_parent(results, [reeval["report"]["md"], reeval["report"]["json"]], ARTIFACT_PATH)
@@ -188,7 +186,7 @@ def _reevaluate(results: SearchResults, candidates: list[TrialRecord], seeds: li
     for trial in candidates:
         runs = []
         for seed in seeds:
-            cfg = _with(trial.config, seed=seed)
+            cfg = _with(trial.config, [f"seed={seed}"])
             key = json.dumps(config_to_dict(cfg.data), sort_keys=True)
             if key not in data_cache:
                 data_cache = {key: load_data(cfg)}  # keep one dataset in memory
@@ -236,6 +234,3 @@ def _write_report(results: SearchResults, reeval: dict, out: Path) -> dict:
     md_path.write_text("\n".join(lines) + "\n")
     json_path.write_text(json.dumps({"search": results.name, **reeval}, indent=2))
     return {"md": str(md_path), "json": str(json_path)}
-
-
-__all__ = ["ExportError", "trials_table", "export_trials", "export_best"]

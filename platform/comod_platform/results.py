@@ -22,8 +22,8 @@ from typing import Any, Literal, Union
 import yaml
 
 from comod.config import ConfigError, ExperimentConfig, flatten, parse_config, set_path
-from comod.names import KINDS
-from comod_platform.conventions import (COMPLETED, EPOCH, STATES, TAG_EPOCHS, TAG_ERROR, TAG_KIND, TAG_PARENT,
+from comod.names import KINDS  # noqa: F401 - compare's
+from comod_platform.conventions import (COMPLETED, STATES, TAG_EPOCHS, TAG_ERROR, TAG_KIND, TAG_PARENT,
                                         TAG_REPORTS, TAG_ROLE, TAG_STOPPED_EPOCH, TAG_TRIAL_ID, WALL, best_of,
                                         param_value, recorded_state, sort_key)
 from comod_platform.search_state import SearchMeta, SearchPaths
@@ -41,13 +41,10 @@ class ResultsError(RuntimeError):
     """A search's results cannot be read; the message says why."""
 
 
-def unwrap_optional(tp: Any) -> tuple[Any, bool]:
-    """``X | None`` -> (X, True); anything else -> (tp, False)."""
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], len(args) < len(typing.get_args(tp))
-    return tp, False
+def unwrap_optional(tp: Any) -> Any:
+    """``X | None`` -> X; anything else as it is."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if typing.get_origin(tp) in (Union, types.UnionType) and len(args) == 1 else tp
 
 
 @lru_cache(maxsize=1)
@@ -66,7 +63,7 @@ def typed_param(path: str, text: str) -> Any:
     """One MLflow param back to its value. YAML reads ``yes``, ``no``, ``on``, ``123`` as bool/int, so a
     setting that takes a string keeps the text."""
     value = param_value(text)
-    tp, _ = unwrap_optional(config_fields().get(path))
+    tp = unwrap_optional(config_fields().get(path))
     takes_str = tp is str or (typing.get_origin(tp) is Literal and any(isinstance(a, str) for a in typing.get_args(tp)))
     return text if takes_str and isinstance(value, (bool, int, float)) else value
 
@@ -162,8 +159,7 @@ def load_results(name: str, home: Path | None = None) -> SearchResults:
     try:
         runs, page = [], None
         while page is None or page.token:
-            page = client.search_runs([meta.experiment_id], filter_string=query, max_results=1000,
-                                      page_token=page and page.token)
+            page = client.search_runs([meta.experiment_id], query, max_results=1000, page_token=page and page.token)
             runs.extend(page)
         trials = [_record(client, run, sf.search.metric, sf.search.mode, paths) for run in runs]
     except MlflowException as err:
@@ -224,11 +220,10 @@ def _record(client, run, metric: str, mode: str, paths: SearchPaths) -> TrialRec
     trial_id = tags.get(TAG_TRIAL_ID, run_id)
     cfg, flat, config_error = config_from_params(dict(run.data.params))
     state = recorded_state(tags, metrics)
-    completed = state == COMPLETED
     final: dict[str, float] = {}
     curves: dict[str, list[tuple[int, float]]] = {}
     tuned, pretrained = history(f"finetune/{metric}"), history(f"pretrain/{metric}")
-    if completed:
+    if state == COMPLETED:
         final = {k: float(v) for k, v in metrics.items() if not _PER_EPOCH.search(k)}
         for k, v in _saved_metrics(paths.trial_dir(trial_id) / "metrics.json").items():
             final.setdefault(k, v)  # fills what the run lacks (e.g. wall_seconds); MLflow's values win
@@ -240,21 +235,13 @@ def _record(client, run, metric: str, mode: str, paths: SearchPaths) -> TrialRec
             curves[f"pretrain/{metric}"] = [(s, v) for s, v in _by_step(pretrained) if not math.isnan(v)]
     series = [m.value for m in pretrained + tuned] or ([m.value for m in history(metric)] if metric in metrics else [])
     series = [v for v in series if not math.isnan(v)]
-    if TAG_EPOCHS in tags:
-        epochs, reports = _int(tags[TAG_EPOCHS]), _int(tags.get(TAG_REPORTS)) or 0
-    else:  # a store written when the epoch was a metric
-        seen = history(EPOCH)
-        epochs, reports = int(max(m.value for m in seen)) if seen else None, len(seen)
     wall = final.get(WALL)
     if wall is None and run.info.end_time and run.info.start_time:
         wall = (run.info.end_time - run.info.start_time) / 1000.0
     return TrialRecord(trial_id=trial_id, run_id=run_id, state=state,
                        kind=tags.get(TAG_KIND) or (flat.get("modulation.kind") if flat else None),
                        stopped_epoch=_int(tags.get(TAG_STOPPED_EPOCH)), config=cfg, flat=flat, final=final,
-                       best=best_of(series, mode) if series else None, epochs=epochs, reports=reports,
+                       best=best_of(series, mode) if series else None, epochs=_int(tags.get(TAG_EPOCHS)),
+                       reports=_int(tags.get(TAG_REPORTS)) or 0,
                        wall_seconds=wall, start_time=(run.info.start_time or 0) / 1000.0,
                        error=tags.get(TAG_ERROR), config_error=config_error, curves=curves)
-
-
-__all__ = ["KINDS", "CURVE_METRICS", "ResultsError", "TrialRecord", "SearchResults", "load_results", "log_to_parent",
-           "fine_tuning_curve", "config_fields", "config_from_params", "typed_param", "unwrap_optional", "guess_mode"]
