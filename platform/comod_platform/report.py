@@ -103,18 +103,16 @@ def markdown(r: dict, images: list[str]) -> str:
               "averaged. Difference = first minus second condition; stochastic - deterministic is the headline, "
               "stochastic - stochastic[shuffled] the control (a stochastic edge the shuffled readout shares is not "
               "comodulation).", "",
-              f"n: matched groups. Where groups fine-tune one pretrained network (the same seed, data, model and "
-              f"pretraining settings, e.g. the K arms of a seed) a second row, \"by seed\", averages them per seed: "
-              f"the seed is the unit to read, and the one Holm adjusts. **t 95% CI**: Student t interval of the mean "
-              f"difference. Bootstrap: seeded percentile bootstrap (scipy.stats.bootstrap, {r['resamples']} "
-              f"resamples, seed {r['bootstrap_seed']}), too narrow with few pairs. Sign-flip p: two-sided, every one "
-              f"of the 2^n sign flips enumerated up to n = {r['exact_max_n']} (so with n pairs it cannot go below "
-              f"2/2^n: 0.0625 for 5), {r['resamples']} random flips beyond (scipy.stats.permutation_test). Holm p: "
-              f"Holm's step-down adjustment within the table's family (here the "
-              f"{r['holm']['families']['conditions']['m']} comparisons of the search metric; each test metric, the "
-              f"per-setting table and the efficiency tables are families of their own). Seeds for ±0.005: the "
-              f"smallest n with t(0.975, n-1) x sd / sqrt(n) <= {r['half_width']} at the observed spread of the "
-              f"differences.", ""]
+              "n: matched groups. Where groups fine-tune one pretrained network (same seed, data, model and "
+              "pretraining settings, e.g. a seed's K arms) a second row, \"by seed\", averages them per seed: the "
+              "unit to read, and the one Holm adjusts. **t 95% CI**: Student t interval of the mean difference. "
+              f"Bootstrap: seeded percentile bootstrap (scipy.stats.bootstrap, {r['resamples']} resamples, seed "
+              f"{r['bootstrap_seed']}), too narrow with few pairs. Sign-flip p: two-sided, all 2^n sign flips up to n "
+              f"= {r['exact_max_n']} (so never below 2/2^n: 0.0625 for 5 pairs), {r['resamples']} random ones beyond "
+              "(scipy.stats.permutation_test). Holm p: Holm's step-down adjustment within the table's family (here "
+              f"the {r['holm']['families']['conditions']['m']} comparisons of the search metric; each test metric, the "
+              "per-setting table and the efficiency tables are families of their own). Seeds for ±0.005: the smallest "
+              f"n with t(0.975, n-1) x sd / sqrt(n) <= {r['half_width']} at the observed spread.", ""]
     lines += _table("comparison", _by_pair(r["paired"]), footnote=False) + _rough_warnings(r["paired"])
     lines += ["", "## Per-task win rates (stochastic vs deterministic, test F1)", ""]
     if any(w["n"] for w in r["win_rates"].values()):
@@ -182,10 +180,10 @@ def efficiency_section(e: dict) -> list[str]:
         lines += [""] + _table("comparison", _by_pair(e["auc"]["paired"]))
     if e["steps_to_fraction"]:
         lines += ["", "### Fine-tuning steps to reach a fraction of deterministic's final score", "",
-                  "Per matched group, the first fine-tuning step at which a condition's curve reaches the fraction "
-                  "of the final value of the group's deterministic curve (for a lower-is-better metric: the final "
-                  "value divided by the fraction). Paired: difference in steps over the groups where both "
-                  "reached it (negative: the first condition is faster; \"first better\" counts those).", ""]
+                  "Per matched group, the first fine-tuning step at which a condition's curve reaches the fraction of "
+                  "the group's deterministic final value (that value divided by the fraction where lower is better). "
+                  "Paired: the difference in steps where both reached it (negative: the first is faster, \"first "
+                  "better\").", ""]
         lines += _grid("fraction | condition | groups | reached | median steps", [
             [f, kind, k["groups"], k["reached"], fmt(k["median"], 1)]
             for f, st in e["steps_to_fraction"].items() for kind, k in st["per_kind"].items() if k["groups"]])
