@@ -82,9 +82,8 @@ def _paired(a: str, b: str, rows: list[tuple[float, str]], mode: str, resamples:
 def _panels(have: list[TrialRecord], key: str, ranges, out: dict) -> None:
     """The curves per arm (a value or bin of each varied setting) and condition, into ``out``."""
     arms = varied_settings(have)
-    values = {p: [t.flat.get(p) for t in have] for p in arms}
-    in_bins = {p: binned(values[p], p in ranges) for p in arms}
-    found = {p: levels(values[p], in_bins[p]) for p in arms}
+    in_bins = {p: binned([t.flat.get(p) for t in have], p in ranges) for p in arms}
+    found = {p: levels([t.flat.get(p) for t in have], in_bins[p]) for p in arms}
     dropped = []
     while len({tuple(found[p][i][0] for p in arms) for i in range(len(have))}) > MAX_PANELS:
         dropped.append(max(reversed(arms), key=lambda p: len({k for k, _ in found[p]})))
@@ -99,8 +98,7 @@ def _panels(have: list[TrialRecord], key: str, ranges, out: dict) -> None:
         panel = panels.setdefault(tuple(found[p][i][0] for p in arms), {
             "arm": label or "all trials", "values": {p: found[p][i][1] for p in arms}, "trials": {}})
         panel["trials"].setdefault(condition(t), []).append(t.curves[key])
-    for arm in sorted(panels):
-        panel = panels[arm]
+    for panel in (panels[arm] for arm in sorted(panels)):
         curves = panel.pop("trials")
         panel["kinds"] = {k: c for k in sorted(curves, key=condition_order) for c in [mean_curve(curves[k])] if c}
         out["panels"].append(panel)
