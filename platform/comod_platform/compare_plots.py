@@ -3,6 +3,7 @@ paired differences, per-task win rates, the fine-tuning curves per arm and the p
 from __future__ import annotations
 
 import math
+from itertools import cycle
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +41,8 @@ def _band(ax, c: dict, colour, label: str, **style) -> None:
 
 def colours(conditions) -> dict[str, str]:
     """Plain kinds keep their colour; every other condition takes the next spare one, in report order."""
-    conditions = sorted(set(conditions), key=condition_order)
-    spare = iter(SPARE_COLOURS * (1 + len(conditions) // len(SPARE_COLOURS)))
-    return {c: KIND_COLOURS.get(c) or next(spare) for c in conditions}
+    spare = cycle(SPARE_COLOURS)
+    return {c: KIND_COLOURS.get(c) or next(spare) for c in sorted(set(conditions), key=condition_order)}
 
 
 def draw(r: dict, trials: list[TrialRecord], out: Path) -> list[Path]:
