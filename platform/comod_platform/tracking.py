@@ -244,9 +244,8 @@ def dataset_input(dataset):
 
     if isinstance(dataset, DatasetInput):
         return dataset
-    entity = Dataset(**{k: v for k, v in dataset.to_dict().items()
-                        if k in ("name", "digest", "source_type", "source", "schema", "profile")})
-    return DatasetInput(entity, tags=[InputTag("mlflow.data.context", DATASET_CONTEXT)])  # as log_input(context=)
+    context = InputTag("mlflow.data.context", DATASET_CONTEXT)  # as log_input(context=) tags it
+    return DatasetInput(Dataset(**dataset.to_dict()), tags=[context])
 
 
 def log_dataset(client, run_id: str, dataset) -> None:
