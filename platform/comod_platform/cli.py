@@ -77,15 +77,13 @@ def main(argv: list[str] | None = None, console: bool = False) -> int:
 
 
 _terminated: list[int] = []
-_training: list[bool] = [False]
 
 
 def _stop_signal(signum, frame):
-    """Ctrl-C and SIGTERM end ``comod train`` (exit 130 or 143); while it trains, at the next step, so that
-    the stop never lands inside a database write."""
+    """Ctrl-C and SIGTERM end ``comod train`` (exit 130 or 143); once it trains, at the next step
+    (:func:`_stop_at_step`), so that the stop never lands inside a database write."""
     _terminated.append(signum)
-    if not _training[0]:
-        raise KeyboardInterrupt
+    raise KeyboardInterrupt
 
 
 def _stop_at_step(*_) -> None:
@@ -99,7 +97,6 @@ def cmd_train(args) -> int:
     try:
         return _train(args)
     finally:
-        _training[0] = False
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -152,7 +149,8 @@ def _train(args) -> int:
         callbacks.on_step = lambda *step: (show_step(*step), _stop_at_step())
         status = "FAILED"
         try:
-            _training[0] = True
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda signum, frame: _terminated.append(signum))
             _stop_at_step()  # a signal that came while the run was being set up
             metrics = run_experiment(cfg, out, data=data, callbacks=callbacks)
             status = "FINISHED"
@@ -259,14 +257,12 @@ def cmd_ui(args) -> int:
     print(f"MLflow UI of {uri} on {base} (runs folder {runs_home()}{shown}); Ctrl-C stops it", flush=True)
     # in a session of its own: the server and the uvicorn workers it starts are one process group, which
     # _stop ends as a whole when this command ends (Ctrl-C, SIGTERM, or the server's own exit)
-    try:
-        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",  # no usage events
-               **({"PYTHONUNBUFFERED": "1"} if log is not None else {})}  # a live log
-        proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=output,
-                                stderr=subprocess.STDOUT if output is not None else None)
-    finally:
-        if output not in (None, subprocess.DEVNULL):
-            output.close()
+    # no usage events from its pages, a live log
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=output,
+                            stderr=subprocess.STDOUT if output is not None else None)
+    if log is not None:
+        output.close()  # the server holds its own copy
 
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
     try:
