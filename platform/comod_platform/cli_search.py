@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import sys
-from contextlib import suppress
 from pathlib import Path
 
 from comod_platform.conventions import COMPLETED, FAILED, INTERRUPTED, PRUNED
@@ -15,6 +14,7 @@ from comod_platform.dashboard import DEFAULT_PORT, DashboardError, serve
 from comod_platform.errors import EXIT_FAILED, EXIT_USAGE, UserError, user_errors
 from comod_platform.interrupts import EXIT_CODES, requested
 from comod_platform.paths import disk_message, runs_home
+from comod_platform.search_state import known_searches
 
 SEARCH_HELP = "search file (search_spaces/NAME.yaml) or the NAME of one in search_spaces/"
 RAY_HELP = "Ray cluster address (default: $RAY_ADDRESS, else a local Ray)"
@@ -72,13 +72,12 @@ def add_commands(sub) -> dict:
     export = sub.add_parser("export", help="export a search's best config or its trial table")
     esub = export.add_subparsers(dest="export_command", required=True, metavar="WHAT")
     best = _command(esub, "best", "the best trial's experiment config, ready for comod train")
-    trials = _command(esub, "trials", "one row per trial as Parquet")
-    for command in (best, trials):
-        command.add_argument("--out", type=Path, required=True)
+    best.add_argument("--out", type=Path, required=True)
     best.add_argument("--top-k", type=int, default=1, help="re-evaluate the top K configs over new seeds first")
     best.add_argument("--seeds", type=int, nargs="+", help="new seeds for the re-evaluation")
     best.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                       help="settings for final training, e.g. --set pretrain.epochs=30")
+    _command(esub, "trials", "one row per trial as Parquet").add_argument("--out", type=Path, required=True)
 
     compare = _command(sub, "compare", "stochastic vs deterministic vs none, from a search's trials")
     compare.add_argument("--metric", help="metric to compare (default: the search's)")
@@ -124,8 +123,6 @@ def cmd_search(args) -> int:
         if command == "status":
             return _status(args.name)
         if command == "list":
-            from comod_platform.search_state import known_searches
-
             print("\n".join(known_searches()) or "no searches yet")
             return 0
         from comod_platform import runner
@@ -137,7 +134,7 @@ def cmd_search(args) -> int:
             summary = start(args.search, name=args.name, address=args.address, storage=args.storage)
     except KeyboardInterrupt:  # a signal before the search's trials started: nothing ran yet
         name = getattr(args, "name", None)
-        again = f"comod search resume {name}" if name and _exists(name) else "the same command again"
+        again = f"comod search resume {name}" if name in known_searches() else "the same command again"
         print(f"comod: interrupted before any trial ran; start it with {again}", file=sys.stderr, flush=True)
         return EXIT_CODES.get(requested(), 130)
     except OSError as err:
@@ -157,10 +154,6 @@ def cmd_search(args) -> int:
     return 0
 
 
-SUMMARY_COLUMNS = (("test/mean_f1", "test F1"), ("test/mean_recall", "test recall"),
-                   ("test/mean_precision", "test precision"))
-
-
 def _table(rows: list[list[str]], indent: str = "  ") -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return [(indent + "  ".join(cell.ljust(w) for cell, w in zip(row, widths))).rstrip() for row in rows]
@@ -170,33 +163,24 @@ def _number(value) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) and value == value else "-"
 
 
-def _exists(name: str) -> bool:
-    from comod_platform.search_state import BadName, SearchPaths
-
-    with suppress(BadName):
-        return SearchPaths(name).exists()
-    return False
-
-
 def format_summary(summary: dict) -> str:
     """The end of ``comod search run`` / ``resume``: trials by state, the best of each kind, errors, next commands."""
     name, metric = summary.get("name") or "SEARCH", summary.get("metric", "val/mean_f1")
-    states = [f"{summary.get(COMPLETED, 0)} completed", f"{summary.get(PRUNED, 0)} stopped early",
-              f"{summary.get(FAILED, 0)} failed"]
-    if summary.get("stopped_by") or summary.get(INTERRUPTED):
-        states.insert(2, f"{summary.get(INTERRUPTED, 0)} interrupted")
-    others = summary.get("trials", 0) - sum(summary.get(k, 0) for k in (COMPLETED, PRUNED, FAILED, INTERRUPTED))
-    if others > 0:
+    labels = {COMPLETED: "completed", PRUNED: "stopped early", INTERRUPTED: "interrupted", FAILED: "failed"}
+    counts = {state: summary.get(state, 0) for state in labels}
+    states = [f"{n} {labels[state]}" for state, n in counts.items()
+              if state != INTERRUPTED or n or summary.get("stopped_by")]
+    if (others := summary.get("trials", 0) - sum(counts.values())) > 0:
         states.append(f"{others} not finished")
     lines = [f"search {name}: {summary.get('trials', 0)} trials: {', '.join(states)}"]
-    per_kind = summary.get("best_per_kind") or {}
-    if per_kind:
+    if per_kind := summary.get("best_per_kind"):
         lines += ["", f"best trial of each kind, by {metric} (the search metric):"]
-        rows = [["kind", "trial", metric] + [label for _, label in SUMMARY_COLUMNS]]
+        columns = {"test/mean_f1": "test F1", "test/mean_recall": "test recall",
+                   "test/mean_precision": "test precision"}
+        rows = [["kind", "trial", metric, *columns.values()]]
         for kind, top in per_kind.items():
             top = top or {"trial_id": "none completed"}
-            rows.append([kind, str(top.get("trial_id")), _number(top.get("value"))]
-                        + [_number(top.get(key)) for key, _ in SUMMARY_COLUMNS])
+            rows.append([kind, str(top.get("trial_id")), *(_number(top.get(key)) for key in ("value", *columns))])
         lines += _table(rows)
     elif summary.get("best"):
         lines += ["", f"best {metric}: {_number(summary['best']['value'])} (trial {summary['best']['trial_id']})"]
