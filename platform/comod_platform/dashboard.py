@@ -49,9 +49,12 @@ def open_study_storage(url: str, study_name: str, search: str):
         raise DashboardError(f"cannot read study {study_name!r} from {shown}: {_first_line(err)}") from None
 
 
-def _server(app, port: int):
+def serve(name: str, port: int = DEFAULT_PORT) -> int:
+    """Serve optuna-dashboard for search ``name`` until Ctrl-C or SIGTERM; returns 0 once stopped."""
     from socketserver import ThreadingMixIn
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    from comod_platform.search_state import SearchPaths
 
     class Server(ThreadingMixIn, WSGIServer):
         daemon_threads = True  # a browser's open connection never holds up the stop
@@ -59,17 +62,6 @@ def _server(app, port: int):
     class QuietHandler(WSGIRequestHandler):
         def log_message(self, format, *args):  # noqa: A002 - no access log on the terminal
             pass
-
-    try:
-        return make_server(HOST, port, app, server_class=Server, handler_class=QuietHandler)
-    except OSError as err:
-        raise DashboardError(f"cannot listen on {HOST}:{port} ({err.strerror or err}); another program (another "
-                             f"dashboard?) uses that port: choose another with --port") from None
-
-
-def serve(name: str, port: int = DEFAULT_PORT) -> int:
-    """Serve optuna-dashboard for search ``name`` until Ctrl-C or SIGTERM; returns 0 once stopped."""
-    from comod_platform.search_state import SearchPaths
 
     meta = SearchPaths(name).read_meta()
     try:
@@ -81,7 +73,12 @@ def serve(name: str, port: int = DEFAULT_PORT) -> int:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage, study_id = open_study_storage(meta.optuna_storage, meta.study_name, name)
-    httpd = _server(optuna_dashboard.wsgi(storage), port)
+    try:
+        httpd = make_server(HOST, port, optuna_dashboard.wsgi(storage), server_class=Server,
+                            handler_class=QuietHandler)
+    except OSError as err:
+        raise DashboardError(f"cannot listen on {HOST}:{port} ({err.strerror or err}); another program (another "
+                             f"dashboard?) uses that port: choose another with --port") from None
     print(f"Optuna dashboard of search {name} (study {meta.study_name} in {redact(meta.optuna_storage)}) on "
           f"http://{HOST}:{port}/dashboard/studies/{study_id}; Ctrl-C stops it", flush=True)
 
