@@ -13,22 +13,21 @@ class ProgressCallbacks(Callbacks):
 
     def __init__(self, logger, enabled: bool = True):
         super().__init__(on_epoch=self._epoch, on_step=self._step, on_phase=self._phase, on_eval=self._eval)
-        self.logger, self.enabled = logger, enabled and sys.stderr.isatty()
+        self.logger, self.disable = logger, None if enabled else True  # None: a bar only on a terminal
         self.bar: tqdm | None = None
-        self.phase, self.epochs = "", 0
+        self.epochs = 0
 
     def _phase(self, phase: str, first_epoch: int, epochs: int) -> None:
-        self.phase, self.epochs = phase, epochs
+        self.epochs = epochs
         if epochs == 0:
             print(f"{phase}: nothing to train (no trainable parameters or 0 epochs)", file=sys.stderr)
         elif first_epoch:
             print(f"{phase}: resuming after epoch {first_epoch}/{epochs}", file=sys.stderr)
 
     def _step(self, phase: str, step: int, steps: int) -> None:
-        if self.enabled:
-            if self.bar is None:
-                self.bar = tqdm(total=steps, desc=phase, unit="step", leave=False, dynamic_ncols=True)
-            self.bar.update(1)
+        if self.bar is None:
+            self.bar = tqdm(total=steps, desc=phase, unit="step", leave=False, dynamic_ncols=True, disable=self.disable)
+        self.bar.update(1)
 
     def _epoch(self, phase: str, epoch: int, step: int, metrics: dict) -> None:
         self.close()
