@@ -1,9 +1,6 @@
-"""Search files (search_spaces/NAME.yaml): a base experiment, a space, settings (docs/guides/searches.md).
-
-``space`` maps dotted config paths to distributions (``{type: float, low: 0.05, high: 2.0, log: true,
-when: {modulation.kind: stochastic}}``), sampled define-by-run or as a grid. The whole file is checked before
-any trial starts.
-"""
+"""Search files (search_spaces/NAME.yaml): a base ``experiment``, a ``space`` of dotted config paths to
+distributions (sampled define-by-run or as a grid) and ``search`` settings (docs/guides/searches.md); the
+whole file is checked before any trial starts."""
 from __future__ import annotations
 
 import copy
@@ -111,12 +108,11 @@ class SearchSettings:
     """Seconds a trial may go without a step or a report (None: no check); past it the trial fails."""
 
     def validate(self, path: str):
-        check(self.num_trials >= 1, f"{path}.num_trials", self.num_trials, "an integer >= 1")
+        for key, least in (("num_trials", 1), ("max_concurrent", 1), ("max_retries", 0)):
+            check(getattr(self, key) >= least, f"{path}.{key}", getattr(self, key), f"an integer >= {least}")
         for key in ("trial_timeout_s", "stall_timeout_s"):
             value = getattr(self, key)
             check(value is None or value > 0, f"{path}.{key}", value, "a number of seconds > 0, or null (no limit)")
-        check(self.max_concurrent >= 1, f"{path}.max_concurrent", self.max_concurrent, "an integer >= 1")
-        check(self.max_retries >= 0, f"{path}.max_retries", self.max_retries, "an integer >= 0")
         check(self.checkpoint_interval_s >= 0, f"{path}.checkpoint_interval_s", self.checkpoint_interval_s,
               "a number of seconds >= 0 (0: every epoch)")
         check(self.metric in METRICS, f"{path}.metric", self.metric,
@@ -181,10 +177,9 @@ class SearchFile:
                 values[path] = trial.suggest_float(path, dist.low, dist.high, log=dist.log, step=dist.step)
             elif dist.type == "int":
                 values[path] = trial.suggest_int(path, int(dist.low), int(dist.high), log=dist.log,
-                                                 step=int(dist.step) if dist.step else 1)
+                                                 step=int(dist.step or 1))
             else:
-                labels = [encode_choice(c) for c in dist.choices]
-                values[path] = decode_choice(trial.suggest_categorical(path, labels))
+                values[path] = decode_choice(trial.suggest_categorical(path, [encode_choice(c) for c in dist.choices]))
         return values
 
 
@@ -294,10 +289,8 @@ def load_search(path: str | Path) -> SearchFile:
 
 def resolve_search_path(name_or_path: str | Path) -> Path:
     """That path, or search_spaces/NAME.yaml for a ``NAME`` (no suffix) that is no path here."""
-    path = Path(name_or_path)
-    if not path.exists() and not path.suffix and (SEARCH_SPACES / f"{path}.yaml").exists():
-        return SEARCH_SPACES / f"{path}.yaml"
-    return path
+    path, named = Path(name_or_path), SEARCH_SPACES / f"{name_or_path}.yaml"
+    return named if not path.exists() and not path.suffix and named.exists() else path
 
 
 def read_search(path: str | Path) -> tuple[dict, str]:
