@@ -28,22 +28,18 @@ class StopOnSignal:
         self.name = name
         self._previous: dict[int, object] = {}
 
-    def _say(self, text: str) -> None:
-        print(f"comod: {text}", file=sys.stderr, flush=True)
-
     def _handle(self, signum: int, frame) -> None:
         if _requested:
-            self._say(f"second {signal.Signals(signum).name}: ending at once. Trials, their MLflow runs and "
-                      f"Optuna trials may be left RUNNING; `comod search resume {self.name}` repairs and "
-                      f"continues them")
-            sys.stderr.flush()
+            print(f"comod: second {signal.Signals(signum).name}: ending at once. Trials, their MLflow runs and "
+                  f"Optuna trials may be left RUNNING; `comod search resume {self.name}` repairs and continues "
+                  f"them", file=sys.stderr, flush=True)
             os._exit(EXIT_CODES.get(signum, 128 + signum))
         _requested.append(signum)
         ray_stop = signal.getsignal(signal.SIGUSR1)  # Ray Tune's graceful stop, installed by its loop
         if not callable(ray_stop):
             raise KeyboardInterrupt  # before Ray Tune's loop started: nothing runs yet to stop cleanly
-        self._say(f"{signal.Signals(signum).name}: stopping the search's trials and saving its state "
-                  f"(again to end at once)")
+        print(f"comod: {signal.Signals(signum).name}: stopping the search's trials and saving its state (again "
+              f"to end at once)", file=sys.stderr, flush=True)
         ray_stop(signal.SIGUSR1, frame)
 
     def __enter__(self) -> "StopOnSignal":

@@ -49,11 +49,7 @@ def enter() -> None:
             os._exit(137)
         parent_pid = parent
         return
-    os._exit(_forward_until_exit(child))
-
-
-def _forward_until_exit(child: int) -> int:
-    last: dict[int, float] = {}
+    last: dict[int, float] = {}  # this process: the forwarder
 
     def forward(signum, frame):
         sent = FORWARDED[signum]
@@ -69,4 +65,4 @@ def _forward_until_exit(child: int) -> int:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
     _, status = os.waitpid(child, 0)  # retried by Python after each forwarded signal
     code = os.waitstatus_to_exitcode(status)
-    return 128 - code if code < 0 else code
+    os._exit(128 - code if code < 0 else code)
