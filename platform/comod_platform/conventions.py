@@ -7,8 +7,6 @@ from typing import Any
 
 import yaml
 
-EXPERIMENT_PREFIX = "search/"
-
 TAG_SEARCH = "comod.search"
 TAG_ROLE = "comod.role"                # "search" (parent) or "trial" (child)
 TAG_TRIAL_ID = "comod.ray_trial_id"
@@ -40,8 +38,7 @@ DIVERGED_FLAG = "comod/diverged"       # 1 in the last report of a recorded fail
 REASON = "comod/reason"                # stalled; REASON says which): Ray does not retry such a trial
 NODE = "comod/node"                    # the Ray node id of the trial's worker
 GPUS = "comod/gpus"                    # its assigned GPU ids
-CURVE = "comod/curve"                  # JSON [[global_step, {metric: value}], ...]: validation points since
-                                       # the last report (learning curves), logged at their steps
+CURVE = "comod/curve"                  # JSON [[global_step, {metric: value}], ...]: curve points since the last report
 STEP = "comod/step"
 EPOCH = "comod/epoch"
 WALL = "wall_seconds"
@@ -71,7 +68,7 @@ def report_metrics(result: dict | None) -> dict:
 
 
 def experiment_name(search: str) -> str:
-    return f"{EXPERIMENT_PREFIX}{search}"
+    return f"search/{search}"
 
 
 def param_text(value: Any) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+from contextlib import suppress
 from pathlib import Path
 
 
@@ -38,9 +39,7 @@ def unwritable(folder: Path, what: str) -> str | None:
     except OSError as err:
         return disk_message(err, folder, what)
     finally:
-        for path in made:  # deepest first
-            try:
+        with suppress(OSError):  # deepest first, up to one that holds something else
+            for path in made:
                 path.rmdir()
-            except OSError:
-                break
     return None
