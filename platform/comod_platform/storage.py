@@ -28,9 +28,7 @@ def is_uri(storage: str) -> bool:
 
 def resolve(storage: str | None, default: str) -> str:
     """``storage`` if given, else ``$COMOD_STORAGE``, else the embedded ``default`` folder."""
-    chosen = storage or os.environ.get(ENV) or default
-    if chosen.startswith("file://"):
-        chosen = chosen[len("file://"):]
+    chosen = (storage or os.environ.get(ENV) or default).removeprefix("file://")
     return chosen if is_uri(chosen) else os.path.abspath(os.path.expanduser(chosen))
 
 
@@ -52,21 +50,6 @@ def filesystem(storage: str):
     except Exception as err:  # noqa: BLE001 - pyarrow raises several kinds
         raise StorageError(f"storage {storage}: {err}; give a folder on a shared mount or a URI such as "
                            f"s3://BUCKET/PREFIX (S3-compatible servers: set AWS_ENDPOINT_URL)") from None
-
-
-def _write_marker(storage: str) -> tuple[str, str]:
-    fs, root = filesystem(storage)
-    token = uuid.uuid4().hex
-    path = f"{root.rstrip('/')}/.comod-probe-{token}"
-    try:
-        fs.create_dir(root.rstrip("/") or "/", recursive=True)
-        with fs.open_output_stream(path) as stream:
-            stream.write(token.encode())
-    except Exception as err:  # noqa: BLE001
-        raise StorageError(f"cannot write to storage {storage}: {err}; check that it exists and that this "
-                           f"machine may write there (credentials: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-                           f"endpoint: AWS_ENDPOINT_URL)") from None
-    return path, token
 
 
 def _reads_marker(storage: str, path: str, token: str) -> str | None:
@@ -93,7 +76,17 @@ def check_shared(storage: str) -> int:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = alive_nodes()
-    path, token = _write_marker(storage)
+    fs, root = filesystem(storage)
+    token = uuid.uuid4().hex
+    path = f"{root.rstrip('/')}/.comod-probe-{token}"
+    try:
+        fs.create_dir(root.rstrip("/") or "/", recursive=True)
+        with fs.open_output_stream(path) as stream:
+            stream.write(token.encode())
+    except Exception as err:  # noqa: BLE001
+        raise StorageError(f"cannot write to storage {storage}: {err}; check that it exists and that this "
+                           f"machine may write there (credentials: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                           f"endpoint: AWS_ENDPOINT_URL)") from None
     try:
         if len(nodes) <= 1:
             return len(nodes)
@@ -120,7 +113,6 @@ def check_shared(storage: str) -> int:
         return len(nodes)
     finally:
         with suppress(Exception):  # a probe file left behind is harmless
-            fs, _ = filesystem(storage)
             fs.delete_file(path)
 
 
