@@ -27,8 +27,7 @@ def open_study_storage(url: str, study_name: str, search: str):
     import optuna
 
     shown = redact(url)
-    path = Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
-    if path is not None and not path.is_file():
+    if url.startswith("sqlite:///") and not (path := Path(url[len("sqlite:///"):])).is_file():
         raise DashboardError(f"search {search!r} has no Optuna database at {path}; its folder is incomplete, "
                              f"or the study lives elsewhere (COMOD_OPTUNA_STORAGE when it ran)")
     try:

@@ -230,15 +230,13 @@ def _did_you_mean(path: str, settable) -> str:
 def parse_search(raw: Any, name: str) -> SearchFile:
     if not isinstance(raw, dict):
         raise ConfigError(f"{name}: expected a mapping with experiment, space and search")
-    unknown = set(raw) - {"experiment", "space", "search"}
-    if unknown:
+    if unknown := set(raw) - {"experiment", "space", "search"}:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown section; a search file has experiment, space, search")
     experiment = raw.get("experiment") or {}
     try:
-        base = parse_config(experiment, "experiment")
+        settable = flatten(parse_config(experiment, "experiment"))
     except ConfigError as err:
         raise ConfigError(f"experiment.{err}") from None
-    settable = flatten(base)
     space_raw = raw.get("space") or {}
     if not isinstance(space_raw, dict):
         raise ConfigError(f"space: got {space_raw!r}; expected a mapping of dotted paths to distributions")
