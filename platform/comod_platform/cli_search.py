@@ -35,8 +35,9 @@ def add_commands(sub) -> dict:
     """Register the commands on ``sub`` (argparse subparsers); returns name -> handler."""
     search = sub.add_parser("search", help="run, resume and inspect hyperparameter searches")
     ssub = search.add_subparsers(dest="search_command", required=True, metavar="SEARCH_COMMAND")
-    run = _command(ssub, "run", "run a search on this machine or an existing Ray cluster", "search", RAY_HELP)
+    run = _command(ssub, "run", "run a search on this machine or an existing Ray cluster", "search")
     run.add_argument("--name", help=NAME_HELP)
+    run.add_argument("--address", help=RAY_HELP)
     run.add_argument("--storage", metavar="URI",
                      help="where Ray Tune keeps the experiment and trial checkpoints: a folder every node mounts, "
                           "or s3://BUCKET/PREFIX (default: $COMOD_STORAGE, else the search's folder)")
