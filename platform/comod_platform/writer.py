@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import os
 import queue
@@ -84,8 +85,8 @@ class Writer:
             self.queue.task_done()
 
     def _call(self, fn, args, kwargs) -> None:
-        refused = waits = 0
-        while True:
+        refused = 0
+        for failures in itertools.count(1):
             try:
                 fn(*args, **kwargs)
                 if self.outage_since is not None:
@@ -94,20 +95,18 @@ class Writer:
                     self.outage_since = None
                 return
             except Exception as err:  # noqa: BLE001 - tracking must never kill the search
-                if transient(err):
-                    if self.outage_since is None:
-                        self.outage_since = time.time()
-                        log.warning("%s unreachable (%s); buffering writes and retrying", self.describe,
-                                    str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
-                    waits += 1
-                else:
+                if not transient(err):
                     refused += 1
                     if refused >= self.retries:
                         self.dropped += 1
                         log.warning("%s: call %s refused %d times, dropped: %s", self.describe,
                                     getattr(fn, "__name__", fn), refused, err)
                         return
-                time.sleep(min(0.5 * 2 ** min(waits + refused, 6), self.max_pause))
+                elif self.outage_since is None:
+                    self.outage_since = time.time()
+                    log.warning("%s unreachable (%s); buffering writes and retrying", self.describe,
+                                str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+                time.sleep(min(0.5 * 2 ** min(failures, 6), self.max_pause))
 
     def pending(self) -> int:
         return self.queue.unfinished_tasks
