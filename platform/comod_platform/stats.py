@@ -97,28 +97,24 @@ def summary(values) -> dict:
             "median": float(np.median(x)), "min": float(x.min()), "max": float(x.max())}
 
 
-def describe(diffs, mode: str, resamples: int, seed: int, half_width: float | None) -> dict:
-    """Everything a report says about one set of paired differences (``a_better`` counts by ``mode``)."""
+def paired_stats(diffs, mode: str, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED, seeds=None,
+                 half_width: float | None = HALF_WIDTH) -> dict:
+    """Everything a report says about one set of paired differences (``a_better`` counts by ``mode``); with
+    ``seeds`` (each one's unit) and fewer units than differences, also ``by_seed``, the same over the per-unit
+    means: differences sharing a pretraining are not independent."""
     x = np.asarray(diffs, dtype=float)
     sd = float(x.std(ddof=1)) if x.size > 1 else None
     t_ci, boot, test = t_interval(x), bootstrap_interval(x, resamples, seed), sign_flip_test(x, resamples, seed)
-    return {"n": int(x.size), "differences": x.tolist(), "mean": float(x.mean()) if x.size else None, "sd": sd,
-            "ci95": list(t_ci) if t_ci else None, "bootstrap_ci95": list(boot) if boot else None,
-            "p_sign_flip": test and test["p"], "p_method": test and test["method"], "p_min": test and test["p_min"],
-            "p_holm": None, "seeds_needed": seeds_needed(sd, half_width) if half_width else None,
-            "rough": 0 < x.size < ROUGH_N, "a_better": sum(better(d, 0, mode) for d in x.tolist()),
-            "ties": int(np.sum(x == 0))}
-
-
-def paired_stats(diffs, mode: str, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED, seeds=None,
-                 half_width: float | None = HALF_WIDTH) -> dict:
-    """:func:`describe` of paired differences; with ``seeds`` (each one's unit) and fewer units than
-    differences, also ``by_seed`` over the per-unit means: differences sharing a pretraining are not independent."""
-    out = describe(diffs, mode, resamples, seed, half_width)
+    out = {"n": int(x.size), "differences": x.tolist(), "mean": float(x.mean()) if x.size else None, "sd": sd,
+           "ci95": list(t_ci) if t_ci else None, "bootstrap_ci95": list(boot) if boot else None,
+           "p_sign_flip": test and test["p"], "p_method": test and test["method"], "p_min": test and test["p_min"],
+           "p_holm": None, "seeds_needed": seeds_needed(sd, half_width) if half_width else None,
+           "rough": 0 < x.size < ROUGH_N, "a_better": sum(better(d, 0, mode) for d in x.tolist()),
+           "ties": int(np.sum(x == 0))}
     if seeds is not None and len(set(map(str, seeds))) < len(diffs):
         per: dict[str, list[float]] = {}
         for d, s in zip(diffs, seeds):
             per.setdefault(str(s), []).append(d)
-        out["by_seed"] = describe([float(np.mean(v)) for _, v in sorted(per.items())], mode, resamples, seed,
-                                  half_width)
+        out["by_seed"] = paired_stats([float(np.mean(v)) for _, v in sorted(per.items())], mode, resamples, seed,
+                                      half_width=half_width)
     return out
