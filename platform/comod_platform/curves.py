@@ -135,12 +135,12 @@ def efficiency(trials: list[TrialRecord], metric: str, mode: str, resamples: int
     reached = {f: {k: [] for k in present} for f in fractions}
     for group in matched_groups(have):
         unit = group_unit(group)
-        curves = {k: mean_curve([t.curves[key] for t in ts]) for k, ts in group.items()}
+        curves = {k: _points(mean_curve([t.curves[key] for t in ts])) for k, ts in group.items()}
         row = {"trials": {k: [t.trial_id for t in ts] for k, ts in group.items()},
-               "auc": {k: curve_auc(_points(c)) for k, c in curves.items()}, "steps": {}}
+               "auc": {k: curve_auc(c) for k, c in curves.items()}, "steps": {}}
         for a, b in pairs:
             if curves.get(a) and curves.get(b):
-                ca, cb = _points(curves[a]), _points(curves[b])
+                ca, cb = curves[a], curves[b]
                 aligned = align_curves([ca, cb])
                 if aligned is not None and len(aligned[0]) >= 2:
                     x, v, _ = aligned
@@ -149,11 +149,9 @@ def efficiency(trials: list[TrialRecord], metric: str, mode: str, resamples: int
                     continue
                 auc[(a, b)].append((curve_auc(ca) - curve_auc(cb), unit))
         if curves.get("deterministic"):
-            final = curves["deterministic"]["mean"][-1]
             for f in fractions:
-                target = reach_target(final, f, mode)
-                steps = row["steps"][f"{f:g}"] = {k: steps_to_reach(_points(c), target, mode)
-                                                  for k, c in curves.items()}
+                target = reach_target(curves["deterministic"][-1][1], f, mode)
+                steps = row["steps"][f"{f:g}"] = {k: steps_to_reach(c, target, mode) for k, c in curves.items()}
                 for k, s in steps.items():
                     reached[f][k].append(s)
                 for a, b in to_det:
