@@ -76,8 +76,7 @@ def _matrices(run_dir: Path, checkpoint: Checkpoint | None):
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, checkpoint: Checkpoint | None = None
              ) -> list[Path]:
-    """Write the run's plots into ``out_dir`` (default its ``plots/``), from ``checkpoint`` or the one in
-    its folder; returns their paths."""
+    """Write the run's plots into ``out_dir`` (default its ``plots/``) from its checkpoint; their paths."""
     run_dir = Path(run_dir)
     ckpt, matrices = _matrices(run_dir, checkpoint)
     if ckpt is None:

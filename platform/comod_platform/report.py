@@ -42,8 +42,7 @@ def _stat_cells(p: dict, digits: int, unit: bool) -> list:
 
 def _table(header: str, rows: list[tuple[list[str], dict]], digits: int = 4, columns: str = STAT_COLUMNS,
            footnote: bool = True) -> list[str]:
-    """A table of paired statistics, a row per entry and a second, ``by seed``, where groups share seeds;
-    with the rough-interval footnote."""
+    """Paired statistics: a row per entry, a second ``by seed`` where groups share seeds, the rough footnote."""
     cells = []
     for head, p in rows:
         seed = p.get("by_seed")

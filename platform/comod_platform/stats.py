@@ -99,9 +99,8 @@ def summary(values) -> dict:
 
 def paired_stats(diffs, mode: str, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED, seeds=None,
                  half_width: float | None = HALF_WIDTH) -> dict:
-    """Everything a report says about one set of paired differences (``a_better`` counts by ``mode``); with
-    ``seeds`` (each one's unit) and fewer units than differences, also ``by_seed``, the same over the per-unit
-    means: differences sharing a pretraining are not independent."""
+    """All a report says of paired differences (``a_better`` by ``mode``); with ``seeds`` (each one's unit) and
+    fewer units than differences, ``by_seed`` over the per-unit means too: a shared pretraining ties differences."""
     x = np.asarray(diffs, dtype=float)
     sd = float(x.std(ddof=1)) if x.size > 1 else None
     t_ci, boot, test = t_interval(x), bootstrap_interval(x, resamples, seed), sign_flip_test(x, resamples, seed)
