@@ -138,12 +138,12 @@ def cmd_search(args) -> int:
         again = f"comod search resume {name}" if name in known_searches() else "the same command again"
         print(f"comod: interrupted before any trial ran; start it with {again}", file=sys.stderr, flush=True)
         return EXIT_CODES.get(requested(), 130)
-    except OSError as err:
+    except _user_errors() as err:  # imported only now: a search starts Ray while torch loads
+        raise UserError(str(err), EXIT_USAGE if isinstance(err, _user_errors()[:2]) else EXIT_FAILED) from None
+    except OSError as err:  # after them: a missing dataset is a FileNotFoundError of its own
         if err.errno not in (errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT):
             raise
         raise UserError(disk_message(err, runs_home(), "COMOD_HOME (the runs folder)"), EXIT_FAILED) from None
-    except _user_errors() as err:  # imported only now: a search starts Ray while torch loads
-        raise UserError(str(err), EXIT_USAGE if isinstance(err, _user_errors()[:2]) else EXIT_FAILED) from None
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary), flush=True)
     if summary.get("stopped_by"):
         print(f"interrupted: continue with comod search resume {summary['name']}", file=sys.stderr, flush=True)

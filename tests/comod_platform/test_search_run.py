@@ -231,6 +231,15 @@ def test_bad_search_inputs(tmp_path, ray_tmp):
     assert "Traceback" not in done.stderr
     assert sorted(p.name for p in (tmp_path / "runs" / "searches").iterdir()) == ["taken"]  # nothing started
 
+    # a dataset that is not there (loaded while Ray starts): one message naming it, nothing started
+    (tmp_path / "no-data").mkdir()
+    nodata = _write_search(tmp_path, "nodata", experiment={**TINY["experiment"], "data": {
+        **TINY["experiment"]["data"], "dataset": "fashion_mnist", "root": str(tmp_path / "no-data")}})
+    gone = _comod(["search", "run", str(nodata)], env)
+    assert gone.returncode == 1 and "Fashion-MNIST not found" in gone.stderr and "Traceback" not in gone.stderr
+    assert gone.stderr.startswith("comod: error: "), gone.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "runs" / "searches").iterdir()) == ["taken"]
+
     unknown = _comod(["search", "resume", "nobody"], env)
     assert unknown.returncode == 1 and "no search named 'nobody'" in unknown.stderr
     assert "Traceback" not in unknown.stderr
