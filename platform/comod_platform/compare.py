@@ -71,23 +71,24 @@ def _split(rows: list, values: list, ranged: bool) -> list[tuple[str, list]]:
 
 
 def by_setting(groups: list[dict], settings: list[str], metric: str, mode: str, resamples: int = RESAMPLES,
-               seed: int = BOOTSTRAP_SEED, ranges=()) -> dict[str, list[dict]]:
-    """Per varied setting, per value or quantile bin (``ranges``: settings sampled from a float range):
-    stochastic - deterministic of ``metric`` and test F1 over the matched groups with it."""
+               seed: int = BOOTSTRAP_SEED, ranges=(), headline=HEADLINE) -> dict[str, list[dict]]:
+    """Per varied setting, per value or quantile bin (``ranges``: settings sampled from a float range): the
+    ``headline`` pair's difference of ``metric`` and test F1 over the matched groups with it."""
     out: dict[str, list[dict]] = {}
     for path in settings:
         values = [next(iter(g.values()))[0].flat.get(path) for g in groups]
         out[path] = [{"value": label, "paired": {
-            k: paired_differences(sub, k, m, resamples, seed, [HEADLINE])["stochastic-deterministic"]
+            k: paired_differences(sub, k, m, resamples, seed, [headline])["-".join(headline)]
             for k, m in _keys(metric, mode).items()}} for label, sub in _split(groups, values, path in ranges)]
     return out
 
 
 def by_noise_scale(groups: list[dict], metric: str, mode: str, resamples: int = RESAMPLES,
-                   seed: int = BOOTSTRAP_SEED, ranges=()) -> list[dict]:
-    """Each stochastic trial minus its group's deterministic mean (``metric`` and test F1), split by
-    ``modulation.noise_scale`` (quantile bins when it takes many or sampled values)."""
-    rows = [(t, g["deterministic"]) for g in groups if "deterministic" in g for t in g.get("stochastic", [])]
+                   seed: int = BOOTSTRAP_SEED, ranges=(), headline=HEADLINE) -> list[dict]:
+    """Each trial of the ``headline``'s stochastic condition minus its group's mean of the other (``metric``
+    and test F1), split by ``modulation.noise_scale`` (quantile bins when it takes many or sampled values)."""
+    a, b = headline
+    rows = [(t, g[b]) for g in groups if b in g for t in g.get(a, [])]
     values = [t.flat.get("modulation.noise_scale") for t, _ in rows]
     out = []
     for label, members in _split(rows, values, "modulation.noise_scale" in ranges):
@@ -100,12 +101,13 @@ def by_noise_scale(groups: list[dict], metric: str, mode: str, resamples: int = 
     return out
 
 
-def win_rates(groups: list[dict], trials: list[TrialRecord]) -> dict[str, dict]:
-    """Per task, the matched groups where stochastic's test F1 beats, ties or loses to deterministic's."""
-    out = {}
+def win_rates(groups: list[dict], trials: list[TrialRecord], headline=HEADLINE) -> dict[str, dict]:
+    """Per task, the matched groups where the ``headline``'s first condition's test F1 beats, ties or loses
+    to the second's."""
+    a, b, out = *headline, {}
     for task in sorted({m.group(1) for t in trials for k in t.final for m in [_TASK_F1.match(k)] if m}):
-        pairs = [(mean_of(g["stochastic"], f"test/{task}/f1"), mean_of(g["deterministic"], f"test/{task}/f1"))
-                 for g in groups if "stochastic" in g and "deterministic" in g]
+        pairs = [(mean_of(g[a], f"test/{task}/f1"), mean_of(g[b], f"test/{task}/f1"))
+                 for g in groups if a in g and b in g]
         pairs = [(s, d) for s, d in pairs if s is not None and d is not None]
         wins = sum(s > d for s, d in pairs)
         out[task] = {"wins": wins, "ties": sum(s == d for s, d in pairs), "losses": sum(s < d for s, d in pairs),
@@ -204,14 +206,14 @@ def build_report(name: str, trials: list[TrialRecord], metric: str, mode: str, r
               "conditions": present, "comparisons": [list(p) for p in pairs], "variant_settings": list(VARIANTS),
               "counts": counts, "best": best,
               "distribution": {c: summary([t.value(metric) for t in members]) for c, members in by_cond.items()},
-              "paired": paired, "win_rates": win_rates(groups, done), "resamples": resamples,
+              "paired": paired, "win_rates": win_rates(groups, done, pairs[0]), "resamples": resamples,
               "bootstrap_seed": seed, "level": LEVEL, "exact_max_n": EXACT_MAX_N, "rough_n": ROUGH_N,
               "half_width": HALF_WIDTH, "notes": _notes(trials, done, by_cond, paired), "out_dir": None,
               "paired_metrics": {k: paired_differences(groups, k, guess_mode(k), resamples, seed, pairs)
                                  for k in PAIRED_METRICS},
               "varied_settings": varied,
-              "by_setting": by_setting(groups, varied, metric, mode, resamples, seed, ranges),
-              "by_noise_scale": by_noise_scale(groups, metric, mode, resamples, seed, ranges),
+              "by_setting": by_setting(groups, varied, metric, mode, resamples, seed, ranges, pairs[0]),
+              "by_noise_scale": by_noise_scale(groups, metric, mode, resamples, seed, ranges, pairs[0]),
               "efficiency": efficiency(done, metric, mode, resamples, seed, ranges=ranges, pairs=pairs),
               "pretraining": pretraining(done, metric, mode), "cost": study_cost(trials, max_concurrent)}
     report["holm"] = apply_holm(report)

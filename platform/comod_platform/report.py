@@ -113,12 +113,13 @@ def markdown(r: dict, images: list[str]) -> str:
               "per-setting table and the efficiency tables are families of their own). Seeds for ±0.005: the smallest "
               f"n with t(0.975, n-1) x sd / sqrt(n) <= {r['half_width']} at the observed spread.", ""]
     lines += _table("comparison", _by_pair(r["paired"]), footnote=False) + _rough_warnings(r["paired"])
-    lines += ["", "## Per-task win rates (stochastic vs deterministic, test F1)", ""]
+    a, b = r["comparisons"][0]
+    lines += ["", f"## Per-task win rates ({a} vs {b}, test F1)", ""]
     if any(w["n"] for w in r["win_rates"].values()):
         lines += _grid("task | wins | ties | losses | pairs | win rate", [
             [task, w["wins"], w["ties"], w["losses"], w["n"], fmt(w["rate"], 3)] for task, w in r["win_rates"].items()])
     else:
-        lines.append("No matched stochastic/deterministic pairs with per-task test F1: no win rates.")
+        lines.append(f"No matched {a}/{b} pairs with per-task test F1: no win rates.")
     lines += _settings_sections(r) + efficiency_section(r["efficiency"]) + pretraining_section(r["pretraining"])
     lines += cost_section(r["cost"]) + importances_section(r.get("importances"))
     if r["notes"]:
@@ -136,7 +137,8 @@ def _settings_sections(r: dict) -> list[str]:
              "accordingly.", ""]
     lines += _table("metric | comparison", [([f"`{k}`", f"{p['a']} - {p['b']}"], p)
                                             for k, ps in r["paired_metrics"].items() for p in ps.values()])
-    lines += ["", "## Stochastic - deterministic per varied setting", ""]
+    a, b = r["comparisons"][0]
+    lines += ["", f"## {a.capitalize()} - {b} per varied setting", ""]
     if r["by_setting"]:
         lines += ["Matched groups split by the value of each setting the search varied (the seed, the condition and "
                   "kind-only settings aside; numeric settings with many values or sampled from a range: quantile "
@@ -146,14 +148,13 @@ def _settings_sections(r: dict) -> list[str]:
                                                      for k, p in row["paired"].items()])
     else:
         lines.append("The search varied no setting besides the seed, the condition and the kind-only settings.")
-    lines += ["", "## Stochastic - deterministic by noise scale", ""]
+    lines += ["", f"## {a.capitalize()} - {b} by noise scale", ""]
     if r["by_noise_scale"]:
-        lines += ["Each stochastic trial minus the mean of its group's deterministic trials, split by "
-                  "`modulation.noise_scale`.", ""]
+        lines += [f"Each {a} trial minus the mean of its group's {b} trials, split by `modulation.noise_scale`.", ""]
         lines += _table("noise scale | metric", [([row["noise_scale"], f"`{k}`"], p) for row in r["by_noise_scale"]
                                                  for k, p in row.items() if isinstance(p, dict)])
     else:
-        lines.append("No stochastic trial with a deterministic trial in its matched group.")
+        lines.append(f"No {a} trial with a {b} trial in its matched group.")
     return lines
 
 

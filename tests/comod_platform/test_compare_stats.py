@@ -234,6 +234,31 @@ def test_by_setting_splits_the_arms_with_conditions_present():
     assert "| `pretrain.modulation_kind` | same | `val/mean_f1` | 4* |" in R.markdown(r, [])
 
 
+def test_a_variant_headline_drives_the_per_setting_noise_and_win_rate_tables():
+    """Both kinds adapt their heads too (``[heads+controller]``): the headline is that variant pair, and the
+    tables split by setting, by noise scale and per task read it, not the absent plain kinds."""
+    trials = []
+    for k in (16, 128):
+        for s in range(4):
+            base = 0.7 + s / 100
+            for kind, value in (("deterministic", base), ("stochastic", base + 0.01 + s / 1000)):
+                t = _trial(kind, s, value, trainable=["controller", "heads"], tag=f"k{k}",
+                           flat_extra={"finetune.samples_per_task": k},
+                           final_extra={"test/a/f1": value, "test/b/f1": 1 - value})
+                trials.append(t)
+    r = C.build_report("variants", trials, METRIC, "max", resamples=RESAMPLES)
+    a, b = r["comparisons"][0]
+    assert (a, b) == ("stochastic[heads+controller]", "deterministic[heads+controller]")
+    rows = r["by_setting"]["finetune.samples_per_task"]
+    assert [row["paired"][METRIC]["n"] for row in rows] == [4, 4]
+    assert rows[0]["paired"][METRIC]["mean"] == pytest.approx(0.01 + 1.5 / 1000)
+    assert [row[METRIC]["n"] for row in r["by_noise_scale"]] == [8]
+    assert r["win_rates"]["a"]["wins"] == 8 and r["win_rates"]["b"]["losses"] == 8
+    md = R.markdown(r, [])
+    assert f"## Per-task win rates ({a} vs {b}, test F1)" in md
+    assert f"## Stochastic[heads+controller] - {b} per varied setting" in md
+
+
 # ------------------------------------------------------------------- binned panels
 
 SAMPLED_LRS = [0.024834578223029882, 0.0031234567891234, 0.012345678901234, 0.056789012345678, 0.0078901234567891,
