@@ -57,8 +57,8 @@ report says which holds). The last line printed is ``RESULT
 platform/bare_ray=X.XXX window_platform/plain=Y.YYY idle_gap_ms=Z``.
 
 What recording alone costs the window is reported too: the search's
-summary (``--json``) says how much CPU the driver's MLflow and study writer
-threads took; spread over the machine's cores, which the trials keep busy,
+summary (``--json``) says how much CPU the driver's MLflow writer thread
+took; spread over the machine's cores, which the trials keep busy,
 and added to bare Ray Tune's window, it gives the least window ratio to the
 plain loop that the platform can reach here while recording what it does.
 
@@ -357,12 +357,12 @@ def run_platform(search_file: Path, work: Path, args, env: dict | None = None) -
             "kinds": {k: sum(s["kind"] == k for s in spans) for k in ("none", "deterministic", "stochastic")}}
 
 
-WRITER_NAMES = {"comod-mlflow-writer": "mlflow", "comod-optuna-writer": "study"}
+WRITER_NAMES = {"comod-mlflow-writer": "mlflow"}  # the study is written in the scheduling loop, not counted
 
 
 def recording_cpu(summary: dict) -> dict[str, float]:
     """The CPU seconds the search's driver spent recording (its writer threads, from the summary that
-    ``comod search run --json`` prints): ``{"mlflow": s, "study": s}``."""
+    ``comod search run --json`` prints): ``{"mlflow": s}``."""
     writers = summary.get("writers") or {}
     return {short: float((writers.get(name) or {}).get("cpu_s", 0.0)) for name, short in WRITER_NAMES.items()}
 
@@ -511,8 +511,9 @@ def target_lines(s: dict) -> list[str]:
 def recording_note(r: dict) -> str:
     """What recording alone costs the window, and whether the window target is within reach here."""
     ms = r["ms_per_trial"]
-    text = (f"recording alone: the driver's MLflow writer takes {ms['mlflow']:.0f} ms and its study writer "
-            f"{ms['study']:.0f} ms of CPU per trial; with the trials keeping all {r['cores']} cores busy that CPU "
+    text = (f"recording alone: the driver's MLflow writer takes {ms['mlflow']:.0f} ms of CPU per trial (the "
+            f"Optuna study's writes, in the scheduling loop, are not counted); with the trials keeping all "
+            f"{r['cores']} cores busy that CPU "
             f"is about {r['window_s']:.1f} s of the window")
     bound = r.get("window_ratio_at_least")
     if bound is None:

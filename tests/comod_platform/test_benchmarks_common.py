@@ -316,20 +316,18 @@ def test_the_idle_slot_time_splits_into_gaps_between_trials_and_the_window_s_end
 def test_what_recording_alone_costs_the_window(overhead):
     """The driver's writer CPU (from the search's summary) per trial, spread over the busy cores, added to
     bare Ray Tune's window: the least window the platform can have, and whether the target is in reach."""
-    assert overhead.recording_cpu({"writers": {"comod-mlflow-writer": {"calls": 90, "cpu_s": 1.6},
-                                               "comod-optuna-writer": {"calls": 80, "cpu_s": 0.4}}}) == \
-        {"mlflow": 1.6, "study": 0.4}
-    assert overhead.recording_cpu({}) == {"mlflow": 0.0, "study": 0.0}  # a summary without writers
+    assert overhead.recording_cpu({"writers": {"comod-mlflow-writer": {"calls": 90, "cpu_s": 1.6}}}) == {"mlflow": 1.6}
+    assert overhead.recording_cpu({}) == {"mlflow": 0.0}  # a summary without writers
     side = lambda window, cpu=None: {"window_s": window, **({"recording_cpu_s": cpu} if cpu else {})}  # noqa: E731
-    pairs = [{"platform": side(14.0, {"mlflow": 1.8, "study": 0.3}), "floor": side(12.0), "plain": side(11.0)},
-             {"platform": side(14.2, {"mlflow": 2.2, "study": 0.1}), "floor": side(12.4), "plain": side(11.4)}]
+    pairs = [{"platform": side(14.0, {"mlflow": 1.8}), "floor": side(12.0), "plain": side(11.0)},
+             {"platform": side(14.2, {"mlflow": 2.2}), "floor": side(12.4), "plain": side(11.4)}]
     r = overhead.recording_estimate(pairs, trials=40, cores=2)
-    assert r["ms_per_trial"] == {"mlflow": 50.0, "study": 5.0} and r["window_s"] == 1.1
-    assert r["window_ratio_at_least"] == round((12.2 + 1.1) / 11.2, 3)
+    assert r["ms_per_trial"] == {"mlflow": 50.0} and r["window_s"] == 1.0
+    assert r["window_ratio_at_least"] == round((12.2 + 1.0) / 11.2, 3)
     note = overhead.recording_note(r)
-    assert note.startswith("recording alone: the driver's MLflow writer takes 50 ms and its study writer 5 ms")
-    assert note.endswith("so the window is at least about 1.188x the plain loop's (bare Ray Tune's window plus it)")
-    cheap = overhead.recording_estimate([{**pairs[0], "platform": side(14.0, {"mlflow": 0.2, "study": 0.0})}],
+    assert note.startswith("recording alone: the driver's MLflow writer takes 50 ms of CPU per trial")
+    assert note.endswith("so the window is at least about 1.179x the plain loop's (bare Ray Tune's window plus it)")
+    cheap = overhead.recording_estimate([{**pairs[0], "platform": side(14.0, {"mlflow": 0.2})}],
                                         trials=40, cores=2)
     assert "at least about 1.100x" in overhead.recording_note(cheap)
     assert "window_ratio_at_least" not in overhead.recording_estimate([{"platform": pairs[0]["platform"]}], 40, 2)
