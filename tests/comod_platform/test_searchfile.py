@@ -137,7 +137,7 @@ def test_grid_with_a_condition_has_no_duplicate_points():
 
 @pytest.mark.parametrize("name", ["tiny", "quickstart", "fashion_mnist_study", "celeba_comodulation",
                                   "cifar100_architectures", "quickstart_tpe", "mosaic_study/shared", "mosaic_study/paper",
-                                  "mosaic_study/new_tasks"])
+                                  "mosaic_study/new_tasks", "mosaic_study/shared_heads"])
 def test_shipped_search_files_load(name):
     from pathlib import Path
 
@@ -171,7 +171,8 @@ def test_unknown_when_path_suggests_the_closest_setting():
         parse_search(_search(space=space), "bad")
 
 
-@pytest.mark.parametrize("name", ["quickstart", "mosaic_study/shared", "mosaic_study/paper", "mosaic_study/new_tasks"])
+@pytest.mark.parametrize("name", ["quickstart", "mosaic_study/shared", "mosaic_study/paper", "mosaic_study/new_tasks",
+                                  "mosaic_study/shared_heads"])
 def test_comparison_grids_pair_by_seed_and_interleave_pretrainings(name):
     """Every condition of a comparison runs every seed (pairs), and the seed varies fastest, so the two
     trial slots of the first points make different pretrainings instead of one waiting for the other."""
