@@ -30,6 +30,11 @@ concurrency (``--concurrency``, default 2):
   floor / plain is a bound no platform built on Ray Tune beats on this
   machine, and platform / floor is what comod adds on top.
 
+Before the timed repeats, one untimed round of each side on 4 trials
+(``--no-warmup`` skips it): what a machine pays once, Python compiling
+changed modules to bytecode and the libraries' first reads from disk, falls
+there and not on whichever side a timed repeat runs first.
+
 All are timed end to end (wall clock of the whole command: interpreter
 start, imports, Ray start, MLflow and Optuna set-up, shut-down). From the
 trial folders' file times (``config.yaml`` written when ``run_experiment``
@@ -120,13 +125,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--floor-worker", nargs=3, metavar=("CONFIGS_JSON", "OUT_DIR", "CONCURRENCY"),
                    help=argparse.SUPPRESS)  # internal: the bare Ray Tune side, run as its own command
     p.add_argument("--no-floor", action="store_true", help="skip the bare Ray Tune run (the floor)")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="skip the untimed round of each side before the repeats (on by default, off with --quick)")
     p.add_argument("--warm", action="store_true",
                    help="a machine in use: a Ray cluster already up (`ray start --head` on 127.0.0.1, which "
                         "the search and the floor join with --address) and a runs folder whose MLflow store "
                         "exists; results go to platform_overhead_warm.*")
     args = p.parse_args(argv)
     if args.quick:
-        args.trials, args.repeats, args.max_wait = 6, 1, 0.0
+        args.trials, args.repeats, args.max_wait, args.warmup = 6, 1, 0.0, False
     return args
 
 
@@ -582,7 +589,8 @@ def markdown(result: dict) -> str:
         + f"Plain: the same configs (the search's trials' config.yaml) through "
         f"`comod.train.run_experiment` in a ProcessPoolExecutor({st['concurrency']}), data loaded once per "
         f"worker, a shared pretraining cache like the search's. Both timed as whole commands. "
-        f"{len(result['pairs'])} repeat(s), the order alternating.",
+        f"{len(result['pairs'])} repeat(s), the order alternating"
+        f"{', after an untimed round of each side' if result['settings'].get('warmup') else ''}.",
         "",
         f"Machine: {m['processor']}, {m['cpu_count']} CPUs; {m['platform']}. Versions: Ray {v['ray']}, "
         f"MLflow {v['mlflow']}, Optuna {v['optuna']}, torch {v['torch']}, Python {v['python']}. "
@@ -633,6 +641,19 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def warm_up(root: Path, args) -> None:
+    """One untimed round of each side on a few trials, so that no timed repeat pays what a machine pays once
+    (Python compiling changed modules to bytecode, the libraries' first reads from disk)."""
+    print("warm-up: one untimed round of each side, 4 trials", flush=True)
+    few = argparse.Namespace(**{**vars(args), "trials": 4})
+    work = root / "warm-up"
+    work.mkdir()
+    configs = run_platform(write_search(work / "overhead.yaml", few), work, few)["configs"]
+    if not args.no_floor:
+        run_floor(configs, work, few)
+    run_plain(configs, work, few)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.plain_worker:
@@ -649,6 +670,8 @@ def main(argv=None) -> int:
         if args.warm:
             args.cluster = WarmCluster(args.concurrency).__enter__()
             print(f"warm: a Ray cluster at {args.cluster.address}; MLflow stores made before timing", flush=True)
+        if args.warmup:
+            warm_up(root, args)
         for rep in range(args.repeats):
             work = root / f"rep{rep}"
             work.mkdir()
@@ -681,7 +704,7 @@ def main(argv=None) -> int:
         p["platform"]["configs"] = len(p["platform"]["configs"])
     result = {"benchmark": "platform_overhead",
               "settings": {k: getattr(args, k) for k in ("trials", "concurrency", "steps_per_epoch", "epochs",
-                                                          "repeats", "quick", "warm")},
+                                                          "repeats", "quick", "warm", "warmup")},
               "machine": machine(), "versions": versions(), "load_wait": load_wait,
               "total_s": round(time.time() - started, 1), "pairs": pairs}
     result["summary"] = summarise(pairs, args)

@@ -110,6 +110,13 @@ def _overhead_summary(**changes) -> dict:
     return {k: v for k, v in s.items() if v is not None}
 
 
+def test_platform_overhead_warms_up_unless_told_or_quick(overhead):
+    """An untimed round first (bytecode, page cache); a quick smoke check or --no-warmup skips it."""
+    assert overhead.parse_args([]).warmup is True
+    assert overhead.parse_args(["--no-warmup"]).warmup is False
+    assert overhead.parse_args(["--quick"]).warmup is False
+
+
 def test_platform_overhead_guard_and_its_result_line(overhead):
     s = _overhead_summary()
     s.update(overhead.checks(s))
