@@ -14,13 +14,14 @@ from typing import Any
 
 import numpy as np
 
+from comod.names import KINDS
 from comod.pretrain_cache import DETERMINING
 from comod_platform.conditions import (HEADLINE, VARIANTS, binned, canonical, comparisons, condition,
                                        condition_order, group_unit, levels, matched_groups, mean_of, varied_settings)
 from comod_platform.conventions import COMPLETED, FAILED, PRUNED, RUNNING, WALL, best_of
 from comod_platform.curves import efficiency, pretraining
 from comod_platform.importances import IMPORTANCES_FILE, importances
-from comod_platform.results import KINDS, TrialRecord, guess_mode, load_results, log_to_parent
+from comod_platform.results import TrialRecord, guess_mode, load_results, log_to_parent
 from comod_platform.stats import (BOOTSTRAP_SEED, EXACT_MAX_N, HALF_WIDTH, LEVEL, RESAMPLES, ROUGH_N, holm,
                                   paired_stats, summary)
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from comod.names import KINDS
 from comod_platform.conditions import (comparisons, condition, condition_order, group_unit, levels, binned,
                                        matched_groups, varied_settings)
 from comod_platform.conventions import better, reaches
-from comod_platform.results import KINDS, TrialRecord
+from comod_platform.results import TrialRecord
 from comod_platform.stats import BOOTSTRAP_SEED, RESAMPLES, paired_stats, summary, t_half_width, t_interval
 
 FRACTIONS = (0.9, 0.95)

@@ -7,8 +7,8 @@ import json
 import math
 from typing import Any
 
+from comod.names import KINDS
 from comod_platform.conventions import direction
-from comod_platform.results import KINDS
 
 IMPORTANCE_MIN_TRIALS = 4
 """Completed trials a kind needs before its parameter importances are computed."""

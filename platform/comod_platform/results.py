@@ -22,12 +22,12 @@ from typing import Any, Literal, Union
 import yaml
 
 from comod.config import ConfigError, ExperimentConfig, flatten, parse_config, set_path
-from comod.names import KINDS  # noqa: F401 - compare's
 from comod_platform.conventions import (COMPLETED, STATES, TAG_EPOCHS, TAG_ERROR, TAG_KIND, TAG_PARENT,
                                         TAG_REPORTS, TAG_ROLE, TAG_STOPPED_EPOCH, TAG_TRIAL_ID, WALL, best_of,
                                         param_value, recorded_state, sort_key)
 from comod_platform.search_state import SearchMeta, SearchPaths
 from comod_platform.searchfile import SearchFile, parse_search
+from comod_platform.tracking import all_runs
 
 log = logging.getLogger(__name__)
 
@@ -157,11 +157,8 @@ def load_results(name: str, home: Path | None = None) -> SearchResults:
     client = MlflowClient(tracking_uri=meta.tracking_uri)
     query = f"tags.`{TAG_PARENT}` = '{meta.parent_run_id}' AND tags.`{TAG_ROLE}` = 'trial'"
     try:
-        runs, page = [], None
-        while page is None or page.token:
-            page = client.search_runs([meta.experiment_id], query, max_results=1000, page_token=page and page.token)
-            runs.extend(page)
-        trials = [_record(client, run, sf.search.metric, sf.search.mode, paths) for run in runs]
+        trials = [_record(client, run, sf.search.metric, sf.search.mode, paths)
+                  for run in all_runs(client, meta.experiment_id, query)]
     except MlflowException as err:
         raise ResultsError(f"cannot read search {name!r} from MLflow at {meta.tracking_uri}: "
                            f"{str(err).splitlines()[0]}") from None

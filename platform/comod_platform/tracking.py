@@ -253,6 +253,18 @@ def log_dataset(client, run_id: str, dataset) -> None:
     client.log_inputs(run_id, datasets=[dataset_input(dataset)])
 
 
+def all_runs(client, experiment_id: str, filter_string: str, **kwargs):
+    """Every run of the experiment that ``filter_string`` matches, page by page (newest first)."""
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000,
+                                  page_token=token, **kwargs)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
 def log_params(client, run_id: str, params: dict[str, str]) -> None:
     """Log params, values cut to MLflow's 6000 characters (its client splits a batch to its limits)."""
     from mlflow.entities import Param

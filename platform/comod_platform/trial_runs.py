@@ -15,8 +15,8 @@ from pathlib import Path
 from comod_platform.conventions import (EPOCH, FINAL_FLAG, INTERRUPTED, PROTOCOL_KEYS, TAG_BEST_RUN, TAG_BEST_TRIAL,
                                         TAG_ERROR, TAG_KIND, TAG_PARENT, TAG_ROLE, TAG_SEARCH, TAG_STATE,
                                         TAG_STOPPED_EPOCH, TAG_TRIAL_ID, report_metrics)
-from comod_platform.tracking import (dataset_input, dataset_settings, describe_dataset, log_dataset, log_params,
-                                     metric_entities, params_of)
+from comod_platform.tracking import (all_runs, dataset_input, dataset_settings, describe_dataset, log_dataset,
+                                     log_params, metric_entities, params_of)
 from comod_platform.writer import BACKGROUND_NICE, Writer, transient
 
 log = logging.getLogger(__name__)
@@ -33,18 +33,6 @@ def numeric_metrics(result: dict) -> dict[str, float]:
     return {k: float(v) for k, v in report_metrics(result).items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in RAY_KEYS
             and k not in PROTOCOL_KEYS and ("/" in k or k in OWN_PLAIN)}
-
-
-def all_runs(client, experiment_id: str, filter_string: str, **kwargs):
-    """Every run of the experiment that ``filter_string`` matches, page by page (newest first)."""
-    token = None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000,
-                                  page_token=token, **kwargs)
-        yield from page
-        token = page.token
-        if not token:
-            return
 
 
 def create_run(client, experiment_id: str, parent_run_id: str, search_name: str, trial_id: str, cfg,
