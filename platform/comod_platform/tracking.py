@@ -107,7 +107,9 @@ def setup(experiment: str, metric: str | None = None, mode: str = "max"):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    uri = open_store()
+    _quiet()
+    uri = tracking_uri()  # a new embedded store is made here; reaching it once more would be a second query
+    check_reachable(uri)
     root = artifact_root()  # before set_tracking_uri, which exports MLFLOW_TRACKING_URI
     mlflow.set_tracking_uri(uri)
     with _store_lock(uri):
