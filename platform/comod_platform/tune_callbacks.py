@@ -25,7 +25,7 @@ from comod_platform.writer import FLUSH_TIMEOUT_ENV
 
 log = logging.getLogger(__name__)
 PARENT_METRIC_PREFIXES = ("val/mean_", "test/mean_")  # the best trial's metrics on the parent (and the search's)
-_KEPT = ("runs", "trials_root", "metric", "mode", "keep_checkpoints")
+_KEPT = ("runs", "metric", "mode", "keep_checkpoints")
 
 
 def _error_line(trial) -> str:
@@ -46,9 +46,9 @@ def _outcome(trial) -> tuple[str, str | None]:
 
 class MlflowTrialCallback(Callback):
     def __init__(self, search, search_name: str, tracking_uri: str, experiment_id: str, parent_run_id: str,
-                 trials_root: str, keep_checkpoints: int = 3):
+                 keep_checkpoints: int = 3):
         self.runs = TrialRuns(search, search_name, tracking_uri, experiment_id, parent_run_id)
-        self.trials_root, self.keep_checkpoints = trials_root, keep_checkpoints
+        self.keep_checkpoints = keep_checkpoints
         self.metric, self.mode = search.search.metric, search.search.mode
         self._reset()
 
@@ -139,7 +139,8 @@ class MlflowTrialCallback(Callback):
 
     def _signed(self, last: dict) -> float:
         """The search's metric in ``last``, larger is better (NaN when absent)."""
-        value = float(last.get(self.metric, float("nan")))
+        value = last.get(self.metric)
+        value = float(value) if isinstance(value, (int, float)) else float("nan")
         return value if self.mode == "max" else -value
 
     def _consider_best(self, trials, current=None, result=None) -> None:

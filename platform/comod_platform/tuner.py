@@ -125,8 +125,7 @@ def _callbacks(sf, paths, meta):
     from comod_platform.tune_callbacks import MlflowTrialCallback, ProgressCallback
 
     return [JsonLoggerCallback(),  # the result grid reads its files
-            MlflowTrialCallback(sf, paths.name, meta.tracking_uri, meta.experiment_id, meta.parent_run_id,
-                                str(paths.trials)),
+            MlflowTrialCallback(sf, paths.name, meta.tracking_uri, meta.experiment_id, meta.parent_run_id),
             ProgressCallback(sf.search.metric, sf.search.mode, sf.search.num_trials)]
 
 

@@ -135,7 +135,7 @@ def test_a_data_folder_is_the_dataset_source(tmp_path):
 def _search(home, tiny_data, name="v"):
     search, packed = tiny_data
     uri, experiment_id, parent = runner._start_tracking(search, name, packed)
-    callback = MlflowTrialCallback(search, name, uri, experiment_id, parent, str(home / "trials"))
+    callback = MlflowTrialCallback(search, name, uri, experiment_id, parent)
     return search, packed, uri, experiment_id, parent, callback
 
 
@@ -215,7 +215,7 @@ def test_the_parent_run_carries_the_best_trials_metrics(home, tiny_data):
 
     # a restored driver that hears of no new result still gives the parent the best, once
     again = MlflowTrialCallback(callback.runs.search, "v", callback.runs.tracking_uri, callback.runs.experiment_id,
-                                parent, callback.trials_root)
+                                parent)
     again.on_experiment_end(trials)
     assert len(client.get_metric_history(parent, "val/mean_f1")) == 2
 

@@ -33,7 +33,7 @@ def test_a_resume_drops_the_runs_of_trials_the_lost_driver_never_snapshotted(tmp
     client.set_terminated(runs["done"], status="FINISHED")
 
     callback = MlflowTrialCallback(load_search(REPO / "search_spaces" / "tiny.yaml"), "lost", uri, experiment,
-                                   parent, str(tmp_path / "trials"))
+                                   parent)
     callback.runs.drop_lost_runs({"kept", "done"})  # the trials the restored experiment knows
     assert callback.runs.flush(30)
 
@@ -71,7 +71,7 @@ def test_a_run_found_again_gets_the_params_it_lost(tmp_path):
     created = client.create_run(experiment, tags={TAG_PARENT: parent, TAG_ROLE: "trial", TAG_TRIAL_ID: "t1",
                                                   TAG_STATE: "running"}).info.run_id
 
-    callback = MlflowTrialCallback(search, "p", uri, experiment, parent, str(tmp_path / "trials"))
+    callback = MlflowTrialCallback(search, "p", uri, experiment, parent)
     assert callback.runs.run_id(trial) == created
     params = {k: param_value(v) for k, v in client.get_run(created).data.params.items()}
     assert params == flatten(search.config_for(trial.config))
@@ -299,3 +299,19 @@ def test_a_trials_artifacts_go_out_with_its_end(tmp_path):
     assert listed == {"config.yaml", "metrics.json", "checkpoint.pt", "plots", "plots/gains.png"}
     assert (tmp_path / "art").as_uri() in client.get_run(run_id).info.artifact_uri
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_final_report_without_a_number_for_the_metric_is_no_best():
+    """The best trial for the parent run is chosen among finals whose metric is a number: None or text is
+    passed over (as NaN), never raised on."""
+    from types import SimpleNamespace
+
+    from comod_platform.conventions import FINAL_FLAG
+
+    callback = MlflowTrialCallback.__new__(MlflowTrialCallback)
+    callback.metric, callback.mode = "val/mean_f1", "min"
+    assert callback._signed({"val/mean_f1": 0.25}) == -0.25
+    for value in (None, "n/a", float("nan")):
+        assert callback._signed({"val/mean_f1": value}) != callback._signed({"val/mean_f1": value})  # NaN
+    trial = SimpleNamespace(trial_id="t", last_result={FINAL_FLAG: 1, "val/mean_f1": None})
+    callback._consider_best([trial])  # nothing to record: returns before any write
