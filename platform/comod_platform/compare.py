@@ -35,7 +35,7 @@ PER_KIND_RATIO_TARGET = 0.4
 HOLM_FAMILIES = {
     "conditions": "the search metric, every pair of conditions (the paired-differences table)",
     "test metrics": "each test metric, every pair of conditions (one family per metric)",
-    "settings": "stochastic - deterministic per value of each varied setting and per noise scale",
+    "settings": "the headline pair per value of each varied setting and per noise scale",
     "efficiency": "the paired fine-tuning AUC and steps to each fraction",
 }
 STATES = (COMPLETED, PRUNED, FAILED, RUNNING)
@@ -88,8 +88,8 @@ def by_noise_scale(groups: list[dict], metric: str, mode: str, resamples: int = 
                    seed: int = BOOTSTRAP_SEED, ranges=(), headline=HEADLINE) -> list[dict]:
     """Each trial of the ``headline``'s stochastic condition minus its group's mean of the other (``metric``
     and test F1), split by ``modulation.noise_scale`` (quantile bins when it takes many or sampled values)."""
-    a, b = headline
-    rows = [(t, g[b]) for g in groups if b in g for t in g.get(a, [])]
+    first, second = headline
+    rows = [(t, g[second]) for g in groups if second in g for t in g.get(first, [])]
     values = [t.flat.get("modulation.noise_scale") for t, _ in rows]
     out = []
     for label, members in _split(rows, values, "modulation.noise_scale" in ranges):
@@ -224,13 +224,13 @@ def build_report(name: str, trials: list[TrialRecord], metric: str, mode: str, r
 def apply_holm(r: dict) -> dict:
     """Sets ``p_holm`` on each unit entry (``by_seed``, else the entry itself) of report ``r``'s paired
     comparisons, Holm within each family; returns the families."""
-    metric, e = r["metric"], r["efficiency"]
+    metric, e, headline = r["metric"], r["efficiency"], " - ".join(r["comparisons"][0])
     found = {"conditions": [(f"`{metric}` {p['a']} - {p['b']}", p) for p in r["paired"].values()]}
     found.update({f"test metrics: {k}": [(f"`{k}` {p['a']} - {p['b']}", p) for p in ps.values()]
                   for k, ps in r["paired_metrics"].items() if k != metric})
-    found["settings"] = [(f"`{k}` stochastic - deterministic at {path}={row['value']}", p)
+    found["settings"] = [(f"`{k}` {headline} at {path}={row['value']}", p)
                          for path, rows in r["by_setting"].items() for row in rows for k, p in row["paired"].items()]
-    found["settings"] += [(f"`{k}` stochastic - deterministic at noise scale {row['noise_scale']}", p)
+    found["settings"] += [(f"`{k}` {headline} at noise scale {row['noise_scale']}", p)
                           for row in r["by_noise_scale"] for k, p in row.items() if isinstance(p, dict)]
     found["efficiency"] = [(f"AUC of `{e['curve_key']}` {p['a']} - {p['b']}", p)
                            for p in (e["auc"] or {"paired": {}})["paired"].values()]

@@ -254,6 +254,8 @@ def test_a_variant_headline_drives_the_per_setting_noise_and_win_rate_tables():
     assert rows[0]["paired"][METRIC]["mean"] == pytest.approx(0.01 + 1.5 / 1000)
     assert [row[METRIC]["n"] for row in r["by_noise_scale"]] == [8]
     assert r["win_rates"]["a"]["wins"] == 8 and r["win_rates"]["b"]["losses"] == 8
+    settings = r["holm"]["families"]["settings"]["members"]
+    assert f"`{METRIC}` {a} - {b} at finetune.samples_per_task=16" in settings, settings
     md = R.markdown(r, [])
     assert f"## Per-task win rates ({a} vs {b}, test F1)" in md
     assert f"## Stochastic[heads+controller] - {b} per varied setting" in md
