@@ -101,7 +101,8 @@ def gain_images(run_dir: str | Path, out_dir: str | Path | None = None, checkpoi
     run_dir = Path(run_dir)
     matrices = _matrices(run_dir, checkpoint)[1]
     out = Path(out_dir or run_dir / "plots")
-    for name, (matrix, _, _) in matrices.items():
+    if matrices:
         out.mkdir(parents=True, exist_ok=True)
+    for name, (matrix, _, _) in matrices.items():
         imsave(out / f"{name}.png", np.kron(np.atleast_2d(matrix), np.ones((CELL, CELL))), cmap="viridis")
     return [out / f"{name}.png" for name in matrices]
