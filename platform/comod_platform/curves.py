@@ -71,10 +71,6 @@ def reach_target(final: float, fraction: float, mode: str = "max") -> float:
     return fraction * final if mode == "max" else final / fraction
 
 
-def _points(curve: dict | None) -> list[tuple[int, float]]:
-    return list(zip(curve["steps"], curve["mean"])) if curve else []
-
-
 def _paired(a: str, b: str, rows: list[tuple[float, str]], mode: str, resamples: int, seed: int, **kw) -> dict:
     """:func:`stats.paired_stats` of a - b over (difference, unit) ``rows``."""
     return {"a": a, "b": b, **paired_stats([d for d, _ in rows], mode, resamples, seed, [u for _, u in rows], **kw)}
@@ -108,12 +104,12 @@ def _panels(have: list[TrialRecord], key: str, ranges, out: dict) -> None:
 
 
 def efficiency(trials: list[TrialRecord], metric: str, mode: str, resamples: int = RESAMPLES,
-               seed: int = BOOTSTRAP_SEED, fractions=FRACTIONS, ranges=(), pairs=None) -> dict:
+               seed: int = BOOTSTRAP_SEED, ranges=(), pairs=None) -> dict:
     """``finetune/<metric>`` curves per arm and condition; per matched group the paired AUC (``pairs``) and
     the steps to each fraction of deterministic's final value."""
     key = f"finetune/{metric}"
     notes: list[str] = []
-    out = {"curve_key": key, "fractions": list(fractions), "arm_settings": [], "binned_settings": [], "panels": [],
+    out = {"curve_key": key, "fractions": list(FRACTIONS), "arm_settings": [], "binned_settings": [], "panels": [],
            "auc": None, "steps_to_fraction": None, "groups": [], "notes": notes,
            "band": "Student t 95% interval of the mean over the trials of the condition",
            "grid": "the curves' own fine-tuning steps when all of them have the same; else linear "
@@ -128,15 +124,16 @@ def efficiency(trials: list[TrialRecord], metric: str, mode: str, resamples: int
     _panels(have, key, ranges, out)
 
     present = sorted({condition(t) for t in have}, key=condition_order)
-    pairs = [tuple(p) for p in pairs] if pairs is not None else comparisons(present)
+    pairs = comparisons(present) if pairs is None else pairs
     to_det = [(c, "deterministic") for c in sorted({"stochastic", "none", *present}, key=condition_order)
               if c != "deterministic"]
     auc: dict[tuple, list] = {p: [] for p in pairs}  # (difference, unit) per matched group
-    steps_paired: dict[tuple, list] = {(f, a, b): [] for f in fractions for a, b in to_det}
-    reached = {f: {k: [] for k in present} for f in fractions}
+    steps_paired: dict[tuple, list] = {(f, a, b): [] for f in FRACTIONS for a, b in to_det}
+    reached = {f: {k: [] for k in present} for f in FRACTIONS}
     for group in matched_groups(have):
         unit = group_unit(group)
-        curves = {k: _points(mean_curve([t.curves[key] for t in ts])) for k, ts in group.items()}
+        means = {k: mean_curve([t.curves[key] for t in ts]) for k, ts in group.items()}
+        curves = {k: list(zip(m["steps"], m["mean"])) if m else [] for k, m in means.items()}
         row = {"trials": {k: [t.trial_id for t in ts] for k, ts in group.items()},
                "auc": {k: curve_auc(c) for k, c in curves.items()}, "steps": {}}
         for a, b in pairs:
@@ -150,7 +147,7 @@ def efficiency(trials: list[TrialRecord], metric: str, mode: str, resamples: int
                     continue
                 auc[(a, b)].append((curve_auc(ca) - curve_auc(cb), unit))
         if curves.get("deterministic"):
-            for f in fractions:
+            for f in FRACTIONS:
                 target = reach_target(curves["deterministic"][-1][1], f, mode)
                 steps = row["steps"][f"{f:g}"] = {k: steps_to_reach(c, target, mode) for k, c in curves.items()}
                 for k, s in steps.items():
@@ -167,12 +164,12 @@ def efficiency(trials: list[TrialRecord], metric: str, mode: str, resamples: int
                          "median": float(np.median(hit)) if (hit := [x for x in s if x is not None]) else None}
                      for k, s in reached[f].items()},
         "paired": {f"{a}-{b}": _paired(a, b, steps_paired[(f, a, b)], "min", resamples, seed, half_width=None)
-                   for a, b in to_det}} for f in fractions}
+                   for a, b in to_det}} for f in FRACTIONS}
     for what, p in [("AUC", p) for p in out["auc"]["paired"].values()] + [
             (f"steps to {f}", p) for f, st in out["steps_to_fraction"].items() for p in st["paired"].values()]:
         if p["n"] < 2 and {p["a"], p["b"]} <= set(present):
             notes.append(f"{what}, {p['a']} - {p['b']}: {p['n']} matched group(s) with both: no interval.")
-    if fractions and not any(reached[fractions[0]].values()):
+    if not any(reached[FRACTIONS[0]].values()):
         notes.append("No matched group has a deterministic curve: no steps-to-fraction.")
     return out
 
@@ -194,17 +191,15 @@ def pretraining(trials: list[TrialRecord], metric: str, mode: str) -> dict:
     for kind in labels:
         mine = [t.curves.get(key) for t in trials if pretrained_with(t) == kind]
         found = list(dict.fromkeys(tuple(v for _, v in c) for c in mine if c))  # a shared pretraining once
-        curves = [list(enumerate(values, 1)) for values in found]  # one evaluation per epoch
-        if not curves:
+        if not found:
             continue
-        out["kinds"][kind] = mean_curve(curves)
+        out["kinds"][kind] = mean_curve([list(enumerate(values, 1)) for values in found])  # one evaluation per epoch
         gains = [float(np.mean(c[-w:]) - np.mean(c[-2 * w:-w])) for c in found if len(c) >= 2 * w]
         if not gains:
             out["notes"].append(f"{kind}: pretraining shorter than {2 * w} epochs: no plateau check.")
             continue
         mean, ci = float(np.mean(gains)), t_interval(gains)
-        ci = list(ci) if ci else None
-        out["plateau"][kind] = {"pretrainings": len(gains), "gain": mean, "ci95": ci}
+        out["plateau"][kind] = {"pretrainings": len(gains), "gain": mean, "ci95": list(ci) if ci else None}
         if ci is not None and all(better(bound, 0, mode) for bound in ci):  # the whole interval
             out["notes"].append(f"{kind} was still improving when pretraining ended ({metric} {mean:+.4f} over its "
                                 f"last {w} epochs against the {w} before, 95% CI [{ci[0]:+.4f}, {ci[1]:+.4f}]): "

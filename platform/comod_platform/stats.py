@@ -25,39 +25,37 @@ ROUGH_N = 8
 """Fewer seeds than this: the interval is rough."""
 
 
-def t_half_width(sd, n: int, level: float = LEVEL):
+def t_half_width(sd, n: int):
     """Half-width of the Student t interval of a mean of ``n`` values of spread ``sd`` (or an array of them)."""
-    return stats.t.ppf((1 + level) / 2, n - 1) * sd / math.sqrt(n)
+    return stats.t.ppf((1 + LEVEL) / 2, n - 1) * sd / math.sqrt(n)
 
 
-def t_interval(values, level: float = LEVEL) -> tuple[float, float] | None:
+def t_interval(values) -> tuple[float, float] | None:
     """Student t interval of the mean; None with fewer than two values."""
     x = np.asarray(values, dtype=float)
     if x.size < 2:
         return None
-    half = float(t_half_width(float(x.std(ddof=1)), x.size, level))
+    half = float(t_half_width(float(x.std(ddof=1)), x.size))
     return float(x.mean() - half), float(x.mean() + half)
 
 
-def bootstrap_interval(values, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED,
-                       level: float = LEVEL) -> tuple[float, float] | None:
+def bootstrap_interval(values, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[float, float] | None:
     """Seeded percentile bootstrap interval of the mean; None with fewer than two values."""
     x = np.asarray(values, dtype=float)
     if x.size < 2:
         return None
-    res = stats.bootstrap((x,), np.mean, n_resamples=resamples, confidence_level=level, method="percentile",
+    res = stats.bootstrap((x,), np.mean, n_resamples=resamples, confidence_level=LEVEL, method="percentile",
                           vectorized=True, rng=np.random.default_rng(seed))
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
-def sign_flip_test(values, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED,
-                   exact_max: int = EXACT_MAX_N) -> dict | None:
+def sign_flip_test(values, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict | None:
     """Two-sided sign-flip test of a zero mean: ``{"p", "method", "p_min"}``, None for no value. Up to
-    ``exact_max`` values all 2^n flips are enumerated (p >= 2/2^n); beyond, ``resamples`` seeded ones."""
+    :data:`EXACT_MAX_N` values all 2^n flips are enumerated (p >= 2/2^n); beyond, ``resamples`` seeded ones."""
     x = np.asarray(values, dtype=float)
     if x.size == 0:
         return None
-    if x.size <= exact_max:
+    if x.size <= EXACT_MAX_N:
         sums = np.zeros(1)
         for v in x:  # the 2^n sums, built by doubling
             sums = np.concatenate((sums + v, sums - v))
@@ -78,12 +76,12 @@ def holm(pvalues) -> list[float]:
     return out.tolist()
 
 
-def seeds_needed(sd: float | None, half_width: float = HALF_WIDTH, level: float = LEVEL) -> int | None:
+def seeds_needed(sd: float | None, half_width: float = HALF_WIDTH) -> int | None:
     """Smallest n >= 2 whose t interval at spread ``sd`` has at most ``half_width``; None without a spread."""
     if sd is None or not math.isfinite(sd) or half_width <= 0:
         return None
-    n = max(2, math.ceil((stats.norm.ppf((1 + level) / 2) * sd / half_width) ** 2))  # t > z: no smaller n can do
-    while t_half_width(sd, n, level) > half_width:
+    n = max(2, math.ceil((stats.norm.ppf((1 + LEVEL) / 2) * sd / half_width) ** 2))  # t > z: no smaller n can do
+    while t_half_width(sd, n) > half_width:
         n += 1
     return n
 
@@ -110,10 +108,7 @@ def paired_stats(diffs, mode: str, resamples: int = RESAMPLES, seed: int = BOOTS
            "p_holm": None, "seeds_needed": seeds_needed(sd, half_width) if half_width else None,
            "rough": 0 < x.size < ROUGH_N, "a_better": sum(better(d, 0, mode) for d in x.tolist()),
            "ties": int(np.sum(x == 0))}
-    if seeds is not None and len(set(map(str, seeds))) < len(diffs):
-        per: dict[str, list[float]] = {}
-        for d, s in zip(diffs, seeds):
-            per.setdefault(str(s), []).append(d)
-        out["by_seed"] = paired_stats([float(np.mean(v)) for _, v in sorted(per.items())], mode, resamples, seed,
-                                      half_width=half_width)
+    if seeds is not None and len(units := sorted(set(map(str, seeds)))) < len(diffs):
+        means = [float(np.mean([d for d, s in zip(diffs, seeds) if str(s) == u])) for u in units]
+        out["by_seed"] = paired_stats(means, mode, resamples, seed, half_width=half_width)
     return out
