@@ -15,7 +15,6 @@ KIND_COLOURS = {"none": "tab:grey", "deterministic": "tab:blue", "stochastic": "
 SPARE_COLOURS = ("tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
 JITTER = 0.08
 """Half-width of the random horizontal offset of a plotted point, so equal values stay apart."""
-MARGINS = {"left": 0.08, "right": 0.98, "bottom": 0.14, "top": 0.86, "wspace": 0.25, "hspace": 0.45}
 
 
 def _figure(width: float, height: float, dpi: int = 110, **grid):
@@ -37,12 +36,6 @@ def _band(ax, c: dict, colour, label: str, **style) -> None:
     ax.plot(c["steps"], c["mean"], ms=3, color=colour, label=label, **style)
     if c["lo"] is not None:
         ax.fill_between(c["steps"], c["lo"], c["hi"], color=colour, alpha=0.2, lw=0)
-
-
-def colours(conditions) -> dict[str, str]:
-    """Plain kinds keep their colour; every other condition takes the next spare one, in report order."""
-    spare = cycle(SPARE_COLOURS)
-    return {c: KIND_COLOURS.get(c) or next(spare) for c in sorted(set(conditions), key=condition_order)}
 
 
 def draw(r: dict, trials: list[TrialRecord], out: Path) -> list[Path]:
@@ -104,12 +97,15 @@ def curves_figure(r: dict):
     panels = [p for p in r["efficiency"]["panels"] if p["kinds"]]
     if not panels:
         return None
-    colour = colours(c for p in panels for c in p["kinds"])
+    spare = cycle(SPARE_COLOURS)  # plain kinds keep their colour, other conditions take the next spare one
+    conds = sorted({c for p in panels for c in p["kinds"]}, key=condition_order)
+    colour = {c: KIND_COLOURS.get(c) or next(spare) for c in conds}
     cols, rows = min(3, len(panels)), math.ceil(len(panels) / 3)
     height = 3.4 * rows + 0.4
     fig, axes = _figure(4.6 * cols, height, 100, nrows=rows, ncols=cols, squeeze=False, sharey=True)
     axes = axes.ravel()
-    fig.subplots_adjust(**{**MARGINS, "top": 1 - 0.8 / height})  # room for two title lines above the panels'
+    # room for the two-line title above the panels
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.14, top=1 - 0.8 / height, wspace=0.25, hspace=0.45)
     for ax, panel in zip(axes, panels):
         last = max(c["steps"][-1] for c in panel["kinds"].values())
         for cond, c in panel["kinds"].items():

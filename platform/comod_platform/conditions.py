@@ -121,9 +121,7 @@ def varied_settings(trials: list[TrialRecord]) -> list[str]:
 
 def show(value: Any) -> str:
     """A setting's value as text: floats to 3 significant digits."""
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return value if isinstance(value, str) else json.dumps(value)
+    return f"{value:.3g}" if isinstance(value, float) else value if isinstance(value, str) else json.dumps(value)
 
 
 def _is_number(value: Any) -> bool:
