@@ -22,39 +22,6 @@ class WheelError(RuntimeError):
     """The wheel cannot be built; the message says why and what to do instead."""
 
 
-def source_root() -> Path:
-    """The project's source tree that the installed ``comod_platform`` and ``comod`` come from."""
-    import comod
-
-    here = Path(__file__).resolve().parent
-    for folder in here.parents:
-        if (folder / "pyproject.toml").is_file() and Path(comod.__file__).resolve().is_relative_to(folder):
-            return folder
-    raise WheelError(f"--ship wheel builds the project's wheel from its source, but comod_platform is installed "
-                     f"from {here}, with no source tree of the project above it; install the project from its "
-                     f"source (pip install -e .), or pass --ship image when the cluster's image has comod")
-
-
-def _source_copy(root: Path, dest: Path) -> Path:
-    """What the build needs from ``root`` (its packaging files and both packages), copied to ``dest``: the
-    build writes ``build/`` and ``*.egg-info`` beside its sources, which stay untouched."""
-    import comod
-
-    dest.mkdir(parents=True)
-    for path in [root / "pyproject.toml", root / "README.md", *root.glob("LICENSE*")]:
-        if path.is_file():
-            shutil.copy2(path, dest / path.name)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    for package in (Path(comod.__file__).resolve().parent, Path(__file__).resolve().parent):
-        shutil.copytree(package, dest / package.relative_to(root), ignore=ignore)
-    return dest
-
-
-def _record_line(name: str, data: bytes) -> str:
-    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-    return f"{name},sha256={digest},{len(data)}"
-
-
 def _ship_ready(wheel: Path, out_dir: Path) -> Path:
     """``wheel`` without declared dependencies, named by a hash of its contents (see the module's doc)."""
     with zipfile.ZipFile(wheel) as zin:
@@ -64,12 +31,11 @@ def _ship_ready(wheel: Path, out_dir: Path) -> Path:
     metadata = next(n for n in files if n.endswith(".dist-info/METADATA"))
     files[metadata] = b"".join(line for line in files[metadata].splitlines(keepends=True)
                                if not line.startswith((b"Requires-Dist:", b"Provides-Extra:")))
-    content = hashlib.sha256()
-    for name in sorted(files):
-        if name != record:
-            content.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
-    files[record] = "".join(f"{_record_line(n, d) if n != record else n + ',,'}\n"
-                            for n, d in files.items()).encode()
+    digests = {n: hashlib.sha256(data).digest() for n, data in files.items() if n != record}
+    content = hashlib.sha256(b"".join(n.encode() + b"\0" + digests[n] for n in sorted(digests)))
+    b64 = {n: base64.urlsafe_b64encode(digest).rstrip(b"=").decode() for n, digest in digests.items()}
+    files[record] = "".join(f"{n},sha256={b64[n]},{len(files[n])}\n" if n != record else f"{n},,\n"
+                            for n in files).encode()
     dist, version, *tags = wheel.stem.split("-")
     tags = tags[-3:]  # python, abi, platform; a build tag of pip's, if any, is replaced
     target = out_dir / f"{dist}-{version}-0{content.hexdigest()[:16]}-{'-'.join(tags)}.whl"
@@ -79,13 +45,28 @@ def _ship_ready(wheel: Path, out_dir: Path) -> Path:
     return target
 
 
-def build_wheel(out_dir: Path, root: Path | None = None) -> Path:
+def build_wheel(out_dir: Path) -> Path:
     """Build the project's wheel from its source tree into ``out_dir``, ready to ship in ``py_modules``."""
-    root = root or source_root()
+    import comod
+
+    here, comod_dir = Path(__file__).resolve().parent, Path(comod.__file__).resolve().parent
+    # the project's source tree that the installed comod_platform and comod come from
+    root = next((d for d in here.parents if (d / "pyproject.toml").is_file() and comod_dir.is_relative_to(d)), None)
+    if root is None:
+        raise WheelError(f"--ship wheel builds the project's wheel from its source, but comod_platform is installed "
+                         f"from {here}, with no source tree of the project above it; install the project from its "
+                         f"source (pip install -e .), or pass --ship image when the cluster's image has comod")
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="comod-wheel-") as tmp:
-        src = _source_copy(root, Path(tmp) / "src")
-        built = Path(tmp) / "dist"
+        # the build writes build/ and *.egg-info beside its sources: it gets a copy of what it needs
+        src, built = Path(tmp) / "src", Path(tmp) / "dist"
+        src.mkdir()
+        for path in [root / "pyproject.toml", root / "README.md", *root.glob("LICENSE*")]:
+            if path.is_file():
+                shutil.copy2(path, src / path.name)
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+        for package in (comod_dir, here):
+            shutil.copytree(package, src / package.relative_to(root), ignore=ignore)
         command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                    "-w", str(built), str(src)]
         env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
