@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 
-MASK = "***"
 _USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:@/]*):(?P<password>[^@/]*)@")
 _SECRET_KEY = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL|PRIVATE_KEY|API_KEY|ACCESS_KEY)", re.I)
 _NOT_SECRET = {"AWS_ACCESS_KEY_ID", "GOOGLE_APPLICATION_CREDENTIALS", "AWS_SHARED_CREDENTIALS_FILE", "PGPASSFILE"}
@@ -15,7 +14,7 @@ _NOT_SECRET = {"AWS_ACCESS_KEY_ID", "GOOGLE_APPLICATION_CREDENTIALS", "AWS_SHARE
 
 def redact(text: str) -> str:
     """``text`` with the password of a URL at its start (``scheme://user:password@``) replaced by ``***``."""
-    return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@" if m["password"] else m[0], str(text))
+    return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@" if m["password"] else m[0], str(text))
 
 
 def redact_all(text: str) -> str:
@@ -30,6 +29,5 @@ def restore(url: str, *candidates: str | None) -> str:
 
 
 def is_secret(key: str, value: str = "") -> bool:
-    """Whether an environment variable holds a secret: its name says so, or its value is a URL with a
-    password."""
+    """Whether an environment variable holds a secret: its name says so, or its value is a URL with a password."""
     return (key not in _NOT_SECRET and bool(_SECRET_KEY.search(key))) or redact(value) != value

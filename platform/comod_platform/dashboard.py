@@ -91,6 +91,3 @@ def serve(name: str, port: int = DEFAULT_PORT) -> int:
         storage.engine.dispose()
     print(f"comod: dashboard of search {name} stopped", file=sys.stderr, flush=True)
     return 0
-
-
-__all__ = ["DEFAULT_PORT", "DashboardError", "HOST", "open_study_storage", "serve"]

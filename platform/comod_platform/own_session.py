@@ -18,7 +18,6 @@ SAME_STOP_S = 0.2
 signals the command and then its whole group, and a second signal would end the search at once."""
 
 parent_pid: int | None = None
-"""The pid of the process that passes signals on to this driver (the one a user sees), or None."""
 
 
 def driver_pid() -> int:
@@ -54,11 +53,10 @@ def enter() -> None:
     def forward(signum, frame):
         sent = FORWARDED[signum]
         now = time.monotonic()
-        if now - last.get(sent, -1e9) < SAME_STOP_S:
-            return
-        last[sent] = now
-        with suppress(ProcessLookupError):
-            os.kill(child, sent)
+        if now - last.get(sent, -1e9) >= SAME_STOP_S:
+            last[sent] = now
+            with suppress(ProcessLookupError):
+                os.kill(child, sent)
 
     for signum in FORWARDED:
         signal.signal(signum, forward)

@@ -13,8 +13,6 @@ from comod.model import task_gains
 from comod.train import load_checkpoint
 
 PHASES = {"pretrain": "tab:blue", "finetune": "tab:orange"}
-MAX_ROW_NAMES = 40
-"""A heatmap with more rows than this shows no row names."""
 CELL = 6
 """Pixels per side of one task-and-channel cell in :func:`gain_images`."""
 
@@ -52,7 +50,7 @@ def heatmap(matrix, title: str, xlabel: str, ylabel: str, row_names=()):
     ax = fig.subplots()
     fig.colorbar(ax.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest"), ax=ax)
     ax.set(title=title, xlabel=xlabel)
-    if len(row_names) == rows <= MAX_ROW_NAMES:
+    if len(row_names) == rows <= 40:  # more rows than that: no row names
         ax.set_yticks(range(rows), list(row_names), fontsize=7)
     else:
         ax.set_ylabel(ylabel)
