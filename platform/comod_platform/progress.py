@@ -12,7 +12,9 @@ class ProgressCallbacks(Callbacks):
     """A tqdm bar per phase; each epoch's metrics to the run logger and one line to the terminal."""
 
     def __init__(self, logger, enabled: bool = True):
-        super().__init__(on_epoch=self._epoch, on_step=self._step, on_phase=self._phase, on_eval=self._eval)
+        # a learning-curve point (on_eval) goes to MLflow only, the bar goes on
+        super().__init__(on_epoch=self._epoch, on_step=self._step, on_phase=self._phase,
+                         on_eval=lambda phase, step, metrics: logger.log_metrics(metrics, step))
         self.logger, self.disable = logger, None if enabled else True  # None: a bar only on a terminal
         self.bar: tqdm | None = None
         self.epochs = 0
@@ -34,9 +36,6 @@ class ProgressCallbacks(Callbacks):
         self.logger.log_metrics(metrics, step)
         shown = ", ".join(f"{k.split('/')[-1]}={v:.4f}" for k, v in metrics.items())
         print(f"{phase} epoch {epoch}/{self.epochs}: {shown}", file=sys.stderr)
-
-    def _eval(self, phase: str, step: int, metrics: dict) -> None:
-        self.logger.log_metrics(metrics, step)  # a learning-curve point: to MLflow only, the bar goes on
 
     def close(self) -> None:
         if self.bar is not None:
