@@ -50,9 +50,9 @@ class Dist:
         check(self.step is None or self.step > 0, f"{path}.step", self.step, "a positive step")
         check(not (self.log and self.step is not None), path, "log and step", "either log or step, not both")
 
-    def active(self, values: dict[str, Any], base: dict[str, Any] | None = None) -> bool:
+    def active(self, values: dict[str, Any], base: dict[str, Any]) -> bool:
         """Whether the ``when`` condition holds for ``values`` (a setting not in them: its ``base`` value)."""
-        return all(values.get(k, (base or {}).get(k)) == v for k, v in self.when.items())
+        return all(values.get(k, base.get(k)) == v for k, v in self.when.items())
 
     def values_to_check(self) -> list[Any]:
         """Values that must all pass the experiment loader: the bounds, or every choice."""
