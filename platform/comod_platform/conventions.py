@@ -105,10 +105,9 @@ def direction(mode: str) -> str:
     return "maximize" if mode == "max" else "minimize"
 
 
-def outcome(last: dict | None, errored: bool = False) -> str:
+def outcome(last: dict, errored: bool = False) -> str:
     """A trial's state from its last report: ``failed`` (it raised, or ended with a recorded failure),
     ``completed`` (its last report carries the final flag) or ``pruned`` (stopped before its end)."""
-    last = last or {}
     if errored or last.get(DIVERGED_FLAG):
         return FAILED
     return COMPLETED if last.get(FINAL_FLAG) else PRUNED
