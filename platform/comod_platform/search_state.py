@@ -3,8 +3,7 @@
 ``<runs>/searches/NAME/``: ``search.yaml`` (the search file as run), ``meta.json`` (ids, versions, the
 search file's hash; URLs redacted, see :mod:`credentials`), ``driver.lock`` and ``driver.json`` (the one
 driver's lock, and who holds it), ``optuna.db`` (the embedded study), ``ray/`` (Ray Tune's experiment),
-``trials/ID/`` (each trial's outputs) and ``pretrain_cache/`` (pretrained models shared by trials).
-"""
+``trials/ID/`` (each trial's outputs) and ``pretrain_cache/`` (pretrained models shared by trials)."""
 from __future__ import annotations
 
 import hashlib
@@ -13,7 +12,9 @@ import os
 import re
 import socket
 import time
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field, fields
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -34,13 +35,9 @@ class BadName(ValueError):
     """A search name that cannot be a folder and an experiment name; the message says what is allowed."""
 
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-
-
 def check_name(name: str) -> str:
-    """``name`` when it can name a folder, an MLflow experiment, an Optuna study and a Ray job; else
-    :class:`BadName`."""
-    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+    """``name`` when it can name a folder, an MLflow experiment, an Optuna study and a Ray job; else BadName."""
+    if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", name) or ".." in name:
         raise BadName(f"--name {name!r}: a search's name is letters, digits, '.', '_' and '-' (at most 100, "
                       f"starting with a letter or digit, no '..'), e.g. --name tiny-lr-sweep")
     return name
@@ -54,14 +51,10 @@ def default_name(stem: str) -> str:
 
 def versions() -> dict[str, str]:
     """The versions of what a search's stored state depends on (recorded at its start, checked on resume)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for package in ("comod", "ray", "optuna", "mlflow", "torch"):
-        try:
+    found = dict.fromkeys(("comod", "ray", "optuna", "mlflow", "torch"), "unknown")
+    for package in found:
+        with suppress(PackageNotFoundError):
             found[package] = version(package)
-        except PackageNotFoundError:
-            found[package] = "unknown"
     return found
 
 
@@ -221,14 +214,12 @@ def first_difference(old: dict, new: dict, prefix: str = "") -> str | None:
     for key in sorted(set(old) | set(new), key=str):
         a, b, path = old.get(key, "<absent>"), new.get(key, "<absent>"), f"{prefix}{key}"
         if isinstance(a, dict) and isinstance(b, dict):
-            found = first_difference(a, b, path + ".")
-            if found:
+            if found := first_difference(a, b, path + "."):
                 return found
         elif a != b:
             return f"{path}: {a!r} when the search started, {b!r} now"
     return None
 
 
-def known_searches(home: Path | None = None) -> list[str]:
-    folder = (home or runs_home()) / "searches"
-    return sorted(p.parent.name for p in folder.glob("*/meta.json"))
+def known_searches() -> list[str]:
+    return sorted(p.parent.name for p in (runs_home() / "searches").glob("*/meta.json"))
