@@ -3,16 +3,15 @@
 The search's own ``ray/`` folder by default; on a cluster, ``--storage`` or ``$COMOD_STORAGE``: a folder every
 node mounts, or a URI pyarrow reads (``s3://bucket/prefix``; S3-compatible servers through ``AWS_ENDPOINT_URL``
 or ``?endpoint_override=HOST:PORT&scheme=http``). :func:`check_shared` checks that every node reads what the
-driver writes there; ``python -m comod_platform.storage check STORAGE`` runs it from a Ray job.
-"""
+driver writes there; ``python -m comod_platform.storage check STORAGE`` runs it from a Ray job."""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import uuid
 from contextlib import suppress
 
-ENV = "COMOD_STORAGE"
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_DEFAULT_REGION",
                  "AWS_REGION", "AWS_SHARED_CREDENTIALS_FILE", "GOOGLE_APPLICATION_CREDENTIALS", "COMOD_DOWNLOAD")
 """Driver settings that trials on a remote cluster need too (storage credentials, offline mode)."""
@@ -28,14 +27,14 @@ def is_uri(storage: str) -> bool:
 
 def resolve(storage: str | None, default: str) -> str:
     """``storage`` if given, else ``$COMOD_STORAGE``, else the embedded ``default`` folder."""
-    chosen = (storage or os.environ.get(ENV) or default).removeprefix("file://")
+    chosen = (storage or os.environ.get("COMOD_STORAGE") or default).removeprefix("file://")
     return chosen if is_uri(chosen) else os.path.abspath(os.path.expanduser(chosen))
 
 
 def join(storage: str, *parts: str) -> str:
     if is_uri(storage):
         base, sep, query = storage.partition("?")
-        return "/".join([base.rstrip("/"), *parts]) + (sep + query if sep else "")
+        return "/".join([base.rstrip("/"), *parts]) + sep + query
     return os.path.join(storage, *parts)
 
 
@@ -126,12 +125,10 @@ def worker_env() -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m comod_platform.storage check STORAGE [--address ADDR]``: run the shared-storage check."""
-    import argparse
-
     p = argparse.ArgumentParser(prog="python -m comod_platform.storage")
     p.add_argument("command", choices=["check"])
     p.add_argument("storage")
-    p.add_argument("--address", default=None, help="Ray cluster (default: $RAY_ADDRESS, or the job's cluster)")
+    p.add_argument("--address", help="Ray cluster (default: $RAY_ADDRESS, or the job's cluster)")
     args = p.parse_args(argv)
     import ray
 
