@@ -1,9 +1,5 @@
-"""A finished or stopped search in numbers, from Ray Tune's result grid.
-
-Trials by state (completed, pruned, interrupted, failed), the best trial
-overall and of each modulation kind with its test metrics, and each failure's
-last line: what ``comod search run`` and ``resume`` print and return.
-"""
+"""A finished or stopped search in numbers, from Ray Tune's result grid: what ``comod search run`` and
+``resume`` print and return."""
 from __future__ import annotations
 
 import re
@@ -14,8 +10,7 @@ from comod_platform.conventions import COMPLETED, FAILED, INTERRUPTED, PRUNED, R
 
 def last_line(text: str, limit: int = 300) -> str:
     """The last non-empty line of ``text`` (an error's message), at most ``limit`` characters."""
-    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
-    return (lines[-1] if lines else "")[:limit]
+    return next((line.strip() for line in reversed(str(text).splitlines()) if line.strip()), "")[:limit]
 
 
 SUMMARY_METRICS = ("test/mean_f1", "test/mean_recall", "test/mean_precision")
@@ -27,8 +22,7 @@ def summarise_grid(grid, sf, interrupted=()) -> dict:
     stopped search left unfinished), ``failed``, ``best`` (``{value, trial_id}`` or None), ``metric``,
     ``best_per_kind`` (``{kind: {trial_id, value, *SUMMARY_METRICS} or None}`` for every kind used) and
     ``failures`` (``[{trial_id, error}]``, each error's last line)."""
-    completed = pruned = failed = stopped = 0
-    interrupted = set(interrupted)
+    counts = dict.fromkeys((COMPLETED, PRUNED, INTERRUPTED, FAILED), 0)
     metric, mode = sf.search.metric, sf.search.mode
     best = None
     base_kind = sf.base_config().modulation.kind
@@ -36,36 +30,27 @@ def summarise_grid(grid, sf, interrupted=()) -> dict:
     failures = []
     for result in grid:
         metrics = report_metrics(result.metrics)
-        config = result.config or {}
-        kind = config.get("modulation.kind", base_kind)
+        kind = (result.config or {}).get("modulation.kind", base_kind)
         per_kind.setdefault(kind, None)
         trial_id = metrics.get("trial_id") or _trial_id_of(result)
         state = outcome(metrics, errored=result.error is not None)
+        state = INTERRUPTED if state == PRUNED and trial_id in interrupted else state
+        counts[state] += 1
+        value = metrics.get(metric)
         if state == FAILED:
-            failed += 1
             error = result.error if result.error is not None else metrics.get(REASON, "the loss diverged")
             failures.append({"trial_id": trial_id, "error": last_line(str(error)) or type(error).__name__})
-            continue
-        if state == COMPLETED:
-            completed += 1
-            value = metrics.get(metric)
-            if value is None:
-                continue
-            if best is None or better(value, best[0], mode):
-                best = (value, trial_id)
+        elif state == COMPLETED and value is not None:
+            if best is None or better(value, best["value"], mode):
+                best = {"value": value, "trial_id": trial_id}
             top = per_kind[kind]
             if top is None or better(value, top["value"], mode):
                 per_kind[kind] = {"trial_id": trial_id, "value": value,
                                   **{k: metrics.get(k) for k in SUMMARY_METRICS}}
-        elif trial_id in interrupted:
-            stopped += 1
-        else:
-            pruned += 1
     order = {k: i for i, k in enumerate(KINDS)}
     per_kind = dict(sorted(per_kind.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
-    return {"trials": len(grid), COMPLETED: completed, PRUNED: pruned, INTERRUPTED: stopped, FAILED: failed,
-            "best": {"value": best[0], "trial_id": best[1]} if best else None, "metric": metric,
-            "best_per_kind": per_kind, "failures": failures}
+    return {"trials": len(grid), **counts, "best": best, "metric": metric, "best_per_kind": per_kind,
+            "failures": failures}
 
 
 def _trial_id_of(result) -> str | None:
