@@ -14,7 +14,7 @@ from comod_platform.dashboard import DEFAULT_PORT, DashboardError, serve
 from comod_platform.errors import EXIT_FAILED, EXIT_USAGE, UserError, user_errors
 from comod_platform.interrupts import EXIT_CODES, requested
 from comod_platform.paths import disk_message, runs_home
-from comod_platform.search_state import known_searches
+from comod_platform.search_state import BadName, SearchBusy, SearchNotFound, known_searches
 
 SEARCH_HELP = "search file (search_spaces/NAME.yaml) or the NAME of one in search_spaces/"
 RAY_HELP = "Ray cluster address (default: $RAY_ADDRESS, else a local Ray)"
@@ -98,7 +98,6 @@ def _user_errors() -> tuple:
     from comod.data.taskdata import DatasetNotFoundError
     from comod_platform.results import ResultsError
     from comod_platform.runner import SearchError
-    from comod_platform.search_state import BadName, SearchBusy, SearchNotFound
     from comod_platform.tracking import TrackingError
 
     return (ConfigError, BadName, DatasetNotFoundError, SearchError, SearchNotFound, SearchBusy, TrackingError,
@@ -204,11 +203,9 @@ def _status(name: str) -> int:
     metric, searched = results.metric, list(results.search.space)
     table = [["trial", "state", "epochs", metric, f"best {metric}"] + searched]
     for t in results.trials:
-        final, best = t.value(metric), t.best
-        table.append([t.trial_id, t.state, str(t.epochs), f"{final:.4f}" if final is not None else "-",
-                      f"{best:.4f}" if best is not None else "-"]
+        table.append([t.trial_id, t.state, str(t.epochs), _number(t.value(metric)), _number(t.best)]
                      # a conditional setting the trial did not sample (its `when` fails) is blank, not the base value
-                     + [_short(t.flat.get(p)) if results.search.space[p].active(t.flat) else "" for p in searched])
+                     + [_short(t.flat.get(p)) if results.search.space[p].active(t.flat, {}) else "" for p in searched])
     print("\n".join(_table(table, indent="")))
     counts = ", ".join(f"{n} {state}" for state, n in results.counts().items() if n)
     print(f"{len(results.trials)} trials of {results.search.search.num_trials}: {counts or 'none yet'}")
@@ -225,7 +222,7 @@ def _job_command(args) -> int:
     from comod.config import ConfigError
     from comod_platform import jobs
 
-    with user_errors(ConfigError, code=EXIT_USAGE), user_errors(jobs.JobsError):
+    with user_errors(ConfigError, BadName, code=EXIT_USAGE), user_errors(jobs.JobsError):
         if args.search_command == "submit":
             sub = jobs.submit(args.search, address=args.address, name=args.name, storage=args.storage,
                               ship=args.ship, env_pairs=args.env)
@@ -292,16 +289,13 @@ def cmd_compare(args) -> int:
         where[path.strip()] = yaml.safe_load(text) if text.strip() else text
     with user_errors(CompareError, *_user_errors()):
         result = compare(args.name, metric=args.metric, out_dir=args.out, where=where)
-    report = next((f for f in result.get("files", []) if f.endswith(".md")), None)
-    if report:
+    if report := next((f for f in result.get("files", []) if f.endswith(".md")), None):
         print(Path(report).read_text())
         print(f"written: {', '.join(result['files'])}", file=sys.stderr)
     return 0
 
 
 def cmd_dashboard(args) -> int:
-    from comod_platform.search_state import SearchNotFound
-
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port}: expected a port number from 1 to 65535", EXIT_USAGE)
     with user_errors(SearchNotFound, DashboardError):

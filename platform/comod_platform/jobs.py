@@ -1,12 +1,10 @@
 """Searches submitted to a Ray cluster as Ray jobs, through the Ray Jobs API.
 
-``submit`` checks the search file here, then submits a job whose entrypoint
-is ``comod search run search.yaml --name N --or-resume`` (:func:`runner.run_or_resume`):
-a resubmitted job of the same name continues the search instead of starting
-over. The search file travels in a small ``working_dir``; with ``ship="wheel"``
-the project's own wheel (:mod:`wheel`) travels in ``py_modules``, so the cluster
-runs exactly the code that was submitted; with ``ship="image"`` the cluster's
-image provides it. Every job carries the metadata ``{"comod.search": N}``;
+``submit`` checks the search file here, then submits a job whose entrypoint is ``comod search run search.yaml
+--name N --or-resume`` (:func:`runner.run_or_resume`): a resubmitted job of the same name continues the search
+instead of starting over. The search file travels in a small ``working_dir``; with ``ship="wheel"`` the project's
+own wheel (:mod:`wheel`) travels in ``py_modules``, so the cluster runs exactly the code that was submitted; with
+``ship="image"`` the cluster's image provides it. Every job carries the metadata ``{"comod.search": N}``;
 ``status``, ``logs`` and ``stop`` find a search's latest job by it.
 """
 from __future__ import annotations
@@ -19,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -29,8 +28,6 @@ from comod_platform.wheel import WheelError, build_wheel
 
 SEARCH_KEY = "comod.search"
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "COMOD_OPTUNA_STORAGE", "COMOD_STORAGE")
-SHIP_CHOICES = ("wheel", "image")
-PROGRESS_PREFIX = "[search]"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -45,14 +42,12 @@ class JobsError(RuntimeError):
 
 def dashboard_address(address: str | None) -> str:
     """The Ray dashboard's URL: ``address``, else ``$RAY_ADDRESS`` when that is an http(s) URL."""
-    if not address:
-        env = os.environ.get("RAY_ADDRESS", "")
-        if env.startswith(("http://", "https://")):
-            address = env
-        else:
-            hint = f" ($RAY_ADDRESS is {env!r}, not a dashboard URL)" if env else ""
-            raise JobsError(f"no cluster address{hint}: give --address http://HEAD:8265, the Ray dashboard of "
-                            f"the cluster's head node, or set RAY_ADDRESS to it", EXIT_USAGE)
+    env = os.environ.get("RAY_ADDRESS", "")
+    if not address and not env.startswith(("http://", "https://")):
+        hint = f" ($RAY_ADDRESS is {env!r}, not a dashboard URL)" if env else ""
+        raise JobsError(f"no cluster address{hint}: give --address http://HEAD:8265, the Ray dashboard of the "
+                        f"cluster's head node, or set RAY_ADDRESS to it", EXIT_USAGE)
+    address = address or env
     parsed = urlparse(address)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise JobsError(f"--address {address!r} is not the URL of a Ray dashboard; jobs are submitted to the "
@@ -61,40 +56,38 @@ def dashboard_address(address: str | None) -> str:
     return address.rstrip("/")
 
 
-def _unreachable(address: str) -> JobsError:
-    return JobsError(f"cannot reach the Ray dashboard at {address}; check that the cluster is up "
-                     f"(`ray status` on its head node) and that its dashboard listens on that host and port "
-                     f"(`ray start --head --dashboard-host 0.0.0.0 --dashboard-port 8265`; "
-                     f"`curl {address}/api/version` should answer)")
+@contextmanager
+def _requests(address: str, refused: Callable[[Exception], str]):
+    """Requests to the Ray dashboard at ``address``; a failure is one line: unreachable, or ``refused(err)``."""
+    try:
+        yield
+    except OSError:  # requests' and aiohttp's connection errors are OSErrors
+        raise JobsError(f"cannot reach the Ray dashboard at {address}; check that the cluster is up "
+                        f"(`ray status` on its head node) and that its dashboard listens on that host and port "
+                        f"(`ray start --head --dashboard-host 0.0.0.0 --dashboard-port 8265`; "
+                        f"`curl {address}/api/version` should answer)") from None
+    except Exception as err:  # noqa: BLE001 - Ray's SDK raises RuntimeError, and its own errors for tokens
+        raise JobsError(refused(err)) from None
 
 
-def connect(address: str | None):
-    """A ``JobSubmissionClient`` for the cluster at ``address`` (checked: it answers)."""
-    url = dashboard_address(address)
+def connect(url: str):
+    """A ``JobSubmissionClient`` for the cluster whose dashboard is at ``url`` (checked: it answers)."""
     from ray.job_submission import JobSubmissionClient
 
-    try:
+    # one that answers, but refuses: a version or an authentication token
+    with _requests(url, lambda err: f"{url} answers, but not as a Ray dashboard that takes jobs ({err}); check "
+                   f"the address: the head node's dashboard, port 8265 unless `ray start --dashboard-port` says "
+                   f"otherwise"):
         return JobSubmissionClient(url)
-    except OSError:
-        raise _unreachable(url) from None
-    except Exception as err:  # noqa: BLE001 - it answers, but refuses (version, authentication token...)
-        raise JobsError(f"{url} answers, but not as a Ray dashboard that takes jobs ({err}); check the address: "
-                        f"the head node's dashboard, port 8265 unless `ray start --dashboard-port` says "
-                        f"otherwise") from None
 
 
 def _call(address: str, what: str, fn, *args):
-    """``fn(*args)``, a request to the dashboard, with its failures said in one line."""
-    try:
+    """``fn(*args)``, a request to the dashboard."""
+    with _requests(address, lambda err: f"the Ray cluster at {address} refused to {what}: {err}"):
         return fn(*args)
-    except OSError:  # requests' connection errors are OSErrors
-        raise _unreachable(address) from None
-    except Exception as err:  # noqa: BLE001 - Ray's SDK raises RuntimeError, and its own errors for tokens
-        raise JobsError(f"the Ray cluster at {address} refused to {what}: {err}") from None
 
 
 def alive_nodes(address: str) -> list:
-    """The cluster's alive nodes, from its dashboard's state API."""
     from ray.util.state import list_nodes
 
     try:
@@ -106,7 +99,6 @@ def alive_nodes(address: str) -> list:
 
 
 def parse_env(pairs: Iterable[str]) -> dict[str, str]:
-    """``KEY=VALUE`` pairs (``--env``) as a dict."""
     env = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -126,14 +118,11 @@ def job_env(extra: dict[str, str], storage: str | None, notes: list[str] | None 
     env = {}
     for key in FORWARDED_ENV:
         value = os.environ.get(key)
-        if not value:
-            continue
-        if is_secret(key, value):
-            if notes is not None:
-                notes.append(f"{key} ({redact(value)}) holds a password, so it is not put in the job's environment "
-                             f"(Ray's dashboard shows it): the job uses the cluster's own {key}")
-            continue
-        env[key] = value
+        if value and not is_secret(key, value):
+            env[key] = value
+        elif value and notes is not None:
+            notes.append(f"{key} ({redact(value)}) holds a password, so it is not put in the job's environment "
+                         f"(Ray's dashboard shows it): the job uses the cluster's own {key}")
     for key, value in extra.items():
         if is_secret(key, value):
             raise JobsError(f"--env {key}=...: a secret in a Ray job's runtime environment is shown on the "
@@ -164,18 +153,7 @@ class Submission:
     submission_id: str
     address: str
     entrypoint: str
-    runtime_env: dict
     notes: list[str]
-
-
-def check_name(name: str) -> str:
-    """``name`` when it can name a search (:func:`search_state.check_name`), else a usage error."""
-    from comod_platform.search_state import BadName, check_name as check
-
-    try:
-        return check(name)
-    except BadName as err:
-        raise JobsError(str(err), EXIT_USAGE) from None
 
 
 def _loopback(url: str) -> bool:
@@ -184,22 +162,16 @@ def _loopback(url: str) -> bool:
 
 
 def submit(search: str | Path, address: str | None = None, name: str | None = None, storage: str | None = None,
-           ship: str = "wheel", env_pairs: Iterable[str] = (), log: Callable[[str], None] | None = None
-           ) -> Submission:
-    """Check ``search`` here, then submit it as a Ray job; returns what was submitted. A broken file, name
-    or ``--env`` fails before the cluster is contacted; several nodes without shared storage, or a job of
-    the search still running there, before anything is uploaded."""
-    from comod_platform.search_state import default_name
+           ship: str = "wheel", env_pairs: Iterable[str] = ()) -> Submission:
+    """Check ``search`` here, then submit it as a Ray job (``ship``: wheel or image); returns what was submitted.
+    A broken file (ConfigError), name (BadName) or ``--env`` fails before the cluster is contacted; several nodes
+    without shared storage, or a job of the search still running there, before anything is uploaded."""
+    from comod_platform.search_state import check_name, default_name
     from comod_platform.searchfile import load_search, resolve_search_path
 
-    log = log or (lambda line: print(line, file=sys.stderr))
-    sf = load_search(search)  # raises comod.config.ConfigError: the caller's exit status 2
+    sf = load_search(search)
     source = resolve_search_path(search)
-
     name = check_name(name) if name else default_name(sf.name)
-    if ship not in SHIP_CHOICES:
-        raise JobsError(f"--ship {ship!r}: choose wheel (build and ship this project) or image (the cluster's "
-                        f"image has comod)", EXIT_USAGE)
     notes: list[str] = []
     env = job_env(parse_env(env_pairs), storage, notes)
     url = dashboard_address(address)
@@ -233,7 +205,7 @@ def submit(search: str | Path, address: str | None = None, name: str | None = No
         shutil.copyfile(source, working_dir / "search.yaml")
         runtime_env: dict = {"working_dir": str(working_dir), "env_vars": env}
         if ship == "wheel":
-            log("building the project's wheel to ship with the job ...")
+            print("building the project's wheel to ship with the job ...", file=sys.stderr)
             try:
                 runtime_env["py_modules"] = [str(build_wheel(Path(tmp) / "wheel"))]
             except WheelError as err:
@@ -243,10 +215,7 @@ def submit(search: str | Path, address: str | None = None, name: str | None = No
         _call(url, "take the job", lambda: client.submit_job(
             entrypoint=command, submission_id=submission_id, runtime_env=runtime_env,
             metadata={SEARCH_KEY: name}))
-    shipped = {**runtime_env, "working_dir": "search.yaml"}
-    if ship == "wheel":
-        shipped["py_modules"] = [Path(runtime_env["py_modules"][0]).name]
-    return Submission(name, submission_id, url, command, shipped, notes)
+    return Submission(name, submission_id, url, command, notes)
 
 
 def _value(status) -> str:
@@ -271,53 +240,44 @@ def _when(ms: int | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
 
 
-def last_progress(logs: str) -> str | None:
-    lines = [line.strip() for line in logs.splitlines() if line.startswith(PROGRESS_PREFIX)]
-    return lines[-1] if lines else None
-
-
 def status(address: str | None, name: str) -> dict:
     """The latest job of search ``name``: status, submission id, times, message, last progress line."""
     url, client, job = latest_job(address, name)
-    logs = _call(url, "give the job's logs", client.get_job_logs, job.submission_id)
+    logs = _call(url, "give the job's logs", client.get_job_logs, job.submission_id) or ""
+    progress = [line.strip() for line in logs.splitlines() if line.startswith("[search]")]
     return {"name": name, "status": _value(job.status), "submission_id": job.submission_id,
             "start_time": _when(job.start_time), "end_time": _when(job.end_time), "message": job.message or "",
-            "progress": last_progress(logs or ""), "address": url}
+            "progress": progress[-1] if progress else None, "address": url}
 
 
-def logs(address: str | None, name: str, follow: bool = False, write: Callable[[str], None] | None = None) -> str:
-    """Write the logs of search ``name``'s latest job (``follow``: until it ends); returns its id."""
-    write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+def logs(address: str | None, name: str, follow: bool = False) -> str:
+    """Write the logs of search ``name``'s latest job to stdout (``follow``: until it ends); returns its id."""
     url, client, job = latest_job(address, name)
     if not follow:
-        write(_call(url, "give the job's logs", client.get_job_logs, job.submission_id) or "")
+        print(_call(url, "give the job's logs", client.get_job_logs, job.submission_id) or "", end="")
         return job.submission_id
 
     async def tail():
         async for chunk in client.tail_job_logs(job.submission_id):
-            write(chunk)
+            print(chunk, end="", flush=True)
 
-    try:
+    # another error: the stream closed before the job ended (aiohttp's or Ray's error)
+    with _requests(url, lambda err: f"the log stream of job {job.submission_id} closed early ({err}); see the "
+                   f"job with `comod search status {name} --address {url}`"):
         asyncio.run(tail())
-    except OSError:  # aiohttp's connection errors
-        raise _unreachable(url) from None
-    except Exception as err:  # noqa: BLE001 - the stream closed before the job ended (aiohttp's or Ray's error)
-        raise JobsError(f"the log stream of job {job.submission_id} closed early ({err}); see the job with "
-                        f"`comod search status {name} --address {url}`") from None
     return job.submission_id
 
 
 def stop(address: str | None, name: str, wait: float = 60.0) -> dict:
     """Stop the latest job of search ``name`` and wait until it has ended; returns what happened."""
     url, client, job = latest_job(address, name)
-    before = _value(job.status)
-    if before in TERMINAL:
-        return {"name": name, "submission_id": job.submission_id, "stopped": False, "status": before,
-                "address": url}
-    _call(url, "stop the job", client.stop_job, job.submission_id)
-    deadline, now = time.time() + wait, before
+    now = _value(job.status)
+    stopped = now not in TERMINAL
+    if stopped:
+        _call(url, "stop the job", client.stop_job, job.submission_id)
+    deadline = time.time() + wait
     while time.time() < deadline and now not in TERMINAL:
         time.sleep(0.5)
         now = _value(_call(url, "give the job's status", client.get_job_status, job.submission_id))
-    return {"name": name, "submission_id": job.submission_id, "stopped": True, "status": now, "address": url}
+    return {"name": name, "submission_id": job.submission_id, "stopped": stopped, "status": now, "address": url}
 
