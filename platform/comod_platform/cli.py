@@ -12,11 +12,12 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from contextlib import suppress
 from pathlib import Path
 
 from comod_platform.errors import EXIT_FAILED, EXIT_USAGE, UserError, user_errors
-from comod_platform.paths import default_train_dir, disk_message, runs_home, unwritable
+from comod_platform.paths import disk_message, runs_home, unwritable
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict]:
@@ -115,7 +116,7 @@ def _train(args) -> int:
     from comod_platform.progress import ProgressCallbacks
     from comod_platform.tracking import RUN_FILE, RunLogger, TrackingError, check_reachable, tracking_uri
 
-    out = args.out or default_train_dir(cfg.name)
+    out = args.out or runs_home() / "train" / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if problem := unwritable(out, "--out" if args.out else "COMOD_HOME"):
         raise UserError(problem, EXIT_FAILED)
     saved = None
@@ -209,7 +210,6 @@ def experiment_page(name: str, uri: str) -> tuple[str, str]:
 
 def _wait_until_serving(url: str, proc: subprocess.Popen, timeout: float = 300.0) -> bool:
     """Poll ``url``/health until the server answers (True), or it exits or ``timeout`` s pass (False)."""
-    import time
     import urllib.request
 
     deadline = time.monotonic() + timeout
@@ -223,7 +223,6 @@ def _wait_until_serving(url: str, proc: subprocess.Popen, timeout: float = 300.0
 
 
 def _show(page: str, name: str | None, open_page: bool) -> None:
-    """Print the runs page of search ``name`` (if any); with ``open_page``, open it in a web browser."""
     import webbrowser
 
     if name:

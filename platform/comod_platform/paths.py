@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import errno
 import os
-import time
 from contextlib import suppress
 from pathlib import Path
 
 
 def runs_home() -> Path:
     return Path(os.environ.get("COMOD_HOME", "comod-runs")).resolve()
-
-
-def default_train_dir(name: str) -> Path:
-    return runs_home() / "train" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def disk_message(err: OSError, where: Path, what: str = "--out") -> str:
