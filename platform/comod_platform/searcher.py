@@ -1,14 +1,11 @@
 """The search's Optuna study behind Ray Tune's ``Searcher`` interface, by Optuna's ask-and-tell.
 
-Each Ray trial asks the study for one Optuna trial (which records the Ray
-trial's id) and tells it how the Ray trial ended: complete only when its last
-report carries the final flag, pruned when the scheduler (ASHA) stopped it
-before (Optuna keeps its intermediate values), failed when it raised or its
-loss diverged. The study's database is the authority across a lost driver: a
-Ray trial restored from an older snapshot finds its Optuna trial there, one
-Optuna already closed stays closed, and one a stopped search closed as
-interrupted goes on as a new trial of the same parameters.
-"""
+Each Ray trial asks the study for one Optuna trial (which records the Ray trial's id) and tells it how the
+Ray trial ended: complete only when its last report carries the final flag, pruned when the scheduler (ASHA)
+stopped it before (Optuna keeps its intermediate values), failed when it raised or its loss diverged. The
+study's database is the authority across a lost driver: a Ray trial restored from an older snapshot finds
+its Optuna trial there, one Optuna already closed stays closed, and one a stopped search closed as
+interrupted goes on as a new trial of the same parameters."""
 from __future__ import annotations
 
 import logging
@@ -36,10 +33,7 @@ SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomS
 
 def create_sampler(search_file) -> optuna.samplers.BaseSampler:
     """The search's Optuna sampler."""
-    s = search_file.search
-    if s.sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {s.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    return SAMPLERS[s.sampler](seed=s.seed)
+    return SAMPLERS[search_file.search.sampler](seed=search_file.search.seed)
 
 
 def points_to_evaluate(search_file) -> list[dict] | None:
@@ -60,16 +54,15 @@ class StudySearcher(Searcher):
         super().__init__(metric=metric, mode=mode)
         self.space, self.url, self.study_name, self.sampler = space, url, study_name, sampler
         self.report_intermediate = report_intermediate
-        self._open()
-        self._numbers: dict[str, int] | None = {}  # Ray trial id -> its Optuna trial's number (None: read it)
+        self._open(numbers={})
         for point in points or ():
             self.study.enqueue_trial(point)
 
-    def _open(self) -> None:
+    def _open(self, numbers: dict[str, int] | None = None) -> None:
         self.storage = optuna.storages.RDBStorage(self.url)
         self.study = optuna.load_study(study_name=self.study_name, storage=self.storage, sampler=self.sampler)
         self.study_id = self.storage.get_study_id_from_name(self.study_name)
-        self._ids: dict[int, int] = {}  # trial number -> storage trial id
+        self._numbers = numbers  # Ray trial id -> its Optuna trial's number (None: read it)
         self._running: set[str] = set()  # Ray trials whose Optuna trial this driver knows is RUNNING
 
     def __getstate__(self) -> dict:  # Ray Tune pickles the searcher it was given: the database holds the study
@@ -79,7 +72,6 @@ class StudySearcher(Searcher):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._open()
-        self._numbers = None
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
@@ -89,20 +81,16 @@ class StudySearcher(Searcher):
         with open(checkpoint_path, "rb") as f:
             self.sampler = pickle.load(f)["sampler"]  # its random state goes on where the snapshot left it
         self._open()
-        self._numbers = None
 
     @property
     def numbers(self) -> dict[str, int]:
-        if self._numbers is None:  # read from the study: later than any snapshot of Ray Tune's
-            trials = self.study.get_trials(deepcopy=False)
-            self._numbers = {t.user_attrs[TAG_TRIAL_ID]: t.number for t in sorted(trials, key=lambda t: t.number)
+        if self._numbers is None:  # read from the study (its trials in order): later than any snapshot of Ray Tune's
+            self._numbers = {t.user_attrs[TAG_TRIAL_ID]: t.number for t in self.study.get_trials(deepcopy=False)
                              if TAG_TRIAL_ID in t.user_attrs}
         return self._numbers
 
     def _id(self, number: int) -> int:
-        if number not in self._ids:
-            self._ids[number] = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
-        return self._ids[number]
+        return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
 
     def suggest(self, trial_id: str) -> dict:
         trial = self.study.ask()
@@ -119,20 +107,16 @@ class StudySearcher(Searcher):
             return number
         frozen = self.storage.get_trial(self._id(number))
         if frozen.state == TrialState.FAIL and frozen.user_attrs.get(INTERRUPTED_ATTR) == "1":
-            number = self._continue(trial_id, frozen)
+            # a new RUNNING trial for the interrupted one, with its parameters and intermediate values
+            attrs = {k: v for k, v in frozen.user_attrs.items() if k != INTERRUPTED_ATTR}
+            template = optuna.trial.create_trial(
+                state=TrialState.RUNNING, params=frozen.params, distributions=frozen.distributions,
+                user_attrs={**attrs, CONTINUES_ATTR: frozen.number}, intermediate_values=frozen.intermediate_values)
+            number = self.storage.get_trial_number_from_id(self.storage.create_new_trial(self.study_id, template))
+            self.numbers[trial_id] = number
         elif frozen.state != TrialState.RUNNING:
             return None
         self._running.add(trial_id)
-        return number
-
-    def _continue(self, trial_id: str, frozen: optuna.trial.FrozenTrial) -> int:
-        """A new RUNNING trial for an interrupted one, with its parameters and intermediate values."""
-        attrs = {k: v for k, v in frozen.user_attrs.items() if k != INTERRUPTED_ATTR}
-        template = optuna.trial.create_trial(
-            state=TrialState.RUNNING, params=frozen.params, distributions=frozen.distributions,
-            user_attrs={**attrs, CONTINUES_ATTR: frozen.number}, intermediate_values=frozen.intermediate_values)
-        number = self.storage.get_trial_number_from_id(self.storage.create_new_trial(self.study_id, template))
-        self.numbers[trial_id] = number
         return number
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -168,10 +152,8 @@ def close_running(url: str, study_name: str, interrupted: bool) -> None:
     resume continues), else never run (asked by a lost driver after its last snapshot)."""
     storage = optuna.storages.RDBStorage(url)
     study_id = storage.get_study_id_from_name(study_name)
+    why = (INTERRUPTED_ATTR, "1") if interrupted else (CLOSED_ATTR, "asked before the driver was lost; never run")
     for frozen in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
-        if interrupted:
-            storage.set_trial_user_attr(trial_id, INTERRUPTED_ATTR, "1")
-        else:
-            storage.set_trial_user_attr(trial_id, CLOSED_ATTR, "asked before the driver was lost; never run")
+        storage.set_trial_user_attr(trial_id, *why)
         storage.set_trial_state_values(trial_id, TrialState.FAIL)
