@@ -1,9 +1,5 @@
-"""Checks a search passes before anything of it is made (run) or before it goes on (resume).
-
-A new search's name is free here and in the stores a team may share, its Optuna database answers, a
-trial fits on a node and every node sees the storage; a resumed search's file, Ray version, experiment
-and study are the ones it started with. Each failure is a :class:`SearchError` saying what to do.
-"""
+"""Checks a search passes before anything of it is made (run) or before it goes on (resume); each failure
+is a :class:`SearchError` saying what to do."""
 from __future__ import annotations
 
 import os
@@ -36,8 +32,7 @@ def check_optuna_storage(url: str) -> None:
                           f"in SQLite in the search folder") from None
     try:
         engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 10} if "postgres" in url else {})
-        with engine.connect():
-            pass
+        engine.connect().close()
         engine.dispose()
     except ModuleNotFoundError as err:
         raise SearchError(f"Optuna storage {shown} (COMOD_OPTUNA_STORAGE) needs the driver {err.name}: "
@@ -89,9 +84,8 @@ def claim_stores(name: str, search_id: str, optuna_url: str, tracking: str) -> N
     if optuna_url.startswith("sqlite:") and not Path(optuna_url.removeprefix("sqlite:///")).exists():
         return  # the search folder's own, new database
     if _study_owner(optuna_url, name) not in (None, search_id):
-        raise SearchError(f"the Optuna database {redact(optuna_url)} has a study {name!r} already, made by "
-                          f"another search of that name: names are unique per Optuna database; choose another "
-                          f"--name")
+        raise SearchError(f"the Optuna database {redact(optuna_url)} has a study {name!r} already, made by another "
+                          f"search of that name: names are unique per Optuna database; choose another --name")
 
 
 def check_owned(meta: SearchMeta) -> None:
@@ -114,11 +108,6 @@ def check_owned(meta: SearchMeta) -> None:
                           f"under another --name")
 
 
-RESTORE_PINNED = ("ray",)
-"""Packages a resume must match: Ray Tune's state is a pickle of Ray's classes (the stores are versioned
-databases and comod's state plain files, so other upgrades resume, with a note)."""
-
-
 def check_unchanged(paths: SearchPaths, meta: SearchMeta) -> None:
     """On resume: the search file is the one the search started with, and Ray's version is its version."""
     current = yaml.safe_load(paths.search_file.read_text())
@@ -128,24 +117,28 @@ def check_unchanged(paths: SearchPaths, meta: SearchMeta) -> None:
                           f"started ({changed}); a resumed search must sample and score as it started: undo the "
                           f"edit, or run the edited file as a new search (comod search run FILE --name NEW)")
     now = versions()
-    pinned = [p for p in RESTORE_PINNED if meta.versions.get(p) not in (None, now[p])]
-    if pinned:
-        started = ", ".join(f"{p} {meta.versions[p]}" for p in pinned)
-        here = ", ".join(f"{p} {now[p]}" for p in pinned)
-        raise SearchError(f"search {meta.name!r} was started with {started}, and this is {here}: Ray Tune's "
-                          f"saved experiment state is read only by the version that wrote it; resume with that "
-                          f"version (pip install 'ray[default,tune]=={meta.versions['ray']}'), or run the "
+    started = {p: meta.versions[p] for p in now if meta.versions.get(p) not in (None, now[p])}
+    # Ray Tune's state is a pickle of Ray's classes; the stores are versioned databases and comod's state
+    # plain files, so other upgrades resume, with a note
+    if "ray" in started:
+        raise SearchError(f"search {meta.name!r} was started with ray {started['ray']}, and this is ray {now['ray']}: "
+                          f"Ray Tune's saved experiment state is read only by the version that wrote it; resume "
+                          f"with that version (pip install 'ray[default,tune]=={started['ray']}'), or run the "
                           f"search again under another --name")
-    changed = [f"{p} {meta.versions[p]} -> {now[p]}" for p in now
-               if p not in RESTORE_PINNED and meta.versions.get(p) not in (None, now[p])]
-    if changed:
-        print(f"comod: resuming {meta.name} with other versions than it started with ({', '.join(changed)})",
+    if started:
+        changed = ", ".join(f"{p} {v} -> {now[p]}" for p, v in started.items())
+        print(f"comod: resuming {meta.name} with other versions than it started with ({changed})",
               file=sys.stderr, flush=True)
 
 
-def check_resources(sf, address: str | None) -> None:
-    """A trial's request (``search.resources``) must fit on one node: refused at once on a Ray this driver
-    started; said once on a cluster (whose autoscaler may add such a node)."""
+def check_cluster(sf, address: str | None, storage: str) -> None:
+    """Every node of the (started) Ray cluster must read what the driver writes to ``storage``; a trial's request
+    (``search.resources``) must fit on one node: refused at once on a Ray this driver started; said once on a
+    cluster (whose autoscaler may add such a node)."""
+    try:
+        storage_mod.check_shared(storage)
+    except storage_mod.StorageError as err:
+        raise SearchError(str(err)) from None
     r = sf.search.resources
     wanted = {"CPU": float(r.cpu), "GPU": float(r.gpu)}
     have = [{k: float((n.get("Resources") or {}).get(k, 0.0)) for k in wanted} for n in storage_mod.alive_nodes()]
@@ -159,11 +152,3 @@ def check_resources(sf, address: str | None) -> None:
                           f"cluster that has such nodes (--address)")
     print(f"comod: no node of the cluster has {asked} now (it has {largest}); the trials wait until the "
           f"cluster's autoscaler adds one", file=sys.stderr, flush=True)
-
-
-def check_storage(storage: str) -> None:
-    """Every node of the (started) Ray cluster must read what the driver writes to ``storage``."""
-    try:
-        storage_mod.check_shared(storage)
-    except storage_mod.StorageError as err:
-        raise SearchError(str(err)) from None

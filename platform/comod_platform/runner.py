@@ -1,12 +1,7 @@
 """Run and resume searches: Ray Tune schedules, Optuna samples, MLflow records.
 
-``run_search`` checks a new search (:mod:`preflight`), then makes its state
-(:mod:`search_state`), its Optuna study and its MLflow experiment and parent
-run, and fits its Tuner (:mod:`tuner`). ``resume_search`` restores that Tuner:
-the study, the Ray experiment and the MLflow runs all go on, nothing
-duplicated. ``run_or_resume`` is a submitted Ray job's entry point. Each
-returns the search's summary (:mod:`summary`).
-"""
+A new search is checked (:mod:`preflight`) before its state, study, experiment and parent run are made; a
+resumed one goes on in all of them, nothing duplicated. Each returns the search's summary (:mod:`summary`)."""
 from __future__ import annotations
 
 import os
@@ -25,16 +20,12 @@ from comod_platform import interrupts, preflight, sqlite_stores
 from comod_platform import storage as storage_mod
 from comod_platform.conventions import TAG_ROLE, TAG_SEARCH, TAG_SEARCH_ID, direction, experiment_name, param_text
 from comod_platform.credentials import redact_all
+from comod_platform.paths import runs_home, unwritable
 from comod_platform.preflight import SearchError
 from comod_platform.search_state import SearchMeta, SearchPaths, check_name, default_name, search_hash, versions
 from comod_platform.searchfile import SearchFile, load_search, parse_search, read_search, resolve_search_path
 from comod_platform.summary import last_line, summarise_grid
 from comod_platform.tuner import VERBOSE_ENV, build_tuner, init_ray, load_shared_data
-
-
-def optuna_storage_url(paths: SearchPaths) -> str:
-    """The study's database: ``COMOD_OPTUNA_STORAGE`` (a team database), else SQLite in the search folder."""
-    return os.environ.get("COMOD_OPTUNA_STORAGE") or f"sqlite:///{paths.optuna_db}"
 
 
 SERVICE_DEFAULTS = {
@@ -77,19 +68,8 @@ def _start_tracking(sf: SearchFile, name: str, data: dict | None = None, search_
     return uri, experiment_id, parent.info.run_id
 
 
-def _create_study(sf: SearchFile, name: str, url: str, search_id: str) -> None:
-    """The search's Optuna study, made here with the search's id (the searcher loads it)."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=name, storage=optuna.storages.RDBStorage(url), load_if_exists=True,
-                                direction=direction(sf.search.mode))
-    study.set_user_attr(TAG_SEARCH_ID, search_id)
-
-
 def _prepare_in_background(raw: dict, stem: str) -> tuple[SearchFile, dict]:
-    """What a new search needs besides Ray: the checked search file, the shared dataset, an open tracking
-    store. Nothing here is recorded."""
+    """A new search's checked file, shared dataset and open tracking store (nothing recorded)."""
     from comod_platform.tracking import open_store
 
     sf = parse_search(raw, stem)
@@ -99,15 +79,12 @@ def _prepare_in_background(raw: dict, stem: str) -> tuple[SearchFile, dict]:
 
 
 def run_search(search_path: str | Path, name: str | None = None, address: str | None = None,
-               storage: str | None = None, verbose: bool | None = None) -> dict:
+               storage: str | None = None) -> dict:
     """Start a new search from a search file; returns its summary. ``storage`` (else ``$COMOD_STORAGE``)
     keeps Ray Tune's experiment (:mod:`storage`). Ray starts while a second thread checks the file, loads
     the dataset and opens the tracking store; nothing is recorded until every check has passed."""
     source = resolve_search_path(search_path).resolve()  # joining a Ray job's cluster may change the working folder
-    from comod_platform.paths import runs_home, unwritable
-
-    problem = unwritable(runs_home(), "COMOD_HOME (the runs folder)")
-    if problem:
+    if problem := unwritable(runs_home(), "COMOD_HOME (the runs folder)"):
         raise SearchError(problem)
     if name is not None:
         preflight.refuse_existing(SearchPaths(check_name(name)))  # at once, before Ray starts
@@ -116,7 +93,7 @@ def run_search(search_path: str | Path, name: str | None = None, address: str | 
     with ThreadPoolExecutor(1, thread_name_prefix="comod-prepare") as pool:
         prepared = pool.submit(_prepare_in_background, raw, stem)
         try:
-            init_ray(address, verbose)
+            init_ray(address)
         finally:
             sf, data = prepared.result()  # its error (a bad file, a missing dataset) comes first
     paths = SearchPaths(name or default_name(sf.name))
@@ -125,23 +102,28 @@ def run_search(search_path: str | Path, name: str | None = None, address: str | 
     lock = paths.lock(f"comod search run {paths.name}")  # a second driver of this name is refused from here
     try:
         preflight.refuse_existing(paths, locked=True)  # a driver that made a search of the name meanwhile
-        optuna_url = optuna_storage_url(paths)
+        # the study's database: a team database, else SQLite in the search folder
+        optuna_url = os.environ.get("COMOD_OPTUNA_STORAGE") or f"sqlite:///{paths.optuna_db}"
         preflight.check_optuna_storage(optuna_url)
         search_id = paths.search_id()
         from comod_platform.tracking import tracking_uri
 
         preflight.claim_stores(paths.name, search_id, optuna_url, tracking_uri())
-        preflight.check_resources(sf, address)
         ray_storage = storage_mod.resolve(storage, str(paths.ray_storage))
-        preflight.check_storage(ray_storage)  # before anything is made: a refused search leaves no trace
+        preflight.check_cluster(sf, address, ray_storage)  # before anything is made: a refused search leaves no trace
     except BaseException:
         lock.release()
         if made_folder:
             shutil.rmtree(paths.root, ignore_errors=True)
         raise
     with lock:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
         shutil.copyfile(source, paths.search_file)
-        _create_study(sf, paths.name, optuna_url, search_id)
+        study = optuna.create_study(study_name=paths.name, storage=optuna.storages.RDBStorage(optuna_url),
+                                    load_if_exists=True, direction=direction(sf.search.mode))
+        study.set_user_attr(TAG_SEARCH_ID, search_id)  # the searcher loads the study this search made
         uri, experiment_id, parent_run_id = _start_tracking(sf, paths.name, data, search_id)
         meta = SearchMeta(name=paths.name, study_name=paths.name, optuna_storage=optuna_url, tracking_uri=uri,
                           experiment_id=experiment_id, parent_run_id=parent_run_id, ray_storage=ray_storage,
@@ -151,8 +133,7 @@ def run_search(search_path: str | Path, name: str | None = None, address: str | 
         return _fit(sf, paths, meta, data=data)
 
 
-def resume_search(name: str, address: str | None = None, storage: str | None = None,
-                  verbose: bool | None = None) -> dict:
+def resume_search(name: str, address: str | None = None, storage: str | None = None) -> dict:
     """Continue an interrupted search where it stopped."""
     paths = SearchPaths(check_name(name))
     meta = paths.read_meta()
@@ -169,9 +150,8 @@ def resume_search(name: str, address: str | None = None, storage: str | None = N
         preflight.check_optuna_storage(meta.optuna_storage)
         preflight.check_owned(meta)
         _service_defaults()
-        init_ray(address, verbose)
-        preflight.check_storage(meta.ray_storage)
-        preflight.check_resources(sf, address)
+        init_ray(address)
+        preflight.check_cluster(sf, address, meta.ray_storage)
         return _fit(sf, paths, meta, restore=True)
 
 
@@ -201,10 +181,10 @@ def _fit(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, restore: bool = F
                       f"({redact_all(last_line(str(err)))}); `comod search resume {meta.name}` closes them",
                       file=sys.stderr, flush=True)
             retry_call(client.set_terminated, meta.parent_run_id, status=status)
-    summary = {"name": meta.name, **summarise_grid(grid, sf, interrupts.unfinished if interrupts.requested()
-                                                     else ())}
-    if interrupts.requested():
-        summary["stopped_by"] = signal.Signals(interrupts.requested()).name
+    stopped = interrupts.requested()
+    summary = {"name": meta.name, **summarise_grid(grid, sf, interrupts.unfinished if stopped else ())}
+    if stopped:
+        summary["stopped_by"] = signal.Signals(stopped).name
     summary["writers"] = writer_usage(recorded_before)  # what recording cost the driver (its writers' CPU)
     return summary
 
@@ -212,25 +192,22 @@ def _fit(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, restore: bool = F
 def run_or_resume(search: str | Path, name: str, address: str | None = None, storage: str | None = None) -> dict:
     """``comod search run SEARCH --name N --or-resume`` (a submitted job's command): resume search ``name``
     when the runs folder has it (from the same search file), else run it."""
-    from comod_platform.paths import runs_home
-
     check_name(name)
     load_search(search)  # a broken file fails the same way in both cases
     search = source = resolve_search_path(search).resolve()
     # the job's working folder is Ray's to clean up: work from the runs folder instead
-    home = runs_home().resolve()
+    home = runs_home()
     home.mkdir(parents=True, exist_ok=True)
     os.environ["COMOD_HOME"] = str(home)
     os.chdir(home)
     paths = SearchPaths(name)
-    more = {"storage": storage} if storage else {}
     if not paths.exists():
-        return run_search(search, name=name, address=address, **more)
+        return run_search(search, name=name, address=address, storage=storage)
     if yaml.safe_load(source.read_text()) != yaml.safe_load(paths.search_file.read_text()):
         raise SearchError(f"a search named {name!r} exists already ({paths.root}) with another search file than "
                           f"{source}; continue it with the same file, or choose another --name")
     print(f"[search] resuming search {name} from {paths.root}", file=sys.stderr, flush=True)
-    return resume_search(name, address=address, **more)
+    return resume_search(name, address=address, storage=storage)
 
 
 __all__ = ["SearchError", "VERBOSE_ENV", "resume_search", "run_or_resume", "run_search"]

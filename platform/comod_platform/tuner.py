@@ -1,16 +1,12 @@
-"""Ray for a search's driver, and the search's Ray Tune ``Tuner``.
-
-``init_ray`` starts a local Ray (its output kept off the terminal unless verbose) or joins a cluster.
-``build_tuner`` makes a new search's Tuner (the trainable with the shared dataset,
-:class:`searcher.StudySearcher`, ASHA on the trials' epochs, the MLflow and progress callbacks), or
-restores a stopped one, whose trials, study and runs all go on.
-"""
+"""Ray for a search's driver (a local Ray kept off the terminal unless verbose, or a cluster), and the
+search's Ray Tune ``Tuner``, new or restored."""
 from __future__ import annotations
 
 import logging
 import os
 import pickle
 import sys
+import warnings
 
 from comod_platform import storage as storage_mod
 from comod_platform.conventions import EPOCH
@@ -24,9 +20,8 @@ since the last snapshot: fewer kept means more snapshots in the scheduling loop,
 
 
 class QuietRayHandler(logging.Handler):
-    """The "ray" logger's one handler in a quiet local search: a failed trial's traceback becomes one line
-    (the error is also in its run, its status and the summary), Tune's closing list of unfinished trials
-    goes (the summary has them), any other error is printed as it is."""
+    """The "ray" logger's one handler in a quiet local search: a failed trial's traceback becomes one line, Tune's
+    closing list of unfinished trials goes (the summary has both), any other error is printed as it is."""
 
     FAILED = "Trial task failed for trial"
 
@@ -50,19 +45,16 @@ class QuietRayHandler(logging.Handler):
 def quiet_ray() -> None:
     """Keep Ray's notices, INFO and WARNING lines and warnings off a local search's terminal (errors go
     through :class:`QuietRayHandler`); called before ``ray.init`` and after it, which resets the logger."""
-    import warnings
-
     warnings.filterwarnings("ignore", module=r"ray(\.|$)")
     ray_logger = logging.getLogger("ray")
     ray_logger.setLevel(logging.ERROR)
     ray_logger.propagate = False
-    if not any(isinstance(h, QuietRayHandler) for h in ray_logger.handlers):
-        handler = QuietRayHandler(logging.ERROR)
-        handler.setFormatter(logging.Formatter("ray: %(levelname)s: %(message)s"))
-        ray_logger.handlers[:] = [handler]
+    handler = QuietRayHandler(logging.ERROR)
+    handler.setFormatter(logging.Formatter("ray: %(levelname)s: %(message)s"))
+    ray_logger.handlers[:] = [handler]
 
 
-def init_ray(address: str | None, verbose: bool | None = None) -> None:
+def init_ray(address: str | None) -> None:
     """Join the Ray cluster at ``address`` (else ``$RAY_ADDRESS``), or start a local Ray."""
     import ray
 
@@ -77,7 +69,7 @@ def init_ray(address: str | None, verbose: bool | None = None) -> None:
             # (a submitted job's own runtime environment reaches the workers already)
             env = {} if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") else storage_mod.worker_env()
             ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": env} if env else None)
-        elif verbose if verbose is not None else os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false", "no"):
+        elif os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false", "no"):
             ray.init(include_dashboard=False, log_to_driver=True, **local_ray_options())
         else:
             quiet_ray()
@@ -96,46 +88,20 @@ def load_shared_data(sf) -> dict:
     return pack(load_data(sf.base_config()))
 
 
-def _trainable(sf, paths, data: dict | None):
-    from ray import tune
-
-    from comod_platform.trainable import data_key, run_trial
-
-    fn = tune.with_parameters(run_trial, search=sf, search_name=paths.name, home=str(paths.root.parent.parent),
-                              data=load_shared_data(sf) if data is None else data,
-                              shared_key=data_key(sf.base_config()))
-    return tune.with_resources(fn, {"cpu": sf.search.resources.cpu, "gpu": sf.search.resources.gpu})
-
-
-def _scheduler(sf):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    s = sf.search.scheduler
-    if s.type == "fifo":
-        return FIFOScheduler()
-    # ASHA stops any trial whose clock reaches max_t: one past the last epoch, so a trial's
-    # natural end (its last epoch, then the final report) is never an early stop
-    return ASHAScheduler(time_attr=EPOCH, max_t=sf.max_epochs() + 1, grace_period=s.grace_period,
-                         reduction_factor=s.reduction_factor)
-
-
-def _callbacks(sf, paths, meta):
-    from ray.tune.logger import JsonLoggerCallback
-
-    from comod_platform.tune_callbacks import MlflowTrialCallback, ProgressCallback
-
-    return [JsonLoggerCallback(),  # the result grid reads its files
-            MlflowTrialCallback(sf, paths.name, meta.tracking_uri, meta.experiment_id, meta.parent_run_id),
-            ProgressCallback(sf.search.metric, sf.search.mode, sf.search.num_trials)]
-
-
 def build_tuner(sf, paths, meta, experiment_path: str, restore: bool, data: dict | None = None):
     """The search's Tuner: restored from ``experiment_path`` when ``restore`` and Ray Tune saved it there."""
     from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from comod_platform.searcher import StudySearcher, create_sampler, points_to_evaluate
+    from comod_platform.trainable import data_key, run_trial
+    from comod_platform.tune_callbacks import MlflowTrialCallback, ProgressCallback
 
-    trainable = _trainable(sf, paths, data)
+    s = sf.search
+    fn = tune.with_parameters(run_trial, search=sf, search_name=paths.name, shared_key=data_key(sf.base_config()),
+                              home=str(paths.root.parent.parent), data=load_shared_data(sf) if data is None else data)
+    trainable = tune.with_resources(fn, {"cpu": s.resources.cpu, "gpu": s.resources.gpu})
     if restore and tune.Tuner.can_restore(experiment_path):
         try:
             return tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=False,
@@ -146,15 +112,21 @@ def build_tuner(sf, paths, meta, experiment_path: str, restore: bool, data: dict
                               f"({type(err).__name__}: {last_line(str(err), 200)}); it was written with "
                               f"{started}: resume with those versions, or run the search again under another "
                               f"--name") from None
-    s = sf.search
+    # ASHA stops any trial whose clock reaches max_t: one past the last epoch, so a trial's
+    # natural end (its last epoch, then the final report) is never an early stop
+    scheduler = FIFOScheduler() if s.scheduler.type == "fifo" else ASHAScheduler(
+        time_attr=EPOCH, max_t=sf.max_epochs() + 1, grace_period=s.scheduler.grace_period,
+        reduction_factor=s.scheduler.reduction_factor)
     searcher = StudySearcher(sf.suggest, s.metric, s.mode, meta.optuna_storage, meta.study_name, create_sampler(sf),
                              points=points_to_evaluate(sf), report_intermediate=s.scheduler.type != "fifo")
+    callbacks = [JsonLoggerCallback(),  # the result grid reads its files
+                 MlflowTrialCallback(sf, paths.name, meta.tracking_uri, meta.experiment_id, meta.parent_run_id),
+                 ProgressCallback(s.metric, s.mode, s.num_trials)]
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(sf), num_samples=s.num_trials,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=s.num_trials,
                                     max_concurrent_trials=s.max_concurrent, metric=s.metric, mode=s.mode,
                                     reuse_actors=True),
-        run_config=tune.RunConfig(name=meta.name, storage_path=meta.ray_storage, verbose=0,
-                                  callbacks=_callbacks(sf, paths, meta),
+        run_config=tune.RunConfig(name=meta.name, storage_path=meta.ray_storage, verbose=0, callbacks=callbacks,
                                   failure_config=tune.FailureConfig(max_failures=s.max_retries),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS)))
