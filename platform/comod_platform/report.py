@@ -26,7 +26,7 @@ def _bullets(notes: list[str]) -> list[str]:
     return [f"- {n}" for n in notes]
 
 
-def _grid(header: str, rows) -> list[str]:
+def grid(header: str, rows) -> list[str]:
     """A Markdown table: the ``header`` cells (joined by " | ") and a line per row of cells."""
     return [f"| {header} |", "|" + "---|" * (header.count(" | ") + 1)] + [
         "| " + " | ".join(map(str, row)) + " |" for row in rows]
@@ -49,7 +49,7 @@ def _table(header: str, rows: list[tuple[list[str], dict]], digits: int = 4, col
         cells.append([*head, *_stat_cells(p, digits, unit=seed is None)])
         if seed:
             cells.append([*head[:-1], head[-1] + ", by seed", *_stat_cells(seed, digits, unit=True)])
-    lines = _grid(f"{header} | {columns}", cells)
+    lines = grid(f"{header} | {columns}", cells)
     if footnote and any((p.get("by_seed") or p)["rough"] for _, p in rows):
         lines += ["", f"\\* fewer than {ROUGH_N} seeds: the interval is rough."]
     return lines
@@ -82,17 +82,17 @@ def markdown(r: dict, images: list[str]) -> str:
              "A condition is the kind, with in brackets the groups fine-tuning trains when not only the controller "
              "(`finetune.trainable`, e.g. `none[heads]`) and `shuffled` when the stochastic readout gain is applied "
              "with its units permuted (`modulation.readout.shuffle`, the control).", ""]
-    lines += _grid("condition | completed | pruned | failed | running", [
+    lines += grid("condition | completed | pruned | failed | running", [
         [cond, *(c.get(s, 0) for s in ("completed", "pruned", "failed", "running"))]
         for cond, c in r["counts"].items()])
     test_keys = sorted({k for b in r["best"].values() if b for k in b["test"]})
     lines += ["", "## Best trial of each condition", ""]
-    lines += _grid(" | ".join(["condition", "trial", r["metric"], *test_keys]), [
+    lines += grid(" | ".join(["condition", "trial", r["metric"], *test_keys]), [
         [cond, "none completed", *["n/a"] * (1 + len(test_keys))] if b is None else
         [cond, f"`{b['trial_id']}`", fmt(b["value"]), *(fmt(b["test"].get(k)) for k in test_keys)]
         for cond, b in r["best"].items()])
     lines += ["", "## Distribution per condition (completed trials)", ""]
-    lines += _grid("condition | n | mean | std | median | min | max", [
+    lines += grid("condition | n | mean | std | median | min | max", [
         [cond, d["n"], *(fmt(d[k]) for k in ("mean", "std", "median", "min", "max"))]
         for cond, d in r["distribution"].items()])
     lines += ["", "## Paired differences", "",
@@ -116,7 +116,7 @@ def markdown(r: dict, images: list[str]) -> str:
     a, b = r["comparisons"][0]
     lines += ["", f"## Per-task win rates ({a} vs {b}, test F1)", ""]
     if any(w["n"] for w in r["win_rates"].values()):
-        lines += _grid("task | wins | ties | losses | pairs | win rate", [
+        lines += grid("task | wins | ties | losses | pairs | win rate", [
             [task, w["wins"], w["ties"], w["losses"], w["n"], fmt(w["rate"], 3)] for task, w in r["win_rates"].items()])
     else:
         lines.append(f"No matched {a}/{b} pairs with per-task test F1: no win rates.")
@@ -165,7 +165,7 @@ def efficiency_section(e: dict) -> list[str]:
              f"faster). Curves are averaged on {e['grid']}; band: {e['band']}."]
     if e["panels"]:
         lines += ["", "### Curves", ""]
-        lines += _grid("arm | condition | trials | steps | grid | start | final | final 95% CI", [
+        lines += grid("arm | condition | trials | steps | grid | start | final | final 95% CI", [
             [panel["arm"], kind, c["n"], c["steps"][-1], c["grid"], fmt(c["mean"][0]), fmt(c["mean"][-1]),
              f"[{c['lo'][-1]:.4f}, {c['hi'][-1]:.4f}]" if c["lo"] is not None else "n/a"]
             for panel in e["panels"] for kind, c in panel["kinds"].items()])
@@ -174,7 +174,7 @@ def efficiency_section(e: dict) -> list[str]:
                   "Normalised area: the trapezoid over fine-tuning steps divided by the step range, i.e. the mean "
                   "score over fine-tuning. Per condition over trials; paired over matched groups (a group's curves "
                   "of one condition averaged, the pair on their common steps).", ""]
-        lines += _grid("condition | trials | mean | std | median", [
+        lines += grid("condition | trials | mean | std | median", [
             [kind, d["n"], fmt(d["mean"]), fmt(d["std"]), fmt(d["median"])]
             for kind, d in e["auc"]["per_kind"].items()])
         lines += [""] + _table("comparison", _by_pair(e["auc"]["paired"]))
@@ -184,7 +184,7 @@ def efficiency_section(e: dict) -> list[str]:
                   "the group's deterministic final value (that value divided by the fraction where lower is better). "
                   "Paired: the difference in steps where both reached it (negative: the first is faster, \"first "
                   "better\").", ""]
-        lines += _grid("fraction | condition | groups | reached | median steps", [
+        lines += grid("fraction | condition | groups | reached | median steps", [
             [f, kind, k["groups"], k["reached"], fmt(k["median"], 1)]
             for f, st in e["steps_to_fraction"].items() for kind, k in st["per_kind"].items() if k["groups"]])
         lines += [""] + _table("fraction | comparison", [([f, f"{p['a']} - {p['b']}"], p)
@@ -202,10 +202,9 @@ def pretraining_section(pre: dict) -> list[str]:
              f"`{pre['curve_key']}` per pretraining epoch, each distinct pretraining once (trials that share one "
              f"through the cache count once). Plateau: the mean of the last {w} epochs minus the mean of the "
              f"{w} before, per pretraining, with a t 95% interval; a comparison is only as good as its budget.", ""]
-    plateau = {kind: pre["plateau"].get(kind) or {} for kind in pre["kinds"]}
-    return lines + _grid("pretrained with | pretrainings | epochs | last epoch (mean) | plateau gain | 95% CI", [
-        [kind, c["n"], len(c["steps"]), fmt(c["mean"][-1]), fmt(plateau[kind].get("gain")), _ci(plateau[kind])]
-        for kind, c in pre["kinds"].items()]) + _bullets(pre["notes"])
+    return lines + grid("pretrained with | pretrainings | epochs | last epoch (mean) | plateau gain | 95% CI", [
+        [kind, c["n"], len(c["steps"]), fmt(c["mean"][-1]), fmt(plateau.get("gain")), _ci(plateau)]
+        for kind, c in pre["kinds"].items() for plateau in [pre["plateau"].get(kind) or {}]]) + _bullets(pre["notes"])
 
 
 def cost_section(c: dict) -> list[str]:
@@ -246,7 +245,7 @@ def importances_section(imp: dict | None) -> list[str]:
              f"completed trials; \"all kinds\" counts `modulation.kind` as a setting."]
     rows = list(imp["kinds"].items()) + ([("all kinds", imp["all"])] if imp["all"] else [])
     if rows:
-        lines += [""] + _grid("kind | completed trials | setting | importance", [
+        lines += [""] + grid("kind | completed trials | setting | importance", [
             [kind, entry["trials"], "n/a", entry["note"]] if not entry["params"] else
             [kind if i == 0 else "", entry["trials"] if i == 0 else "", f"`{param}`", f"{value:.3f}"]
             for kind, entry in rows for i, (param, value) in enumerate((entry["params"] or {"": None}).items())])
