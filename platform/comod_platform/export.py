@@ -1,8 +1,7 @@
 """Export a search: its trial table as Parquet, its best config as an experiment YAML.
 
 The table has a row per trial: a typed column per setting, the final metrics, the best per-epoch
-value, progress, wall time, state and ids. The best config runs with ``comod train`` as it is; with
-``top_k`` > 1 the K best distinct configs are re-run with new seeds and the best mean wins.
+value, progress, wall time, state and ids. The best config runs with ``comod train`` as it is.
 """
 from __future__ import annotations
 
@@ -14,11 +13,11 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from comod.config import ConfigError, apply_overrides, config_to_dict, flatten, parse_config, save_config
+from comod.config import ConfigError, apply_overrides, config_to_dict, parse_config, save_config
 from comod_platform.conventions import FAILED, PRUNED, RUNNING, WALL, sort_key
 from comod_platform.results import (SearchResults, TrialRecord, config_fields, load_results, log_to_parent,
                                     unwrap_optional)
-from comod_platform.report import fmt
+from comod_platform.report import fmt, grid
 
 DEFAULT_REEVAL_SEEDS = 3
 """New seeds a top-k re-evaluation uses when none are given."""
@@ -49,10 +48,8 @@ def _cell(value: Any, arrow_type) -> Any:
         return None
     if pa.types.is_list(arrow_type):
         return [_cell(v, arrow_type.value_type) for v in (value if isinstance(value, (list, tuple)) else [value])]
-    for test, cast in ((pa.types.is_floating, float), (pa.types.is_integer, int), (pa.types.is_boolean, bool)):
-        if test(arrow_type):
-            return cast(value)
-    return value if isinstance(value, str) else json.dumps(value)
+    cast = {pa.float64(): float, pa.int64(): int, pa.bool_(): bool}.get(arrow_type)
+    return cast(value) if cast else value if isinstance(value, str) else json.dumps(value)
 
 
 def trials_table(search: str | SearchResults, home: Path | None = None):
@@ -107,14 +104,8 @@ def _distinct(ranked: list[TrialRecord], k: int) -> list[TrialRecord]:
     found: dict[str, TrialRecord] = {}
     for t in ranked:
         if t.config is not None and len(found) < k:
-            found.setdefault(json.dumps({p: v for p, v in flatten(t.config).items() if p != "seed"},
-                                        sort_keys=True), t)
+            found.setdefault(json.dumps({p: v for p, v in t.flat.items() if p != "seed"}, sort_keys=True), t)
     return list(found.values())
-
-
-def _new_seeds(results: SearchResults, n: int) -> list[int]:
-    used = {t.flat.get("seed") for t in results.trials}
-    return [s for s in range(n + len(used)) if s not in used][:n]
 
 
 def _write_yaml(cfg, path: Path, header: list[str]) -> None:
@@ -152,7 +143,9 @@ def export_best(name: str, out: str | Path, top_k: int = 1, reeval_seeds: list[i
     out = Path(out)
     chosen, reeval = candidates[0], None
     if int(top_k) > 1 or reeval_seeds:
-        seed_list = [int(s) for s in reeval_seeds] if reeval_seeds else _new_seeds(results, DEFAULT_REEVAL_SEEDS)
+        used = {t.flat.get("seed") for t in results.trials}
+        seed_list = ([int(s) for s in reeval_seeds] if reeval_seeds else
+                     [s for s in range(DEFAULT_REEVAL_SEEDS + len(used)) if s not in used][:DEFAULT_REEVAL_SEEDS])
         reeval = _reevaluate(results, candidates, seed_list, progress)
         chosen = next(t for t in candidates if t.trial_id == reeval["chosen"])
         reeval["report"] = _write_report(results, reeval, out)
@@ -209,10 +202,9 @@ def _reevaluate(results: SearchResults, candidates: list[TrialRecord], seeds: li
                      "mean": statistics.fmean(values) if values else None,
                      "std": statistics.stdev(values) if len(values) > 1 else 0.0 if values else None,
                      "n": len(values)})
-    scored = sorted((r for r in rows if r["mean"] is not None), key=lambda r: sort_key(r["mean"], mode))
-    if not scored:
+    ranked = sorted(rows, key=lambda r: (r["mean"] is None, 0.0 if r["mean"] is None else sort_key(r["mean"], mode)))
+    if ranked[0]["mean"] is None:
         raise ExportError(f"re-evaluation reported no {metric} for any candidate; see the runs under {root}/reeval")
-    ranked = scored + [r for r in rows if r["mean"] is None]
     return {"metric": metric, "mode": mode, "seeds": seeds, "chosen": ranked[0]["trial_id"], "candidates": ranked}
 
 
@@ -222,14 +214,11 @@ def _write_report(results: SearchResults, reeval: dict, out: Path) -> dict:
     seeds = reeval["seeds"]
     lines = [f"# Re-evaluation of the top {len(reeval['candidates'])} configs of search {results.name}", "",
              f"Metric: `{reeval['metric']}` ({reeval['mode']}); seeds: {', '.join(map(str, seeds))}. "
-             f"Chosen: trial `{reeval['chosen']}` (best mean over seeds).", "",
-             "| rank | trial | kind | in search | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | std |",
-             "|---|---|---|---|" + "---|" * len(seeds) + "---|---|"]
-    for i, row in enumerate(reeval["candidates"], 1):
-        values = {r["seed"]: r["value"] for r in row["runs"]}
-        lines.append(f"| {i} | `{row['trial_id']}` | {row['kind']} | {fmt(row['search_value'])} | "
-                     + " | ".join(fmt(values.get(s)) for s in seeds)
-                     + f" | {fmt(row['mean'])} | {fmt(row['std'])} |")
+             f"Chosen: trial `{reeval['chosen']}` (best mean over seeds).", ""]
+    lines += grid(" | ".join(["rank | trial | kind | in search", *(f"seed {s}" for s in seeds), "mean | std"]), [
+        [i, f"`{row['trial_id']}`", row["kind"], fmt(row["search_value"]),
+         *(fmt({r["seed"]: r["value"] for r in row["runs"]}.get(s)) for s in seeds),
+         fmt(row["mean"]), fmt(row["std"])] for i, row in enumerate(reeval["candidates"], 1)])
     lines += ["", "Runs are in the search folder's `reeval/TRIAL/seedS/` (config.yaml, metrics.json, checkpoint.pt)."]
     md_path.write_text("\n".join(lines) + "\n")
     json_path.write_text(json.dumps({"search": results.name, **reeval}, indent=2))
