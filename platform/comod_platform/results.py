@@ -15,7 +15,7 @@ import types
 import typing
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -131,12 +131,10 @@ class SearchResults:
     def counts(self) -> dict[str, int]:
         return {**dict.fromkeys(STATES, 0), **Counter(t.state for t in self.trials)}
 
-    def ranked(self, metric: str | None = None, mode: str | None = None) -> list[TrialRecord]:
-        """Completed trials that have ``metric`` (default: the search's), best first; ties keep start order."""
-        metric = metric or self.metric
-        mode = mode or (self.mode if metric == self.metric else guess_mode(metric))
-        done = [t for t in self.trials if t.completed and t.value(metric) is not None]
-        return sorted(done, key=lambda t: sort_key(t.value(metric), mode))
+    def ranked(self) -> list[TrialRecord]:
+        """Completed trials that have the search metric, best first; ties keep start order."""
+        done = [t for t in self.trials if t.completed and t.value(self.metric) is not None]
+        return sorted(done, key=lambda t: sort_key(t.value(self.metric), self.mode))
 
 
 def guess_mode(metric: str) -> str:
@@ -186,8 +184,7 @@ def _by_step(points) -> list[tuple[int, float]]:
 
 
 def fine_tuning_curve(points) -> list[tuple[int, float]]:
-    """MLflow metric history -> [(fine-tuning step, value)], the lowest step (the pretrained model) as 0,
-    without NaN."""
+    """MLflow metric history -> [(fine-tuning step, value)] without NaN, the lowest step (pretrained model) 0."""
     steps = _by_step(points)
     return [(s - steps[0][0], v) for s, v in steps if not math.isnan(v)]
 
@@ -210,10 +207,7 @@ def _saved_metrics(path: Path) -> dict[str, float]:
 
 def _record(client, run, metric: str, mode: str, paths: SearchPaths) -> TrialRecord:
     tags, metrics, run_id = run.data.tags, run.data.metrics, run.info.run_id
-
-    def history(key: str) -> list:
-        return list(client.get_metric_history(run_id, key))
-
+    history = partial(client.get_metric_history, run_id)
     trial_id = tags.get(TAG_TRIAL_ID, run_id)
     cfg, flat, config_error = config_from_params(dict(run.data.params))
     state = recorded_state(tags, metrics)
@@ -235,10 +229,8 @@ def _record(client, run, metric: str, mode: str, paths: SearchPaths) -> TrialRec
     wall = final.get(WALL)
     if wall is None and run.info.end_time and run.info.start_time:
         wall = (run.info.end_time - run.info.start_time) / 1000.0
-    return TrialRecord(trial_id=trial_id, run_id=run_id, state=state,
-                       kind=tags.get(TAG_KIND) or (flat.get("modulation.kind") if flat else None),
-                       stopped_epoch=_int(tags.get(TAG_STOPPED_EPOCH)), config=cfg, flat=flat, final=final,
-                       best=best_of(series, mode) if series else None, epochs=_int(tags.get(TAG_EPOCHS)),
-                       reports=_int(tags.get(TAG_REPORTS)) or 0,
-                       wall_seconds=wall, start_time=(run.info.start_time or 0) / 1000.0,
-                       error=tags.get(TAG_ERROR), config_error=config_error, curves=curves)
+    return TrialRecord(trial_id=trial_id, run_id=run_id, state=state, config=cfg, flat=flat, final=final, curves=curves,
+                       kind=tags.get(TAG_KIND) or flat.get("modulation.kind"), error=tags.get(TAG_ERROR),
+                       stopped_epoch=_int(tags.get(TAG_STOPPED_EPOCH)), epochs=_int(tags.get(TAG_EPOCHS)),
+                       reports=_int(tags.get(TAG_REPORTS)) or 0, best=best_of(series, mode) if series else None,
+                       wall_seconds=wall, start_time=(run.info.start_time or 0) / 1000.0, config_error=config_error)
