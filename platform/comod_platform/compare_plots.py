@@ -73,27 +73,21 @@ def draw(r: dict, trials: list[TrialRecord], out: Path) -> list[Path]:
         files.append(_save(fig, out / "win_rates.png"))
     if made := curves_figure(r):
         files.append(_save(made[0], out / "curves.png", tight=False))
-    if r["pretraining"]["kinds"]:
-        files.append(_save(pretraining_figure(r), out / "pretraining.png", tight=False))
+    if (pre := r["pretraining"])["kinds"]:  # each kind's mean validation curve over pretraining epochs
+        fig, ax = _figure(5.5, 3.8, dpi=100)
+        fig.subplots_adjust(left=0.13, right=0.97, bottom=0.14, top=0.9)
+        for kind, c in pre["kinds"].items():
+            colour = None if kind.startswith("shared") else KIND_COLOURS.get(kind)
+            _band(ax, c, colour, f"{kind} (n={c['n']})", marker="o")
+        ax.set(xlabel="pretraining epoch", ylabel=metric)
+        ax.set_title(f"{pre['curve_key']}: mean and t 95% band", fontsize=9)
+        ax.legend(fontsize=8)
+        files.append(_save(fig, out / "pretraining.png", tight=False))
     return files
 
 
-def pretraining_figure(r: dict):
-    """Each kind's mean validation curve over pretraining epochs with its 95% band."""
-    pre = r["pretraining"]
-    fig, ax = _figure(5.5, 3.8, dpi=100)
-    fig.subplots_adjust(left=0.13, right=0.97, bottom=0.14, top=0.9)
-    for kind, c in pre["kinds"].items():
-        _band(ax, c, None if kind.startswith("shared") else KIND_COLOURS.get(kind), f"{kind} (n={c['n']})", marker="o")
-    ax.set(xlabel="pretraining epoch", ylabel=r["metric"])
-    ax.set_title(f"{pre['curve_key']}: mean and t 95% band", fontsize=9)
-    ax.legend(fontsize=8)
-    return fig
-
-
 def curves_figure(r: dict):
-    """One panel per arm, every condition's mean fine-tuning curve with its 95% band, all panels on one y
-    scale; (figure, the panels' axes), or None without curves."""
+    """A panel per arm of each condition's mean fine-tuning curve and 95% band, one y scale; (figure, axes) or None."""
     panels = [p for p in r["efficiency"]["panels"] if p["kinds"]]
     if not panels:
         return None
