@@ -103,8 +103,7 @@ def by_noise_scale(groups: list[dict], metric: str, mode: str, resamples: int = 
 
 
 def win_rates(groups: list[dict], trials: list[TrialRecord], headline=HEADLINE) -> dict[str, dict]:
-    """Per task, the matched groups where the ``headline``'s first condition's test F1 beats, ties or loses
-    to the second's."""
+    """Per task, the matched groups where the ``headline``'s first condition beats, ties or loses on test F1."""
     a, b, out = *headline, {}
     for task in sorted({m.group(1) for t in trials for k in t.final for m in [_TASK_F1.match(k)] if m}):
         pairs = [(mean_of(g[a], f"test/{task}/f1"), mean_of(g[b], f"test/{task}/f1"))
@@ -189,8 +188,7 @@ def _best(trials: list[TrialRecord], metric: str, mode: str) -> dict | None:
 
 def build_report(name: str, trials: list[TrialRecord], metric: str, mode: str, resamples: int = RESAMPLES,
                  seed: int = BOOTSTRAP_SEED, ranges=(), max_concurrent: int | None = None) -> dict:
-    """The comparison of ``trials`` (any state) as a JSON-ready dict. ``ranges``: settings sampled from a
-    float range (binned); ``max_concurrent``: the search's, for the cost."""
+    """The comparison of ``trials`` (any state) as a JSON-ready dict; ``ranges``: float-range settings (binned)."""
     done = [t for t in trials if t.completed and t.value(metric) is not None]
     present = sorted({condition(t) for t in done}, key=condition_order)
     listed = sorted(set(KINDS) | set(present), key=condition_order)
@@ -199,13 +197,12 @@ def build_report(name: str, trials: list[TrialRecord], metric: str, mode: str, r
         by_state = counts.setdefault(condition(t), dict.fromkeys(STATES, 0))
         by_state[t.state] = by_state.get(t.state, 0) + 1
     by_cond = {c: [t for t in done if condition(t) == c] for c in listed}
-    best = {c: _best(members, metric, mode) for c, members in by_cond.items()}
     groups, pairs = matched_groups(done), comparisons(present)
     paired = paired_differences(groups, metric, mode, resamples, seed, pairs)
     varied = varied_settings(done)
     report = {"search": name, "metric": metric, "mode": mode, "trials": len(trials), "completed": len(done),
               "conditions": present, "comparisons": [list(p) for p in pairs], "variant_settings": list(VARIANTS),
-              "counts": counts, "best": best,
+              "counts": counts, "best": {c: _best(members, metric, mode) for c, members in by_cond.items()},
               "distribution": {c: summary([t.value(metric) for t in members]) for c, members in by_cond.items()},
               "paired": paired, "win_rates": win_rates(groups, done, pairs[0]), "resamples": resamples,
               "bootstrap_seed": seed, "level": LEVEL, "exact_max_n": EXACT_MAX_N, "rough_n": ROUGH_N,

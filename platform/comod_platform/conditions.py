@@ -45,9 +45,8 @@ def kind_of(cond: str) -> str:
 
 
 def condition(trial: TrialRecord) -> str:
-    """The trial's kind, plus in brackets: the groups fine-tuning trains when not only the controller,
-    ``shuffled`` for a readout gain applied with its units permuted (the control) and ``readout carried``
-    for a readout that does not restart when fine-tuning starts."""
+    """The trial's kind, plus in brackets: the groups fine-tuning trains when not only the controller, ``shuffled``
+    for a readout gain with its units permuted (the control), ``readout carried`` for one not restarted."""
     kind = trial.kind or trial.flat.get("modulation.kind") or "unknown"
     parts = []
     trainable = trial.flat.get("finetune.trainable")
@@ -75,10 +74,8 @@ def comparisons(present) -> list[tuple[str, str]]:
     control) where present, the headline's conditions minus each none condition, then every other pair of
     the ``present`` conditions, in :func:`condition_order`."""
     present = sorted(set(present), key=condition_order)
-    headline = HEADLINE
-    if not set(HEADLINE) & set(present):
-        variants = [(c, "deterministic" + c[len("stochastic"):]) for c in present if kind_of(c) == "stochastic"]
-        headline = next((p for p in variants if p[1] in present), HEADLINE)
+    variants = [(c, "deterministic" + c[len("stochastic"):]) for c in present if kind_of(c) == "stochastic"]
+    headline = HEADLINE if set(HEADLINE) & set(present) else next((p for p in variants if p[1] in present), HEADLINE)
     out = [headline] + ([("stochastic", SHUFFLED)] if SHUFFLED in present else [])
     out += [(a, n) for a in headline for n in present if kind_of(n) == "none"]
     seen = {frozenset(p) for p in out}
@@ -129,8 +126,7 @@ def _is_number(value: Any) -> bool:
 
 
 def binned(values: list, ranged: bool = False) -> bool:
-    """All numbers, and more than :data:`MAX_LEVELS` distinct or sampled from a range (``ranged``, or any
-    float with more than 6 significant digits)."""
+    """All numbers, and more than :data:`MAX_LEVELS` distinct or sampled (``ranged``, or floats past 6 digits)."""
     if not values or not all(_is_number(v) for v in values):
         return False
     sampled = any(isinstance(v, float) and math.isfinite(v) and float(f"{v:.6g}") != v for v in values)

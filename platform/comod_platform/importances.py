@@ -26,13 +26,11 @@ def param_importances(trials: list, min_trials: int = IMPORTANCE_MIN_TRIALS, see
     done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)]
     out: dict[str, Any] = {"trials": len(done), "params": None, "note": None}
     if len(done) < min_trials:
-        out["note"] = f"{len(done)} completed trial(s); importances need at least {min_trials}"
-        return out
+        return {**out, "note": f"{len(done)} completed trial(s); importances need at least {min_trials}"}
     varied = [p for p in done[0].params if all(p in t.params for t in done)
               and len({json.dumps(t.params[p], sort_keys=True, default=str) for t in done}) > 1]
     if not varied:
-        out["note"] = "no searched setting took more than one value among the completed trials"
-        return out
+        return {**out, "note": "no searched setting took more than one value among the completed trials"}
     level = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
