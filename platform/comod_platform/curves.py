@@ -1,9 +1,4 @@
-"""Learning curves in a comparison: fine-tuning efficiency and the pretraining's plateau.
-
-Per arm and condition the mean ``finetune/<metric>`` curve with a t 95% band; per matched group the
-paired normalised AUC and the steps to a fraction of deterministic's final score; per pretraining
-mechanism its validation curve and whether it still rose.
-"""
+"""Learning curves in a comparison: fine-tuning efficiency and the pretraining's plateau."""
 from __future__ import annotations
 
 import numpy as np

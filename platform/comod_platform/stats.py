@@ -1,9 +1,5 @@
-"""Statistics of paired per-seed differences, for samples as small as a study's seeds.
-
-Student's t interval, a percentile bootstrap beside it (too narrow with few values), the exact sign-flip
-test of a zero mean, Holm's adjustment over a family, and the seeds a half-width takes. docs/method.md
-("Pitfalls") says why.
-"""
+"""Statistics of paired per-seed differences, for samples as small as a study's seeds: docs/method.md
+("Pitfalls") says why a t interval, an exact sign-flip test and Holm's adjustment."""
 from __future__ import annotations
 
 import math
