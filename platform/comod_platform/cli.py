@@ -55,8 +55,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict]:
                          "terminal instead of the runs folder's ui.log")
     from comod_platform.cli_search import add_commands
 
-    handlers = {"train": cmd_train, "ui": cmd_ui, **add_commands(sub)}
-    return parser, handlers
+    return parser, {"train": cmd_train, "ui": cmd_ui, **add_commands(sub)}
 
 
 def main(argv: list[str] | None = None, console: bool = False) -> int:

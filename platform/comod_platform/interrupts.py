@@ -47,11 +47,9 @@ class StopOnSignal:
             return self  # signals reach the main thread only: a search driven from another thread
         _requested.clear()
         unfinished.clear()
-        for signum in EXIT_CODES:
-            self._previous[signum] = signal.signal(signum, self._handle)
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in EXIT_CODES}
         return self
 
     def __exit__(self, *exc) -> None:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
-        self._previous.clear()

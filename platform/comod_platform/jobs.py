@@ -141,10 +141,8 @@ def job_env(extra: dict[str, str], storage: str | None, notes: list[str] | None 
 def entrypoint(name: str, ship: str, storage: str | None) -> str:
     """The job's shell command. A shipped wheel is on ``PYTHONPATH``, not ``PATH``: it runs as a module."""
     command = "python -m comod_platform.cli" if ship == "wheel" else "comod"
-    line = f"{command} search run search.yaml --name {shlex.quote(name)} --or-resume"
-    if storage:
-        line += f" --storage {shlex.quote(storage)}"
-    return line
+    more = f" --storage {shlex.quote(storage)}" if storage else ""
+    return f"{command} search run search.yaml --name {shlex.quote(name)} --or-resume{more}"
 
 
 @dataclass

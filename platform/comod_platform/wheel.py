@@ -67,11 +67,10 @@ def build_wheel(out_dir: Path) -> Path:
         ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
         for package in (comod_dir, here):
             shutil.copytree(package, src / package.relative_to(root), ignore=ignore)
-        command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                   "-w", str(built), str(src)]
-        env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+            done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                                   "-w", str(built), str(src)], capture_output=True, text=True, timeout=600,
+                                  env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
         except (OSError, subprocess.TimeoutExpired) as err:
             raise WheelError(f"building the project's wheel failed ({err}); pass --ship image when the "
                              f"cluster's image has comod") from None
