@@ -52,8 +52,7 @@ def embedded_uri() -> str:
 
 def tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI``, else the embedded store, made here by MLflow if new."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
+    if uri := os.environ.get("MLFLOW_TRACKING_URI"):
         return uri
     runs_home().mkdir(parents=True, exist_ok=True)
     # made under the lock, and looked for under it: a command never opens a store another is still making
@@ -160,16 +159,14 @@ def _dataset_class():
     from mlflow.data.meta_dataset import MetaDataset
 
     class ComodDataset(MetaDataset):  # described by its metadata: comod keeps the data in memory
+        profile: dict | None = None  # an attribute in place of the base's read-only property
+
         def __init__(self, source, name, digest, schema, profile: dict):
-            self._profile = profile
+            self.profile = profile
             super().__init__(source, name=name, digest=digest, schema=schema)
 
-        @property
-        def profile(self) -> dict:
-            return self._profile
-
         def to_dict(self) -> dict[str, str]:
-            return {**super().to_dict(), "profile": json.dumps(self._profile)}
+            return {**super().to_dict(), "profile": json.dumps(self.profile)}
 
     return ComodDataset
 
@@ -196,19 +193,6 @@ def _source(where: str | None, cfg: ExperimentConfig):
     return CodeDatasetSource(tags)
 
 
-def _summary(data) -> dict:
-    """Tasks, split sizes, image shape and source of ``TaskData`` or its packed form (the driver's copy)."""
-    if isinstance(data, dict):
-        splits = data["splits"]
-        sizes = {name: int(splits[name]["labels"].shape[0]) for name in ("train", "val", "test")}
-        shape, tasks, info = tuple(splits["train"]["images"].shape[1:]), data["tasks"], data.get("info") or {}
-    else:
-        sizes = {name: len(getattr(data, name)) for name in ("train", "val", "test")}
-        shape, tasks, info = tuple(data.train.images.shape[1:]), data.tasks, data.info or {}
-    return {"sizes": sizes, "image_shape": [int(x) for x in shape],
-            "tasks": {t.name: int(t.num_classes) for t in tasks}, "source": info.get("source")}
-
-
 def describe_dataset(cfg: ExperimentConfig, data=None, source=None):
     """The run's dataset as an MLflow dataset named ``DATASET/TASK_SET``, its digest a hash of the data
     settings and, for loaded ``data``, of its tasks and split sizes. Without ``data`` (a trial's, which the
@@ -217,14 +201,17 @@ def describe_dataset(cfg: ExperimentConfig, data=None, source=None):
 
     settings = dataset_settings(cfg)
     if data is not None:
-        summary = _summary(data)
-        where = summary["source"]
-        identity = {"data": settings, "sizes": summary["sizes"], "tasks": summary["tasks"]}
-        profile = {"tasks": list(summary["tasks"]), "num_classes": summary["tasks"],
-                   **{f"{split}_size": n for split, n in summary["sizes"].items()},
-                   "image_shape": summary["image_shape"], "image_dtype": "uint8", "settings": settings}
-        schema = Schema([ColSpec(DataType.binary, "image"),
-                         *[ColSpec(DataType.long, task) for task in summary["tasks"]]])
+        if isinstance(data, dict):  # the driver's packed copy (trainable.pack)
+            images, tasks, info = {n: s["images"] for n, s in data["splits"].items()}, data["tasks"], data.get("info")
+        else:
+            images, tasks, info = {n: getattr(data, n).images for n in ("train", "val", "test")}, data.tasks, data.info
+        where, tasks = (info or {}).get("source"), {t.name: int(t.num_classes) for t in tasks}
+        sizes = {name: int(images[name].shape[0]) for name in ("train", "val", "test")}
+        identity = {"data": settings, "sizes": sizes, "tasks": tasks}
+        profile = {"tasks": list(tasks), "num_classes": tasks, **{f"{split}_size": n for split, n in sizes.items()},
+                   "image_shape": [int(x) for x in images["train"].shape[1:]], "image_dtype": "uint8",
+                   "settings": settings}
+        schema = Schema([ColSpec(DataType.binary, "image"), *[ColSpec(DataType.long, task) for task in tasks]])
     else:
         where = cfg.data.root or ("generated" if cfg.data.dataset == "synthetic" else None)
         identity = {"data": settings}
@@ -240,8 +227,7 @@ def describe_dataset(cfg: ExperimentConfig, data=None, source=None):
 
 
 def dataset_input(dataset):
-    """``dataset`` (an ``mlflow.data`` dataset) as the ``DatasetInput`` that ``MlflowClient.log_inputs`` takes
-    (a ``DatasetInput`` as it is)."""
+    """``dataset`` as the ``DatasetInput`` that ``MlflowClient.log_inputs`` takes (a ``DatasetInput`` as it is)."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     if isinstance(dataset, DatasetInput):
@@ -298,11 +284,9 @@ class RunLogger:
 
         from comod_platform.writer import RetryingClient
 
-        self.experiment_id = setup(experiment)
+        experiment_id = setup(experiment)
         self.client = RetryingClient(MlflowClient())  # a locked SQLite store or a server's blip is waited out
-        self.out_dir = Path(out_dir)
-        run_file = self.out_dir / RUN_FILE
-        self.run_id = found = None
+        run_file, found = Path(out_dir) / RUN_FILE, None
         self.previous_status: str | None = None  # the re-attached run's status before (None: a new run)
         if run_file.exists():
             previous = json.loads(run_file.read_text())
@@ -315,10 +299,10 @@ class RunLogger:
                 self.client.update_run(self.run_id, status="RUNNING")
             return
         tags = {"comod.modulation_kind": cfg.modulation.kind, "comod.dataset": cfg.data.dataset}
-        self.run_id = self.client.create_run(self.experiment_id, run_name=cfg.name, tags=tags).info.run_id
+        self.run_id = self.client.create_run(experiment_id, run_name=cfg.name, tags=tags).info.run_id
         log_params(self.client, self.run_id, params_of(cfg))
         log_dataset(self.client, self.run_id, describe_dataset(cfg, data))
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        run_file.parent.mkdir(parents=True, exist_ok=True)
         run_file.write_text(json.dumps({"tracking_uri": mlflow.get_tracking_uri(), "run_id": self.run_id}))
 
     @property
