@@ -61,8 +61,7 @@ class EpochReporter:
 
     def close(self) -> None:
         """Wait until every report went out (then :meth:`check`), and end the thread."""
-        self._queue.join()
-        self._queue.put(None)
+        self._queue.put(None)  # after every report queued: the thread ends once they went out
         self._thread.join()
         self.check()
 

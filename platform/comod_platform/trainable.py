@@ -53,12 +53,6 @@ def unpack(packed: dict) -> TaskData:
                     tuple(packed["mean"]), tuple(packed["std"]), dict(packed["info"]))
 
 
-def _with_aliases(metrics: dict) -> dict:
-    """``pretrain/val/X`` and ``finetune/val/X`` also as ``val/X``: one curve across both phases."""
-    return {**metrics, **{key.partition("/")[2]: value for key, value in metrics.items()
-                          if key.startswith(("pretrain/val/", "finetune/val/"))}}
-
-
 CHECKPOINT_FILES = ("checkpoint.pt", "config.yaml")
 FINAL_FILES = CHECKPOINT_FILES + ("metrics.json", "plots")
 
@@ -93,8 +87,7 @@ def _report_to_tune(row: dict, folder: Path | None, metric: str) -> None:
 
 
 class TrialRun:
-    """The experiment's callbacks in one trial: each epoch goes to Ray Tune (through an
-    :class:`EpochReporter`), the last one with the final metrics; see the module's docstring."""
+    """The experiment's callbacks in one trial (see the module's docstring)."""
 
     def __init__(self, search, cfg, trial_id: str, out: Path):
         import ray
@@ -111,8 +104,10 @@ class TrialRun:
         self.held = None  # pretraining's last epoch (row, folder), until fine-tuning says whether it is the last
         self.curve: list = []  # validation points between epoch ends, sent with the next report
 
-    def row(self, metrics: dict) -> dict:
-        return {**_with_aliases(metrics), STEP: self.step, EPOCH: self.epochs, **self.where}
+    def row(self, metrics: dict) -> dict:  # ``pretrain/val/X`` and ``finetune/val/X`` also as ``val/X``
+        aliases = {key.partition("/")[2]: value for key, value in metrics.items()
+                   if key.startswith(("pretrain/val/", "finetune/val/"))}
+        return {**metrics, **aliases, STEP: self.step, EPOCH: self.epochs, **self.where}
 
     def with_curve(self, row: dict) -> dict:
         if self.curve:
