@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from contextlib import suppress
 from pathlib import Path
 
 from comod_platform.paths import runs_home
@@ -30,11 +31,9 @@ def install() -> None:
 def _on_connect(connection, _record) -> None:
     if not isinstance(connection, sqlite3.Connection):
         return  # a database server's connection
-    try:
+    with suppress(sqlite3.Error):  # a database that cannot switch now (read-only, or held by another process)
         path = next((row[2] for row in connection.execute("PRAGMA database_list") if row[1] == "main"), "")
         if not path or not Path(path).resolve().is_relative_to(runs_home()):
             return  # in memory, or someone else's database
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=NORMAL")
-    except sqlite3.Error:
-        pass  # a database that cannot switch now (read-only, or another process holds it): as it is
