@@ -17,7 +17,7 @@ from comod_platform.conventions import (EPOCH, FINAL_FLAG, INTERRUPTED, PROTOCOL
                                         TAG_STOPPED_EPOCH, TAG_TRIAL_ID, report_metrics)
 from comod_platform.tracking import (all_runs, dataset_input, dataset_settings, describe_dataset, log_dataset,
                                      log_params, metric_entities, params_of)
-from comod_platform.writer import BACKGROUND_NICE, Writer, transient
+from comod_platform.writer import Writer, transient
 
 log = logging.getLogger(__name__)
 RAY_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "iterations_since_restore",
@@ -145,7 +145,7 @@ class TrialRuns:
     @property
     def writer(self) -> Writer:
         if self._writer is None:
-            self._writer = Writer(describe=f"MLflow at {self.tracking_uri}", nice=BACKGROUND_NICE, idle=True)
+            self._writer = Writer(describe=f"MLflow at {self.tracking_uri}", idle=True)
         return self._writer
 
     def run_id(self, trial) -> str:

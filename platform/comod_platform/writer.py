@@ -20,7 +20,6 @@ from collections import Counter
 
 log = logging.getLogger(__name__)
 _WRITERS: "weakref.WeakSet[Writer]" = weakref.WeakSet()
-BACKGROUND_NICE = 19  # below Ray's workers (nice 15): the trials come first; no write is on a trial's path
 FLUSH_TIMEOUT_ENV = "COMOD_MLFLOW_FLUSH_TIMEOUT"  # s the end of a search waits for a store away (default 900)
 TRANSIENT_DATABASE_SIGNS = ("OperationalError", "database is locked", "database table is locked", "disk I/O error",
                             "database or disk is full", "No space left on device", "could not connect to server",
@@ -49,12 +48,13 @@ def transient(err: Exception) -> bool:
 class Writer:
     """A thread that runs calls to a store in order. While the store is away the head call is retried with a
     growing pause (at most ``max_pause`` s); a refused call is tried ``retries`` times, then dropped.
-    ``nice`` lowers the thread's CPU priority; ``idle`` puts it in Linux's ``SCHED_IDLE`` class."""
+    ``idle`` puts the thread in Linux's ``SCHED_IDLE`` class (below every nice level: it runs where a core
+    would idle)."""
 
     def __init__(self, retries: int = 5, max_pause: float = 15.0, describe: str = "MLflow",
-                 name: str = "comod-mlflow-writer", nice: int = 0, idle: bool = False):
+                 name: str = "comod-mlflow-writer", idle: bool = False):
         self.queue: queue.Queue = queue.Queue()
-        self.nice, self.idle = nice, idle
+        self.idle = idle
         self.retries, self.max_pause, self.describe = retries, max_pause, describe
         self.outage_since: float | None = None
         self.dropped, self.calls, self.cpu_s = 0, 0, 0.0  # calls dropped, made, and the CPU time spent in them
@@ -68,9 +68,6 @@ class Writer:
     def _loop(self) -> None:
         # this thread only (a Linux thread is its own task); not Linux, or not allowed: as it is
         with contextlib.suppress(AttributeError, OSError):
-            if self.nice:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
-                               os.getpriority(os.PRIO_PROCESS, 0) + self.nice)
             if self.idle:
                 os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         while True:
