@@ -137,10 +137,9 @@ def mark_experiment(client, experiment_id: str, metric: str | None = None, mode:
                                  *[f"metrics.`{m}`" for m in metrics]]}
     if metric:
         state.update(orderByKey=f"metrics.`{metric}`", orderByAsc=mode == "min")
-    try:
+    current = None
+    with suppress(KeyError, TypeError, ValueError):  # no view yet, or not one of comod's
         current = json.loads(json.loads(tags[VIEW_TAG])["state"])
-    except (KeyError, TypeError, ValueError):
-        current = None
     if current != state and (metric is not None or current is None):  # no metric: keep a search's sorted view
         now = int(time.time() * 1000)
         envelope = {"name": VIEW_NAME, "createdAt": now, "updatedAt": now, "state": json.dumps(state)}
