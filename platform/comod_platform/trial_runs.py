@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from contextlib import suppress
 from pathlib import Path
 
 from comod_platform.conventions import (EPOCH, FINAL_FLAG, INTERRUPTED, PROTOCOL_KEYS, TAG_BEST_RUN, TAG_BEST_TRIAL,
@@ -193,10 +194,8 @@ class TrialRuns:
             return self._base_input
         source = None
         if same_files and cfg.data.dataset == base_cfg.data.dataset:
-            try:
+            with suppress(Exception):  # a source type this MLflow does not know: describe it anew
                 source = get_source(self._base_input)
-            except Exception:  # noqa: BLE001 - a source type this MLflow does not know: describe it anew
-                source = None
         return dataset_input(describe_dataset(cfg, source=source))
 
     # -- what the scheduling loop queues -------------------------------------------------------------
