@@ -6,12 +6,12 @@ deep (tests/comod_platform/test_platform_import.py checks depth and that there i
 
     cli -> cli_search -> runner | jobs | export | compare | dashboard
     runner -> preflight, tuner, summary, searcher, tracking, sqlite_stores, storage
-    tuner -> trainable (one trial: reporter, plots, watchdog), tune_callbacks (-> trial_runs
+    tuner -> trainable (one trial: plots, watchdog), tune_callbacks (-> trial_runs
              -> tracking -> writer), searcher (Optuna ask and tell), compat (the one private use)
     compare -> conditions, curves, stats, importances, report, compare_plots -> results
     results, export -> search_state, searchfile, conventions (names shared by trials and driver)
     jobs -> wheel, searchfile, search_state;  leaves: conventions, errors, paths, credentials,
-    writer, interrupts, reporter, watchdog, own_session, progress, plots, compat
+    writer, interrupts, watchdog, own_session, progress, plots, compat
 
 Where to add a mechanism, a sampler, a scheduler, a logged value, a setting or a command:
 docs/architecture.md, "Where to add".
