@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+from contextlib import contextmanager
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 _requested: list[int] = []
@@ -20,18 +21,15 @@ def requested() -> int | None:
     return _requested[0] if _requested else None
 
 
-class StopOnSignal:
-    """While active (a ``with`` block in the main thread), SIGINT and SIGTERM stop the search cleanly
+@contextmanager
+def stop_on_signal(name: str):
+    """While active (a ``with`` block in the main thread), SIGINT and SIGTERM stop search ``name`` cleanly
     once and at once the second time."""
 
-    def __init__(self, name: str):
-        self.name = name
-        self._previous: dict[int, object] = {}
-
-    def _handle(self, signum: int, frame) -> None:
+    def handle(signum: int, frame) -> None:
         if _requested:
             print(f"comod: second {signal.Signals(signum).name}: ending at once. Trials, their MLflow runs and "
-                  f"Optuna trials may be left RUNNING; `comod search resume {self.name}` repairs and continues "
+                  f"Optuna trials may be left RUNNING; `comod search resume {name}` repairs and continues "
                   f"them", file=sys.stderr, flush=True)
             os._exit(EXIT_CODES.get(signum, 128 + signum))
         _requested.append(signum)
@@ -42,14 +40,13 @@ class StopOnSignal:
               f"to end at once)", file=sys.stderr, flush=True)
         ray_stop(signal.SIGUSR1, frame)
 
-    def __enter__(self) -> "StopOnSignal":
-        if threading.current_thread() is not threading.main_thread():
-            return self  # signals reach the main thread only: a search driven from another thread
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
         _requested.clear()
         unfinished.clear()
-        self._previous = {signum: signal.signal(signum, self._handle) for signum in EXIT_CODES}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
+        previous = {signum: signal.signal(signum, handle) for signum in EXIT_CODES}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

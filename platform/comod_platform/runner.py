@@ -166,7 +166,7 @@ def _fit(sf: SearchFile, paths: SearchPaths, meta: SearchMeta, restore: bool = F
     client = MlflowClient(tracking_uri=meta.tracking_uri)
     retry_call(client.update_run, meta.parent_run_id, status="RUNNING")
     status = "KILLED"
-    with interrupts.StopOnSignal(meta.name):
+    with interrupts.stop_on_signal(meta.name):
         try:
             grid = build_tuner(sf, paths, meta, storage_mod.join(meta.ray_storage, meta.name), restore, data).fit()
             status = "KILLED" if interrupts.requested() else "FINISHED"
