@@ -13,9 +13,9 @@ import threading
 from contextlib import suppress
 from pathlib import Path
 
-from comod_platform.conventions import (EPOCH, FINAL_FLAG, INTERRUPTED, PROTOCOL_KEYS, TAG_BEST_RUN, TAG_BEST_TRIAL,
-                                        TAG_ERROR, TAG_KIND, TAG_PARENT, TAG_ROLE, TAG_SEARCH, TAG_STATE,
-                                        TAG_STOPPED_EPOCH, TAG_TRIAL_ID, report_metrics)
+from comod_platform.conventions import (EPOCH, INTERRUPTED, PROTOCOL_KEYS, TAG_BEST_RUN, TAG_BEST_TRIAL, TAG_ERROR,
+                                        TAG_KIND, TAG_PARENT, TAG_ROLE, TAG_SEARCH, TAG_STATE, TAG_STOPPED_EPOCH,
+                                        TAG_TRIAL_ID, report_metrics)
 from comod_platform.tracking import (all_runs, dataset_input, dataset_settings, describe_dataset, log_dataset,
                                      log_params, metric_entities, params_of)
 from comod_platform.writer import Writer, transient
@@ -231,12 +231,6 @@ class TrialRuns:
     def end_interrupted(self, trial, last: dict | None) -> None:
         """A trial a stopped search left unfinished: its run (if it started) KILLED, tagged interrupted."""
         self.writer.submit(self._end_interrupted, trial, last or {})
-
-    def reconcile(self, trial, state: str, error: str | None, last: dict, checkpoint, step: int) -> None:
-        """After a restore: a trial that ended while the driver was lost gets its final metrics and end."""
-        if last.get(FINAL_FLAG):
-            self.queue_metrics(trial, numeric_metrics(last), step)
-        self.end(trial, state, error, last, checkpoint)
 
     def drop_lost_runs(self, known: set[str]) -> None:
         self.writer.submit(drop_lost_runs, self.client, self.experiment_id, self.parent_run_id, known)

@@ -25,7 +25,6 @@ from comod_platform.writer import FLUSH_TIMEOUT_ENV
 
 log = logging.getLogger(__name__)
 PARENT_METRIC_PREFIXES = ("val/mean_", "test/mean_")  # the best trial's metrics on the parent (and the search's)
-_KEPT = ("runs", "metric", "mode", "keep_checkpoints")
 
 
 def _error_line(trial) -> str:
@@ -61,7 +60,7 @@ class MlflowTrialCallback(Callback):
         self._best: str | None = None
 
     def __getstate__(self):  # pickled with the Tuner's state: the runs' settings, no thread or cache
-        return {k: self.__dict__[k] for k in _KEPT}
+        return {k: self.__dict__[k] for k in ("runs", "metric", "mode", "keep_checkpoints")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -77,7 +76,9 @@ class MlflowTrialCallback(Callback):
         for trial in trials:
             if trial.status in ("TERMINATED", "ERROR"):
                 last = trial.last_result or {}
-                self.runs.reconcile(trial, *_outcome(trial), last, trial.checkpoint, int(last.get(STEP, 0)))
+                if last.get(FINAL_FLAG):
+                    self.runs.queue_metrics(trial, numeric_metrics(last), int(last.get(STEP, 0)))
+                self.runs.end(trial, *_outcome(trial), last, trial.checkpoint)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._started.add(trial.trial_id)
