@@ -170,7 +170,7 @@ def _train(args) -> int:
             gc.collect()
             logger.finish(status)
             raise KeyboardInterrupt
-        logger.log_metrics(metrics, step=int(metrics.get("steps", 0)), skip_logged=logger.resumed)
+        logger.log_metrics(metrics, step=int(metrics.get("steps", 0)), skip_logged=logger.previous_status is not None)
         logger.log_artifacts([out / "config.yaml", out / "metrics.json", out / "checkpoint.pt"])
         logger.log_artifacts(plot_run(out), "plots")
         logger.finish("FINISHED")

@@ -304,10 +304,6 @@ class RunLogger:
         run_file.parent.mkdir(parents=True, exist_ok=True)
         run_file.write_text(json.dumps({"tracking_uri": mlflow.get_tracking_uri(), "run_id": self.run_id}))
 
-    @property
-    def resumed(self) -> bool:
-        return self.previous_status is not None
-
     def logged_steps(self) -> dict[str, set[int]]:  # metric name -> the steps the run holds
         names = self.client.get_run(self.run_id).data.metrics
         return {k: {m.step for m in self.client.get_metric_history(self.run_id, k)} for k in names}
