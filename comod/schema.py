@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from typing import Any, Literal, Union
@@ -102,9 +103,15 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     raise ConfigError(f"{path}: got {value!r}; expected {_describe(tp)}")
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """``cls``'s field types, its annotations evaluated once (they are text: ``from __future__ import annotations``)."""
+    return typing.get_type_hints(cls)
+
+
 def from_dict(cls: type, raw: dict, path: str = ""):
     """Build dataclass ``cls`` from ``raw``, validating as described above."""
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
         if key not in names:
