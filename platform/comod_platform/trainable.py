@@ -1,15 +1,12 @@
-"""One search trial on a Ray worker: the experiment, reported to Ray Tune.
+"""One search trial on a Ray worker: the experiment, reported to Ray Tune from the training thread.
 
-Every epoch is reported with its validation metrics under the search's names
-(``pretrain/val/mean_f1`` also as ``val/mean_f1``, one curve across both
-phases) and the trial's epoch count, the scheduler's clock. The last report
-carries the last epoch, the test metrics and the final flag together, so a
-scheduler cannot stop a trial between them. Epoch checkpoints go to Ray Tune
-(persisted at most every ``search.checkpoint_interval_s``), so a restarted
-trial continues from its last one. A diverging loss or a time limit
-(:mod:`watchdog`) ends the trial with the diverged flag and the reason. The
-dataset comes through the object store when the trial's data settings are the
-base experiment's.
+Every epoch is reported with its validation metrics under the search's names (``pretrain/val/mean_f1`` also as
+``val/mean_f1``, one curve across both phases) and the trial's epoch count, the scheduler's clock. The last
+report carries the last epoch, the test metrics and the final flag together, so a scheduler cannot stop a trial
+between them. Epoch checkpoints go to Ray Tune (persisted at most every ``search.checkpoint_interval_s``), so a
+restarted trial continues from its last one. A diverging loss or a time limit (:mod:`watchdog`) ends the trial
+with the diverged flag and the reason. The dataset comes through the object store when the trial's data
+settings are the base experiment's.
 """
 from __future__ import annotations
 
