@@ -4,12 +4,11 @@ Optuna, MLflow, pyarrow and matplotlib. The core (``comod``) never imports it. I
 
     cli -> cli_search -> runner | jobs | export | compare | dashboard
     runner -> preflight, tuner, summary, searcher, tracking, sqlite_stores, storage
-    tuner -> trainable (one trial: reporter, plots, watchdog), searcher (Optuna ask and tell), compat (the one
-             private use), tune_callbacks -> trial_runs -> tracking -> writer
+    tuner -> trainable (one trial: plots, watchdog), searcher (Optuna ask and tell), compat (the one private
+             use), tune_callbacks -> trial_runs -> tracking -> writer
     compare -> conditions, curves, stats, importances, report, compare_plots -> results
     results, export, jobs -> search_state, searchfile, conventions (names shared by trials and driver); jobs -> wheel
-    leaves: conventions, errors, paths, credentials, writer, interrupts, reporter, watchdog, own_session, progress,
-            plots
+    leaves: conventions, errors, paths, credentials, writer, interrupts, watchdog, own_session, progress, plots
 
 Where to add a mechanism, a sampler, a scheduler, a logged value, a setting or a command: docs/architecture.md.
 """

@@ -1,4 +1,4 @@
-"""One search trial on a Ray worker: the experiment, reported to Ray Tune.
+"""One search trial on a Ray worker: the experiment, reported to Ray Tune from the training thread.
 
 Every epoch is reported with its validation metrics under the search's names (``pretrain/val/mean_f1`` also as
 ``val/mean_f1``, one curve across both phases) and the trial's epoch count, the scheduler's clock. The last
@@ -24,7 +24,6 @@ import torch
 from comod.config import config_to_dict
 from comod.data.taskdata import Split, TaskData
 from comod_platform.conventions import CURVE, DIVERGED_FLAG, EPOCH, FINAL_FLAG, GPUS, NODE, REASON, STEP, pack_report
-from comod_platform.reporter import EpochReporter
 from comod_platform.search_state import SearchPaths
 from comod_platform.watchdog import TrialTimeout, Watchdog
 
@@ -91,7 +90,6 @@ class TrialRun:
 
         self.search, self.cfg, self.trial_id, self.out = search, cfg, trial_id, out
         self.metric = search.search.metric
-        self.reporter = EpochReporter(lambda row, folder: _report_to_tune(row, folder, self.metric))
         self.watchdog = Watchdog(search.search.trial_timeout_s, search.search.stall_timeout_s)
         self.where = {NODE: ray.get_runtime_context().get_node_id(), GPUS: ",".join(map(str, ray.get_gpu_ids()))}
         self.epochs = self.step = 0
@@ -114,10 +112,6 @@ class TrialRun:
 
     def on_checkpoint(self, path, payload) -> None:
         self.fresh, self.payload = True, payload  # the last one is the final checkpoint, the plots' source
-
-    def on_step(self, *_) -> None:
-        self.watchdog.alive()
-        self.reporter.check()
 
     def on_wait(self, line: str) -> None:  # another trial is making the pretrained model this one needs
         self.watchdog.alive()
@@ -146,7 +140,7 @@ class TrialRun:
         if last:  # pretraining's last epoch: the trial's last too when fine-tuning has no epochs (on_phase)
             self.held = (row, folder)
         else:
-            self.reporter.submit(row, folder)
+            _report_to_tune(row, folder, self.metric)
 
     def on_phase(self, name: str, first_epoch: int, epochs: int) -> None:
         """Fine-tuning starts: pretraining's last epoch goes out now, unless fine-tuning has nothing to
@@ -155,7 +149,7 @@ class TrialRun:
             return
         (row, folder), self.held = self.held, None
         if epochs > first_epoch:
-            self.reporter.submit(row, folder)
+            _report_to_tune(row, folder, self.metric)
             return
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
@@ -167,7 +161,7 @@ class TrialRun:
         from comod.train import Callbacks, DivergedError, run_experiment
         from comod_platform.plots import gain_images
 
-        callbacks = Callbacks(on_epoch=self.on_epoch, on_checkpoint=self.on_checkpoint, on_step=self.on_step,
+        callbacks = Callbacks(on_epoch=self.on_epoch, on_checkpoint=self.on_checkpoint, on_step=self.watchdog.alive,
                               on_wait=self.on_wait, on_phase=self.on_phase,
                               on_eval=lambda phase, step, metrics: self.curve.append([step, metrics]))
         try:
@@ -176,15 +170,10 @@ class TrialRun:
                                          pretrain_cache=paths.pretrain_cache,
                                          cache_wait_s=self.search.search.trial_timeout_s)
         except (DivergedError, TrialTimeout, TimeoutError) as err:  # recorded ends, not crashes: not retried
-            self.reporter.close()
             reason = self.watchdog.reason if isinstance(err, TrialTimeout) and self.watchdog.reason else str(err)
             _report_to_tune({DIVERGED_FLAG: 1, REASON: reason, self.metric: float("nan"), STEP: self.step,
                              EPOCH: self.epochs, **self.where}, None, self.metric)
             return
-        except BaseException:
-            self.reporter.abandon()
-            raise
-        self.reporter.close()  # every epoch's report went out before the final one
         if not self.epochs:  # a finished run read back: its epochs were reported before
             self.epochs = self.cfg.pretrain.epochs + self.cfg.finetune.epochs
         gain_images(self.out, checkpoint=self.payload)  # the curves are MLflow's charts of the metrics

@@ -1,5 +1,5 @@
-"""One report to Ray Tune (``trainable._report_to_tune``, which the epoch reporter's thread calls): its
-checkpoint and packed metrics; a stop or a failure raised to the caller; a staged folder never outlives it."""
+"""A trial's epoch reports: made from the training thread, a stop or a failure at a report ends training there,
+and a staged checkpoint folder never outlives its report."""
 from __future__ import annotations
 
 from pathlib import Path
