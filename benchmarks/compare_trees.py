@@ -12,13 +12,10 @@ their median and the ratio of the mean walls. Nothing is written.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -26,29 +23,20 @@ import platform_overhead as po  # noqa: E402
 
 
 def run(tree: Path, args) -> dict:
+    """One ``comod search run`` from checkout ``tree`` (its code first on ``PYTHONPATH``), timed."""
     work = Path(tempfile.mkdtemp(prefix="compare-trees-"))
-    ray_tmp = tempfile.mkdtemp(prefix="ct", dir="/tmp")
     try:
         search = po.write_search(work / "overhead.yaml", args)
-        home = work / "home"
-        home.mkdir()
-        env = po._clean_env(COMOD_HOME=str(home), COMOD_DOWNLOAD="0", RAY_TMPDIR=ray_tmp,
-                            PYTHONPATH=f"{tree / 'platform'}:{tree}")
-        t0 = time.time()
-        with open(work / "summary.json", "w") as out:
-            done = subprocess.run([sys.executable, "-m", "comod_platform.cli", "search", "run", str(search), "--name",
-                                   "overhead", "--json"], cwd=tree, env=env, stdout=out, stderr=subprocess.DEVNULL,
-                                  timeout=args.timeout)
-        t1 = time.time()
-        if done.returncode != 0:
-            raise SystemExit(f"comod search run failed in {tree} ({done.returncode})")
-        spans = po.trial_spans(sorted((home / "searches" / "overhead" / "trials").iterdir()))
-        writer = po.recording_cpu(json.loads((work / "summary.json").read_text()))["mlflow"]
-        return {**po.breakdown(t0, t1, spans, args.concurrency), "writer_cpu_s": writer}
+        return po.run_platform(search, work, args, env={"PYTHONPATH": f"{tree / 'platform'}:{tree}"}, cwd=tree)
     finally:
-        po.kill_processes_mentioning(ray_tmp)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def ratios(first: list[float], second: list[float]) -> dict:
+    """The second checkout's wall over the first's per repeat, their median, and the ratio of the mean walls."""
+    per_repeat = [b / a for a, b in zip(first, second)]
+    return {"per_repeat": [round(r, 3) for r in per_repeat], "median": round(statistics.median(per_repeat), 3),
+            "mean_walls": round(statistics.fmean(second) / statistics.fmean(first), 3)}
 
 
 def main(argv=None) -> int:
@@ -62,6 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--timeout", type=float, default=1800.0)
     args = p.parse_args(argv)
+    args.cluster = None  # a Ray started by each command, as in platform_overhead.py's cold runs
     trees = {"first": args.first.resolve(), "second": args.second.resolve()}
     walls: dict[str, list[float]] = {"first": [], "second": []}
     for rep in range(args.repeats):
@@ -70,10 +59,10 @@ def main(argv=None) -> int:
             walls[side].append(r["wall_s"])
             print(f"repeat {rep + 1} {side:6s} wall {r['wall_s']:5.1f} s  start-up {r['startup_s']:5.1f} s  window "
                   f"{r['window_s']:5.1f} s  tail {r['tail_s']:4.1f} s  trial {r['mean_trial_s'] * 1000:5.0f} ms  gap "
-                  f"{r['mean_gap_s'] * 1000:4.0f} ms  writer CPU {r['writer_cpu_s']:.2f} s", flush=True)
-    ratios = [b / a for a, b in zip(walls["first"], walls["second"])]
-    print(f"second / first per repeat {[round(r, 3) for r in ratios]}; median {statistics.median(ratios):.3f}; "
-          f"ratio of the mean walls {statistics.fmean(walls['second']) / statistics.fmean(walls['first']):.3f}")
+                  f"{r['mean_gap_s'] * 1000:4.0f} ms  writer CPU {r['recording_cpu_s']['mlflow']:.2f} s", flush=True)
+    r = ratios(walls["first"], walls["second"])
+    print(f"second / first per repeat {r['per_repeat']}; median {r['median']:.3f}; ratio of the mean walls "
+          f"{r['mean_walls']:.3f}")
     return 0
 
 

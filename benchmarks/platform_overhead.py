@@ -325,8 +325,9 @@ def _open_store(home: Path) -> None:
                    capture_output=True, timeout=300)
 
 
-def run_platform(search_file: Path, work: Path, args, env: dict | None = None) -> dict:
-    """``comod search run`` timed as a whole command; ``env``: variables added to its environment."""
+def run_platform(search_file: Path, work: Path, args, env: dict | None = None, cwd: Path = REPO) -> dict:
+    """``comod search run`` timed as a whole command; ``env``: variables added to its environment; ``cwd``: the
+    checkout it runs in (another one's code also goes first on ``PYTHONPATH``, see ``compare_trees.py``)."""
     home = work / "home"
     home.mkdir()
     ray_tmp = args.cluster.tmp if args.cluster else tempfile.mkdtemp(prefix="po", dir="/tmp")
@@ -340,7 +341,7 @@ def run_platform(search_file: Path, work: Path, args, env: dict | None = None) -
     try:
         with LoadSampler() as load, open(log, "w") as out, open(work / "summary.json", "w") as summary:
             t0 = time.time()
-            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=summary, stderr=out, start_new_session=True)
+            proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=summary, stderr=out, start_new_session=True)
             try:
                 rc = proc.wait(args.timeout)
             except subprocess.TimeoutExpired:
@@ -504,10 +505,8 @@ def target_lines(s: dict) -> list[str]:
         extra = s["over_floor_s"]
         lines.append(f"bare Ray Tune itself: trials' window / plain = {s['floor_window_ratio']:.3f}, idle gap "
                      f"{s['floor_idle_gap_ms']} ms per trial slot; platform / bare Ray Tune per repeat "
-                     f"{s['platform_over_floor_per_repeat']}"
-                     + (f" (ratio of the mean walls {s['platform_over_floor_mean_walls']:.3f})"
-                        if "platform_over_floor_mean_walls" in s else "")
-                     + "; comod over bare Ray Tune: start-up "
+                     f"{s['platform_over_floor_per_repeat']} (ratio of the mean walls "
+                     f"{s['platform_over_floor_mean_walls']:.3f}); comod over bare Ray Tune: start-up "
                      f"{extra['startup']:+.1f} s, window {extra['window']:+.1f} s, tail {extra['tail']:+.1f} s")
     if s.get("between_gap_ms"):
         names = {"platform": "comod", "floor": "bare Ray Tune", "plain": "plain"}

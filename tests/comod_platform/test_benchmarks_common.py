@@ -173,6 +173,25 @@ def test_platform_overhead_without_the_floor(overhead):
     assert overhead.target_lines(s)[0].startswith("NOT MEASURED: whole command platform / bare Ray Tune = -")
 
 
+# ------------------------------------------------------------------- compare_trees
+
+def test_compare_trees_runs_each_checkouts_code_and_pairs_the_walls(tmp_path, monkeypatch):
+    trees = _load("compare_trees")
+    seen = []
+
+    def run_platform(search, work, args, env=None, cwd=None):  # the overhead benchmark's timed search run
+        seen.append((cwd, env, search.exists()))
+        return {"wall_s": 1.0}
+
+    monkeypatch.setattr(trees.po, "run_platform", run_platform)
+    args = SimpleNamespace(trials=4, concurrency=2, steps_per_epoch=3, epochs=1, cluster=None)
+    trees.run(tmp_path / "old", args)
+    assert seen == [(tmp_path / "old", {"PYTHONPATH": f"{tmp_path / 'old' / 'platform'}:{tmp_path / 'old'}"}, True)]
+    # a repeat disturbed on one side moves the mean walls, not the median of the pairs
+    r = trees.ratios([40.0, 40.0, 40.0], [42.0, 41.0, 80.0])
+    assert r == {"per_repeat": [1.05, 1.025, 2.0], "median": 1.05, "mean_walls": 1.358}
+
+
 # ------------------------------------------------------------------- vs_hand_written
 
 SITES_SPACE = {
